@@ -106,12 +106,17 @@ class PllavaConfig:
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
     num_frames: int = 16
-    pooling_shape: tuple[int, int, int] = (16, 12, 12)
-    frame_shape: tuple[int, int] = (24, 24)
+    pooling_shape: tuple[int, int, int] | None = None  # absent: (num_frames, grid/2, grid/2) = (16,12,12)
+    frame_shape: tuple[int, int] | None = None  # absent: the vision grid, (24, 24)
     use_pooling: bool = True
     torch_dtype: str | None = None
 
     def __post_init__(self):
+        grid = self.vision.grid_size
+        if self.frame_shape is None:
+            object.__setattr__(self, "frame_shape", (grid, grid))
+        if self.pooling_shape is None:
+            object.__setattr__(self, "pooling_shape", (self.num_frames, max(1, grid // 2), max(1, grid // 2)))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"model_type={self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         if self.vision_feature_select_strategy != "default":
@@ -166,11 +171,18 @@ class PllavaConfig:
         text_dict = dict(data.get("text_config") or {})
         vision_dict = dict(data.get("vision_config") or {})
         top_pad = data.get("pad_token_id")
+        rope = text_dict.pop("rope_parameters", None)  # transformers >= 5 nests rope settings
+        if isinstance(rope, Mapping):
+            if rope.get("rope_type", "default") != "default":
+                raise ConfigError(f"rope_parameters={dict(rope)!r}: only the default RoPE is supported")
+            text_dict.setdefault("rope_theta", rope.get("rope_theta"))
         text = _pick(TextConfig, text_dict)
         if "tie_word_embeddings" not in text_dict and "tie_word_embeddings" in data:
             text = replace(text, tie_word_embeddings=bool(data["tie_word_embeddings"]))
         pad = top_pad if top_pad is not None else (text.pad_token_id if text.pad_token_id is not None else 0)
         top = {k: v for k, v in data.items() if k not in ("text_config", "vision_config", "pad_token_id")}
+        if "dtype" in top and "torch_dtype" not in top:
+            top["torch_dtype"] = top["dtype"]
         if "image_token_id" in top and "image_token_index" not in top:
             top["image_token_index"] = top["image_token_id"]
         for key in ("pooling_shape", "frame_shape"):

@@ -1,0 +1,1 @@
+"""Thin Python client for the PLLaVA gRPC services (imports only grpcio, protobuf and numpy)."""

@@ -1,0 +1,161 @@
+"""The ``pllava`` command: caption a video in-process, convert a checkpoint, make a tiny one."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import weights as W
+from .prompt import DEFAULT_TEMPLATE, TEMPLATES
+from .sampling import SamplingParams
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (HF layout) or a converted .ckpt file")
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--device-id", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on Ascend, float16 on GPU)")
+    p.add_argument("--lora-alpha", type=float, default=W.DEFAULT_LORA_ALPHA,
+                   help="LoRA alpha for PEFT checkpoints, scaling alpha/r (default 4, PLLaVA's inference value)")
+    p.add_argument("--num-frames", type=int, help="frames sampled per video (default: the checkpoint's)")
+    p.add_argument("--max-context", type=int, help="KV-cache length (default: max_position_embeddings)")
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="the question (default: 'Describe the video in details.')")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=sorted(TEMPLATES),
+                   help="conversation template (default: plain, the official demo)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def cmd_caption(args) -> int:
+    from .pipeline import Captioner, CaptionerSettings, CaptionResult
+
+    settings = CaptionerSettings(device=args.device, device_id=args.device_id, dtype=args.dtype,
+                                 lora_alpha=args.lora_alpha, num_frames=args.num_frames,
+                                 max_context=args.max_context)
+    t0 = time.perf_counter()
+    captioner = Captioner(args.model, settings)
+    load_s = time.perf_counter() - t0
+    params = sampling_params(args)
+
+    def run(stream: bool) -> tuple[CaptionResult, float]:
+        result = CaptionResult()
+        start = time.perf_counter()
+        for piece in captioner.caption(args.video, args.prompt, args.template, params, result):
+            if stream:
+                print(piece, end="", flush=True)
+        if stream:
+            print(flush=True)
+        return result, time.perf_counter() - start
+
+    if args.benchmark:
+        run(stream=False)  # warm-up: compiles the graphs, as the reference's first round does
+        result, elapsed = run(stream=False)
+        print_benchmark(captioner, result, elapsed, load_s)
+        return 0
+    result, _ = run(stream=not args.json)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    return 0
+
+
+def print_benchmark(captioner, result, elapsed: float, load_s: float) -> None:
+    """The MindSpore port's figure (ids in the output / whole answer call, second run) and
+    the honest split beside it."""
+    t = result.timings
+    generated = len(result.token_ids)
+    rows = [
+        ("model", str(captioner.model_dir)),
+        ("device / dtype", f"{captioner.settings.device} / {captioner.dtype}"),
+        ("frames / visual tokens", f"{result.num_frames} / {result.num_visual_tokens}"),
+        ("prompt text tokens", str(len(result.prompt_token_ids))),
+        ("generated tokens", str(generated)),
+        ("tokens/s, port method (prompt ids + generated) / call", f"{(len(result.prompt_token_ids) + generated) / elapsed:.2f}"),
+        ("tokens/s, generated / call", f"{generated / elapsed:.2f}"),
+        ("decode-only tokens/s", f"{t['decode_tokens_per_s']:.2f}"),
+        ("time to first token (ms)", f"{t['time_to_first_token_ms']:.1f}"),
+        ("video decode + preprocess (ms)", f"{t['video_decode_ms']:.1f}"),
+        ("vision encode (ms)", f"{t['encode_ms']:.1f}"),
+        ("prefill (ms)", f"{t['prefill_ms']:.1f}"),
+        ("whole call, second run (s)", f"{elapsed:.3f}"),
+        ("weights load (s)", f"{load_s:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_convert(args) -> int:
+    import mindspore as ms
+    import numpy as np
+
+    out = Path(args.output)
+    params = [{"name": name, "data": ms.Tensor(array.astype(np.float32) if array.dtype.name == "bfloat16" else array)}
+              for name, array in W.iter_safetensors(args.model_dir, W.PARTS, args.lora_alpha)]
+    params.append({"name": W.CKPT_ALPHA_KEY, "data": ms.Tensor(np.array([args.lora_alpha], dtype=np.float32))})
+    ms.save_checkpoint(params, str(out))
+    print(f"wrote {out} ({len(params) - 1} tensors, LoRA merged with alpha {args.lora_alpha:g})")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    out = make_tiny(args.output, seed=args.seed, num_frames=args.num_frames)
+    print(f"wrote a tiny random PLLaVA checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pllava", description="PLLaVA video captioning on MindSpore")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption a video in this process, streaming the text")
+    p.add_argument("video", help="video file (or a still image)")
+    add_model_args(p)
+    add_request_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--benchmark", action="store_true", help="run twice and report speed of the second run")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("convert", help="write a MindSpore .ckpt (LoRA merged) from a safetensors checkpoint")
+    p.add_argument("model_dir")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--lora-alpha", type=float, default=W.DEFAULT_LORA_ALPHA)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the llava-hf layout")
+    p.add_argument("output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-frames", type=int, default=4)
+    p.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        print(f"pllava: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

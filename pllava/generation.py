@@ -1,0 +1,258 @@
+"""The generation engine: sequences in KV-cache slots, one prefill or decode step at a time.
+
+``Engine.step()`` prefills at most one waiting request into a free slot, then advances every
+running sequence by one token in a single batched decode call (continuous batching: new
+requests join while others keep decoding). Each step returns the tokens it produced as
+``TokenEvent``s, so a caller can stream them. ``generate()`` drives one request alone.
+
+``add`` and ``cancel`` may be called from other threads; ``step`` runs on one thread only.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"                # the model emitted EOS
+    LENGTH = "length"            # max_new_tokens or the context limit reached
+    STOP_STRING = "stop_string"  # a requested stop string appeared in the text
+    CANCELLED = "cancelled"      # the caller went away or gave up
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (with its visual tokens) does not fit the context window."""
+
+
+@dataclass
+class Request:
+    """What the engine needs: prompt ids holding one ``<image>`` id and the visual tokens."""
+
+    prompt_ids: Sequence[int]
+    visual: np.ndarray | None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int | None  # None on a final event that carries no new token (cancel)
+    text: str
+    finish_reason: FinishReason | None = None
+    stats: "SequenceStats | None" = None  # set on the final event
+
+
+@dataclass
+class SequenceStats:
+    """Per-request timings in seconds (perf_counter) and sizes, for reports and the wire."""
+
+    added: float = 0.0
+    prefill_start: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    prompt_tokens: int = 0  # merged length: text tokens + visual tokens
+    generated_tokens: int = 0
+
+    @property
+    def queue_s(self) -> float:
+        return self.prefill_start - self.added
+
+    @property
+    def prefill_s(self) -> float:
+        return self.first_token - self.prefill_start
+
+
+class StopStringFilter:
+    """Holds back text that might be the start of a stop string; reports the first match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """-> (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Running:
+    """A request in flight: its slot, position, generated ids and text state."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer):
+        self.request = request
+        self.sampler = Sampler(request.params)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop_filter = StopStringFilter(request.params.stop)
+        self.generated: list[int] = []
+        self.seen = np.asarray([i for i in request.prompt_ids], dtype=np.int64)
+        self.slot = -1
+        self.position = 0  # where the next fed token is written
+        self.stats = SequenceStats(added=time.perf_counter())
+
+
+class Engine:
+    """Owns a ``PllavaLanguage`` (its KV-cache slots) and schedules requests onto it."""
+
+    def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None):
+        self.language = language
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.num_slots = language.num_slots
+        self.max_len = language.max_len
+        self.num_visual_tokens = language.cfg.num_visual_tokens
+        self._lock = threading.Lock()
+        self._waiting: deque[Running] = deque()
+        self._cancelled: set[str] = set()
+        self._slots: list[Running | None] = [None] * self.num_slots
+
+    # ---- called from any thread -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request; raises ContextOverflowError when its prompt cannot fit."""
+        visual_len = 0 if request.visual is None else len(request.visual)
+        prompt_len = len(request.prompt_ids) - (1 if request.visual is not None else 0) + visual_len
+        if prompt_len >= self.max_len:
+            raise ContextOverflowError(
+                f"the prompt is {prompt_len} tokens ({len(request.prompt_ids)} text + {visual_len} visual) "
+                f"but the context holds {self.max_len}: shorten the prompt or raise the max context")
+        seq = Running(request, self.tokenizer)
+        seq.stats.prompt_tokens = prompt_len
+        with self._lock:
+            self._waiting.append(seq)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step and free its slot."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self.num_running > 0 or bool(self._cancelled)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events = self._apply_cancellations()
+        seq = self._next_admission()
+        if seq is not None:
+            events.extend(self._prefill(seq))
+        running = [s for s in self._slots if s is not None and s.generated]
+        if running:
+            events.extend(self._decode(running))
+        return events
+
+    def _apply_cancellations(self) -> list[TokenEvent]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            kept = deque(s for s in self._waiting if s.request.request_id not in cancelled)
+            dropped = [s for s in self._waiting if s.request.request_id in cancelled]
+            self._waiting = kept
+        events = [self._finish(s, None, "", FinishReason.CANCELLED) for s in dropped]
+        for seq in self._slots:
+            if seq is not None and seq.request.request_id in cancelled:
+                events.append(self._finish(seq, None, "", FinishReason.CANCELLED))
+        return events
+
+    def _next_admission(self) -> Running | None:
+        with self._lock:
+            if not self._waiting or None not in self._slots:
+                return None
+            seq = self._waiting.popleft()
+        seq.slot = self._slots.index(None)
+        self._slots[seq.slot] = seq
+        return seq
+
+    def _prefill(self, seq: Running) -> list[TokenEvent]:
+        seq.stats.prefill_start = time.perf_counter()
+        embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
+        logits = self.language.prefill(seq.slot, embeds)[0]
+        seq.position = embeds.shape[1]
+        event = self._accept(seq, logits)
+        seq.stats.first_token = time.perf_counter()
+        return [event]
+
+    def _decode(self, running: list[Running]) -> list[TokenEvent]:
+        tokens = np.zeros(self.num_slots, dtype=np.int32)
+        positions = np.zeros(self.num_slots, dtype=np.int32)
+        for seq in running:
+            tokens[seq.slot] = seq.generated[-1]
+            positions[seq.slot] = seq.position
+        logits = self.language.decode(tokens, positions)
+        events = []
+        for seq in running:
+            seq.position += 1
+            events.append(self._accept(seq, logits[seq.slot]))
+        return events
+
+    def _accept(self, seq: Running, logits: np.ndarray) -> TokenEvent:
+        """Sample a token for ``seq``, update its text, finish it if a stop condition holds."""
+        token = seq.sampler(logits, seq.seen)
+        seq.generated.append(token)
+        seq.seen = np.append(seq.seen, token)
+        if token == self.eos_token_id:
+            return self._finish(seq, token, "", FinishReason.STOP)
+        text, hit = seq.stop_filter.feed(seq.detok.push(token))
+        if hit:
+            return self._finish(seq, token, text, FinishReason.STOP_STRING, flush=False)
+        if len(seq.generated) >= seq.request.params.max_new_tokens or seq.position + 1 >= self.max_len:
+            return self._finish(seq, token, text, FinishReason.LENGTH)
+        return TokenEvent(seq.request.request_id, token, text)
+
+    def _finish(self, seq: Running, token: int | None, text: str, reason: FinishReason,
+                flush: bool = True) -> TokenEvent:
+        if flush:
+            tail, hit = seq.stop_filter.feed(seq.detok.flush())
+            text += tail if hit else tail + seq.stop_filter.flush()
+        if seq.slot >= 0 and self._slots[seq.slot] is seq:
+            self._slots[seq.slot] = None
+        seq.stats.finished = time.perf_counter()
+        seq.stats.generated_tokens = len(seq.generated)
+        return TokenEvent(seq.request.request_id, token, text, reason, seq.stats)
+
+
+def generate(engine: Engine, request: Request) -> Iterator[TokenEvent]:
+    """Run one request to completion on an otherwise idle engine, yielding each token."""
+    engine.add(request)
+    while True:
+        for event in engine.step():
+            if event.request_id == request.request_id:
+                yield event
+                if event.finish_reason is not None:
+                    return

@@ -1,0 +1,157 @@
+"""The two halves of PLLaVA, each loadable on its own so a server holds only its weights.
+
+``PllavaVision``: frames -> CLIP -> projector + 3-D pooling -> visual tokens.
+``PllavaLanguage``: prompt ids + visual tokens -> merged embeddings -> LLaMA prefill/decode.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from . import weights as W
+from .config import PllavaConfig
+from .layers import Backend, to_tensor
+from .llama import LlamaForCausalLM
+from .projector import PllavaMultiModalProjector
+from .vision import CLIPVisionTower
+
+_CLIP_LAYER = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
+
+
+def build_no_init(factory):
+    """Build a cell without random-initialising weights that the loader overwrites anyway."""
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        cell = factory()
+    return cell
+
+
+class PllavaVision(nn.Cell):
+    """Vision tower + projector, named as in the checkpoint (``vision_tower.*``,
+    ``multi_modal_projector.*``)."""
+
+    def __init__(self, cfg: PllavaConfig, backend: Backend = Backend()):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = backend.dtype
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, backend.dtype)
+        self.multi_modal_projector = PllavaMultiModalProjector(
+            cfg.vision.hidden_size, cfg.text.hidden_size, cfg.frame_shape, backend.dtype)
+
+    def encode_frames(self, pixel_values: np.ndarray) -> Tensor:
+        """(N, 3, S, S) fp32 pixels -> (N, G*G, Dv) features at ``vision_feature_layer``."""
+        return self.vision_tower(to_tensor(pixel_values).astype(self.dtype))
+
+    def project(self, features: Tensor) -> Tensor:
+        """Features of one video's frames (T, G*G, Dv) -> (num_visual_tokens, Dt)."""
+        return self.multi_modal_projector(features, self.cfg.num_frames, self.cfg.pooling_shape)
+
+    def encode_videos(self, videos: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Several videos' pixels -> one vision-tower call over all their frames, then
+        per-video projection and pooling. Returns fp32 (num_visual_tokens, Dt) arrays."""
+        counts = [len(v) for v in videos]
+        features = self.encode_frames(np.concatenate(list(videos), axis=0))
+        out, start = [], 0
+        for n in counts:
+            out.append(self.project(features[start:start + n]).astype(ms.float32).asnumpy())
+            start += n
+        return out
+
+    def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaVision":
+        used = self.cfg.vision_layers_used
+
+        def unused_layer(name: str) -> bool:
+            m = _CLIP_LAYER.match(name)
+            return m is not None and int(m.group(1)) >= used
+
+        W.load_into(self, W.iter_weights(source, [W.VISION], lora_alpha), ignore=unused_layer)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, cfg: PllavaConfig, backend: Backend = Backend(),
+                        lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaVision":
+        return build_no_init(lambda: cls(cfg, backend)).load(source, lora_alpha)
+
+
+def prefill_bucket(length: int, max_len: int, step: int = 64) -> int:
+    """Pad prompt lengths to multiples of ``step`` so prefill compiles once per bucket."""
+    return min(max_len, -(-length // step) * step)
+
+
+class PllavaLanguage:
+    """LLaMA with a static KV cache of ``num_slots`` sequences of ``max_len`` tokens, and
+    compiled prefill / decode steps. Thin host-side wrapper: numpy in, numpy out."""
+
+    def __init__(self, cfg: PllavaConfig, backend: Backend = Backend(), num_slots: int = 1,
+                 max_len: int | None = None, jit: bool = True):
+        max_len = max_len or cfg.text.max_position_embeddings
+        if max_len > cfg.text.max_position_embeddings:
+            raise ValueError(f"max context {max_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.text.max_position_embeddings}")
+        self.cfg = cfg
+        self.backend = backend
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.lm = build_no_init(lambda: LlamaForCausalLM(cfg.text, backend, num_slots, max_len))
+        self._prefill = ms.jit(self.lm.prefill) if jit else self.lm.prefill
+        self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
+
+    def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
+        tied = self.cfg.text.tie_word_embeddings
+        W.load_into(self.lm, W.iter_weights(source, [W.LANGUAGE], lora_alpha), prefix="language_model.",
+                    skip=lambda name: name.endswith(("k_cache", "v_cache")),
+                    ignore=lambda name: tied and name == "language_model.lm_head.weight")
+        return self
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, cfg: PllavaConfig, backend: Backend = Backend(),
+                        lora_alpha: float = W.DEFAULT_LORA_ALPHA, **kwargs) -> "PllavaLanguage":
+        return cls(cfg, backend, **kwargs).load(source, lora_alpha)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.text.vocab_size
+
+    def merge_embeddings(self, input_ids: Sequence[int], visual: np.ndarray | None) -> Tensor:
+        """Text embeddings with the single ``<image>`` id replaced by the visual tokens:
+        (1, L - 1 + V, D). Text token j lands at j + (V - 1) if it follows the image."""
+        ids = np.asarray(input_ids, dtype=np.int32)
+        image_at = np.flatnonzero(ids == self.cfg.image_token_index)
+        if visual is None:
+            if len(image_at):
+                raise ValueError("the prompt has an <image> token but no visual tokens were given")
+            return self.lm.embed(to_tensor(ids)).reshape(1, len(ids), -1)
+        if len(image_at) != 1:
+            raise ValueError(f"the prompt must contain exactly one <image> token, found {len(image_at)}")
+        i = int(image_at[0])
+        text = self.lm.embed(to_tensor(np.where(ids == self.cfg.image_token_index, self.cfg.pad_token_id, ids)))
+        vis = to_tensor(np.asarray(visual, dtype=np.float32)).astype(self.lm.dtype)
+        return ops.concat((text[:i], vis, text[i + 1:]), 0).reshape(1, -1, text.shape[-1])
+
+    def prefill(self, slot: int, embeds: Tensor, logit_index: Sequence[int] | None = None) -> np.ndarray:
+        """Run a prompt into cache ``slot``; fp32 logits at ``logit_index`` (default: the
+        last prompt position), shape (n, vocab)."""
+        length = embeds.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"prompt of {length} tokens exceeds the max context {self.max_len}")
+        padded = prefill_bucket(length, self.max_len)
+        if padded > length:
+            pad = ops.zeros((1, padded - length, embeds.shape[2]), embeds.dtype)
+            embeds = ops.concat((embeds, pad), 1)
+        index = [length - 1] if logit_index is None else list(logit_index)
+        logits = self._prefill(embeds, to_tensor(np.arange(padded, dtype=np.int32).reshape(1, -1)),
+                               to_tensor(np.array([slot], dtype=np.int32)),
+                               to_tensor(np.asarray(index, dtype=np.int32)))
+        return logits.asnumpy()
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token per slot (S,) at positions (S,) -> fp32 logits (S, vocab)."""
+        logits = self._decode(to_tensor(np.asarray(tokens, dtype=np.int32)),
+                              to_tensor(np.asarray(positions, dtype=np.int32)))
+        return logits.asnumpy()

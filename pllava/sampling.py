@@ -1,0 +1,94 @@
+"""Choosing the next token from logits: greedy by default, or sampling with temperature,
+top-k, top-p and HF-style repetition penalty. Host-side numpy, one RNG per request (no
+global random state), so a seeded request is reproducible whatever else runs beside it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates. ``temperature == 0`` means greedy (argmax over the whole
+    vocabulary, as the official PLLaVA inference does)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Per-request token chooser holding that request's RNG."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, seen_ids: np.ndarray) -> int:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float32)
+        if p.repetition_penalty != 1.0 and len(seen_ids):
+            logits = apply_repetition_penalty(logits, seen_ids, p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k:
+            logits = top_k_filter(logits, p.top_k)
+        if p.top_p < 1.0:
+            logits = top_p_filter(logits, p.top_p)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        return int(self.rng.choice(len(probs), p=probs))
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen_ids: np.ndarray, penalty: float) -> np.ndarray:
+    """HF semantics: a seen token's logit is divided by the penalty if positive, else multiplied."""
+    logits = logits.copy()
+    ids = np.unique(np.asarray(seen_ids, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < len(logits))]
+    vals = logits[ids]
+    logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    if k >= len(logits):
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``
+    (always at least one)."""
+    order = np.argsort(-logits, kind="stable")
+    sorted_logits = logits[order]
+    probs = np.exp(sorted_logits - sorted_logits[0])
+    probs /= probs.sum()
+    cum = np.cumsum(probs)
+    keep = cum - probs < top_p
+    out = np.full_like(logits, -np.inf)
+    out[order[keep]] = logits[order[keep]]
+    return out

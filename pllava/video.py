@@ -1,0 +1,364 @@
+"""Video and image input for PLLaVA: decode, sample frames, preprocess to ``pixel_values``.
+
+Two stages, kept apart so each can be tested against its reference:
+
+1. :func:`load_frames` turns a path, ``bytes`` or a binary file object into RGB uint8 frames.
+   Videos are decoded with decord and sampled with PLLaVA's :func:`get_index`; still images
+   are read with PIL and come back as ONE frame (the model repeats it to ``num_frames``).
+2. :func:`preprocess` turns those frames into float32 ``(T, 3, crop_h, crop_w)`` exactly as
+   PLLaVA's ``PllavaProcessor`` does: its long/short resize, then the CLIP image processor
+   (resize shortest edge, center crop, rescale, normalize, CHW). Both resizes go through PIL,
+   because bicubic resampling differs between libraries and the reference uses PIL.
+
+Bad input raises :class:`VideoError` naming the input and the reason. Inputs are checked
+cheaply before decord sees them, because decord echoes the raw bytes of unreadable in-memory
+data to stderr and gives messages that do not say what is wrong.
+
+This module is CPU and numpy only: no MindSpore, no torch.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import PreprocessorConfig
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+# Hard-coded in PLLaVA's processor: the long side a video is first brought down to (at most),
+# and the resample filter of that first resize (it ignores the CLIP config's ``resample``).
+PLLAVA_MAX_LONG_EDGE = 640
+PLLAVA_RESAMPLE = Image.BICUBIC
+
+
+class VideoError(ValueError):
+    """The input cannot be used as a video or image; the message names it and says why."""
+
+
+# --------------------------------------------------------------------------- sampling
+
+def get_index(num_video_frames: int, num_segments: int) -> list[int]:
+    """PLLaVA's frame sampling: ``num_segments`` indices, about the midpoints of equal segments.
+
+    seg = (N-1)/T, start = int(seg/2), idx_i = start + int(np.round(seg*i)). ``np.round`` rounds
+    halves to even (0.5 -> 0, 1.5 -> 2), which is why it is used rather than ``int(x + 0.5)``:
+    the indices must be the reference's. With N < T indices repeat.
+    """
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    seg = (num_video_frames - 1) / num_segments
+    start = int(seg / 2)
+    return [start + int(np.round(seg * i)) for i in range(num_segments)]
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields with == is ambiguous
+class Frames:
+    """Decoded frames and where they came from."""
+
+    frames: np.ndarray          # (T, H, W, 3) uint8 RGB; T == 1 for a still image
+    indices: tuple[int, ...]    # frame indices used (may repeat for short videos); (0,) for images
+    total_frames: int           # frames in the whole video; 1 for an image
+    fps: float                  # average frame rate reported by the container; 0.0 for an image
+    is_image: bool              # True when the input was a still image
+
+
+def load_frames(source: Source, num_frames: int) -> Frames:
+    """Read ``source`` and return ``num_frames`` sampled RGB frames (one frame for an image).
+
+    ``source`` is a path (str or ``os.PathLike``), ``bytes``-like data, or a binary file object
+    (read to its end). Raises :class:`VideoError` for input that is missing, empty, truncated,
+    not a video or image, or not decodable, and for ``num_frames < 1``.
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise VideoError(f"num_frames must be a positive integer, got {num_frames!r}")
+    name, path, data = _open_source(source)
+    try:
+        with (open(path, "rb") if path is not None else io.BytesIO(data)) as f:
+            size = os.fstat(f.fileno()).st_size if path is not None else len(data)
+            if size == 0:
+                raise VideoError(f"{name}: the input is empty (0 bytes)")
+            kind = _sniff(f.read(_SNIFF_BYTES), name)
+            if kind == "isobmff":
+                _check_isobmff(f, size, name)
+    except OSError as exc:  # permission denied, I/O error, ...
+        raise VideoError(f"{name}: could not be read ({exc.strerror or exc})") from exc
+    if kind == "image":
+        return _load_image(path if path is not None else io.BytesIO(data), name)
+    return _load_video(path if path is not None else io.BytesIO(data), name, int(num_frames))
+
+
+def _open_source(source: Source) -> tuple[str, Path | None, bytes | None]:
+    """Split ``source`` into (display name, path or None, in-memory bytes or None)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise VideoError(f"{path}: no such file")
+        if not path.is_file():
+            raise VideoError(f"{path}: not a regular file (is it a directory?)")
+        return str(path), path, None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>", None, bytes(source)
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        name = str(name) if isinstance(name, (str, os.PathLike)) else "<file object>"
+        try:
+            data = source.read()
+        except OSError as exc:
+            raise VideoError(f"{name}: could not be read ({exc})") from exc
+        if isinstance(data, str):
+            raise VideoError(f"{name}: file object is in text mode; open it with 'rb'")
+        return name, None, bytes(data)
+    raise TypeError(f"source must be a path, bytes or a binary file object, not {type(source).__name__}")
+
+
+_SNIFF_BYTES = 512  # enough for every signature below, and to tell text from binary
+
+# First bytes of the formats we hand on. Anything else is refused here rather than passed to
+# decord, so garbage never reaches the native decoder.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
+                b"II*\x00", b"MM\x00*")
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3",        # Matroska / WebM
+                b"FLV",                      # Flash video
+                b"OggS",                     # Ogg
+                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11",  # ASF / WMV
+                b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")  # MPEG program stream / video
+_ISOBMFF_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")  # MP4 / MOV
+_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")  # ftyp brands of stills
+
+
+def _sniff(head: bytes, name: str) -> str:
+    """Classify by magic bytes: 'image', 'isobmff' (mp4/mov), 'video', or raise VideoError."""
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if head[4:8] in _ISOBMFF_BOXES:
+        return "image" if head[4:8] == b"ftyp" and head[8:12] in _IMAGE_BRANDS else "isobmff"
+    if head.startswith(_VIDEO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
+        return "video"
+    if len(head) > 376 and head[0] == head[188] == head[376] == 0x47:  # MPEG-TS: a sync byte every 188
+        return "video"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            looks_text = exc.start >= len(head) - 3  # only a multi-byte character cut at the end
+        else:
+            looks_text = True
+        if looks_text:
+            raise VideoError(f"{name}: this looks like a text file, not a video or image "
+                             f"(it starts with {head[:24]!r})")
+    raise VideoError(f"{name}: not a recognised video or image format (it starts with {head[:12].hex(' ')}); "
+                     "expected e.g. MP4/MOV, MKV/WebM, AVI, FLV, MPEG, or PNG/JPEG/GIF/BMP/TIFF/WebP")
+
+
+def _check_isobmff(f: BinaryIO, size: int, name: str) -> None:
+    """Walk the top-level boxes of an MP4/MOV to catch truncated or incomplete files early.
+
+    A cut-off upload is the common failure: either the last box runs past the end of the
+    file, or the 'moov' box (the index, often written last) is missing. decord would only say
+    "Invalid data found" or "av_read_frame failed", which does not tell a person what to fix.
+    """
+    pos, boxes = 0, []
+    while pos < size and len(boxes) < 10_000:
+        f.seek(pos)
+        header = f.read(16)
+        if len(header) < 8:
+            raise VideoError(f"{name}: the file is truncated (it ends inside a box header at byte {pos})")
+        box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
+        if box_size == 1:  # 64-bit size follows the type
+            if len(header) < 16:
+                raise VideoError(f"{name}: the file is truncated (it ends inside a box header at byte {pos})")
+            box_size = int.from_bytes(header[8:16], "big")
+        elif box_size == 0:  # box runs to the end of the file
+            box_size = size - pos
+        label = box_type.decode("latin-1")
+        if box_size < 8:
+            raise VideoError(f"{name}: the file is corrupt (box {label!r} at byte {pos} has size {box_size})")
+        if pos + box_size > size:
+            raise VideoError(f"{name}: the file is truncated: box {label!r} needs {box_size} bytes from byte "
+                             f"{pos} but the file ends after {size} bytes (was the upload or copy cut short?)")
+        boxes.append(box_type)
+        pos += box_size
+    if b"moov" not in boxes:
+        raise VideoError(f"{name}: the file is incomplete: it has no 'moov' box (the index of an MP4/MOV); "
+                         "it was probably truncated or is still being written")
+
+
+def _load_video(src: Path | BinaryIO, name: str, num_frames: int) -> Frames:
+    """Decode ``num_frames`` frames sampled with :func:`get_index`, as PLLaVA's demo does."""
+    try:
+        # Imported here so that preprocessing (and servers that only preprocess) work where
+        # decord has no wheel; only decoding a video needs it.
+        import decord
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise VideoError(f"{name}: decoding videos needs the 'decord' package ({exc})") from exc
+    # decord reads a file object by copying it to memory; a path lets FFmpeg read the file.
+    uri = str(src) if isinstance(src, Path) else src
+    try:
+        reader = decord.VideoReader(uri, ctx=decord.cpu(0))
+        total = len(reader)
+        indices = get_index(total, num_frames)
+        # Same pixels as the reference's one-at-a-time ``reader[i].asnumpy()``, in one call.
+        frames = reader.get_batch(indices).asnumpy()
+        fps = float(reader.get_avg_fps())
+    except AssertionError as exc:  # decord asserts a positive frame count
+        raise VideoError(f"{name}: the video has no decodable frames ({exc})") from exc
+    except (RuntimeError, ValueError, IndexError, decord.DECORDError) as exc:
+        # decord prefixes "[time] /its/source.cc:line: "; keep only what FFmpeg/decord said.
+        reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip().splitlines() or [type(exc).__name__]
+        raise VideoError(f"{name}: could not be decoded as a video; the file may be corrupt or truncated "
+                         f"(decord: {reason[-1][:300]})") from exc
+    if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise VideoError(f"{name}: decoder returned frames of shape {frames.shape} and dtype {frames.dtype}, "
+                         f"expected ({num_frames}, H, W, 3) uint8")
+    return Frames(frames=frames, indices=tuple(indices), total_frames=total, fps=fps, is_image=False)
+
+
+def _load_image(src: Path | BinaryIO, name: str) -> Frames:
+    """Read a still image as one RGB frame.
+
+    EXIF orientation is applied so a phone photo is upright, as a person sees it. Transparency
+    is composited on white, as transformers' ``convert_to_rgb`` does; 16-bit grayscale keeps
+    its top 8 bits instead of being clipped at 255. Animated images give their first frame.
+    """
+    try:
+        with Image.open(src) as img:
+            img.load()  # decode now: truncated or corrupt data fails here, not later
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise VideoError(f"{name}: could not be read as an image; it may be corrupt or truncated ({exc})") from exc
+    frame = np.asarray(rgb, dtype=np.uint8)
+    if frame.ndim != 3 or frame.shape[-1] != 3 or 0 in frame.shape:
+        raise VideoError(f"{name}: image decoded to shape {frame.shape}, expected (H, W, 3)")
+    return Frames(frames=frame[None].copy(), indices=(0,), total_frames=1, fps=0.0, is_image=True)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        high = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(high)
+    if "A" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def pllava_resize_size(height: int, width: int, shortest_edge: int = 336) -> tuple[int, int]:
+    """Output (H, W) of PLLaVA's ``resize_crop_longshort`` for one video of H x W frames.
+
+    With short side s0, long side l0 and r = l0/s0 (float, as in the reference):
+    s = max(shortest_edge, min(s0, int(min(640, l0) / r))), long side int(s * l0 / s0).
+    So videos are brought to a long side of at most about 640, but the short side never goes
+    below ``shortest_edge``. The reference also passes max_size=9999, which cannot take
+    effect: it only bites for a long side > 9999, where the short side would fall below
+    ``shortest_edge`` and the reference then recomputes without it. Its "center crop of the
+    long side" removes nothing for a single video, so it is not reproduced.
+    """
+    short, long = min(height, width), max(height, width)
+    rate = long / short
+    s = max(shortest_edge, min(short, int(min(PLLAVA_MAX_LONG_EDGE, long) / rate)))
+    return _shortest_edge_size(height, width, s)
+
+
+def clip_resize_size(height: int, width: int, shortest_edge: int = 336) -> tuple[int, int]:
+    """Output (H, W) of the CLIP processor's resize: short side -> shortest_edge, long side truncated."""
+    return _shortest_edge_size(height, width, shortest_edge)
+
+
+def _shortest_edge_size(height: int, width: int, new_short: int) -> tuple[int, int]:
+    # transformers' get_resize_output_image_size(default_to_square=False): the long side is
+    # int(new_short * long / short), evaluated in that order (truncation, not rounding).
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(new_short * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop_box(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
+    """(top, left) of a center crop, as transformers computes it: floor((size - crop) / 2)."""
+    return (height - crop_height) // 2, (width - crop_width) // 2
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int], resample: int = PLLAVA_RESAMPLE) -> np.ndarray:
+    """Resize (T, H, W, C) uint8 frames to ``size`` = (H', W') with PIL, frame by frame.
+
+    PIL is the reference's resizer (transformers converts uint8 numpy -> PIL -> resize -> numpy);
+    its bicubic filter is antialiased when shrinking, so other libraries give other pixels.
+    """
+    height, width = size
+    if frames.shape[1:3] == (height, width):
+        return frames  # PIL returns an unchanged copy for a same-size resize
+    out = np.empty((frames.shape[0], height, width, frames.shape[3]), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(frame).resize((width, height), resample=resample))
+    return out
+
+
+def center_crop(frames: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """Center-crop (T, H, W, C) frames; like transformers, pad with zeros when they are smaller."""
+    _, height, width, _ = frames.shape
+    top, left = center_crop_box(height, width, crop_height, crop_width)
+    if top >= 0 and left >= 0:
+        return frames[:, top:top + crop_height, left:left + crop_width]
+    new_h, new_w = max(crop_height, height), max(crop_width, width)
+    pad_top, pad_left = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+    canvas = np.zeros((frames.shape[0], new_h, new_w, frames.shape[3]), dtype=frames.dtype)
+    canvas[:, pad_top:pad_top + height, pad_left:pad_left + width] = frames
+    top, left = top + pad_top, left + pad_left
+    return canvas[:, max(0, top):min(new_h, top + crop_height), max(0, left):min(new_w, left + crop_width)]
+
+
+def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None) -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB frames of one video -> float32 (T, 3, crop_h, crop_w) pixel values.
+
+    PLLaVA's long/short resize (always applied: it belongs to PLLaVA's processor, not to the
+    CLIP config), then the CLIP processor steps, each gated by its ``do_*`` flag: resize the
+    shortest edge, center crop, rescale, normalize. The arithmetic follows transformers so the
+    values match its ``CLIPImageProcessor`` (PIL backend) bit for bit: rescale in float64 then
+    cast to float32, normalize in float32. ``do_convert_rgb`` has nothing to do here: frames
+    are RGB already (:func:`load_frames` converts images).
+    """
+    cfg = cfg or PreprocessorConfig()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
+        raise ValueError(f"frames must be a non-empty (T, H, W, 3) uint8 array, "
+                         f"got shape {frames.shape} dtype {frames.dtype}")
+    _, height, width, _ = frames.shape
+    frames = resize_frames(frames, pllava_resize_size(height, width, cfg.shortest_edge), PLLAVA_RESAMPLE)
+    if cfg.do_resize:
+        frames = resize_frames(frames, clip_resize_size(*frames.shape[1:3], cfg.shortest_edge), cfg.resample)
+    if cfg.do_center_crop:
+        frames = center_crop(frames, *cfg.crop_size)
+    pixels = frames.astype(np.float32)
+    if cfg.do_rescale:
+        pixels = (frames.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    if cfg.do_normalize:
+        mean = np.asarray(cfg.image_mean, dtype=np.float32)
+        std = np.asarray(cfg.image_std, dtype=np.float32)
+        pixels = (pixels - mean) / std
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (T, 3, H, W)
+
+
+def load_video(source: Source, num_frames: int,
+               cfg: PreprocessorConfig | None = None) -> tuple[np.ndarray, Frames]:
+    """:func:`load_frames` then :func:`preprocess`: (pixel_values, frames metadata).
+
+    pixel_values is (num_frames, 3, crop_h, crop_w) for a video and (1, 3, crop_h, crop_w)
+    for a still image; repeating an image to ``num_frames`` is the model's job.
+    """
+    frames = load_frames(source, num_frames)
+    return preprocess(frames.frames, cfg), frames

@@ -1,0 +1,211 @@
+"""Read PLLaVA/LLaVA checkpoints into canonical llava-hf names and load them strictly.
+
+Three on-disk layouts are accepted and normalised to the llava-hf names
+(``vision_tower.*``, ``multi_modal_projector.*``, ``language_model.model.*``,
+``language_model.lm_head.weight``):
+
+* llava-hf (``llava-hf/llava-v1.6-vicuna-7b-hf``): already canonical;
+* newer transformers (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``);
+* ermu2001/pllava-7b's PEFT save (``language_model.base_model.model.*`` with LoRA on q/v):
+  the LoRA delta is merged as ``W + (alpha / r) * B @ A`` in fp32.
+
+Shards are streamed tensor by tensor through the ``safetensors`` package (``ml_dtypes`` lets
+numpy hold bf16), so peak host memory stays near the size of the part being loaded.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import ml_dtypes  # noqa: F401  (registers numpy's bfloat16 so safetensors can read BF16)
+import numpy as np
+from safetensors import safe_open
+
+VISION = "vision"
+LANGUAGE = "language"
+PARTS = (VISION, LANGUAGE)
+DEFAULT_LORA_ALPHA = 4.0  # PLLaVA's official inference scripts (demo.sh, eval.sh)
+CKPT_ALPHA_KEY = "pllava_lora_alpha"
+
+# Newer transformers layout -> llava-hf layout (applied to the start of the name).
+_RENAMES = (
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+    # transformers >= 5 saves the CLIP tower without its ``vision_model`` level.
+    (re.compile(r"^vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),
+)
+# Keys a checkpoint may carry that PLLaVA never uses.
+_UNUSED = re.compile(r"(^image_newline$|\.position_ids$|\.inv_freq$|^vision_tower\.vision_model\.post_layernorm\.)")
+_LORA = re.compile(r"^(?P<base>.+)\.lora_(?P<which>[AB])(\.default)?\.weight$")
+
+
+class WeightsError(ValueError):
+    """The checkpoint does not fit the model: names which keys and why."""
+
+
+def canonical_name(name: str) -> str:
+    """Map any accepted layout's key to the llava-hf name (LoRA keys keep ``.lora_A/B``)."""
+    for pattern, repl in _RENAMES:
+        name = pattern.sub(repl, name)
+    name = name.replace("language_model.base_model.model.", "language_model.", 1)
+    return name.replace(".base_layer.weight", ".weight")
+
+
+def part_of(name: str) -> str:
+    return LANGUAGE if name.startswith("language_model.") else VISION
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """Safetensors shards in index order (or the single file)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).exists()]
+        if missing:
+            raise WeightsError(f"{index} lists shards that are not in {model_dir}: {', '.join(missing)}")
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no *.safetensors files (and no model.safetensors.index.json) in {model_dir}")
+    return files
+
+
+@dataclass
+class _LoraParts:
+    base: np.ndarray | None = None
+    a: np.ndarray | None = None
+    b: np.ndarray | None = None
+
+    def ready(self) -> bool:
+        return self.base is not None and self.a is not None and self.b is not None
+
+
+def merge_lora(base: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, alpha: float) -> np.ndarray:
+    """W + (alpha / r) * B @ A in fp32, r = rank of A (rows)."""
+    rank = lora_a.shape[0]
+    if lora_b.shape[1] != rank or base.shape != (lora_b.shape[0], lora_a.shape[1]):
+        raise WeightsError(f"LoRA shapes do not fit: base {base.shape}, A {lora_a.shape}, B {lora_b.shape}")
+    delta = lora_b.astype(np.float32) @ lora_a.astype(np.float32)
+    return base.astype(np.float32) + (alpha / rank) * delta
+
+
+def iter_safetensors(model_dir: str | Path, parts: Iterable[str] = PARTS,
+                     lora_alpha: float = DEFAULT_LORA_ALPHA) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (canonical name, array in its stored dtype, or fp32 when LoRA was merged) for
+    the requested parts, one tensor at a time. Unused keys are dropped here."""
+    parts = set(parts)
+    files = checkpoint_files(model_dir)
+    names: dict[Path, list[str]] = {}
+    for path in files:
+        with safe_open(str(path), framework="np") as f:
+            names[path] = list(f.keys())
+    lora_bases = {m.group("base") + ".weight" for keys in names.values() for k in keys
+                  if (m := _LORA.match(canonical_name(k)))}
+    pending: dict[str, _LoraParts] = {}
+    for path in files:
+        with safe_open(str(path), framework="np") as f:
+            for key in names[path]:
+                name = canonical_name(key)
+                if _UNUSED.search(name) or part_of(name) not in parts:
+                    continue
+                lora = _LORA.match(name)
+                if lora is None and name not in lora_bases:
+                    yield name, f.get_tensor(key)
+                    continue
+                target = lora.group("base") + ".weight" if lora else name
+                slot = pending.setdefault(target, _LoraParts())
+                which = lora.group("which").lower() if lora else "base"
+                setattr(slot, which, f.get_tensor(key))
+                if slot.ready():
+                    yield target, merge_lora(slot.base, slot.a, slot.b, lora_alpha)
+                    del pending[target]
+    if pending:
+        detail = ", ".join(f"{k} (has {[w for w in ('base', 'a', 'b') if getattr(v, w) is not None]})"
+                           for k, v in sorted(pending.items()))
+        raise WeightsError(f"incomplete LoRA triples in {model_dir}: {detail}")
+
+
+def iter_ckpt(path: str | Path, parts: Iterable[str] = PARTS,
+              lora_alpha: float = DEFAULT_LORA_ALPHA) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a ``pllava convert`` .ckpt (canonical names, LoRA already merged)."""
+    import mindspore as ms
+
+    parts = set(parts)
+    params = ms.load_checkpoint(str(path))
+    alpha = params.pop(CKPT_ALPHA_KEY, None)
+    if alpha is not None and float(np.asarray(alpha.asnumpy()).reshape(-1)[0]) != float(lora_alpha):
+        stored = float(np.asarray(alpha.asnumpy()).reshape(-1)[0])
+        raise WeightsError(f"{path} was converted with --lora-alpha {stored:g}, but {lora_alpha:g} was "
+                           f"asked for: convert again or pass --lora-alpha {stored:g}")
+    for name in list(params):
+        if part_of(name) in parts and not _UNUSED.search(name):
+            param = params.pop(name)
+            if param.dtype == ms.bfloat16:
+                param = param.astype(ms.float32)
+            yield name, param.asnumpy()
+
+
+def iter_weights(source: str | Path, parts: Iterable[str] = PARTS,
+                 lora_alpha: float = DEFAULT_LORA_ALPHA) -> Iterator[tuple[str, np.ndarray]]:
+    """Weights from a checkpoint folder (safetensors, else ``model.ckpt``) or a .ckpt file."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".ckpt":
+        return iter_ckpt(source, parts, lora_alpha)
+    if not source.is_dir():
+        raise WeightsError(f"{source} is neither a checkpoint folder nor a .ckpt file")
+    if not any(source.glob("*.safetensors")) and (source / "model.ckpt").exists():
+        return iter_ckpt(source / "model.ckpt", parts, lora_alpha)
+    return iter_safetensors(source, parts, lora_alpha)
+
+
+def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
+              skip=lambda name: False, ignore=lambda name: False) -> None:
+    """Assign ``weights`` to ``cell``'s parameters strictly, converting to each parameter's
+    dtype. ``prefix`` is stripped from checkpoint names; ``skip(param_name)`` marks state that
+    is not loaded (KV caches); ``ignore(ckpt_name)`` marks keys the cell does not use (CLIP
+    layers past the selected one). Missing, unexpected and mis-shaped keys raise one error
+    that names them all."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    params = {name: p for name, p in cell.parameters_and_names() if not skip(name)}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for ckpt_name, array in weights:
+        name = ckpt_name[len(prefix):] if prefix and ckpt_name.startswith(prefix) else ckpt_name
+        param = params.get(name)
+        if param is None:
+            if not ignore(ckpt_name):
+                unexpected.append(ckpt_name)
+            continue
+        if tuple(array.shape) != tuple(param.shape):
+            mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(param.shape)}")
+            continue
+        if param.dtype == ms.bfloat16 or array.dtype == ml_dtypes.bfloat16:
+            tensor = Tensor(array.astype(np.float32), dtype=param.dtype)
+        else:
+            tensor = Tensor(np.ascontiguousarray(array), dtype=param.dtype)
+        param.set_data(tensor)
+        loaded.add(name)
+        del array, tensor
+    missing = sorted(set(params) - loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): " + ", ".join(prefix + m for m in missing[:20])
+                        + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(sorted(unexpected)[:20])
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
+    if problems:
+        raise WeightsError("checkpoint does not match the model: " + " | ".join(problems))

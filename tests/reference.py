@@ -1,0 +1,66 @@
+"""PLLaVA's forward pass assembled from HuggingFace transformers modules (PyTorch CPU), in the
+order the official code runs it: CLIP hidden_states[layer][:, 1:] -> linear_1 -> GELU ->
+linear_2 per frame -> AdaptiveAvgPool3d -> replace <image> -> LLaMA. Test-only."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def load_hf(model_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def clip_features(hf, pixel_values: np.ndarray) -> np.ndarray:
+    layer = hf.config.vision_feature_layer
+    out = hf.model.vision_tower(torch.from_numpy(pixel_values), output_hidden_states=True)
+    return out.hidden_states[layer][:, 1:].numpy()
+
+
+@torch.no_grad()
+def project_and_pool(hf, features: np.ndarray, num_frames: int, pooling_shape) -> np.ndarray:
+    """PllavaMultiModalProjector.forward for one video (frames repeated when short)."""
+    x = torch.from_numpy(features)
+    t = x.shape[0]
+    if t < num_frames:
+        x = x.repeat_interleave(int(num_frames / t) + 1, dim=0)[:num_frames]
+    proj = hf.model.multi_modal_projector
+    x = proj.linear_2(proj.act(proj.linear_1(x)))  # (T, hw, D)
+    t, hw, d = x.shape
+    side = int(round(hw ** 0.5))
+    x = x.reshape(1, t, side, side, d).permute(0, 4, 1, 2, 3)  # (1, D, T, h, w)
+    x = torch.nn.AdaptiveAvgPool3d(tuple(pooling_shape))(x)
+    return x.permute(0, 2, 3, 4, 1).reshape(-1, d).numpy()  # (t h w) order
+
+
+@torch.no_grad()
+def merged_embeddings(hf, input_ids, visual: np.ndarray) -> torch.Tensor:
+    ids = torch.tensor(input_ids)
+    image = hf.config.image_token_index
+    pos = int((ids == image).nonzero()[0, 0])
+    text = hf.model.language_model.embed_tokens(torch.where(ids == image, 0, ids))
+    return torch.cat([text[:pos], torch.from_numpy(visual), text[pos + 1:]])[None]
+
+
+@torch.no_grad()
+def logits(hf, embeds: torch.Tensor) -> np.ndarray:
+    hidden = hf.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return hf.lm_head(hidden)[0].float().numpy()
+
+
+@torch.no_grad()
+def greedy(hf, embeds: torch.Tensor, max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """Greedy decoding with HF's own KV cache."""
+    out = hf.model.language_model(inputs_embeds=embeds, use_cache=True)
+    past = out.past_key_values
+    token = int(hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+    tokens = [token]
+    while len(tokens) < max_new_tokens and token != eos:
+        out = hf.model.language_model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = int(hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+        tokens.append(token)
+    return tokens

@@ -1,0 +1,412 @@
+"""Frame sampling, loading and preprocessing (pllava/video.py) on real videos and images.
+
+Preprocessing is checked against transformers' PIL-backend CLIP image processor, fed the
+same frames after a PLLaVA long/short resize built from transformers' own helpers, the way
+PLLaVA's processor calls them.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.image_transforms import resize as hf_resize
+from transformers.image_utils import ChannelDimension, PILImageResampling
+
+from pllava.config import PreprocessorConfig
+from pllava.video import (
+    Frames,
+    VideoError,
+    center_crop_box,
+    clip_resize_size,
+    get_index,
+    load_frames,
+    load_video,
+    pllava_resize_size,
+    preprocess,
+)
+
+VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+COOKING = VIDEOS / "cooking.mp4"   # 640x360, 25 fps, 160 frames
+YOGA = VIDEOS / "yoga.mp4"         # 568x320, 30 fps, 300 frames
+
+
+@pytest.fixture(scope="module")
+def cooking() -> Frames:
+    return load_frames(COOKING, 16)
+
+
+@pytest.fixture(scope="module")
+def yoga() -> Frames:
+    return load_frames(YOGA, 16)
+
+
+# --------------------------------------------------------------------------- get_index
+
+@pytest.mark.parametrize("n, t, expected", [
+    (300, 16, [9, 28, 46, 65, 84, 102, 121, 140, 159, 177, 196, 215, 233, 252, 271, 289]),
+    (300, 4, [37, 112, 187, 261]),
+    (10, 16, [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 6, 7, 7, 8, 8]),
+    (1, 3, [0, 0, 0]),
+    (160, 1, [79]),
+])
+def test_get_index_spec_values(n, t, expected):
+    assert get_index(n, t) == expected
+
+
+def test_get_index_rounds_half_to_even():
+    # Spec 3.1: seg = 299/16 = 18.6875 and seg*8 = 149.5 -> np.round gives 150.
+    assert (300 - 1) / 16 * 8 == 149.5
+    assert get_index(300, 16)[8] == 9 + 150
+    # Halves whose floor is even go DOWN, where int(x + 0.5) would go up.
+    assert get_index(3, 4) == [0, 0, 1, 2]             # seg*1 = 0.5 -> 0
+    assert get_index(301, 8)[3] == 18 + 112            # seg*3 = 112.5 -> 112, not 113
+
+
+@pytest.mark.parametrize("n, t", [(0, 4), (10, 0), (-1, 4)])
+def test_get_index_rejects_empty(n, t):
+    with pytest.raises(ValueError):
+        get_index(n, t)
+
+
+# --------------------------------------------------------------------------- loading videos
+
+def test_load_cooking(cooking):
+    assert cooking.frames.shape == (16, 360, 640, 3) and cooking.frames.dtype == np.uint8
+    assert cooking.indices == tuple(get_index(160, 16))
+    assert cooking.indices[:3] == (4, 14, 24)
+    assert (cooking.total_frames, cooking.fps, cooking.is_image) == (160, 25.0, False)
+
+
+def test_load_yoga(yoga):
+    assert yoga.frames.shape == (16, 320, 568, 3) and yoga.frames.dtype == np.uint8
+    assert yoga.indices == (9, 28, 46, 65, 84, 102, 121, 140, 159, 177, 196, 215, 233, 252, 271, 289)
+    assert (yoga.total_frames, yoga.fps, yoga.is_image) == (300, 30.0, False)
+    assert not np.array_equal(yoga.frames[0], yoga.frames[-1])  # really different frames
+
+
+def test_frames_equal_reference_one_by_one_decode(yoga):
+    # The reference decodes with vr[i].asnumpy(), one frame at a time.
+    import decord
+    reader = decord.VideoReader(str(YOGA), ctx=decord.cpu(0))
+    for k in (0, 7, 15):
+        np.testing.assert_array_equal(yoga.frames[k], reader[yoga.indices[k]].asnumpy())
+
+
+def test_path_bytes_and_file_object_give_identical_frames(yoga):
+    data = YOGA.read_bytes()
+    with open(YOGA, "rb") as handle:
+        from_handle = load_frames(handle, 16)
+    for loaded in (load_frames(str(YOGA), 16), load_frames(data, 16), load_frames(bytearray(data), 16),
+                   load_frames(io.BytesIO(data), 16), from_handle):
+        np.testing.assert_array_equal(loaded.frames, yoga.frames)
+        assert (loaded.indices, loaded.total_frames, loaded.fps, loaded.is_image) == \
+            (yoga.indices, yoga.total_frames, yoga.fps, yoga.is_image)
+
+
+def test_video_shorter_than_num_frames_repeats_frames():
+    loaded = load_frames(COOKING, 400)   # 160 frames in the file
+    assert loaded.frames.shape == (400, 360, 640, 3)
+    assert loaded.indices == tuple(get_index(160, 400))
+    assert sorted(set(loaded.indices)) == list(range(160))
+    repeats = [k for k in range(399) if loaded.indices[k] == loaded.indices[k + 1]]
+    assert len(repeats) == 240
+    for k in repeats[:5]:
+        np.testing.assert_array_equal(loaded.frames[k], loaded.frames[k + 1])
+
+
+def test_single_frame():
+    loaded = load_frames(COOKING, 1)
+    assert loaded.indices == (79,) and loaded.frames.shape == (1, 360, 640, 3)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_num_frames_must_be_positive_int(bad):
+    with pytest.raises(VideoError, match="num_frames"):
+        load_frames(COOKING, bad)
+
+
+# --------------------------------------------------------------------------- loading images
+
+def _rng_image(h, w, channels=3, seed=0):
+    shape = (h, w, channels) if channels > 1 else (h, w)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_png_is_one_frame_with_exact_pixels(tmp_path):
+    pixels = _rng_image(37, 53)   # odd sizes
+    path = tmp_path / "odd.png"
+    Image.fromarray(pixels).save(path)
+    for source in (path, path.read_bytes(), io.BytesIO(path.read_bytes())):
+        loaded = load_frames(source, 16)   # not repeated to 16: the model does that
+        assert loaded.is_image and loaded.frames.shape == (1, 37, 53, 3)
+        assert (loaded.indices, loaded.total_frames, loaded.fps) == ((0,), 1, 0.0)
+        np.testing.assert_array_equal(loaded.frames[0], pixels)
+
+
+def test_grayscale_jpeg_becomes_rgb(tmp_path):
+    path = tmp_path / "gray.jpg"
+    Image.fromarray(_rng_image(48, 64, channels=1)).save(path, quality=90)
+    loaded = load_frames(path, 8)
+    assert loaded.is_image and loaded.frames.shape == (1, 48, 64, 3)
+    gray = np.asarray(Image.open(path))
+    for c in range(3):
+        np.testing.assert_array_equal(loaded.frames[0, ..., c], gray)
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    rgba = np.zeros((10, 12, 4), dtype=np.uint8)
+    rgba[:5] = (10, 200, 30, 255)   # opaque top half; bottom half fully transparent black
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    frame = load_frames(path, 4).frames[0]
+    assert (frame[:5] == (10, 200, 30)).all() and (frame[5:] == 255).all()
+
+
+def test_palette_and_16bit_images(tmp_path):
+    rgb = _rng_image(20, 30)
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_frames(tmp_path / "p.png", 4).frames[0], np.asarray(palette.convert("RGB")))
+    deep = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    frame = load_frames(tmp_path / "deep.png", 4).frames[0]
+    np.testing.assert_array_equal(frame[..., 0], (deep >> 8).astype(np.uint8))   # not clipped at 255
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.fromarray(_rng_image(20, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6   # "rotate 90 CW to display"
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_frames(tmp_path / "phone.jpg", 4).frames.shape == (1, 40, 20, 3)
+
+
+def test_load_video_on_image_gives_one_frame(tmp_path):
+    Image.fromarray(_rng_image(240, 320)).save(tmp_path / "a.png")
+    pixels, frames = load_video(tmp_path / "a.png", 16)
+    assert pixels.shape == (1, 3, 336, 336) and frames.is_image
+
+
+# --------------------------------------------------------------------------- errors
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return (8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+
+def test_empty_input(tmp_path):
+    with pytest.raises(VideoError, match=r"<bytes>.*empty"):
+        load_frames(b"", 4)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match=r"empty\.mp4.*empty"):
+        load_frames(tmp_path / "empty.mp4", 4)
+
+
+def test_random_bytes():
+    with pytest.raises(VideoError, match="not a recognised video or image"):
+        load_frames(np.random.default_rng(0).bytes(100_000), 4)
+
+
+def test_truncated_mp4(tmp_path):
+    data = COOKING.read_bytes()
+    with pytest.raises(VideoError, match=r"<bytes>.*truncated"):
+        load_frames(data[: len(data) // 2], 4)
+    path = tmp_path / "half.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match=r"half\.mp4.*truncated"):
+        load_frames(path, 4)
+    with pytest.raises(VideoError, match="no 'moov' box"):
+        load_frames(data[:40], 4)   # ftyp + free only
+
+
+def test_corrupt_mp4_that_decord_rejects():
+    # Well-formed boxes, nonsense inside: passes the cheap checks, so decord itself must fail.
+    rng = np.random.default_rng(1)
+    data = COOKING.read_bytes()[:32] + _box(b"moov", rng.bytes(2000)) + _box(b"mdat", rng.bytes(3000))
+    with pytest.raises(VideoError, match="could not be decoded as a video"):
+        load_frames(data, 4)
+    with pytest.raises(VideoError, match="could not be decoded as a video"):
+        load_frames(b"\x1a\x45\xdf\xa3" + rng.bytes(5000), 4)   # Matroska magic, random body
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a video\n" * 50)
+    with pytest.raises(VideoError, match=r"notes\.txt.*text file"):
+        load_frames(path, 4)
+    with open(path) as text_mode:
+        with pytest.raises(VideoError, match="text mode"):
+            load_frames(text_mode, 4)
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(VideoError, match=r"nope\.mp4: no such file"):
+        load_frames(tmp_path / "nope.mp4", 4)
+    with pytest.raises(VideoError, match="not a regular file"):
+        load_frames(tmp_path, 4)
+
+
+def test_truncated_image(tmp_path):
+    Image.fromarray(_rng_image(64, 64)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    with pytest.raises(VideoError, match="could not be read as an image"):
+        load_frames(data[: len(data) // 2], 4)
+
+
+def test_wrong_source_type():
+    with pytest.raises(TypeError):
+        load_frames(12345, 4)
+
+
+def test_process_survives_bad_inputs_then_decodes():
+    data = COOKING.read_bytes()
+    rng = np.random.default_rng(2)
+    bad = [data[: len(data) // 3], rng.bytes(4096), COOKING.read_bytes()[:32] + _box(b"moov", rng.bytes(500))]
+    for _ in range(3):
+        for source in bad:
+            with pytest.raises(VideoError):
+                load_frames(source, 4)
+    assert load_frames(data, 2).frames.shape == (2, 360, 640, 3)
+
+
+# --------------------------------------------------------------------------- preprocessing sizes
+
+@pytest.mark.parametrize("size, after_pllava, after_clip, crop", [
+    ((720, 1280), (360, 640), (336, 597), (0, 130)),
+    ((1280, 720), (640, 360), (597, 336), (130, 0)),
+    ((480, 640), (480, 640), (336, 448), (0, 56)),
+    ((672, 1194), (360, 639), (336, 596), (0, 130)),
+    ((240, 320), (336, 448), (336, 448), (0, 56)),
+    ((360, 640), (360, 640), (336, 597), (0, 130)),   # cooking.mp4
+    ((320, 568), (336, 596), (336, 596), (0, 130)),   # yoga.mp4
+])
+def test_spec_size_table(size, after_pllava, after_clip, crop):
+    assert pllava_resize_size(*size, 336) == after_pllava
+    assert clip_resize_size(*after_pllava, 336) == after_clip
+    assert center_crop_box(*after_clip, 336, 336) == crop
+
+
+def test_clip_constants():
+    cfg = PreprocessorConfig()
+    assert cfg.image_mean == (0.48145466, 0.4578275, 0.40821073)
+    assert cfg.image_std == (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- preprocessing parity
+
+def _reference_pllava_resize(frame: np.ndarray, shortest_edge: int) -> np.ndarray:
+    """PLLaVA's long/short resize of one frame of a one-video batch, via transformers' helpers."""
+    h, w = frame.shape[:2]
+    rate = max(h, w) / min(h, w)
+    short = max(min(min(h, w), int(min(640, max(h, w)) / rate)), shortest_edge)
+    size = get_resize_output_image_size(frame, size=short, default_to_square=False, max_size=9999,
+                                        input_data_format=ChannelDimension.LAST)
+    if min(size) < shortest_edge:
+        size = get_resize_output_image_size(frame, size=short, default_to_square=False,
+                                            input_data_format=ChannelDimension.LAST)
+    return hf_resize(frame, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
+
+
+def _reference(frames: np.ndarray, cfg: PreprocessorConfig) -> np.ndarray:
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.shortest_edge},
+        crop_size={"height": cfg.crop_size[0], "width": cfg.crop_size[1]},
+        do_resize=cfg.do_resize, do_center_crop=cfg.do_center_crop, do_rescale=cfg.do_rescale,
+        rescale_factor=cfg.rescale_factor, do_normalize=cfg.do_normalize,
+        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+        do_convert_rgb=cfg.do_convert_rgb, resample=cfg.resample)
+    resized = [_reference_pllava_resize(f, cfg.shortest_edge) for f in frames]
+    return np.asarray(processor(resized, return_tensors="np")["pixel_values"])
+
+
+def _assert_parity(frames: np.ndarray, cfg: PreprocessorConfig, shape: tuple[int, ...]):
+    ours = preprocess(frames, cfg)
+    ref = _reference(frames, cfg)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape == shape
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_parity_cooking(cooking):
+    _assert_parity(cooking.frames, PreprocessorConfig(), (16, 3, 336, 336))
+
+
+def test_parity_yoga_upscales_short_side(yoga):
+    _assert_parity(yoga.frames[:4], PreprocessorConfig(), (4, 3, 336, 336))
+
+
+def _pil_resize(frames, height, width):
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
+
+
+@pytest.mark.parametrize("name", ["portrait", "hd", "small", "odd", "square"])
+def test_parity_other_shapes(cooking, name):
+    frames = cooking.frames[::5]   # 4 real frames, 360x640
+    frames = {
+        "portrait": np.ascontiguousarray(frames.transpose(0, 2, 1, 3)),   # 640x360
+        "hd": _pil_resize(frames, 720, 1280),
+        "small": _pil_resize(frames, 240, 320),
+        "odd": np.ascontiguousarray(frames[:, 11:344, 37:554]),           # 333x517
+        "square": np.ascontiguousarray(frames[:, :, 100:460]),            # 360x360
+    }[name]
+    _assert_parity(frames, PreprocessorConfig(), (4, 3, 336, 336))
+
+
+@pytest.mark.parametrize("changes, shape", [
+    (dict(do_center_crop=False), (4, 3, 336, 597)),
+    (dict(do_normalize=False), (4, 3, 336, 336)),
+    (dict(do_rescale=False, do_normalize=False), (4, 3, 336, 336)),
+    (dict(do_rescale=False), (4, 3, 336, 336)),
+    (dict(do_resize=False), (4, 3, 336, 336)),
+    (dict(shortest_edge=224, crop_size=(224, 224)), (4, 3, 224, 224)),
+    (dict(shortest_edge=224, crop_size=(256, 300)), (4, 3, 256, 300)),   # crop larger than image: zero pad
+    (dict(resample=2), (4, 3, 336, 336)),                                 # bilinear CLIP resize
+])
+def test_parity_config_flags(cooking, changes, shape):
+    _assert_parity(cooking.frames[::5], PreprocessorConfig(**changes), shape)
+
+
+def test_flag_semantics(cooking):
+    frames = cooking.frames[:2]
+    raw = preprocess(frames, PreprocessorConfig(do_rescale=False, do_normalize=False))
+    assert raw.min() >= 0 and raw.max() <= 255 and np.array_equal(raw, np.round(raw))
+    unit = preprocess(frames, PreprocessorConfig(do_normalize=False))
+    np.testing.assert_allclose(unit, raw / 255, atol=1e-6)
+    full = preprocess(frames)
+    mean = np.array(PreprocessorConfig().image_mean, dtype=np.float32)[:, None, None]
+    std = np.array(PreprocessorConfig().image_std, dtype=np.float32)[:, None, None]
+    np.testing.assert_allclose(full, (unit - mean) / std, atol=1e-6)
+
+
+def test_grayscale_image_end_to_end(tmp_path):
+    path = tmp_path / "gray.jpg"
+    Image.fromarray(_rng_image(300, 401, channels=1)).save(path)
+    pixels, frames = load_video(path, 16)
+    assert pixels.shape == (1, 3, 336, 336)
+    ref = _reference(np.asarray(Image.open(path).convert("RGB"))[None], PreprocessorConfig())
+    assert np.abs(pixels - ref).max() <= 1e-5
+
+
+def test_load_video_cooking():
+    pixels, frames = load_video(COOKING, 4)
+    assert pixels.shape == (4, 3, 336, 336) and pixels.dtype == np.float32
+    assert frames.indices == tuple(get_index(160, 4))
+
+
+def test_preprocess_rejects_bad_arrays():
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(np.zeros((2, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
+        preprocess(np.zeros((8, 8, 3), dtype=np.uint8))
+
+
+def test_video_module_stays_framework_free():
+    import subprocess
+    import sys
+    code = ("import sys, pllava.video; "
+            "bad = [m for m in ('torch', 'mindspore', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

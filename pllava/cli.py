@@ -122,6 +122,25 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_up(args) -> int:
+    from .launcher import DEFAULT_GRACE_S, LaunchError, launch, run_foreground
+
+    try:
+        cluster = launch(args.model, encoders=args.encoders, port=args.port, host=args.host,
+                         encoder_port=args.encoder_port, device=args.device, dtype=args.dtype,
+                         ready_timeout=args.ready_timeout)
+    except LaunchError as exc:
+        print(f"pllava up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    encoders = ", ".join(e.address for e in cluster.encoders)
+    print(f"pllava up: decoder at {cluster.address} ({len(cluster.encoders)} encoder(s) at "
+          f"{encoders}); Ctrl-C stops them", flush=True)
+    print(f"  try: pllava-caption VIDEO --server {cluster.address}", flush=True)
+    return run_foreground(cluster, grace=DEFAULT_GRACE_S)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pllava", description="PLLaVA video captioning on MindSpore")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=4)
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("up", help="run N encoder servers and one decoder server here, no Docker")
+    p.add_argument("--model", help="checkpoint folder (default: a tiny random one, made once in "
+                                   "~/.cache/pllava/tiny)")
+    p.add_argument("--encoders", type=int, default=1, help="encoder servers to start (default 1)")
+    p.add_argument("--port", type=int, default=50052, help="decoder port (default 50052; 0 = any free)")
+    p.add_argument("--host", default="127.0.0.1", help="decoder bind address (default 127.0.0.1)")
+    p.add_argument("--encoder-port", type=int, default=0,
+                   help="first encoder port, the others follow (default 0: free ports)")
+    p.add_argument("--device", choices=["CPU", "GPU", "Ascend"], help="device of every server")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for every server to be SERVING (default 600)")
+    p.set_defaults(func=cmd_up)
     return parser
 
 

@@ -47,20 +47,15 @@ class LlamaAttention(nn.Cell):
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
 
-    def _project(self, x, cos, sin, write_index):
-        """q, k, v with RoPE; k and v are also written to the cache at ``write_index``.
-        x: (B, L, D); cos/sin: (B, L, 1, hd); write_index: (B, kvh, L)."""
+    def _project(self, x, cos, sin):
+        """q (B, L, H, hd), k and v (B, kvh, L, hd) with RoPE. x: (B, L, D); cos/sin: (B, L, 1, hd)."""
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k = k.transpose(0, 2, 1, 3)  # (B, kvh, L, hd)
-        v = v.transpose(0, 2, 1, 3)
-        k_cache = ops.scatter_update(self.k_cache, write_index, k)
-        v_cache = ops.scatter_update(self.v_cache, write_index, v)
-        return q, k, v, k_cache, v_cache
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def _attend(self, q, k, v, mask):
         """q: (B, kvh, g*Lq, hd) grouped by kv head; k, v: (B, kvh, Lk, hd); mask broadcasts
@@ -73,9 +68,12 @@ class LlamaAttention(nn.Cell):
         return self.av(probs, v)  # (B, kvh, g*Lq, hd)
 
     def prefill(self, x, cos, sin, write_index, mask):
-        """x: (1, L, D), mask: (L, L) causal additive."""
+        """x: (1, L, D), mask: (L, L) causal additive. Writes k/v to the cache at
+        ``write_index`` (B, kvh, L) and attends over the fresh k/v."""
         b, l, _ = x.shape
-        q, k, v, _, _ = self._project(x, cos, sin, write_index)
+        q, k, v = self._project(x, cos, sin)
+        k = ops.depend(k, ops.scatter_update(self.k_cache, write_index, k))
+        v = ops.depend(v, ops.scatter_update(self.v_cache, write_index, v))
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
         out = self._attend(q, k, v, mask)
         out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
@@ -84,7 +82,9 @@ class LlamaAttention(nn.Cell):
     def decode(self, x, cos, sin, write_index, mask):
         """x: (S, 1, D) one token per slot, mask: (S, 1, 1, 1, max_len) over cached positions."""
         s = x.shape[0]
-        q, _, _, k_cache, v_cache = self._project(x, cos, sin, write_index)
+        q, k, v = self._project(x, cos, sin)
+        k_cache = ops.scatter_update(self.k_cache, write_index, k)  # in place; returns the cache
+        v_cache = ops.scatter_update(self.v_cache, write_index, v)
         shape = (s, self.num_kv_heads, self.max_len, self.head_dim)
         q = q.reshape(s, self.num_kv_heads, self.group, self.head_dim)
         out = self._attend(q, k_cache.reshape(shape), v_cache.reshape(shape), mask)

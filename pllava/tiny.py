@@ -115,6 +115,9 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
         else:
             value = 0.02 * rng.standard_normal(shape) if name.endswith("bias") else rng.standard_normal(shape) * 0.2
         out[name] = value.astype(np.float16)
+    # Byte-fallback tokens (<0x00>..<0xFF>, ids 3..258) get weak output rows so random captions
+    # read as words rather than strings of broken UTF-8.
+    out["language_model.lm_head.weight"][3:259] *= np.float16(0.05)
     return out
 
 

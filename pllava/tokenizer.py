@@ -168,8 +168,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Feed one generated id; return the text it completes (possibly "")."""
-        if self._skip and token_id in self._tok.special_ids:
-            return ""
+        if (self._skip and token_id in self._tok.special_ids) or self._tok.id_to_token(token_id) is None:
+            return ""  # text-less: a skipped special token, or a vocab padding row with no token
         self._window.append(token_id)
         return self._emit(final=False)
 

@@ -268,6 +268,9 @@ def test_window_stays_small(tok):
     class Spy:
         special_ids = tok.special_ids
 
+        def id_to_token(self, token_id):
+            return tok.id_to_token(token_id)
+
         def decode(self, ids, skip_special_tokens=True):
             sizes.append(len(ids))
             return tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -278,6 +281,18 @@ def test_window_stays_small(tok):
     text = "".join(detok.push(i) for i in ids) + detok.flush()
     assert text == tok.decode(ids)
     assert max(sizes) <= 8
+
+
+def test_vocab_padding_ids_keep_spaces(tok):
+    """Ids past the tokenizer's vocab (the model pads its vocab to a multiple of 64) decode to
+    nothing and must not cost the next word its leading space."""
+    pad = tok.vocab_size + 5
+    assert tok.id_to_token(pad) is None
+    ids = tok.encode("the cook adds salt", add_bos=False)
+    mixed = [ids[0], pad, *ids[1:2], pad, pad, *ids[2:]]
+    detok = IncrementalDetokenizer(tok)
+    text = "".join(detok.push(i) for i in mixed) + detok.flush()
+    assert text == tok.decode(ids) == "the cook adds salt"
 
 
 # -- the tiny tokenizer itself ---------------------------------------------------------------

@@ -1,0 +1,345 @@
+"""``pllava up``: N encoder servers and one decoder server as local processes, no Docker.
+
+The same topology as ``docker compose up --scale encoder=N``, on 127.0.0.1: each encoder
+binds a free port (or ``encoder_port + i``) and reports it in its ``listening on HOST:PORT``
+log line; the decoder gets all of them as one static gRPC target,
+``ipv4:127.0.0.1:P1,127.0.0.1:P2,...``, over which it balances round robin exactly as over
+``dns:///encoder:50051`` in compose.
+
+    with launch("models/tiny", encoders=2, port=0) as cluster:
+        print(cluster.address)              # the decoder, the one address a client needs
+        cluster.encoders[0].logs()          # every line a server wrote, kept for inspection
+
+Readiness is the servers' own gRPC health service (SERVING only after warm-up), asked with
+``python -m pllava_client.health`` in a subprocess: this package never imports grpc.
+Children run in their own process group (Ctrl-C reaches only the launcher, which stops the
+decoder first so in-flight captions finish, then the encoders) and, on Linux, get SIGTERM if
+the launcher dies without stopping them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+#: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
+LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
+DEFAULT_PORT = 50052
+#: Seconds a server gets to finish in-flight calls after SIGTERM before it is killed.
+DEFAULT_GRACE_S = 30.0
+
+
+class LaunchError(RuntimeError):
+    """A server did not come up; the message ends with the last lines it wrote."""
+
+
+def default_model_dir() -> Path:
+    """Where ``pllava up`` keeps the tiny random checkpoint it uses without ``--model``."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "pllava" / "tiny"
+
+
+def ensure_tiny_model(path: str | Path | None = None) -> Path:
+    """The tiny checkpoint at ``path`` (default :func:`default_model_dir`), made if absent.
+
+    Written to a temporary sibling and renamed, so concurrent launchers never see half a
+    checkpoint."""
+    out = Path(path) if path is not None else default_model_dir()
+    if (out / "config.json").exists():
+        return out
+    from .tiny import make_tiny
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        make_tiny(tmp, seed=0)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another launcher got there first, or an empty folder is in the way
+            if not (out / "config.json").exists():
+                if out.is_dir() and not any(out.iterdir()):
+                    out.rmdir()
+                    os.rename(tmp, out)
+                else:
+                    raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def server_command(name: str) -> list[str]:
+    """The argv prefix that runs console script ``name`` of this installation."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    raise LaunchError(f"{name} is not installed next to {sys.executable} nor on PATH; "
+                      "install the project (pip install -e .)")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _load_prctl():
+    # Resolved once in the parent: the child may only call it, not import or look it up.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+class ServerProcess:
+    """One server child: its process, its address once bound, and every line it wrote.
+
+    A thread reads the child's merged stdout/stderr, keeps the lines (:meth:`logs`), echoes
+    them to ``echo`` prefixed with the server's name, and notes the ``listening on`` line.
+    """
+
+    def __init__(self, name: str, argv: list[str], *, echo: TextIO | None = None,
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.address: str | None = None
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._echo = echo
+        self._bound = threading.Event()
+        child_env = dict(os.environ if env is None else env)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=child_env, text=True, errors="replace", bufsize=1, process_group=0,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        self._reader = threading.Thread(target=self._read, name=f"{name}-log", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            with self._lock:
+                self._lines.append(line)
+            if self.address is None:
+                m = LISTENING.search(line)
+                if m:
+                    host = m["host"].strip("[]")
+                    if host in ("0.0.0.0", "::", "*", "localhost", ""):
+                        host = "127.0.0.1"
+                    self.address = f"{host}:{m['port']}"
+                    self._bound.set()
+            if self._echo is not None:
+                try:
+                    print(f"{self.name} | {line}", file=self._echo, flush=True)
+                except (OSError, ValueError):  # the echo stream went away
+                    self._echo = None
+        self._bound.set()  # end of output: wake waiters, who then see the exit
+
+    def logs(self) -> list[str]:
+        """Every line the server has written so far."""
+        with self._lock:
+            return list(self._lines)
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(self.logs()[-n:])
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_bound(self, timeout: float) -> str:
+        """Wait for the ``listening on`` line; return the server's address."""
+        self._bound.wait(timeout)
+        if self.address is None:
+            what = (f"exited with status {self.process.poll()}" if not self.alive()
+                    else f"did not report 'listening on HOST:PORT' within {timeout:g} s")
+            raise LaunchError(f"{self.name} {what}; its last lines:\n{self.tail()}")
+        return self.address
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                self.process.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to exit; its status, or None if ``timeout`` passed."""
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._reader.join(5)
+        return code
+
+
+def stop_all(servers: list[ServerProcess], grace: float = DEFAULT_GRACE_S) -> None:
+    """SIGTERM ``servers`` together, wait up to ``grace`` seconds, SIGKILL whoever is left."""
+    for server in servers:
+        server.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for server in servers:
+        if server.wait(max(0.0, deadline - time.monotonic())) is None:
+            server.signal(signal.SIGKILL)
+            server.wait()
+
+
+class Cluster:
+    """Handles on the servers :func:`launch` started; a context manager that stops them."""
+
+    def __init__(self, encoders: list[ServerProcess], decoder: ServerProcess | None):
+        self.encoders = encoders
+        self.decoder = decoder
+
+    @property
+    def address(self) -> str:
+        """The decoder's address, the one a client needs."""
+        return self.decoder.address
+
+    @property
+    def servers(self) -> list[ServerProcess]:
+        return ([self.decoder] if self.decoder else []) + self.encoders
+
+    def exited(self) -> ServerProcess | None:
+        """A server that is no longer running, if any."""
+        return next((s for s in self.servers if not s.alive()), None)
+
+    def stop(self, grace: float = DEFAULT_GRACE_S) -> None:
+        """Stop the decoder first (its in-flight captions finish), then the encoders."""
+        if self.decoder is not None:
+            stop_all([self.decoder], grace)
+        stop_all(self.encoders, grace)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# Waits in one subprocess (so this package never imports grpc) until every target is SERVING.
+_HEALTH_WAITER = """
+import sys
+from pllava_client.health import wait_until_serving
+timeout = float(sys.argv[1])
+sys.exit(0 if all(wait_until_serving(t, timeout=timeout) for t in sys.argv[2:]) else 1)
+"""
+
+
+def _wait_healthy(servers: list[ServerProcess], timeout: float) -> None:
+    """Return once every server's health service answers SERVING; LaunchError if one exits
+    first or ``timeout`` seconds pass."""
+    waiter = subprocess.Popen([sys.executable, "-c", _HEALTH_WAITER, str(timeout)]
+                              + [s.address for s in servers],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        while waiter.poll() is None:
+            for server in servers:
+                if not server.alive():
+                    raise LaunchError(f"{server.name} exited with status {server.process.poll()} "
+                                      f"before it was ready; its last lines:\n{server.tail()}")
+            time.sleep(0.2)
+        if waiter.returncode != 0:
+            names = ", ".join(s.name for s in servers)
+            raise LaunchError(f"not all of {names} were SERVING within {timeout:g} s; the "
+                              f"decoder's last lines:\n{servers[-1].tail()}")
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+
+
+def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DEFAULT_PORT,
+           host: str = "127.0.0.1", encoder_port: int = 0, device: str | None = None,
+           dtype: str | None = None, ready_timeout: float = 600.0,
+           echo: TextIO | None = sys.stderr, env: dict[str, str] | None = None) -> Cluster:
+    """Start ``encoders`` encoder servers and one decoder server; return once all are SERVING.
+
+    ``model`` None uses the tiny random checkpoint (:func:`ensure_tiny_model`). The decoder
+    listens on ``host:port`` (``port`` 0: any free port, see ``Cluster.address``); encoders on
+    127.0.0.1, at ``encoder_port + i`` or, with 0, at free ports. ``device`` and ``dtype``
+    are passed to every server when given. Children's output is echoed to ``echo`` (None:
+    kept only). On failure every started child is stopped and :class:`LaunchError` raised.
+    """
+    if encoders < 1:
+        raise ValueError(f"at least one encoder is needed, got {encoders}")
+    model_dir = Path(model) if model is not None else ensure_tiny_model()
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model {model_dir} does not exist")
+    common = ["--model", str(model_dir)]
+    if device is not None:
+        common += ["--device", device]
+    if dtype is not None:
+        common += ["--dtype", dtype]
+
+    cluster = Cluster([], None)
+    try:
+        encoder_cmd = server_command("pllava-encoder")
+        for i in range(encoders):
+            p = encoder_port + i if encoder_port else 0
+            cluster.encoders.append(ServerProcess(
+                f"encoder-{i}", encoder_cmd + common + ["--host", "127.0.0.1", "--port", str(p)],
+                echo=echo, env=env))
+        deadline = time.monotonic() + ready_timeout
+        addresses = [e.wait_bound(max(1.0, deadline - time.monotonic())) for e in cluster.encoders]
+        target = "ipv4:" + ",".join(addresses)
+        cluster.decoder = ServerProcess(
+            "decoder", server_command("pllava-decoder") + common
+            + ["--host", host, "--port", str(port), "--encoder", target], echo=echo, env=env)
+        cluster.decoder.wait_bound(max(1.0, deadline - time.monotonic()))
+        _wait_healthy(cluster.encoders + [cluster.decoder], max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        cluster.stop(grace=5.0)
+        raise
+    return cluster
+
+
+def run_foreground(cluster: Cluster, out: TextIO = sys.stdout,
+                   grace: float = DEFAULT_GRACE_S) -> int:
+    """Block until SIGINT/SIGTERM (exit 0) or until a server dies (exit 1); stop the rest."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        died = None
+        while not stop.wait(0.5):
+            died = cluster.exited()
+            if died is not None:
+                break
+        if died is not None:
+            print(f"pllava up: {died.name} exited with status {died.process.poll()}; stopping "
+                  f"the others. Its last lines:\n{died.tail()}", file=sys.stderr, flush=True)
+        else:
+            print(f"pllava up: {signal.Signals(received[0]).name}, stopping the servers",
+                  file=out, flush=True)
+        cluster.stop(grace)
+        return 1 if died is not None else 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

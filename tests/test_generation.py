@@ -1,0 +1,179 @@
+"""Sampling, stop strings and the batching engine on the tiny checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pllava.config import PllavaConfig
+from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, StopStringFilter, generate
+from pllava.model import PllavaLanguage
+from pllava.prompt import build_prompt
+from pllava.sampling import Sampler, SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
+from pllava.tokenizer import Tokenizer
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def test_filters_match_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(200).astype(np.float32) * 3
+    seen = rng.integers(0, 200, 30)
+    ids = torch.from_numpy(seen)[None]
+    t = torch.from_numpy(logits)[None]
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 1.3),
+                               RepetitionPenaltyLogitsProcessor(1.3)(ids, t.clone())[0].numpy(), rtol=1e-6)
+    ref_k = TopKLogitsWarper(7)(ids, t.clone())[0].numpy()
+    np.testing.assert_array_equal(np.isfinite(top_k_filter(logits, 7)), np.isfinite(ref_k))
+    for p in (0.1, 0.5, 0.9):
+        ref_p = TopPLogitsWarper(p)(ids, t.clone())[0].numpy()
+        np.testing.assert_array_equal(np.isfinite(top_p_filter(logits, p)), np.isfinite(ref_p), err_msg=str(p))
+
+
+def test_sampler_greedy_seeded_and_reproducible():
+    logits = np.random.default_rng(1).standard_normal(50).astype(np.float32)
+    assert Sampler(SamplingParams())(logits, np.array([])) == int(logits.argmax())
+    assert Sampler(SamplingParams(temperature=1.0, top_k=1, seed=3))(logits, np.array([])) == int(logits.argmax())
+    draw = lambda seed: [Sampler(SamplingParams(temperature=1.5, seed=seed))(logits, np.array([])) for _ in range(1)]
+    a = Sampler(SamplingParams(temperature=1.5, seed=7))
+    b = Sampler(SamplingParams(temperature=1.5, seed=7))
+    seq_a = [a(logits, np.array([])) for _ in range(20)]
+    assert seq_a == [b(logits, np.array([])) for _ in range(20)]
+    assert len(set(seq_a)) > 1  # really sampling
+    assert draw(1) is not None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_sampling_params_validate(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_stop_string_filter_holds_back_partial_matches():
+    f = StopStringFilter(["END", "\n\n"])
+    out = []
+    for piece in ["The cat", " sat E", "N", "D and more"]:
+        text, hit = f.feed(piece)
+        out.append(text)
+        if hit:
+            break
+    assert "".join(out) == "The cat sat " and hit
+    g = StopStringFilter(["END"])
+    assert g.feed("abcE") == ("abc", False)
+    assert g.feed("x") == ("Ex", False)
+    assert g.flush() == ""
+
+
+# ---- engine ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return Tokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_dir):
+    return PllavaConfig.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def language(tiny_model_dir, cfg):
+    return PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=1024)
+
+
+def visual(cfg, seed):
+    return np.random.default_rng(seed).standard_normal((cfg.num_visual_tokens, cfg.text.hidden_size)).astype(np.float32)
+
+
+def prompt_ids(tokenizer, question):
+    return tokenizer.encode(build_prompt(question))
+
+
+def run_alone(language, tokenizer, request):
+    events = list(generate(Engine(language, tokenizer), request))
+    return [e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events), events[-1]
+
+
+def test_streamed_text_equals_full_decode(language, tokenizer, cfg):
+    tokens, text, final = run_alone(language, tokenizer, Request(prompt_ids(tokenizer, "Describe it."), visual(cfg, 0),
+                                                                 SamplingParams(max_new_tokens=30)))
+    assert len(tokens) == 30 and final.finish_reason == FinishReason.LENGTH
+    assert text == tokenizer.decode(tokens)
+    assert final.stats.prompt_tokens == len(prompt_ids(tokenizer, "Describe it.")) - 1 + cfg.num_visual_tokens
+
+
+def test_concurrent_requests_equal_their_solo_results(language, tokenizer, cfg):
+    """Continuous batching: three requests admitted on different steps share decode steps
+    and each produces exactly what it produces alone (greedy and seeded sampling)."""
+    requests = [
+        Request(prompt_ids(tokenizer, "What happens?"), visual(cfg, 1), SamplingParams(max_new_tokens=12)),
+        Request(prompt_ids(tokenizer, "Describe the video in details."), visual(cfg, 2), SamplingParams(max_new_tokens=20)),
+        Request(prompt_ids(tokenizer, "Who is there?"), visual(cfg, 3),
+                SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=11)),
+    ]
+    solo = [run_alone(language, tokenizer, r)[0] for r in requests]
+    engine = Engine(language, tokenizer)
+    got = {r.request_id: [] for r in requests}
+    engine.add(requests[0])
+    steps = 0
+    batch_sizes = []
+    while engine.has_work():
+        if steps == 2:
+            engine.add(requests[1])
+            engine.add(requests[2])
+        events = engine.step()
+        batch_sizes.append(engine.num_running)
+        steps += 1
+        for e in events:
+            if e.token_id is not None:
+                got[e.request_id].append(e.token_id)
+    assert [got[r.request_id] for r in requests] == solo
+    assert max(batch_sizes) == 3
+
+
+def test_eos_and_stop_strings(language, tokenizer, cfg):
+    req = lambda **kw: Request(prompt_ids(tokenizer, "Go."), visual(cfg, 4), SamplingParams(max_new_tokens=25, **kw))
+    tokens, text, _ = run_alone(language, tokenizer, req())
+    eos_engine = Engine(language, tokenizer, eos_token_id=tokens[3])
+    events = list(generate(eos_engine, req()))
+    assert [e.token_id for e in events] == tokens[:4] and events[-1].finish_reason == FinishReason.STOP
+    assert "".join(e.text for e in events) == tokenizer.decode(tokens[:3])
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip() and stop in text
+    _, stopped, final = run_alone(language, tokenizer, req(stop=(stop,)))
+    assert final.finish_reason == FinishReason.STOP_STRING
+    assert stopped == text[: text.index(stop)]
+
+
+def test_cancel_frees_the_slot(language, tokenizer, cfg):
+    engine = Engine(language, tokenizer)
+    reqs = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=100)) for i in range(4)]
+    for r in reqs:
+        engine.add(r)
+    for _ in range(4):
+        engine.step()
+    assert engine.num_running == 3 and engine.num_waiting == 1
+    engine.cancel(reqs[0].request_id)
+    events = engine.step()
+    assert any(e.request_id == reqs[0].request_id and e.finish_reason == FinishReason.CANCELLED for e in events)
+    assert any(e.request_id == reqs[3].request_id for e in events)  # admitted into the freed slot
+    assert engine.num_running == 3 and engine.num_waiting == 0
+
+
+def test_prompt_longer_than_context_is_refused(language, tokenizer, cfg):
+    long_question = "word " * 600
+    with pytest.raises(ContextOverflowError, match="context holds 1024"):
+        Engine(language, tokenizer).add(Request(prompt_ids(tokenizer, long_question), visual(cfg, 0)))
+
+
+def test_generation_stops_at_the_context_limit(tiny_model_dir, cfg, tokenizer):
+    small = PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=1, max_len=896)
+    ids = prompt_ids(tokenizer, "Hi.")
+    prompt_len = len(ids) - 1 + cfg.num_visual_tokens
+    tokens, _, final = run_alone(small, tokenizer, Request(ids, visual(cfg, 0), SamplingParams(max_new_tokens=500)))
+    assert final.finish_reason == FinishReason.LENGTH
+    assert prompt_len + len(tokens) == 896

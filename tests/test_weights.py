@@ -1,0 +1,218 @@
+"""Checkpoint layouts, LoRA merge, dtypes, partial loads and strict errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from pllava import weights as W
+from pllava.config import PllavaConfig
+from pllava.model import PllavaLanguage, PllavaVision
+from pllava.tiny import save_sharded
+
+RANK = 8
+
+
+def read_all(model_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for path in W.checkpoint_files(model_dir):
+        out.update(load_file(str(path)))
+    return out
+
+
+def copy_meta(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def new_layout(name: str) -> str:
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                     ("image_newline", "model.image_newline")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def peft_layout(tensors: dict[str, np.ndarray], lora_scale: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """ermu2001/pllava-7b's save: PEFT-wrapped LM with LoRA on q_proj and v_proj."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in tensors.items():
+        if not name.startswith("language_model."):
+            out[name] = value
+            continue
+        peft = "language_model.base_model.model." + name[len("language_model."):]
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+            stem = peft[: -len(".weight")]
+            out[stem + ".base_layer.weight"] = value
+            out[stem + ".lora_A.default.weight"] = (rng.standard_normal((RANK, value.shape[1])) * lora_scale).astype(value.dtype)
+            out[stem + ".lora_B.default.weight"] = (rng.standard_normal((value.shape[0], RANK)) * lora_scale).astype(value.dtype)
+        else:
+            out[peft] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_dir):
+    return PllavaConfig.from_pretrained(tiny_model_dir)
+
+
+def loaded(model_dir, cfg, **kw) -> dict[str, np.ndarray]:
+    vision = PllavaVision.from_pretrained(model_dir, cfg, **kw)
+    language = PllavaLanguage.from_pretrained(model_dir, cfg, max_len=64, jit=False, **kw)
+    out = {n: p.asnumpy() for n, p in vision.parameters_and_names()}
+    out.update({"language_model." + n: p.asnumpy() for n, p in language.lm.parameters_and_names()
+                if not n.endswith("_cache")})
+    return out
+
+
+def test_three_layouts_load_identically(tiny_model_dir, cfg, tmp_path):
+    tensors = read_all(tiny_model_dir)
+    new_dir = copy_meta(tiny_model_dir, tmp_path / "new")
+    save_sharded({new_layout(k): v for k, v in tensors.items()}, new_dir, num_shards=3)
+    peft_dir = copy_meta(tiny_model_dir, tmp_path / "peft")
+    save_sharded(peft_layout(tensors, lora_scale=0.0), peft_dir, num_shards=2)  # B = 0: no delta
+
+    base = loaded(tiny_model_dir, cfg)
+    assert set(base) and all(np.isfinite(v).all() for v in base.values())
+    for other in (loaded(new_dir, cfg), loaded(peft_dir, cfg)):
+        assert set(other) == set(base)
+        for name in base:
+            np.testing.assert_array_equal(other[name], base[name], err_msg=name)
+    # and the values are the checkpoint's, not zeros left by a skipped key
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(base[q], tensors[q].astype(np.float32))
+
+
+@pytest.mark.parametrize("alpha", [4.0, 32.0])
+def test_lora_merge_matches_explicit_merge(tiny_model_dir, cfg, tmp_path, alpha):
+    tensors = read_all(tiny_model_dir)
+    peft = peft_layout({k: v.astype(np.float32) for k, v in tensors.items()}, lora_scale=0.5, seed=3)
+    peft_dir = copy_meta(tiny_model_dir, tmp_path / "peft")
+    save_sharded(peft, peft_dir, num_shards=3)
+    got = loaded(peft_dir, cfg, lora_alpha=alpha)
+    for layer in range(cfg.text.num_hidden_layers):
+        for proj in ("q_proj", "v_proj", "k_proj"):
+            stem = f"language_model.base_model.model.model.layers.{layer}.self_attn.{proj}"
+            name = f"language_model.model.layers.{layer}.self_attn.{proj}.weight"
+            if proj == "k_proj":  # no adapter: untouched
+                np.testing.assert_array_equal(got[name], peft[stem + ".weight"])
+                continue
+            base = peft[stem + ".base_layer.weight"].astype(np.float64)
+            a = peft[stem + ".lora_A.default.weight"].astype(np.float64)
+            b = peft[stem + ".lora_B.default.weight"].astype(np.float64)
+            expected = base + (alpha / RANK) * (b @ a)
+            assert np.abs(expected - base).max() > 1e-2  # the delta is really there
+            np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
+
+
+def test_dtypes_on_disk(tiny_model_dir, cfg, tmp_path):
+    """fp32 and bf16 shards load to the same values as the fp16 original (bf16 rounded)."""
+    tensors = read_all(tiny_model_dir)
+    base = loaded(tiny_model_dir, cfg)
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        d = copy_meta(tiny_model_dir, tmp_path / np.dtype(dtype).name)
+        save_sharded({k: v.astype(np.float32).astype(dtype) for k, v in tensors.items()}, d)
+        got = loaded(d, cfg)
+        for name in base:
+            expected = base[name].astype(dtype).astype(np.float32)
+            np.testing.assert_array_equal(got[name], expected, err_msg=f"{np.dtype(dtype).name}: {name}")
+
+
+def test_missing_key_is_named(tiny_model_dir, cfg, tmp_path):
+    tensors = read_all(tiny_model_dir)
+    gone = "language_model.model.layers.1.mlp.down_proj.weight"
+    d = copy_meta(tiny_model_dir, tmp_path / "missing")
+    save_sharded({k: v for k, v in tensors.items() if k != gone}, d)
+    with pytest.raises(W.WeightsError, match=r"missing keys \(1\): " + gone.replace(".", r"\.")):
+        PllavaLanguage.from_pretrained(d, cfg, max_len=64, jit=False)
+    PllavaVision.from_pretrained(d, cfg)  # the vision side does not need it
+
+
+def test_unexpected_and_misshaped_keys_are_named(tiny_model_dir, cfg, tmp_path):
+    tensors = read_all(tiny_model_dir)
+    bad = "multi_modal_projector.linear_1.bias"
+    tensors[bad] = np.zeros(7, np.float16)
+    tensors["multi_modal_projector.linear_3.weight"] = np.zeros((2, 2), np.float16)
+    d = copy_meta(tiny_model_dir, tmp_path / "bad")
+    save_sharded(tensors, d)
+    with pytest.raises(W.WeightsError) as err:
+        PllavaVision.from_pretrained(d, cfg)
+    msg = str(err.value)
+    assert "multi_modal_projector.linear_3.weight" in msg and "unexpected" in msg
+    assert f"{bad}: checkpoint (7,) vs model (64,)" in msg
+
+
+def test_unused_keys_are_dropped_silently(tiny_model_dir, cfg, tmp_path):
+    tensors = read_all(tiny_model_dir)
+    assert "image_newline" in tensors
+    tensors["vision_tower.vision_model.embeddings.position_ids"] = np.arange(577)[None].astype(np.int64)
+    tensors["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    d = copy_meta(tiny_model_dir, tmp_path / "extra")
+    save_sharded(tensors, d)
+    assert loaded(d, cfg).keys() == loaded(tiny_model_dir, cfg).keys()
+
+
+def test_vision_side_streams_only_its_part(tiny_model_dir, cfg, tmp_path):
+    """A server loading the vision side never materialises language tensors: with a 64 MiB
+    language part, host allocations while loading stay far below it."""
+    tensors = read_all(tiny_model_dir)
+    tensors["language_model.model.embed_tokens.weight"] = np.ones((cfg.text.vocab_size, 64), np.float16)
+    tensors["language_model.zz_padding_a"] = np.ones((32, 1 << 20), np.float16)
+    d = copy_meta(tiny_model_dir, tmp_path / "big")
+    save_sharded(tensors, d)
+    tracemalloc.start()
+    try:
+        PllavaVision.from_pretrained(d, cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak host allocation {peak / 2**20:.1f} MiB while loading the vision side"
+
+
+def test_convert_to_ckpt_and_load(tiny_model_dir, cfg, tmp_path):
+    tensors = read_all(tiny_model_dir)
+    peft_dir = copy_meta(tiny_model_dir, tmp_path / "peft")
+    save_sharded(peft_layout(tensors, lora_scale=0.5, seed=5), peft_dir)
+    ckpt = tmp_path / "model.ckpt"
+    run = subprocess.run([sys.executable, "-m", "pllava.cli", "convert", str(peft_dir), "-o", str(ckpt),
+                          "--lora-alpha", "16"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from_ckpt = loaded(ckpt, cfg, lora_alpha=16.0)
+    from_st = loaded(peft_dir, cfg, lora_alpha=16.0)
+    for name in from_st:
+        np.testing.assert_allclose(from_ckpt[name], from_st[name], atol=1e-6, err_msg=name)
+    with pytest.raises(W.WeightsError, match="--lora-alpha 16"):
+        PllavaVision.from_pretrained(ckpt, cfg, lora_alpha=4.0)
+
+
+def test_layout_names():
+    assert W.canonical_name("model.language_model.layers.3.mlp.up_proj.weight") == "language_model.model.layers.3.mlp.up_proj.weight"
+    assert W.canonical_name("lm_head.weight") == "language_model.lm_head.weight"
+    assert W.canonical_name("model.vision_tower.vision_model.pre_layrnorm.bias") == "vision_tower.vision_model.pre_layrnorm.bias"
+    assert W.canonical_name("vision_tower.encoder.layers.0.mlp.fc1.bias") == "vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias"
+    assert (W.canonical_name("language_model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
+            == "language_model.model.layers.0.self_attn.q_proj.weight")
+    assert W.canonical_name("language_model.base_model.model.lm_head.weight") == "language_model.lm_head.weight"
+
+
+def test_missing_shard_is_named(tiny_model_dir, tmp_path):
+    d = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (d / victim).unlink()
+    with pytest.raises(W.WeightsError, match=victim):
+        list(W.iter_safetensors(d))

@@ -10,9 +10,9 @@ requests join while others keep decoding). Each step returns the tokens it produ
 from __future__ import annotations
 
 import enum
-import itertools
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -41,10 +41,7 @@ class Request:
     prompt_ids: Sequence[int]
     visual: np.ndarray | None
     params: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-
-
-_ids = itertools.count()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass

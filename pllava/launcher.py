@@ -12,9 +12,9 @@ log line; the decoder gets all of them as one static gRPC target,
 
 Readiness is the servers' own gRPC health service (SERVING only after warm-up), asked with
 ``python -m pllava_client.health`` in a subprocess: this package never imports grpc.
-Children run in their own process group (Ctrl-C reaches only the launcher, which stops the
-decoder first so in-flight captions finish, then the encoders) and, on Linux, get SIGTERM if
-the launcher dies without stopping them.
+Children run in their own session (a terminal's Ctrl-C reaches only the launcher, which
+stops the decoder first so in-flight captions finish, then the encoders) and, on Linux, get
+SIGTERM if the launcher dies without stopping them.
 """
 from __future__ import annotations
 
@@ -27,12 +27,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TextIO
 
 #: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
 DEFAULT_PORT = 50052
+#: Lines of each server's output kept in memory for :meth:`ServerProcess.logs`.
+MAX_LOG_LINES = 100_000
 #: Seconds a server gets to finish in-flight calls after SIGTERM before it is killed.
 DEFAULT_GRACE_S = 30.0
 
@@ -120,7 +123,7 @@ class ServerProcess:
         self.name = name
         self.argv = argv
         self.address: str | None = None
-        self._lines: list[str] = []
+        self._lines: deque[str] = deque(maxlen=MAX_LOG_LINES)
         self._lock = threading.Lock()
         self._echo = echo
         self._bound = threading.Event()
@@ -128,7 +131,7 @@ class ServerProcess:
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=child_env, text=True, errors="replace", bufsize=1, process_group=0,
+            env=child_env, text=True, errors="replace", bufsize=1, start_new_session=True,
             preexec_fn=_die_with_parent if _PRCTL is not None else None)
         self._reader = threading.Thread(target=self._read, name=f"{name}-log", daemon=True)
         self._reader.start()
@@ -158,7 +161,7 @@ class ServerProcess:
         self._bound.set()  # end of output: wake waiters, who then see the exit
 
     def logs(self) -> list[str]:
-        """Every line the server has written so far."""
+        """The lines the server has written so far (the last MAX_LOG_LINES)."""
         with self._lock:
             return list(self._lines)
 
@@ -172,6 +175,8 @@ class ServerProcess:
         """Wait for the ``listening on`` line; return the server's address."""
         self._bound.wait(timeout)
         if self.address is None:
+            if not self._reader.is_alive():  # its output ended: it is exiting or has exited
+                self.wait(10)
             what = (f"exited with status {self.process.poll()}" if not self.alive()
                     else f"did not report 'listening on HOST:PORT' within {timeout:g} s")
             raise LaunchError(f"{self.name} {what}; its last lines:\n{self.tail()}")

@@ -48,18 +48,23 @@ class PllavaVision(nn.Cell):
         """(N, 3, S, S) fp32 pixels -> (N, G*G, Dv) features at ``vision_feature_layer``."""
         return self.vision_tower(to_tensor(pixel_values).astype(self.dtype))
 
-    def project(self, features: Tensor) -> Tensor:
-        """Features of one video's frames (T, G*G, Dv) -> (num_visual_tokens, Dt)."""
-        return self.multi_modal_projector(features, self.cfg.num_frames, self.cfg.pooling_shape)
+    def project(self, features: Tensor, cfg: PllavaConfig | None = None) -> Tensor:
+        """Features of one video's frames (T, G*G, Dv) -> (num_visual_tokens, Dt) in the model
+        dtype. ``cfg`` overrides the frame count and pooled shape for this video."""
+        cfg = cfg or self.cfg
+        return self.multi_modal_projector(features, cfg.num_frames, cfg.pooling_shape)
 
-    def encode_videos(self, videos: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Several videos' pixels -> one vision-tower call over all their frames, then
-        per-video projection and pooling. Returns fp32 (num_visual_tokens, Dt) arrays."""
-        counts = [len(v) for v in videos]
+    def encode_videos(self, videos: Sequence[np.ndarray],
+                      cfgs: Sequence[PllavaConfig] | None = None) -> list[np.ndarray]:
+        """Several videos' pixels -> ONE vision-tower call over all their frames, then
+        per-video projection and pooling (each with its own ``cfgs[i]`` if given).
+        Returns fp32 (num_visual_tokens, Dt) arrays (exact for any model dtype)."""
+        cfgs = cfgs or [self.cfg] * len(videos)
         features = self.encode_frames(np.concatenate(list(videos), axis=0))
         out, start = [], 0
-        for n in counts:
-            out.append(self.project(features[start:start + n]).astype(ms.float32).asnumpy())
+        for frames, cfg in zip(videos, cfgs):
+            n = len(frames)
+            out.append(self.project(features[start:start + n], cfg).astype(ms.float32).asnumpy())
             start += n
         return out
 

@@ -22,6 +22,9 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if device == "CPU" and dtype == "bfloat16":
+        raise ValueError("dtype bfloat16 is not usable on CPU: MindSpore has no bf16 MatMul kernel there; "
+                         "use float32 (or float16, which runs but slowly)")
     ms.set_device(device, device_id)
     return Backend(device=device, dtype=DTYPES[dtype])
 

@@ -1,1 +1,9 @@
-"""(package docstring to be written)"""
+"""The PLLaVA vision-encoder server (``pllava-encoder``): video bytes in, pooled visual tokens
+out, over ``pllava.v1.Encoder``.
+
+``settings``: :class:`EncoderSettings` (YAML < ``PLLAVA_ENCODER_*`` < flags).
+``engine``: :class:`VisionEncoderEngine`, the work without gRPC (worker processes decode
+videos, one thread runs the vision tower over batched frames of concurrent requests).
+``video_worker``: what a decoding process runs (imports no MindSpore).
+``server``: the thin servicer and ``main``.
+"""

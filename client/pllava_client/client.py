@@ -1,0 +1,268 @@
+"""The PLLaVA client: caption a video through the decoder server, streaming the text.
+
+    from pllava_client import Client
+
+    with Client("localhost:50052") as client:
+        stream = client.caption("video.mp4", "What happens?", max_new_tokens=64)
+        for piece in stream:                  # text pieces, as tokens are generated
+            print(piece, end="", flush=True)
+        print(stream.result.finish_reason)    # the final event, once the stream has ended
+
+        result = client.caption_full(open("video.mp4", "rb"))    # everything in one object
+
+A video is a path, the file's bytes, or a binary file object. The video bytes go to the
+decoder, which fetches the visual tokens from an encoder replica itself: the client needs one
+address and never sees a tensor.
+
+A failed call raises :class:`CaptionError` (a ``grpc.RpcError``) carrying the status code and
+the server's message, for example ``INVALID_ARGUMENT: cannot decode the video ...``.
+Closing a stream -- ``stream.close()``, leaving a ``with`` block, or dropping the last
+reference, as a ``for`` loop over ``client.caption(...)`` that breaks does -- cancels the call,
+and the decoder frees the request's slot at once.
+
+Imports only grpcio, protobuf and numpy (through the stubs), never MindSpore.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator, Sequence, Union
+
+import grpc
+
+from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
+
+from .channel import MAX_MESSAGE_BYTES, channel_options
+
+Video = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
+
+#: Room for the request's other fields next to the video inside one message.
+_REQUEST_OVERHEAD_BYTES = 64 << 10
+
+
+class CaptionError(grpc.RpcError):
+    """A call the server refused or that failed on the way.
+
+    ``status`` is the ``grpc.StatusCode`` and ``message`` the server's explanation;
+    ``str(error)`` is ``"STATUS_NAME: message"``. Like the errors grpcio raises, it also has
+    ``code()`` and ``details()``, so ``except grpc.RpcError`` handlers keep working.
+    """
+
+    def __init__(self, status: grpc.StatusCode, message: str):
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+        self.message = message
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return self.message
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "CaptionError":
+        if isinstance(error, CaptionError):
+            return error
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        details = error.details() if callable(getattr(error, "details", None)) else None
+        return cls(code or grpc.StatusCode.UNKNOWN, details or str(error))
+
+
+@dataclass
+class CaptionResult:
+    """The final event of a caption stream.
+
+    :meth:`to_json` gives the same keys as the in-process ``pllava caption --json``; the
+    attributes after ``timings`` are what only the server knows.
+    """
+
+    caption: str = ""
+    prompt: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_visual_tokens: int = 0
+    num_frames: int = 0
+    #: "stop", "length", "stop_string", "context_length" or "cancelled".
+    finish_reason: str = ""
+    #: Milliseconds (and decode_tokens_per_s): the in-process keys plus transfer_ms.
+    timings: dict[str, float] = field(default_factory=dict)
+    stop_string: str = ""
+    visual_tokens_cached: bool = False
+    model_id: str = ""
+    request_id: str = ""
+
+    def to_json(self) -> dict:
+        """The object ``pllava-caption --json`` prints (the in-process command's keys)."""
+        return dict(caption=self.caption, prompt=self.prompt,
+                    prompt_token_ids=list(self.prompt_token_ids), token_ids=list(self.token_ids),
+                    num_visual_tokens=self.num_visual_tokens, num_frames=self.num_frames,
+                    finish_reason=self.finish_reason, timings=dict(self.timings))
+
+    @classmethod
+    def from_proto(cls, final: pllava_pb2.FinalEvent) -> "CaptionResult":
+        reason = pllava_pb2.FinishReason.Name(final.finish_reason)
+        timings = {f.name: getattr(final.timings, f.name)
+                   for f in pllava_pb2.Timings.DESCRIPTOR.fields}
+        return cls(caption=final.caption, prompt=final.prompt,
+                   prompt_token_ids=list(final.prompt_token_ids), token_ids=list(final.token_ids),
+                   num_visual_tokens=final.num_visual_tokens, num_frames=final.num_frames,
+                   finish_reason=reason[len("FINISH_REASON_"):].lower(), timings=timings,
+                   stop_string=final.stop_string, visual_tokens_cached=final.visual_tokens_cached,
+                   model_id=final.model_id, request_id=final.request_id)
+
+
+class CaptionStream:
+    """An iterator over the text pieces of one ``Decoder.Caption`` call.
+
+    Pieces are yielded as the server generates them (empty pieces are skipped; their token
+    ids still count). Once the iterator is exhausted, :attr:`result` holds the final event.
+    :attr:`token_ids` and :attr:`text` grow as the stream goes. :meth:`close` (also on leaving
+    a ``with`` block or on garbage collection) cancels the call if it is still running.
+    """
+
+    def __init__(self, call):
+        self._call = call  # grpc's response iterator, which is also the call object
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.result: CaptionResult | None = None
+        self._done = False
+
+    def __iter__(self) -> "CaptionStream":
+        return self
+
+    def __next__(self) -> str:
+        while not self._done:
+            try:
+                event = next(self._call)
+            except StopIteration:
+                self._done = True
+                if self.result is None:
+                    raise CaptionError(grpc.StatusCode.UNKNOWN,
+                                       "the server ended the caption stream without a final event"
+                                       ) from None
+                break
+            except grpc.RpcError as err:
+                self._done = True
+                raise CaptionError.from_rpc_error(err) from None
+            kind = event.WhichOneof("event")
+            if kind == "token":
+                self.token_ids.extend(event.token.token_ids)
+                if event.token.text:
+                    self.text += event.token.text
+                    return event.token.text
+            elif kind == "final":
+                self.result = CaptionResult.from_proto(event.final)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Cancel the call if it has not finished; harmless otherwise."""
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    cancel = close
+
+    def __enter__(self) -> "CaptionStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the channel may be gone already
+            pass
+
+
+def read_video(video: Video) -> tuple[bytes, str]:
+    """``(bytes, name)`` of a video given as a path, bytes or a binary file object."""
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return bytes(video), ""
+    if isinstance(video, (str, os.PathLike)):
+        path = os.fspath(video)
+        with open(path, "rb") as f:
+            return f.read(), os.path.basename(path)
+    read = getattr(video, "read", None)
+    if callable(read):
+        data = read()
+        if isinstance(data, str):
+            raise TypeError("the video file object is open in text mode; open it with 'rb'")
+        name = getattr(video, "name", "")
+        return bytes(data), os.path.basename(name) if isinstance(name, str) else ""
+    raise TypeError(f"a video is a path, bytes or a binary file object, not {type(video).__name__}")
+
+
+class Client:
+    """A connection to a PLLaVA decoder server (the one address a client needs).
+
+    ``timeout`` is the default deadline in seconds of every call (``None``: no deadline);
+    each method takes its own ``timeout`` too. ``options`` replaces the gRPC channel options
+    (default: :func:`pllava_client.channel.channel_options`, 64 MiB messages).
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 options: Sequence[tuple[str, object]] | None = None):
+        self.address = address
+        self.timeout = timeout
+        self._options = list(options) if options is not None else channel_options()
+        self._max_message = dict(self._options).get("grpc.max_send_message_length",
+                                                     MAX_MESSAGE_BYTES)
+        self._channel = grpc.insecure_channel(address, options=self._options)
+        self._stub = pllava_pb2_grpc.DecoderStub(self._channel)
+
+    def caption(self, video: Video, prompt: str | None = None, *, template: str | None = None,
+                num_frames: int = 0, max_new_tokens: int = 0, temperature: float | None = None,
+                top_p: float | None = None, top_k: int | None = None,
+                repetition_penalty: float | None = None, seed: int | None = None,
+                stop: Sequence[str] = (), request_id: str = "",
+                timeout: float | None | object = ...) -> CaptionStream:
+        """Start captioning ``video``; return the stream of text pieces.
+
+        ``prompt`` None/empty, ``template`` None, ``num_frames`` 0 and ``max_new_tokens`` 0
+        take the server's defaults; sampling parameters left at None too (greedy decoding).
+        ``timeout=...`` means the client's default deadline. Raises ValueError for a video
+        larger than the channel's message limit and OSError for a path that cannot be read;
+        the server's refusals (:class:`CaptionError`) surface while iterating.
+        """
+        data, name = read_video(video)
+        if len(data) + _REQUEST_OVERHEAD_BYTES > self._max_message:
+            raise ValueError(f"the video is {len(data)} bytes; one request carries at most "
+                             f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video")
+        sampling = pllava_pb2.SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop))
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                           ("repetition_penalty", repetition_penalty), ("seed", seed)):
+            if value is not None:
+                setattr(sampling, key, value)
+        request = pllava_pb2.CaptionRequest(
+            video=data, prompt=prompt or "", template=template or "", num_frames=num_frames,
+            sampling=sampling, request_id=request_id, video_name=name)
+        call = self._stub.Caption(request, timeout=self._deadline(timeout))
+        return CaptionStream(call)
+
+    def caption_full(self, video: Video, prompt: str | None = None, **kwargs) -> CaptionResult:
+        """Caption ``video`` and return the whole result (same arguments as :meth:`caption`)."""
+        with self.caption(video, prompt, **kwargs) as stream:
+            for _ in stream:
+                pass
+        return stream.result
+
+    def info(self, *, timeout: float | None | object = ...) -> pllava_pb2.ModelInfo:
+        """The decoder's model and settings (``pllava_pb2.ModelInfo``)."""
+        try:
+            return self._stub.GetInfo(pllava_pb2.GetInfoRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise CaptionError.from_rpc_error(err) from None
+
+    def close(self) -> None:
+        """Close the channel (cancels calls still running)."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _deadline(self, timeout) -> float | None:
+        return self.timeout if timeout is ... else timeout

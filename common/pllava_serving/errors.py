@@ -1,0 +1,148 @@
+"""The one place that turns exceptions into gRPC status codes.
+
+Servicers and engines raise ordinary exceptions; :class:`ErrorInterceptor` wraps every RPC
+handler of a server and answers with:
+
+==========================================================  =====================
+exception                                                   status
+==========================================================  =====================
+``ValueError`` (``pllava.video.VideoError``,                ``INVALID_ARGUMENT``
+``pllava.generation.ContextOverflowError``, bad settings
+of one request, malformed tensors)
+:class:`Overloaded` (queue full)                            ``RESOURCE_EXHAUSTED``
+:class:`Unavailable` (loading, shutting down)               ``UNAVAILABLE``
+``TimeoutError`` (a deadline ran out while waiting)         ``DEADLINE_EXCEEDED``
+``grpc.aio.AioRpcError`` from a call to another server      that call's status
+anything else                                               ``INTERNAL``
+==========================================================  =====================
+
+The message of the first four is the exception's own text, written for a person (``cooking.mp4:
+the file is truncated ...``). ``INTERNAL`` logs the traceback and tells the caller only that
+an internal error happened and the request id to look for in the server log.
+
+Why an interceptor and not a decorator: ``grpc.aio`` interceptors see the handler itself, so
+one wrapper covers unary and streaming methods of every service (ours, health, reflection)
+and a servicer cannot forget it. A handler that already aborted (``context.abort``) or was
+cancelled by its client passes through untouched.
+
+Every RPC also gets a request id: the request's ``request_id`` field when it has one,
+otherwise a fresh one. :func:`current_request_id` returns it anywhere inside the handler
+(logging adds it to every line, see :mod:`pllava_serving.logs`), and the caller receives it
+in the ``request-id`` trailing metadata.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import logging
+import uuid
+from typing import Any, AsyncContextManager, Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pllava_request_id", default="")
+
+
+class Overloaded(Exception):
+    """The server's queue is full: try again later or elsewhere (RESOURCE_EXHAUSTED)."""
+
+
+class Unavailable(Exception):
+    """The server cannot take the request now: still loading or shutting down (UNAVAILABLE).
+    Clients and the decoder's retry policy treat this as "try another replica"."""
+
+
+def current_request_id() -> str:
+    """The id of the RPC being handled ("" outside one)."""
+    return _request_id.get()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message an exception becomes (see the module docstring)."""
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the server is overloaded; retry later"
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is not serving; retry later"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or exc.code().name
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "the deadline ran out"
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__
+    rid = current_request_id()
+    return grpc.StatusCode.INTERNAL, (f"internal error while handling request {rid}; "
+                                      "the server log has the details under that id")
+
+
+async def _abort_with(exc: Exception, context, method: str) -> None:
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed with an internal error", method, exc_info=exc)
+    else:
+        log.info("%s -> %s: %s", method, code.name, message)
+    context.set_trailing_metadata((("request-id", current_request_id()),))
+    await context.abort(code, message)
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """Exceptions that are not errors of the handler: an abort it chose, a cancellation."""
+    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)) or not isinstance(exc, Exception)
+
+
+Around = Callable[[Any, Any, str], AsyncContextManager[None]]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, around: Around, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour run inside ``around(request, context, method)``.
+
+    ``request`` is the request message for unary-request methods and ``None`` for
+    request-streaming ones. For response-streaming methods the context spans the whole
+    stream. Synchronous handlers (our servers have none) are returned unchanged.
+    """
+    kind = next(k for k in ("unary_unary", "stream_unary", "unary_stream", "stream_stream")
+                if getattr(handler, k))
+    behavior = getattr(handler, kind)
+    unary_request = kind.startswith("unary")
+    if inspect.isasyncgenfunction(behavior):
+        async def wrapper(request_or_iterator, context):
+            async with around(request_or_iterator if unary_request else None, context, method):
+                async for response in behavior(request_or_iterator, context):
+                    yield response
+    elif inspect.iscoroutinefunction(behavior):
+        # Unary responses, and response streams written with ``context.write`` (health Watch).
+        async def wrapper(request_or_iterator, context):
+            async with around(request_or_iterator if unary_request else None, context, method):
+                return await behavior(request_or_iterator, context)
+    else:
+        return handler
+    return handler._replace(**{kind: wrapper})
+
+
+@contextlib.asynccontextmanager
+async def _map_errors(request, context, method: str):
+    rid = getattr(request, "request_id", "") if request is not None else ""
+    _request_id.set(rid if isinstance(rid, str) and rid else new_request_id())
+    try:
+        yield
+    except BaseException as exc:
+        if _passes_through(exc):
+            raise
+        await _abort_with(exc, context, method)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler so that exceptions become status codes (see the module docstring)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return wrap_handler(handler, _map_errors, handler_call_details.method)

@@ -1,0 +1,205 @@
+"""Server settings from defaults, a YAML file, environment variables and flags.
+
+A server's settings are one frozen dataclass. :func:`load_settings` fills it from four
+layers, each overriding the one before::
+
+    dataclass defaults  <  YAML file (--config)  <  {PREFIX}{FIELD} env vars  <  flags
+
+Values are checked against the field's annotated type (``int``, ``float``, ``bool``,
+``str``, ``tuple[int, ...]`` and ``X | None``); a bad value raises ValueError naming where it
+came from, so a person knows which line, variable or flag to fix. Flags are declared
+explicitly by each server (``--port`` etc., default ``None`` = not given) and passed in as
+``overrides``; :func:`given_flags` collects them from an ``argparse.Namespace``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_NONE = ("", "none", "null")
+
+
+def load_settings(cls: type[T], *, yaml_path: str | os.PathLike | None = None, env_prefix: str = "",
+                  overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> T:
+    """Build the frozen dataclass ``cls`` from defaults < YAML < environment < overrides.
+
+    ``yaml_path``: a YAML mapping of field names to values (``None`` = no file). Unknown keys
+    are an error, so a misspelt setting never goes unnoticed.
+    ``env_prefix``: ``PLLAVA_ENCODER_`` makes ``PLLAVA_ENCODER_PORT=50051`` set ``port``; an
+    unknown variable with the prefix is an error too. Strings are parsed to the field type
+    (``true``/``false``, ``1,2,3`` for tuples, ``none`` or empty for an optional field).
+    ``overrides``: flag values by field name; ``None`` means the flag was not given.
+    ``environ``: the environment to read (default ``os.environ``; tests pass their own).
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"{cls!r} is not a dataclass type")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    values: dict[str, Any] = {}
+
+    if yaml_path is not None:
+        for name, value in _read_yaml(Path(yaml_path), known).items():
+            values[name] = _coerce(value, hints[name], f"config file {yaml_path}, key {name!r}")
+
+    environ = os.environ if environ is None else environ
+    if env_prefix:
+        env_names = {env_prefix + name.upper(): name for name in known}
+        unknown = sorted(k for k in environ if k.startswith(env_prefix) and k not in env_names)
+        if unknown:
+            raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}; the known ones are "
+                             + ", ".join(sorted(env_names)))
+        for var, name in env_names.items():
+            if var in environ:
+                values[name] = _parse_string(environ[var], hints[name], f"environment variable {var}")
+
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in known:
+            raise ValueError(f"unknown setting {name!r}; the known ones are {', '.join(known)}")
+        values[name] = _coerce(value, hints[name], f"flag --{name.replace('_', '-')}")
+
+    return cls(**values)
+
+
+def given_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The attributes of ``args`` that are fields of ``cls`` (``None`` = flag not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+# --------------------------------------------------------------------------- internals
+
+def _read_yaml(path: Path, known: list[str]) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"config file {path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of setting names to values, "
+                         f"got a {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}  # accept flag spelling too
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"the known ones are {', '.join(known)}")
+    return data
+
+
+def _optional_inner(tp) -> tuple[bool, Any]:
+    """``X | None`` -> (True, X); anything else -> (False, tp)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != len(typing.get_args(tp)):
+            if len(args) != 1:
+                raise TypeError(f"unsupported settings type {tp!r}")
+            return True, args[0]
+    return False, tp
+
+
+def _type_name(tp) -> str:
+    """Words for the type a value must have, for error messages."""
+    optional, tp = _optional_inner(tp)
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        items = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        if len(args) == 2 and args[1] is Ellipsis:
+            name = f"a comma-separated list of {items.get(args[0], 'values')}"
+        else:
+            name = f"a comma-separated list of {len(args)} {items.get(args[0], 'values') if args else 'values'}"
+    else:
+        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                Path: "a path"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return f"{name} (or none)" if optional else name
+
+
+def _coerce(value: Any, tp, source: str) -> Any:
+    """Check an already-typed value (from YAML or a flag) against ``tp``."""
+    optional, inner = _optional_inner(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{source}: must be {_type_name(tp)}, got none")
+    if isinstance(value, str) and inner is not str and inner is not Path:
+        return _parse_string(value, tp, source)  # e.g. a quoted number in YAML
+    ok = True
+    if inner is bool:
+        ok = isinstance(value, bool)
+    elif inner is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif inner is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif inner is str:
+        ok = isinstance(value, str)
+    elif inner is Path:
+        ok = isinstance(value, (str, os.PathLike))
+        value = Path(value) if ok else value
+    elif typing.get_origin(inner) is tuple:
+        if isinstance(value, (list, tuple)):
+            return _tuple(list(value), inner, source, _coerce)
+        ok = False
+    else:
+        raise TypeError(f"unsupported settings type {tp!r}")
+    if not ok:
+        raise ValueError(f"{source}: must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _parse_string(text: str, tp, source: str) -> Any:
+    """Parse an environment variable's (or a quoted YAML value's) text to ``tp``."""
+    optional, inner = _optional_inner(tp)
+    stripped = text.strip()
+    if optional and stripped.lower() in _NONE:
+        return None
+    if typing.get_origin(inner) is tuple:
+        body = stripped[1:-1] if stripped[:1] in "[(" and stripped[-1:] in "])" else stripped
+        items = [s.strip() for s in body.split(",")] if body.strip() else []
+        return _tuple(items, inner, source, _parse_string)
+    if inner is str:
+        return text
+    if inner is Path:
+        return Path(stripped)
+    try:
+        if inner is bool:
+            if stripped.lower() in _TRUE:
+                return True
+            if stripped.lower() in _FALSE:
+                return False
+            raise ValueError
+        if inner is int:
+            return int(stripped)
+        if inner is float:
+            return float(stripped)
+    except ValueError:
+        raise ValueError(f"{source}: must be {_type_name(tp)}, got {text!r}") from None
+    raise TypeError(f"unsupported settings type {tp!r}")
+
+
+def _tuple(items: list, tp, source: str, convert) -> tuple:
+    args = typing.get_args(tp)
+    if not args:
+        return tuple(items)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(convert(v, args[0], f"{source}, item {i}") for i, v in enumerate(items))
+    if len(items) != len(args):
+        raise ValueError(f"{source}: must be {_type_name(tp)}, got {len(items)} item(s)")
+    return tuple(convert(v, t, f"{source}, item {i}") for i, (v, t) in enumerate(zip(items, args)))

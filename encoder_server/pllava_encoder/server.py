@@ -1,0 +1,149 @@
+"""The ``pllava-encoder`` gRPC server: a thin ``pllava.v1.Encoder`` servicer around
+:class:`pllava_encoder.engine.VisionEncoderEngine`.
+
+    pllava-encoder --model DIR [--host 127.0.0.1] [--port 50051] [--device CPU] [--config FILE] ...
+
+Start-up: bind and log ``listening on HOST:PORT`` (health NOT_SERVING), load and warm up the
+vision side, then turn SERVING. Errors become status codes in
+:mod:`pllava_serving.errors`; SIGTERM drains as :func:`pllava_serving.server.serve_forever`
+describes.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from pllava import __version__
+from pllava_client.codec import encode_tensor, to_wire_dtype
+from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
+from pllava_serving.errors import Unavailable
+from pllava_serving.logs import LOG_LEVELS, setup_logging
+from pllava_serving.server import Service, create_server, format_address, serve_forever
+from pllava_serving.settings import given_flags, load_settings
+
+from .settings import DEVICES, DTYPES, ENV_PREFIX, EncoderSettings
+
+if TYPE_CHECKING:  # the engine (and MindSpore) is imported only when serving: video-worker
+    from .engine import VisionEncoderEngine  # processes re-import this module as __mp_main__
+
+log = logging.getLogger("pllava_encoder")
+
+
+class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
+    """``pllava.v1.Encoder``: messages in, engine call, messages out."""
+
+    def __init__(self, engine: "VisionEncoderEngine | None" = None):
+        self.engine = engine  # None while the model is loading
+
+    def _engine(self) -> "VisionEncoderEngine":
+        if self.engine is None:
+            raise Unavailable("the encoder is still loading its model; retry shortly")
+        return self.engine
+
+    async def Encode(self, request: pllava_pb2.EncodeRequest, context):
+        engine = self._engine()
+        result = await engine.encode(request.video, request.num_frames, request.video_name)
+        meta, chunks = encode_tensor(result.visual)
+        t = result.timings
+        yield pllava_pb2.EncodeResponse(header=pllava_pb2.EncodeHeader(
+            visual_tokens=meta, num_frames=result.num_frames, model_id=engine.model_id,
+            timings=pllava_pb2.EncodeTimings(queue_ms=t.queue_ms, video_decode_ms=t.video_decode_ms,
+                                             encode_ms=t.encode_ms, total_ms=t.total_ms)))
+        for chunk in chunks:
+            yield pllava_pb2.EncodeResponse(chunk=chunk)
+
+    async def GetInfo(self, request: pllava_pb2.GetInfoRequest, context) -> pllava_pb2.ModelInfo:
+        engine = self._engine()
+        cfg = engine.cfg
+        return pllava_pb2.ModelInfo(
+            model_id=engine.model_id, model_path=str(engine.model_path), model_type=cfg.model_type,
+            role=pllava_pb2.SERVER_ROLE_ENCODER, dtype=to_wire_dtype(engine.dtype), device=engine.device,
+            num_frames=cfg.num_frames, pooling_shape=list(cfg.pooling_shape),
+            num_visual_tokens=cfg.num_visual_tokens, vision_hidden_size=cfg.vision.hidden_size,
+            text_hidden_size=cfg.text.hidden_size, max_batch=engine.max_videos_per_batch,
+            max_queue=engine.settings.max_queue, version=__version__)
+
+
+async def serve(settings: EncoderSettings) -> None:
+    """Run the server until SIGTERM/SIGINT (then drain and return)."""
+    from .engine import VisionEncoderEngine
+
+    servicer = EncoderServicer()
+    # A request carries the whole video: allow max_video_bytes plus room for the other fields.
+    max_message = max(settings.max_video_bytes + (1 << 20), 64 << 20)
+    server, port, state = await create_server(format_address(settings.host, settings.port),
+                                              [Service.pllava("Encoder", servicer)], max_message_bytes=max_message)
+    await server.start()
+    log.info("listening on %s", format_address(settings.host, port))
+    engine = VisionEncoderEngine(settings)
+    try:
+        await engine.start()
+    except BaseException:
+        await server.stop(0)
+        await engine.close()
+        raise
+    servicer.engine = engine
+    await state.set_serving()
+    log.info("SERVING")
+    await serve_forever(server, state, settings.grace_s, on_shutdown=engine.close)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag defaults to None (= not given), so YAML and environment values show through."""
+    d = EncoderSettings.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="pllava-encoder",
+        description="PLLaVA vision-encoder gRPC server: videos in, pooled visual tokens out. Settings "
+                    f"come from --config YAML < {ENV_PREFIX}<NAME> environment variables < these flags.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (keys are the flag names)")
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder (HF layout) or converted .ckpt file")
+    p.add_argument("--host", help=f"interface to listen on (default {d['host'].default}; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, help=f"port (default {d['port'].default}; 0 = any free port)")
+    p.add_argument("--device", choices=DEVICES, help="CPU (default), GPU or Ascend")
+    p.add_argument("--device-id", type=int, help="device index (default 0)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="compute and output dtype (default: float32 on CPU, bfloat16 on Ascend, float16 on GPU)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha of PEFT checkpoints (default 4)")
+    p.add_argument("--num-frames", type=int, help="frames per video when a request says 0 (default: the checkpoint's)")
+    p.add_argument("--max-num-frames", type=int, help="largest num_frames a request may ask (default 256)")
+    p.add_argument("--max-frames-per-batch", type=int,
+                   help="frames of concurrent videos per vision-tower call (default 64)")
+    p.add_argument("--batch-wait-ms", type=float,
+                   help="longest a decoded video waits for others still decoding (default 20)")
+    p.add_argument("--video-workers", type=int, help="video decoding processes (default 2)")
+    p.add_argument("--max-queue", type=int, help="requests held at once; more get RESOURCE_EXHAUSTED (default 32)")
+    p.add_argument("--max-video-bytes", type=int, help="largest video file accepted (default 64 MiB)")
+    p.add_argument("--grace-s", type=float, help="seconds running requests get to finish on SIGTERM (default 10)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(EncoderSettings, yaml_path=args.config, env_prefix=ENV_PREFIX,
+                                 overrides=given_flags(args, EncoderSettings))
+    except ValueError as exc:
+        print(f"pllava-encoder: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    log.info("settings: %s", settings)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, ValueError) as exc:  # model folder missing or bad, port taken: one clear line
+        log.debug("start-up failed", exc_info=True)
+        log.error("pllava-encoder failed: %s", exc)
+        return 1
+    except Exception:
+        log.exception("pllava-encoder failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

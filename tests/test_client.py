@@ -1,0 +1,349 @@
+"""The thin client (``pllava_client.Client``) and ``pllava-caption``.
+
+Two tiers: a scripted in-process ``Decoder`` servicer pins down what the client does with a
+stream (pieces, token ids, the final event, errors, cancellation, the request it sends);
+then real encoder and decoder servers in subprocesses on the tiny checkpoint, whose
+streamed tokens must equal in-process greedy generation token for token.
+"""
+from __future__ import annotations
+
+import gc
+import io
+import json
+import subprocess
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+
+from pllava_client import CaptionError, CaptionResult, Client
+from pllava_client.channel import server_options
+from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
+from servers import console_script, start_encoder, start_server
+
+PROMPT = "What is happening in this video?"
+MAX_NEW_TOKENS = 24
+
+# ---------------------------------------------------------------------------------------
+# A scripted decoder
+# ---------------------------------------------------------------------------------------
+
+
+def token(text: str, *ids: int) -> pllava_pb2.CaptionEvent:
+    return pllava_pb2.CaptionEvent(token=pllava_pb2.TokenEvent(text=text, token_ids=list(ids)))
+
+
+def final(**fields) -> pllava_pb2.CaptionEvent:
+    return pllava_pb2.CaptionEvent(final=pllava_pb2.FinalEvent(**fields))
+
+
+class ScriptedDecoder(pllava_pb2_grpc.DecoderServicer):
+    """Answers Caption with ``self.events`` (then aborts with ``self.abort`` if set); with
+    ``self.endless`` it streams until the client goes away and records that it did."""
+
+    def __init__(self):
+        self.events: list[pllava_pb2.CaptionEvent] = []
+        self.abort: tuple[grpc.StatusCode, str] | None = None
+        self.endless = False
+        self.requests: list[pllava_pb2.CaptionRequest] = []
+        self.client_gone = threading.Event()
+
+    def Caption(self, request, context):
+        self.requests.append(request)
+        if self.endless:
+            context.add_callback(self.client_gone.set)
+            i = 0
+            while context.is_active():
+                i += 1
+                yield token(f"w{i} ", i)
+            return
+        yield from self.events
+        if self.abort is not None:
+            context.abort(*self.abort)
+
+    def GetInfo(self, request, context):
+        return pllava_pb2.ModelInfo(model_id="scripted", role=pllava_pb2.SERVER_ROLE_DECODER,
+                                    templates=["plain"])
+
+
+@pytest.fixture
+def scripted():
+    servicer = ScriptedDecoder()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=server_options())
+    pllava_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    # No default deadline: a call that is not cancelled would run until the server stops.
+    with Client(f"127.0.0.1:{port}") as client:
+        yield servicer, client
+    server.stop(None)
+
+
+def test_stream_yields_text_and_keeps_the_final_event(scripted):
+    servicer, client = scripted
+    servicer.events = [
+        token("A", 5), token("", 6), token("\u00e9 b", 7, 8),
+        final(finish_reason=pllava_pb2.FINISH_REASON_STOP_STRING, caption="A\u00e9 b",
+              prompt="USER: <image> hi", prompt_token_ids=[1, 2, 3], token_ids=[5, 6, 7, 8],
+              num_visual_tokens=576, num_frames=4, stop_string="!", model_id="m",
+              timings=pllava_pb2.Timings(prefill_ms=2.5, total_ms=9.0)),
+    ]
+    stream = client.caption(b"video", PROMPT)
+    assert stream.result is None
+    assert list(stream) == ["A", "\u00e9 b"]           # the empty piece is not yielded ...
+    assert stream.token_ids == [5, 6, 7, 8]             # ... but its token id counts
+    assert stream.text == "A\u00e9 b"
+    result = stream.result
+    assert isinstance(result, CaptionResult)
+    assert result.finish_reason == "stop_string" and result.stop_string == "!"
+    assert result.token_ids == [5, 6, 7, 8] and result.prompt_token_ids == [1, 2, 3]
+    assert result.timings["prefill_ms"] == 2.5 and result.timings["total_ms"] == 9.0
+    assert set(result.to_json()) == {"caption", "prompt", "prompt_token_ids", "token_ids",
+                                     "num_visual_tokens", "num_frames", "finish_reason", "timings"}
+    assert json.loads(json.dumps(result.to_json()))["caption"] == "A\u00e9 b"
+
+
+def test_caption_full_returns_the_result(scripted):
+    servicer, client = scripted
+    servicer.events = [token("x", 3), final(finish_reason=pllava_pb2.FINISH_REASON_LENGTH,
+                                            caption="x", token_ids=[3])]
+    result = client.caption_full(b"video")
+    assert result.caption == "x" and result.finish_reason == "length"
+
+
+def test_request_carries_video_prompt_and_only_the_sampling_fields_given(scripted, tmp_path):
+    servicer, client = scripted
+    servicer.events = [final(finish_reason=pllava_pb2.FINISH_REASON_STOP)]
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"\x00mp4 bytes")
+
+    client.caption_full(path, PROMPT, template="plain", num_frames=8, max_new_tokens=5,
+                        temperature=0.0, top_k=3, seed=7, stop=["\n"], request_id="r1")
+    client.caption_full(str(path))
+    with open(path, "rb") as f:
+        client.caption_full(f)
+    client.caption_full(io.BytesIO(b"\x00mp4 bytes"))
+    client.caption_full(bytearray(b"\x00mp4 bytes"))
+
+    first, *others = servicer.requests
+    assert first.video == b"\x00mp4 bytes" and first.video_name == "clip.mp4"
+    assert (first.prompt, first.template, first.num_frames, first.request_id) == (PROMPT, "plain", 8, "r1")
+    s = first.sampling
+    assert s.max_new_tokens == 5 and list(s.stop) == ["\n"]
+    assert s.HasField("temperature") and s.temperature == 0.0     # 0 is sent, not "unset"
+    assert s.top_k == 3 and s.seed == 7
+    assert not s.HasField("top_p") and not s.HasField("repetition_penalty")
+    for request in others:                                            # every form of video
+        assert request.video == b"\x00mp4 bytes"
+        assert request.prompt == "" and request.template == ""        # server defaults
+        assert not request.sampling.HasField("temperature")
+    assert [r.video_name for r in others] == ["clip.mp4", "clip.mp4", "", ""]
+
+
+def test_bad_video_arguments_fail_before_any_call(scripted, tmp_path):
+    servicer, client = scripted
+    with pytest.raises(FileNotFoundError):
+        client.caption(tmp_path / "missing.mp4")
+    (tmp_path / "t.txt").write_text("text")
+    with open(tmp_path / "t.txt") as text_mode, pytest.raises(TypeError, match="'rb'"):
+        client.caption(text_mode)
+    with pytest.raises(TypeError, match="path, bytes or a binary file"):
+        client.caption(12345)
+    with pytest.raises(ValueError, match="at most"):
+        client.caption(bytes(64 << 20))
+    assert servicer.requests == []
+
+
+def test_server_refusal_is_a_caption_error_with_status_and_message(scripted):
+    servicer, client = scripted
+    servicer.events = [token("partial", 1)]
+    servicer.abort = (grpc.StatusCode.INVALID_ARGUMENT, "clip.mp4: not a video")
+    stream = client.caption(b"junk")
+    assert next(stream) == "partial"
+    with pytest.raises(CaptionError) as info:
+        next(stream)
+    err = info.value
+    assert err.status is grpc.StatusCode.INVALID_ARGUMENT and err.code() is err.status
+    assert err.message == err.details() == "clip.mp4: not a video"
+    assert str(err) == "INVALID_ARGUMENT: clip.mp4: not a video"
+    assert isinstance(err, grpc.RpcError)
+    assert stream.result is None and stream.token_ids == [1]
+
+
+def test_stream_without_final_event_is_an_error(scripted):
+    servicer, client = scripted
+    servicer.events = [token("a", 1)]
+    with pytest.raises(CaptionError, match="without a final event"):
+        client.caption_full(b"v")
+
+
+def test_deadline_and_unreachable_server():
+    with Client("127.0.0.1:1", timeout=5) as client:
+        with pytest.raises(CaptionError) as info:
+            client.caption_full(b"v")
+        assert info.value.status is grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(CaptionError) as info:
+            client.info()
+        assert info.value.status is grpc.StatusCode.UNAVAILABLE
+
+
+def test_deadline_exceeded(scripted):
+    servicer, client = scripted
+    servicer.endless = True
+    with pytest.raises(CaptionError) as info:
+        client.caption_full(b"v", timeout=0.5)
+    assert info.value.status is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert servicer.client_gone.wait(30)
+
+
+def test_close_cancels_the_call(scripted):
+    servicer, client = scripted
+    servicer.endless = True
+    stream = client.caption(b"v")
+    assert next(stream) == "w1 "
+    stream.close()
+    assert servicer.client_gone.wait(30), "the server never saw the call end"
+    assert list(stream) == []                           # a closed stream yields nothing more
+
+
+def test_with_block_cancels_the_call(scripted):
+    servicer, client = scripted
+    servicer.endless = True
+    with client.caption(b"v") as stream:
+        next(stream)
+    assert servicer.client_gone.wait(30)
+
+
+def test_breaking_out_of_a_for_loop_cancels_the_call(scripted):
+    servicer, client = scripted
+    servicer.endless = True
+    for i, _ in enumerate(client.caption(b"v")):
+        if i == 2:
+            break
+    gc.collect()  # CPython drops the stream at once; collect for other implementations
+    assert servicer.client_gone.wait(30)
+
+
+def test_info(scripted):
+    _, client = scripted
+    info = client.info()
+    assert info.model_id == "scripted" and info.role == pllava_pb2.SERVER_ROLE_DECODER
+
+
+# ---------------------------------------------------------------------------------------
+# Real servers on the tiny checkpoint
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir, tmp_path_factory):
+    """One encoder and one decoder server, as ``pllava-encoder`` / ``pllava-decoder``."""
+    logs = tmp_path_factory.mktemp("client-servers")
+    with start_encoder(tiny_model_dir, log_dir=logs) as encoder:
+        argv = [console_script("pllava-decoder"), "--model", str(tiny_model_dir), "--host",
+                "127.0.0.1", "--port", "0", "--encoder", encoder.address]
+        with start_server(argv, name="decoder", log_dir=logs) as decoder:
+            yield decoder.address
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model_dir, videos_dir):
+    """``pllava caption --json`` results of both videos: in-process greedy generation."""
+    from pllava.pipeline import Captioner, CaptionResult as InProcessResult
+    from pllava.sampling import SamplingParams
+
+    captioner = Captioner(tiny_model_dir)
+    out = {}
+    for name in ("cooking.mp4", "yoga.mp4"):
+        result = InProcessResult()
+        for _ in captioner.caption(videos_dir / name, PROMPT, params=SamplingParams(max_new_tokens=MAX_NEW_TOKENS),
+                                   result=result):
+            pass
+        out[name] = result.to_json()
+    return out
+
+
+def caption_cli(*args, timeout=120):
+    return subprocess.run([console_script("pllava-caption"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_streamed_tokens_equal_in_process_generation(stack, in_process, videos_dir):
+    with Client(stack, timeout=120) as client:
+        for name in ("cooking.mp4", "yoga.mp4"):
+            expected = in_process[name]
+            stream = client.caption(videos_dir / name, PROMPT, max_new_tokens=MAX_NEW_TOKENS)
+            pieces = list(stream)
+            assert stream.token_ids == expected["token_ids"], name
+            assert "".join(pieces) == stream.result.caption == expected["caption"]
+            got = stream.result.to_json()
+            for key in ("prompt", "prompt_token_ids", "token_ids", "num_visual_tokens",
+                        "num_frames", "finish_reason"):
+                assert got[key] == expected[key], (name, key)
+            assert len(expected["token_ids"]) > 0
+
+
+def test_bytes_and_file_objects_caption_like_paths(stack, in_process, videos_dir):
+    path = videos_dir / "yoga.mp4"
+    expected = in_process["yoga.mp4"]["token_ids"]
+    with Client(stack, timeout=120) as client:
+        assert client.caption_full(path.read_bytes(), PROMPT, max_new_tokens=MAX_NEW_TOKENS).token_ids == expected
+        with open(path, "rb") as f:
+            assert client.caption_full(f, PROMPT, max_new_tokens=MAX_NEW_TOKENS).token_ids == expected
+        info = client.info()
+        assert info.role == pllava_pb2.SERVER_ROLE_DECODER and info.model_id
+
+
+def test_cli_json_matches_the_in_process_json(stack, in_process, videos_dir):
+    done = caption_cli(videos_dir / "cooking.mp4", "--server", stack, "--prompt", PROMPT,
+                       "--max-new-tokens", MAX_NEW_TOKENS, "--json", "--timeout", 120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    expected = in_process["cooking.mp4"]
+    assert set(got) == set(expected)
+    assert got["token_ids"] == expected["token_ids"] and got["caption"] == expected["caption"]
+    assert set(expected["timings"]) <= set(got["timings"])
+
+
+def test_cli_streams_the_caption(stack, in_process, videos_dir):
+    done = caption_cli(videos_dir / "cooking.mp4", "--server", stack, "--prompt", PROMPT,
+                       "--max-new-tokens", MAX_NEW_TOKENS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == in_process["cooking.mp4"]["caption"] + "\n"
+
+
+@pytest.mark.parametrize("content", [b"", b"this is a text file, not a video\n", b"\x00\x00\x00\x18ftypmp42" + bytes(64)],
+                         ids=["empty", "text", "truncated-mp4"])
+def test_cli_refused_request_exits_nonzero_with_the_status(stack, tmp_path, content):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(content)
+    done = caption_cli(bad, "--server", stack, "--timeout", 60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: INVALID_ARGUMENT: "), done.stderr
+    assert "bad.mp4" in done.stderr                       # the message names the video
+    assert done.stdout == ""
+
+
+def test_cli_unreachable_server_and_missing_file(tmp_path, videos_dir):
+    done = caption_cli(videos_dir / "yoga.mp4", "--server", "127.0.0.1:1", "--timeout", 10)
+    assert done.returncode == 1 and done.stderr.startswith("error: UNAVAILABLE: ")
+    done = caption_cli(tmp_path / "missing.mp4", "--server", "127.0.0.1:1")
+    assert done.returncode == 2 and "missing.mp4" in done.stderr
+
+
+def test_cli_reads_the_video_from_stdin(stack, in_process, videos_dir):
+    done = subprocess.run([console_script("pllava-caption"), "-", "--server", stack, "--prompt", PROMPT,
+                           "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"],
+                          input=(videos_dir / "yoga.mp4").read_bytes(), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["token_ids"] == in_process["yoga.mp4"]["token_ids"]
+
+
+def test_client_module_imports_neither_mindspore_nor_pllava():
+    code = ("import sys, pllava_client, pllava_client.cli; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mindspore', 'pllava')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stdout + done.stderr

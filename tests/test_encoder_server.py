@@ -1,0 +1,218 @@
+"""The real ``pllava-encoder`` as a subprocess on 127.0.0.1, spoken to over gRPC."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pllava.config import PllavaConfig, PreprocessorConfig
+from pllava.model import PllavaVision
+from pllava.runtime import setup_backend
+from pllava.video import load_frames, preprocess
+from pllava_client.channel import channel_options
+from pllava_client.codec import TensorAssembler
+from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
+from pllava_serving.model_id import model_id
+from servers import start_encoder
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir, tmp_path_factory):
+    with start_encoder(tiny_model_dir, log_dir=tmp_path_factory.mktemp("encoder-logs")) as server:
+        yield server
+        assert server.alive(), server.log_tail()
+
+
+@pytest.fixture(scope="module")
+def stub(encoder):
+    with grpc.insecure_channel(encoder.address, options=channel_options()) as channel:
+        yield pllava_pb2_grpc.EncoderStub(channel)
+
+
+def encode(stub, video: bytes, num_frames: int = 0, **kwargs):
+    """Call Encode; return (header, tensor)."""
+    responses = stub.Encode(pllava_pb2.EncodeRequest(video=video, num_frames=num_frames, **kwargs), timeout=120)
+    return collect(responses)
+
+
+def collect(responses):
+    first = next(responses)
+    assert first.WhichOneof("payload") == "header"
+    assembler = TensorAssembler(first.header.visual_tokens)
+    for response in responses:
+        assert response.WhichOneof("payload") == "chunk"
+        assembler.add(response.chunk)
+    return first.header, assembler.finish()
+
+
+def in_process_tokens(model_dir, video, num_frames: int | None = None) -> np.ndarray:
+    cfg = PllavaConfig.from_pretrained(model_dir).with_frames(num_frames)
+    vision = PllavaVision.from_pretrained(model_dir, cfg, setup_backend("CPU", 0, None))
+    pixels = preprocess(load_frames(video, cfg.num_frames).frames, PreprocessorConfig.from_pretrained(model_dir))
+    return vision.encode_videos([pixels])[0]
+
+
+def test_health_is_serving_after_warm_up(encoder):
+    with grpc.insecure_channel(encoder.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "pllava.v1.Encoder"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == SERVING
+    log = encoder.log_text()
+    assert log.index("listening on 127.0.0.1:") < log.index("vision encoder ready") < log.index("SERVING")
+
+
+def test_reflection_lists_the_services(encoder):
+    with grpc.insecure_channel(encoder.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in response.list_services_response.service}
+    assert {"pllava.v1.Encoder", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_encode_over_grpc_equals_in_process(stub, tiny_model_dir, videos_dir):
+    video = videos_dir / "cooking.mp4"
+    header, tokens = encode(stub, video.read_bytes(), 0, request_id="parity-1", video_name="cooking.mp4")
+    expected = in_process_tokens(tiny_model_dir, video)
+    assert header.visual_tokens.dtype == pllava_pb2.DTYPE_FLOAT32
+    assert list(header.visual_tokens.shape) == [576, 64] and tokens.shape == expected.shape
+    np.testing.assert_allclose(tokens, expected, rtol=0, atol=1e-5)
+    assert header.num_frames == 4  # num_frames 0 = the checkpoint's default
+    assert header.model_id == model_id(tiny_model_dir, 4.0)
+    t = header.timings
+    assert t.video_decode_ms > 0 and t.encode_ms > 0 and t.total_ms >= t.encode_ms
+
+
+def test_encode_with_more_frames_over_grpc(stub, tiny_model_dir, videos_dir):
+    video = videos_dir / "yoga.mp4"
+    header, tokens = encode(stub, video.read_bytes(), 8)
+    np.testing.assert_allclose(tokens, in_process_tokens(tiny_model_dir, video, 8), rtol=0, atol=1e-5)
+    assert header.num_frames == 8
+
+
+def test_get_info(stub, tiny_model_dir):
+    info = stub.GetInfo(pllava_pb2.GetInfoRequest(), timeout=10)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert info.role == pllava_pb2.SERVER_ROLE_ENCODER
+    assert info.model_id == model_id(tiny_model_dir, 4.0)
+    assert info.model_path == str(tiny_model_dir) and info.model_type == config["model_type"]
+    assert info.dtype == pllava_pb2.DTYPE_FLOAT32 and info.device == "CPU"
+    assert info.num_frames == 4 and list(info.pooling_shape) == [4, 12, 12] and info.num_visual_tokens == 576
+    assert info.vision_hidden_size == config["vision_config"]["hidden_size"] == 32
+    assert info.text_hidden_size == config["text_config"]["hidden_size"] == 64
+    assert info.max_batch == 64 // 4 and info.max_queue == 32 and info.version
+
+
+def bad_requests(videos_dir):
+    cooking = (videos_dir / "cooking.mp4").read_bytes()
+    return {
+        "empty": (pllava_pb2.EncodeRequest(video=b"", video_name="empty.mp4"),
+                  "empty.mp4: the input is empty (0 bytes)"),
+        "random": (pllava_pb2.EncodeRequest(video=np.random.default_rng(0).bytes(8192), video_name="noise.bin"),
+                   "noise.bin: not a recognised video or image format"),
+        "truncated": (pllava_pb2.EncodeRequest(video=cooking[: len(cooking) // 2], video_name="half.mp4"),
+                      "half.mp4: the file is truncated"),
+        "text": (pllava_pb2.EncodeRequest(video=b"# notes\nnot a video at all\n" * 40, video_name="notes.txt"),
+                 "notes.txt: this looks like a text file"),
+        "huge num_frames": (pllava_pb2.EncodeRequest(video=cooking, num_frames=2**32 - 1),
+                            "num_frames must be between 1 and 256 (0 = the model's default, 4), got 4294967295"),
+        "257 frames": (pllava_pb2.EncodeRequest(video=cooking, num_frames=257),
+                       "num_frames must be between 1 and 256"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "truncated", "text", "huge num_frames", "257 frames"])
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, encoder, videos_dir, case):
+    request, message = bad_requests(videos_dir)[case]
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Encode(request, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert message in err.value.details()
+    header, tokens = encode(stub, (videos_dir / "yoga.mp4").read_bytes())
+    assert tokens.shape == (576, 64) and header.num_frames == 4
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_negative_num_frames_from_a_raw_client_is_invalid_argument(encoder, videos_dir):
+    """num_frames is uint32, so the Python stubs cannot even send -1; a client in another
+    language can (-1 as a 64-bit varint, which the server reads as 2**32 - 1)."""
+    body = pllava_pb2.EncodeRequest(video=(videos_dir / "cooking.mp4").read_bytes()).SerializeToString()
+    raw = body + bytes([2 << 3 | 0]) + varint(2**64 - 1)  # field 2 (num_frames), varint -1
+    with grpc.insecure_channel(encoder.address, options=channel_options()) as channel:
+        call = channel.unary_stream("/pllava.v1.Encoder/Encode", request_serializer=lambda b: b,
+                                    response_deserializer=pllava_pb2.EncodeResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(raw, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_frames must be between 1 and 256" in err.value.details()
+
+
+def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path):
+    """SIGTERM: health turns NOT_SERVING, new requests get UNAVAILABLE, and a stream already
+    running still completes before the process exits.
+
+    To hold an Encode in flight without relying on timing, its response is made far larger
+    than the client's HTTP/2 flow-control window (a copy of the tiny checkpoint pooled to
+    16x24x24 = 9216 tokens, 2.4 MB) and the client stops reading after the header: the
+    server cannot finish the stream until the client reads on."""
+    model = tmp_path / "tiny-16x24x24"
+    model.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config.update(num_frames=16, pooling_shape=[16, 24, 24])
+    (model / "config.json").write_text(json.dumps(config))
+    cooking = (videos_dir / "cooking.mp4").read_bytes()
+    expected = in_process_tokens(model, videos_dir / "cooking.mp4")
+    assert expected.nbytes > 2_000_000
+
+    # No BDP probing: the window stays at its initial 64 KiB instead of growing to the tensor.
+    slow_reader = channel_options() + [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
+    server = start_encoder(model, log_dir=tmp_path)
+    try:
+        with grpc.insecure_channel(server.address, options=slow_reader) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == SERVING
+            stub = pllava_pb2_grpc.EncoderStub(channel)
+            responses = stub.Encode(pllava_pb2.EncodeRequest(video=cooking, request_id="in-flight"), timeout=120)
+            header = next(responses)  # ... and read nothing more for now
+            assert header.header.visual_tokens.nbytes == expected.nbytes
+
+            server.send_signal(signal.SIGTERM)
+            assert next(watch).status == NOT_SERVING
+            draining = server.wait_for_log(r"draining: .*, (\d+) in flight")
+            assert draining.group(1) == "1"
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Encode(pllava_pb2.EncodeRequest(video=cooking), timeout=60))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in err.value.details()
+            assert server.alive()
+
+            assembler = TensorAssembler(header.header.visual_tokens)
+            for response in responses:
+                assembler.add(response.chunk)
+            np.testing.assert_allclose(assembler.finish(), expected, rtol=0, atol=1e-5)
+        assert server.wait(60) == 0, server.log_tail()
+        log = server.log_text()
+        assert re.search(r"SIGTERM received", log) and "stopped" in log
+        assert "still running" not in log  # the in-flight stream finished, nothing was cancelled
+    finally:
+        server.kill()

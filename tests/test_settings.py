@@ -1,0 +1,142 @@
+"""Server settings: defaults < YAML < environment < flags, and errors that name their source."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from pllava_encoder.server import build_parser, main
+from pllava_encoder.settings import ENV_PREFIX, EncoderSettings
+from pllava_serving.settings import given_flags, load_settings
+
+
+@dataclass(frozen=True)
+class Demo:
+    name: str = "demo"
+    count: int = 1
+    ratio: float = 0.5
+    verbose: bool = False
+    limit: int | None = None
+    shape: tuple[int, int, int] = (1, 2, 3)
+    tags: tuple[str, ...] = ()
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_nothing_is_given():
+    assert load_settings(Demo, env_prefix="DEMO_", environ={}) == Demo()
+
+
+def test_yaml_then_env_then_flags_take_precedence(tmp_path):
+    yaml_path = write(tmp_path, "model: /from/yaml\nport: 1001\nmax_queue: 7\ndevice_id: 3\n")
+    env = {"PLLAVA_ENCODER_PORT": "1002", "PLLAVA_ENCODER_MAX_QUEUE": "8"}
+    flags = {"port": 1003, "max_queue": None}  # None = flag not given
+
+    s = load_settings(EncoderSettings, yaml_path=yaml_path, env_prefix=ENV_PREFIX, environ=env, overrides=flags)
+    assert s.port == 1003          # flag beats env and YAML
+    assert s.max_queue == 8        # env beats YAML (the flag was not given)
+    assert s.device_id == 3        # YAML beats the default
+    assert s.model == "/from/yaml"
+    assert s.host == "127.0.0.1"   # default
+
+    s = load_settings(EncoderSettings, yaml_path=yaml_path, env_prefix=ENV_PREFIX, environ=env)
+    assert (s.port, s.max_queue) == (1002, 8)
+    s = load_settings(EncoderSettings, yaml_path=yaml_path, env_prefix=ENV_PREFIX, environ={})
+    assert (s.port, s.max_queue) == (1001, 7)
+
+
+def test_parsed_flags_override_through_the_real_parser(tmp_path):
+    yaml_path = write(tmp_path, "model: m\nport: 1001\nlog_level: DEBUG\n")
+    args = build_parser().parse_args(["--config", str(yaml_path), "--port", "0", "--max-frames-per-batch", "9"])
+    s = load_settings(EncoderSettings, yaml_path=args.config, env_prefix=ENV_PREFIX, environ={},
+                      overrides=given_flags(args, EncoderSettings))
+    assert (s.port, s.max_frames_per_batch, s.log_level, s.video_workers) == (0, 9, "DEBUG", 2)
+
+
+def test_environment_strings_are_parsed_to_the_field_types():
+    env = {"DEMO_NAME": "x y", "DEMO_COUNT": "42", "DEMO_RATIO": "1e-3", "DEMO_VERBOSE": "yes",
+           "DEMO_LIMIT": "none", "DEMO_SHAPE": "4, 5,6", "DEMO_TAGS": "[a,b]"}
+    s = load_settings(Demo, env_prefix="DEMO_", environ=env)
+    assert s == Demo(name="x y", count=42, ratio=1e-3, verbose=True, limit=None, shape=(4, 5, 6), tags=("a", "b"))
+    assert load_settings(Demo, env_prefix="DEMO_", environ={"DEMO_LIMIT": "7", "DEMO_VERBOSE": "off"}) \
+        == Demo(limit=7, verbose=False)
+
+
+def test_yaml_values_are_type_checked_and_converted(tmp_path):
+    path = write(tmp_path, "count: 3\nratio: 2\nlimit: null\nshape: [7, 8, 9]\ntags: [p]\nverbose: true\n")
+    assert load_settings(Demo, yaml_path=path) == Demo(count=3, ratio=2.0, shape=(7, 8, 9), tags=("p",),
+                                                       verbose=True)
+    assert load_settings(Demo, yaml_path=write(tmp_path, "")) == Demo()  # empty file: defaults
+
+
+def test_unknown_yaml_keys_are_named_with_the_known_ones(tmp_path):
+    path = write(tmp_path, "count: 2\ncuont: 3\nextra: 1\n")
+    with pytest.raises(ValueError) as err:
+        load_settings(Demo, yaml_path=path)
+    message = str(err.value)
+    assert "cuont, extra" in message and str(path) in message
+    assert "known ones are name, count, ratio" in message
+
+
+@pytest.mark.parametrize("text, where", [
+    ("count: many\n", "key 'count'"),
+    ("verbose: 1\n", "key 'verbose'"),
+    ("shape: [1, 2]\n", "key 'shape'"),
+    ("name: [1]\n", "key 'name'"),
+])
+def test_bad_yaml_values_name_the_file_and_key(tmp_path, text, where):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match="must be") as err:
+        load_settings(Demo, yaml_path=path)
+    assert f"config file {path}, {where}" in str(err.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_settings(Demo, yaml_path=write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_settings(Demo, yaml_path=write(tmp_path, "a: [1\n"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_settings(Demo, yaml_path=tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("var, value", [("DEMO_COUNT", "4.5"), ("DEMO_VERBOSE", "maybe"),
+                                        ("DEMO_SHAPE", "1,2"), ("DEMO_RATIO", "half")])
+def test_bad_environment_values_name_the_variable(var, value):
+    with pytest.raises(ValueError) as err:
+        load_settings(Demo, env_prefix="DEMO_", environ={var: value})
+    assert f"environment variable {var}" in str(err.value) and "must be" in str(err.value)
+
+
+def test_unknown_environment_variables_with_the_prefix_are_errors():
+    with pytest.raises(ValueError, match="DEMO_CONUT") as err:
+        load_settings(Demo, env_prefix="DEMO_", environ={"DEMO_CONUT": "1", "OTHER": "x"})
+    assert "DEMO_COUNT" in str(err.value)
+
+
+def test_bad_flag_values_name_the_flag():
+    with pytest.raises(ValueError, match="flag --count: must be an integer"):
+        load_settings(Demo, overrides={"count": "x1"})
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+        load_settings(Demo, overrides={"nope": 1})
+
+
+def test_encoder_settings_are_validated():
+    with pytest.raises(ValueError, match="port must be in 0..65535"):
+        EncoderSettings(model="m", port=70000)
+    with pytest.raises(ValueError, match="model is required"):
+        EncoderSettings()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_settings(EncoderSettings, env_prefix=ENV_PREFIX, environ={"PLLAVA_ENCODER_MODEL": "m",
+                                                                       "PLLAVA_ENCODER_DTYPE": "fp8"})
+
+
+def test_the_command_reports_bad_settings_and_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "model: m\nprot: 1\n")
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pllava-encoder: config file") and "unknown setting(s) prot" in err

@@ -25,7 +25,8 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"                # the model emitted EOS
-    LENGTH = "length"            # max_new_tokens or the context limit reached
+    LENGTH = "length"            # max_new_tokens reached
+    CONTEXT_LENGTH = "context_length"  # the KV cache (max context) is full
     STOP_STRING = "stop_string"  # a requested stop string appeared in the text
     CANCELLED = "cancelled"      # the caller went away or gave up
 
@@ -228,8 +229,10 @@ class Engine:
         text, hit = seq.stop_filter.feed(seq.detok.push(token))
         if hit:
             return self._finish(seq, token, text, FinishReason.STOP_STRING, flush=False)
-        if len(seq.generated) >= seq.request.params.max_new_tokens or seq.position + 1 >= self.max_len:
+        if len(seq.generated) >= seq.request.params.max_new_tokens:
             return self._finish(seq, token, text, FinishReason.LENGTH)
+        if seq.position + 1 >= self.max_len:
+            return self._finish(seq, token, text, FinishReason.CONTEXT_LENGTH)
         return TokenEvent(seq.request.request_id, token, text)
 
     def _finish(self, seq: Running, token: int | None, text: str, reason: FinishReason,

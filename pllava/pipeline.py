@@ -56,14 +56,17 @@ class CaptionResult:
                     num_frames=self.num_frames, finish_reason=self.finish_reason, timings=self.timings)
 
 
-def timings_from(stats: SequenceStats, video_s: float, encode_s: float, start: float) -> dict[str, float]:
+def timings_from(stats: SequenceStats, video_s: float, encode_s: float, start: float,
+                 transfer_s: float = 0.0) -> dict[str, float]:
     """Millisecond timings of one request; decode tokens/s counts generated tokens after the
-    first (which prefill produces)."""
+    first (which prefill produces). ``transfer_s``: visual tokens crossing the network (0 in
+    one process)."""
     decode_s = stats.finished - stats.first_token
     decode_tokens = max(stats.generated_tokens - 1, 0)
     return {
         "video_decode_ms": video_s * 1e3,
         "encode_ms": encode_s * 1e3,
+        "transfer_ms": transfer_s * 1e3,
         "queue_ms": stats.queue_s * 1e3,
         "prefill_ms": stats.prefill_s * 1e3,
         "time_to_first_token_ms": (stats.first_token - start) * 1e3,

@@ -14,8 +14,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VIDEO=${1:-$REPO/../shared/videos/cooking.mp4}
 shift $(( $# > 0 ? 1 : 0 ))
 PORT=${PORT:-50052}
-BIN=
-[[ -x $REPO/.venv/bin/pllava ]] && BIN=$REPO/.venv/bin/
+bash "$REPO/scripts/bootstrap.sh"      # .venv with the project, on first use
+BIN=$REPO/.venv/bin/
 [[ -f $VIDEO ]] || { echo "demo: no video at $VIDEO" >&2; exit 2; }
 
 args=(up --port "$PORT" --encoders "${ENCODERS:-2}")

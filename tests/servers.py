@@ -88,8 +88,12 @@ class ServerProcess:
         return self.proc.wait()
 
     def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
+        """SIGKILL the server and everything it started (its video workers too), as when a
+        container dies: each server runs in its own process group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
 
     def __enter__(self) -> "ServerProcess":
@@ -149,7 +153,7 @@ def start_server(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT, env=full_env,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         match = _wait_for_log(proc, log_path, LISTENING, timeout)
         host = match.group(1).strip("[]")
@@ -158,9 +162,7 @@ def start_server(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         if wait_serving:
             _wait_serving(server, timeout)
     except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        ServerProcess(proc, log_path, "", 0).kill()
         raise
     return server
 

@@ -175,5 +175,5 @@ def test_generation_stops_at_the_context_limit(tiny_model_dir, cfg, tokenizer):
     ids = prompt_ids(tokenizer, "Hi.")
     prompt_len = len(ids) - 1 + cfg.num_visual_tokens
     tokens, _, final = run_alone(small, tokenizer, Request(ids, visual(cfg, 0), SamplingParams(max_new_tokens=500)))
-    assert final.finish_reason == FinishReason.LENGTH
+    assert final.finish_reason == FinishReason.CONTEXT_LENGTH
     assert prompt_len + len(tokens) == 896

@@ -27,10 +27,12 @@ A second signal skips the wait.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
@@ -43,6 +45,8 @@ from pllava_client.channel import MAX_MESSAGE_BYTES, server_options
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
 from .errors import ErrorInterceptor, Unavailable, wrap_handler
+from .logs import setup_logging
+from .settings import given_flags, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -210,3 +214,31 @@ async def serve_forever(server: grpc.aio.Server, state: ServingState, grace_s: f
             loop.remove_signal_handler(sig)
         if on_shutdown is not None:
             await on_shutdown()
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, settings_cls, env_prefix: str,
+             serve: Callable[[object], Awaitable[None]], argv: Sequence[str] | None = None) -> int:
+    """A server's console script: settings from YAML < environment < flags, logging, then
+    ``serve(settings)`` until SIGTERM. Exit 2 for bad settings, 1 when start-up fails (with
+    one clear line for a missing model or a taken port), 0 after a clean shutdown."""
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(settings_cls, yaml_path=args.config, env_prefix=env_prefix,
+                                 overrides=given_flags(args, settings_cls))
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    log.info("settings: %s", settings)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, ValueError) as exc:  # model folder missing or bad, port taken
+        log.debug("start-up failed", exc_info=True)
+        log.error("%s failed: %s", prog, exc)
+        return 1
+    except Exception:
+        log.exception("%s failed", prog)
+        return 1
+    return 0

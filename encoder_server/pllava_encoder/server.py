@@ -11,7 +11,6 @@ describes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -20,9 +19,8 @@ from pllava import __version__
 from pllava_client.codec import encode_tensor, to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable
-from pllava_serving.logs import LOG_LEVELS, setup_logging
-from pllava_serving.server import Service, create_server, format_address, serve_forever
-from pllava_serving.settings import given_flags, load_settings
+from pllava_serving.logs import LOG_LEVELS
+from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
 from .settings import DEVICES, DTYPES, ENV_PREFIX, EncoderSettings
 
@@ -122,27 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings(EncoderSettings, yaml_path=args.config, env_prefix=ENV_PREFIX,
-                                 overrides=given_flags(args, EncoderSettings))
-    except ValueError as exc:
-        print(f"pllava-encoder: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(settings.log_level)
-    log.info("settings: %s", settings)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass
-    except (OSError, ValueError) as exc:  # model folder missing or bad, port taken: one clear line
-        log.debug("start-up failed", exc_info=True)
-        log.error("pllava-encoder failed: %s", exc)
-        return 1
-    except Exception:
-        log.exception("pllava-encoder failed")
-        return 1
-    return 0
+    return run_main("pllava-encoder", build_parser(), EncoderSettings, ENV_PREFIX, serve, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""The decoder's side of ``Encoder.Encode``: one channel to every encoder replica.
+
+The channel uses gRPC round-robin load balancing over all the addresses the target
+resolves to (``dns:///encoder:50051`` with ``docker compose --scale encoder=N``, or a static
+list ``ipv4:127.0.0.1:50051,127.0.0.1:50061``), so calls spread over the replicas. A call
+that fails with UNAVAILABLE (the replica died or is shutting down) is retried, and round
+robin sends the retry to another ready replica. INVALID_ARGUMENT (a bad video) is the
+caller's problem and is not retried: it propagates with the encoder's own message.
+
+Failures are raised as :class:`EncoderError` subclasses that are also the exception types
+:mod:`pllava_serving.errors` maps to the matching status code (a rejected video is a
+``ValueError`` -> INVALID_ARGUMENT, an unreachable encoder ``Unavailable`` -> UNAVAILABLE,
+...), so the decoder's own interceptor reports them without special cases.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from pllava_client.channel import channel_options
+from pllava_client.codec import TensorAssembler, bf16_bits_to_float32
+from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
+from pllava_serving.errors import Overloaded, Unavailable
+
+log = logging.getLogger(__name__)
+
+#: Pause before retrying an UNAVAILABLE call, so round robin can notice the dead replica.
+RETRY_BACKOFF_S = 0.1
+
+
+class EncoderError(Exception):
+    """An Encode call failed (or answered nonsense): INTERNAL unless a subclass says otherwise."""
+
+
+class EncoderRejected(EncoderError, ValueError):
+    """The encoder refused the video (INVALID_ARGUMENT); the message is the encoder's."""
+
+
+class EncoderUnavailable(EncoderError, Unavailable):
+    """No encoder replica could take the call, retries included (UNAVAILABLE)."""
+
+
+class EncoderTimeout(EncoderError, TimeoutError):
+    """The encoder did not answer before the deadline (DEADLINE_EXCEEDED)."""
+
+
+class EncoderOverloaded(EncoderError, Overloaded):
+    """The encoders' queues are full (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class Encoded:
+    """Pooled visual tokens of one video and where the time went (milliseconds)."""
+
+    visual: np.ndarray  # (V, D) float32
+    num_frames: int
+    model_id: str
+    video_decode_ms: float
+    encode_ms: float
+    transfer_ms: float  # the whole call minus the encoder's decode and encode: network + its queue
+    attempts: int
+
+
+class EncoderClient:
+    """``await client.encode(video, num_frames, request_id)`` against ``target``."""
+
+    def __init__(self, target: str, *, timeout_s: float = 120.0, retries: int = 2,
+                 hidden_size: int | None = None, model_id: str | None = None):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.hidden_size = hidden_size  # width the decoder expects; None = do not check
+        self.model_id = model_id  # identity the decoder expects; None = do not check
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pllava_pb2_grpc.EncoderStub | None = None
+
+    def _ensure_channel(self) -> pllava_pb2_grpc.EncoderStub:
+        # grpc.aio channels belong to the event loop they are created on: create lazily there.
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=channel_options(round_robin=True))
+            self._stub = pllava_pb2_grpc.EncoderStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    async def encode(self, video: bytes, num_frames: int = 0, request_id: str = "", video_name: str = "",
+                     timeout_s: float | None = None) -> Encoded:
+        """Visual tokens of ``video``; ``timeout_s`` caps the whole call including retries
+        (default: the client's ``timeout_s``). Raises :class:`EncoderError`."""
+        stub = self._ensure_channel()
+        request = pllava_pb2.EncodeRequest(video=video, num_frames=num_frames, request_id=request_id,
+                                           video_name=video_name)
+        start = time.perf_counter()
+        deadline = start + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
+        for attempt in range(1, self.retries + 2):
+            try:
+                return await self._encode_once(stub, request, deadline, start, attempt)
+            except grpc.aio.AioRpcError as err:
+                code, details = err.code(), err.details() or ""
+                if code == grpc.StatusCode.UNAVAILABLE and attempt <= self.retries:
+                    log.warning("%s: encoder at %s unavailable (%s); retrying on another replica (%d of %d)",
+                                request_id or "request", self.target, details, attempt, self.retries)
+                    await asyncio.sleep(RETRY_BACKOFF_S)
+                    continue
+                raise _as_encoder_error(code, details, self.target, attempt) from None
+        raise AssertionError("unreachable")
+
+    async def _encode_once(self, stub, request, deadline: float, start: float, attempt: int) -> Encoded:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise EncoderTimeout(f"no encoder at {self.target} answered in time")
+        call = stub.Encode(request, timeout=left)
+        header, assembler = None, None
+        async for response in call:
+            which = response.WhichOneof("payload")
+            if which == "header":
+                if header is not None:
+                    raise _protocol_error(self.target, "sent a second header")
+                header = response.header
+                try:
+                    assembler = TensorAssembler(header.visual_tokens)
+                except ValueError as exc:  # the encoder's fault, not the caller's: not INVALID_ARGUMENT
+                    raise _protocol_error(self.target, f"announced an unusable tensor: {exc}") from None
+            elif which == "chunk":
+                if assembler is None:
+                    raise _protocol_error(self.target, "sent tensor bytes before the header")
+                try:
+                    assembler.add(response.chunk)
+                except ValueError as exc:
+                    raise _protocol_error(self.target, str(exc)) from None
+        if header is None:
+            raise _protocol_error(self.target, "ended the stream without a header")
+        try:
+            raw = assembler.finish()
+        except ValueError as exc:
+            raise _protocol_error(self.target, str(exc)) from None
+        visual = _to_float32(raw, header.visual_tokens.dtype)
+        self._check(header, visual)
+        total_ms = (time.perf_counter() - start) * 1e3
+        t = header.timings
+        return Encoded(visual=visual, num_frames=header.num_frames, model_id=header.model_id,
+                       video_decode_ms=t.video_decode_ms, encode_ms=t.encode_ms,
+                       transfer_ms=max(total_ms - t.video_decode_ms - t.encode_ms, 0.0), attempts=attempt)
+
+    def _check(self, header: pllava_pb2.EncodeHeader, visual: np.ndarray) -> None:
+        if self.model_id is not None and header.model_id != self.model_id:
+            raise EncoderError(f"the encoder at {self.target} serves model {header.model_id!r} but this decoder "
+                               f"serves {self.model_id!r}: point both at the same checkpoint")
+        if visual.ndim != 2 or (self.hidden_size is not None and visual.shape[1] != self.hidden_size):
+            raise _protocol_error(self.target, f"sent visual tokens of shape {tuple(visual.shape)}; expected "
+                                               f"(num_visual_tokens, {self.hidden_size})")
+
+
+def _to_float32(raw: np.ndarray, dtype: int) -> np.ndarray:
+    if dtype == pllava_pb2.DTYPE_BFLOAT16:
+        return bf16_bits_to_float32(raw)
+    if dtype in (pllava_pb2.DTYPE_FLOAT32, pllava_pb2.DTYPE_FLOAT16):
+        return np.asarray(raw, dtype=np.float32)
+    raise EncoderError(f"the encoder sent visual tokens of dtype {pllava_pb2.DType.Name(dtype)}; expected a float type")
+
+
+def _protocol_error(target: str, what: str) -> EncoderError:
+    return EncoderError(f"the encoder at {target} {what}")
+
+
+def _as_encoder_error(code: grpc.StatusCode, details: str, target: str, attempts: int) -> EncoderError:
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EncoderRejected(details)  # the encoder names the problem with the video
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return EncoderUnavailable(f"no encoder reachable at {target} after {attempts} attempt(s): {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return EncoderTimeout(f"the encoder at {target} did not finish in time: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return EncoderOverloaded(f"the encoders at {target} are overloaded: {details}")
+    return EncoderError(f"the encoder at {target} failed with {code.name}: {details}")

@@ -1,0 +1,319 @@
+"""``pllava-decoder``: the language half of PLLaVA as the ``pllava.v1.Decoder`` service.
+
+One caption, end to end::
+
+    CaptionRequest -> sampling params, prompt ids (as pllava.pipeline.Captioner builds them)
+                   -> admission (RESOURCE_EXHAUSTED beyond max_queue waiting)
+                   -> visual tokens: the cache, or an encoder replica (awaited here, on the
+                      event loop, while the engine thread keeps decoding other requests)
+                   -> EngineLoop.submit -> TokenEvent per generated token -> FinalEvent
+
+The servicer only converts messages; the engine loop batches, the encoder client balances
+and retries, and :mod:`pllava_serving.errors` turns exceptions into status codes (bad
+request fields and videos -> INVALID_ARGUMENT, a full queue -> RESOURCE_EXHAUSTED).
+A client that cancels or whose deadline passes cancels the handler, which cancels the
+request in the engine: its KV slot is free at the next step.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pllava import __version__
+from pllava.config import PllavaConfig
+from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, SequenceStats
+from pllava.model import PllavaLanguage
+from pllava.pipeline import timings_from
+from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt
+from pllava.runtime import dtype_name, setup_backend
+from pllava.sampling import SamplingParams
+from pllava.tokenizer import Tokenizer
+from pllava.video import VideoError
+from pllava_client.codec import to_wire_dtype
+from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
+from pllava_serving.errors import Unavailable, current_request_id
+from pllava_serving.logs import LOG_LEVELS
+from pllava_serving.model_id import model_id
+from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
+
+from .encoder_client import Encoded, EncoderClient
+from .engine_loop import EngineLoop
+from .settings import DEVICES, DTYPES, ENV_PREFIX, DecoderSettings
+from .visual_cache import CachedVisual, VisualCache, visual_key
+
+log = logging.getLogger("pllava_decoder")
+
+#: Videos above this size are hashed off the event loop.
+_HASH_INLINE_BYTES = 4 << 20
+
+
+@dataclass
+class LanguageModel:
+    """What the decoder loads: the language side with ``max_batch`` KV slots, and the tokenizer."""
+
+    path: Path
+    cfg: PllavaConfig  # the checkpoint's, for per-request frame counts
+    num_frames: int  # frames per video when a request says 0
+    tokenizer: Tokenizer
+    engine: Engine
+    model_id: str
+    dtype: str
+    max_context: int
+
+    @classmethod
+    def load(cls, settings: DecoderSettings) -> "LanguageModel":
+        path = Path(settings.model)
+        folder = path.parent if path.is_file() else path
+        backend = setup_backend(settings.device, settings.device_id, settings.dtype)
+        cfg = PllavaConfig.from_pretrained(folder)
+        tokenizer = Tokenizer.from_pretrained(folder)
+        if tokenizer.image_token_id != cfg.image_token_index:
+            raise ValueError(f"tokenizer's <image> id {tokenizer.image_token_id} differs from config "
+                             f"image_token_index {cfg.image_token_index}")
+        max_context = settings.context_for(cfg.text.max_position_embeddings)
+        language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha,
+                                                  num_slots=settings.max_batch, max_len=max_context)
+        return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
+                   engine=Engine(language, tokenizer), model_id=model_id(path, settings.lora_alpha),
+                   dtype=dtype_name(backend.dtype), max_context=max_context)
+
+    def num_visual_tokens(self, num_frames: int) -> int:
+        return self.cfg.with_frames(num_frames).num_visual_tokens
+
+    def check_fits(self, prompt_ids: list[int], num_frames: int) -> None:
+        """Refuse a prompt that cannot fit before any encoder time is spent on its video."""
+        visual = self.num_visual_tokens(num_frames)
+        length = len(prompt_ids) - 1 + visual
+        if length >= self.max_context:
+            raise ContextOverflowError(
+                f"the prompt is {length} tokens ({len(prompt_ids)} text + {visual} visual for {num_frames} frames) "
+                f"but the context holds {self.max_context} (max_context) and needs room for one generated "
+                "token: shorten the prompt, use fewer frames or raise the max context")
+
+
+def sampling_params(pb: pllava_pb2.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
+    """Proto -> SamplingParams; unset fields keep the defaults (greedy). ValueError if invalid."""
+    kwargs = dict(max_new_tokens=pb.max_new_tokens or default_max_new_tokens, stop=tuple(pb.stop))
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        if pb.HasField(name):
+            kwargs[name] = getattr(pb, name)
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"invalid sampling parameters: {exc}") from None
+
+
+FINISH_REASONS = {FinishReason.STOP: pllava_pb2.FINISH_REASON_STOP,
+                  FinishReason.LENGTH: pllava_pb2.FINISH_REASON_LENGTH,
+                  FinishReason.CONTEXT_LENGTH: pllava_pb2.FINISH_REASON_CONTEXT_LENGTH,
+                  FinishReason.STOP_STRING: pllava_pb2.FINISH_REASON_STOP_STRING,
+                  FinishReason.CANCELLED: pllava_pb2.FINISH_REASON_CANCELLED}
+
+
+def matched_stop(full_text: str, caption: str, stops: tuple[str, ...]) -> str:
+    """The stop string that ended a caption: the one found right after the emitted text."""
+    return next((s for s in stops if full_text.startswith(s, len(caption))), "")
+
+
+class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
+    """``Decoder.Caption`` and ``Decoder.GetInfo``. Answers UNAVAILABLE until :meth:`load`
+    has loaded and warmed up the model."""
+
+    def __init__(self, settings: DecoderSettings):
+        self.settings = settings
+        self.model: LanguageModel | None = None
+        self.loop: EngineLoop | None = None
+        self.encoder: EncoderClient | None = None
+        self.cache = VisualCache(settings.visual_cache_bytes)
+        self._serial = itertools.count(1)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Load the language side (off the event loop, so health keeps answering), start the
+        engine thread and compile its graphs with a dummy request."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.model = await asyncio.to_thread(LanguageModel.load, s)
+        self.loop = EngineLoop(self.model.engine, s.max_queue).start()
+        self.encoder = EncoderClient(s.encoder, timeout_s=s.encoder_timeout_s, retries=s.encoder_retries,
+                                     hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id)
+        t1 = time.perf_counter()
+        await self.warm_up()
+        log.info("model %s loaded in %.1f s, warmed up in %.1f s: %d slots x %d tokens, %s on %s",
+                 self.model.model_id, t1 - t0, time.perf_counter() - t1, s.max_batch, self.model.max_context,
+                 self.model.dtype, s.device)
+
+    async def warm_up(self) -> None:
+        """Compile the decode graph and the default prompt's prefill bucket."""
+        m = self.model
+        ids = m.tokenizer.encode(build_prompt(DEFAULT_QUESTION, DEFAULT_TEMPLATE))
+        visual = np.zeros((m.num_visual_tokens(m.num_frames), m.cfg.text.hidden_size), dtype=np.float32)
+        async with self.loop.submit(Request(ids, visual, SamplingParams(max_new_tokens=2), "warm-up")) as stream:
+            async for _ in stream:
+                pass
+
+    async def close(self) -> None:
+        if self.loop is not None:
+            self.loop.stop(timeout=10)
+        if self.encoder is not None:
+            await self.encoder.close()
+
+    # ---- RPCs -------------------------------------------------------------------------------
+    async def Caption(self, request: pllava_pb2.CaptionRequest, context):
+        start = time.perf_counter()
+        m, loop = self._ready()
+        params = sampling_params(request.sampling, self.settings.max_new_tokens)
+        prompt = build_prompt(request.prompt or DEFAULT_QUESTION, request.template or DEFAULT_TEMPLATE)
+        prompt_ids = m.tokenizer.encode(prompt)
+        if not request.video:
+            raise VideoError(f"{request.video_name or 'the request'}: no video (CaptionRequest.video is empty)")
+        num_frames = request.num_frames or m.num_frames
+        m.check_fits(prompt_ids, num_frames)
+
+        token_ids: list[int] = []
+        caption, last = "", None
+        with loop.admit() as admission:
+            visual, encoded = await self._visual_tokens(request, num_frames, context)
+            # Engine ids must be unique; the caller's request id need not be.
+            engine_request = Request(prompt_ids, visual.visual, params, f"{current_request_id()}#{next(self._serial)}")
+            stream = loop.submit(engine_request, admission)
+            # However the RPC ends (client cancel, deadline, server stop), free the slot at once,
+            # even if grpc abandons this generator without closing it.
+            context.add_done_callback(lambda _: stream.cancel())
+            try:
+                async with stream:
+                    async for event in stream:
+                        if event.token_id is not None:
+                            token_ids.append(event.token_id)
+                        caption += event.text
+                        last = event
+                        if event.token_id is not None or event.text:
+                            yield pllava_pb2.CaptionEvent(token=pllava_pb2.TokenEvent(
+                                text=event.text, token_ids=[] if event.token_id is None else [event.token_id]))
+            except (asyncio.CancelledError, GeneratorExit):
+                log.info("stopped after %d generated tokens: the client cancelled or its deadline passed",
+                         len(token_ids))
+                raise
+        if last is None or last.finish_reason is None:  # cancelled from outside the stream
+            return
+
+        stats: SequenceStats = last.stats
+        video_s, encode_s = ((encoded.video_decode_ms / 1e3, encoded.encode_ms / 1e3) if encoded else (0.0, 0.0))
+        timings = timings_from(stats, video_s, encode_s, start, transfer_s=encoded.transfer_ms / 1e3 if encoded else 0.0)
+        reason = FINISH_REASONS[last.finish_reason]
+        stop = (matched_stop(m.tokenizer.decode(token_ids), caption, params.stop)
+                if reason == pllava_pb2.FINISH_REASON_STOP_STRING else "")
+        log.info("captioned %s: %d prompt + %d visual tokens -> %d tokens (%s), ttft %.0f ms, %.1f tok/s%s",
+                 request.video_name or "video", len(prompt_ids), len(visual.visual), len(token_ids),
+                 pllava_pb2.FinishReason.Name(reason), timings["time_to_first_token_ms"],
+                 timings["decode_tokens_per_s"], ", visual tokens cached" if encoded is None else "")
+        yield pllava_pb2.CaptionEvent(final=pllava_pb2.FinalEvent(
+            finish_reason=reason, caption=caption, prompt=prompt, prompt_token_ids=prompt_ids,
+            token_ids=token_ids, num_visual_tokens=len(visual.visual), num_prompt_tokens=len(prompt_ids),
+            num_generated_tokens=len(token_ids), num_frames=visual.num_frames,
+            timings=pllava_pb2.Timings(**timings), visual_tokens_cached=encoded is None, stop_string=stop,
+            model_id=m.model_id, request_id=request.request_id))
+
+    async def GetInfo(self, request: pllava_pb2.GetInfoRequest, context) -> pllava_pb2.ModelInfo:
+        m, _ = self._ready()
+        s = self.settings
+        device = s.device if s.device == "CPU" else f"{s.device}:{s.device_id}"
+        return pllava_pb2.ModelInfo(
+            model_id=m.model_id, model_path=str(m.path), model_type=m.cfg.model_type,
+            role=pllava_pb2.SERVER_ROLE_DECODER, dtype=to_wire_dtype(m.dtype), device=device,
+            num_frames=m.num_frames, pooling_shape=list(m.cfg.with_frames(m.num_frames).pooling_shape),
+            num_visual_tokens=m.num_visual_tokens(m.num_frames), text_hidden_size=m.cfg.text.hidden_size,
+            max_context=m.max_context, max_batch=s.max_batch, max_queue=s.max_queue,
+            templates=[DEFAULT_TEMPLATE, *sorted(t for t in TEMPLATES if t != DEFAULT_TEMPLATE)],
+            encoder_target=s.encoder, version=__version__)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _ready(self) -> tuple[LanguageModel, EngineLoop]:
+        if self.model is None or self.loop is None:
+            raise Unavailable("the decoder is still loading its model; retry shortly")
+        return self.model, self.loop
+
+    async def _visual_tokens(self, request, num_frames: int, context) -> tuple[CachedVisual, Encoded | None]:
+        """-> (visual tokens, the encoder's answer or None on a cache hit)."""
+        video = request.video
+        key = None
+        if self.cache.max_bytes:
+            key_args = (video, num_frames, self.model.model_id)
+            key = (visual_key(*key_args) if len(video) <= _HASH_INLINE_BYTES
+                   else await asyncio.to_thread(visual_key, *key_args))
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit, None
+        encoded = await self.encoder.encode(video, num_frames, current_request_id(), request.video_name,
+                                            timeout_s=context.time_remaining())
+        entry = CachedVisual(encoded.visual, encoded.num_frames)
+        if key is not None:
+            self.cache.put(key, entry)
+        return entry, encoded
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pllava-decoder",
+        description="PLLaVA decoder server: captions videos, getting their visual tokens from encoder replicas. "
+                    "Settings: defaults < --config YAML < PLLAVA_DECODER_* environment < flags.")
+    p.add_argument("--config", metavar="YAML", help="settings file (keys are the flag names)")
+    p.add_argument("--model", help="checkpoint folder (HF layout) or converted .ckpt file")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="port to listen on (default 50052; 0 = any free port)")
+    p.add_argument("--encoder", metavar="TARGET",
+                   help="gRPC target of the encoder replicas, round-robin balanced (default dns:///127.0.0.1:50051; "
+                        "e.g. dns:///encoder:50051 or ipv4:127.0.0.1:50051,127.0.0.1:50061)")
+    p.add_argument("--device", choices=DEVICES, help="CPU (default), GPU or Ascend")
+    p.add_argument("--device-id", type=int, help="device index (default 0)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on Ascend, float16 on GPU)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha for PEFT checkpoints (default 4)")
+    p.add_argument("--num-frames", type=int, help="frames per video when a request says 0 (default: checkpoint's)")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together = KV-cache slots (default 8)")
+    p.add_argument("--max-context", type=int,
+                   help="tokens per sequence (default: max_position_embeddings, at most 4096)")
+    p.add_argument("--max-queue", type=int,
+                   help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 32)")
+    p.add_argument("--visual-cache-bytes", type=int, help="visual-token cache budget (default 256 MiB; 0 = off)")
+    p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
+    p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")
+    p.add_argument("--max-new-tokens", type=int, help="when a request leaves it at 0 (default 256)")
+    p.add_argument("--grace-s", type=float, help="on SIGTERM, seconds running streams get to finish (default 10)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
+    return p
+
+
+async def serve(settings: DecoderSettings) -> None:
+    servicer = DecoderServicer(settings)
+    server, port, state = await create_server(format_address(settings.host, settings.port),
+                                              [Service.pllava("Decoder", servicer)])
+    await server.start()
+    log.info("listening on %s", format_address(settings.host, port))
+    try:
+        await servicer.load()
+    except BaseException:
+        await server.stop(0)
+        await servicer.close()
+        raise
+    await state.set_serving()
+    log.info("serving; encoders at %s", settings.encoder)
+    await serve_forever(server, state, settings.grace_s, on_shutdown=servicer.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("pllava-decoder", build_parser(), DecoderSettings, ENV_PREFIX, serve, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The decoder's engine loop, visual cache and settings, without gRPC: continuous batching
+keeps each request's tokens, cancellation frees the slot, a full queue refuses, the cache is
+bounded, settings layer YAML < environment < flags."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pllava.config import PllavaConfig
+from pllava.generation import ContextOverflowError, Engine, FinishReason, Request
+from pllava.model import PllavaLanguage
+from pllava.prompt import build_prompt
+from pllava.runtime import setup_backend
+from pllava.sampling import SamplingParams
+from pllava.tokenizer import Tokenizer
+from pllava_decoder.engine_loop import EngineLoop
+from pllava_decoder.settings import ENV_PREFIX, DecoderSettings
+from pllava_decoder.visual_cache import CachedVisual, VisualCache, visual_key
+from pllava_serving.errors import Overloaded
+from pllava_serving.settings import load_settings
+
+MAX_LEN = 1024
+
+
+class Model:
+    """The tiny checkpoint's language side and tokenizer, and a way to make requests."""
+
+    def __init__(self, model_dir):
+        self.dir = model_dir
+        self.backend = setup_backend("CPU")
+        self.cfg = PllavaConfig.from_pretrained(model_dir)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+
+    def loop(self, slots: int, max_queue: int = 8, max_len: int = MAX_LEN) -> EngineLoop:
+        language = PllavaLanguage.from_pretrained(self.dir, self.cfg, self.backend, num_slots=slots,
+                                                  max_len=max_len)
+        return EngineLoop(Engine(language, self.tokenizer), max_queue=max_queue).start()
+
+    def request(self, question: str, seed: int, max_new_tokens: int, rid: str) -> Request:
+        ids = self.tokenizer.encode(build_prompt(question))
+        visual = np.random.default_rng(seed).standard_normal(
+            (self.cfg.num_visual_tokens, self.cfg.text.hidden_size)).astype(np.float32)
+        return Request(ids, visual, SamplingParams(max_new_tokens=max_new_tokens), rid)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> Model:
+    return Model(tiny_model_dir)
+
+
+async def collect(loop: EngineLoop, request: Request) -> tuple[list[int], str, FinishReason]:
+    tokens, text, reason = [], "", None
+    async with loop.submit(request) as stream:
+        async for event in stream:
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+            text += event.text
+            reason = event.finish_reason
+    return tokens, text, reason
+
+
+def test_concurrent_requests_equal_each_alone(model):
+    loop = model.loop(slots=4)
+    try:
+        specs = [("Describe the video in details.", 1, 24), ("What is the man cooking?", 2, 17),
+                 ("List every object you see, one per line.", 3, 31)]
+
+        async def alone():
+            return [await collect(loop, model.request(q, s, n, f"alone-{i}")) for i, (q, s, n) in enumerate(specs)]
+
+        async def together():
+            return await asyncio.gather(*(collect(loop, model.request(q, s, n, f"together-{i}"))
+                                          for i, (q, s, n) in enumerate(specs)))
+
+        before = loop.steps
+        singles = asyncio.run(alone())
+        sequential_steps, before = loop.steps - before, loop.steps
+        batched = asyncio.run(together())
+        batched_steps = loop.steps - before
+    finally:
+        loop.stop()
+    for (q, _, n), single, both in zip(specs, singles, batched):
+        assert single[2] == FinishReason.LENGTH and len(single[0]) == n, q
+        assert both == single, q
+    # Shared decode steps: together they take fewer engine steps than one after another.
+    assert batched_steps < sequential_steps, (batched_steps, sequential_steps)
+    print(f"\nengine steps: {sequential_steps} one after another, {batched_steps} together")
+
+
+def test_cancel_frees_the_slot(model):
+    # A long context, so an uncancelled request would hold the only slot for ~3000 steps.
+    loop = model.loop(slots=1, max_len=4096)
+    long_tokens = 4096
+
+    async def scenario():
+        received = []
+        stream = loop.submit(model.request("Describe the video in details.", 1, long_tokens, "long"))
+        async for event in stream:
+            received.append(event.token_id)
+            if len(received) == 3:
+                break
+        stream.cancel()  # the client went away
+        start_steps = loop.steps
+        follow = await collect(loop, model.request("Who is there?", 2, 5, "follow"))
+
+        # A task cancelled while it waits for its next token (a deadline) frees its slot too.
+        started = asyncio.Event()
+
+        async def consume():
+            async with loop.submit(model.request("Describe it again.", 3, long_tokens, "deadline")) as s:
+                async for _ in s:
+                    started.set()
+        task = asyncio.ensure_future(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        after = await collect(loop, model.request("And now?", 4, 5, "after"))
+        return received, follow, after, loop.steps - start_steps
+
+    try:
+        received, follow, after, steps = asyncio.run(scenario())
+    finally:
+        loop.stop()
+    assert len(received) == 3
+    assert follow[2] == FinishReason.LENGTH and len(follow[0]) == 5
+    assert after[2] == FinishReason.LENGTH and len(after[0]) == 5
+    # With one slot, the follow-ups could only run once the long requests left it; had they
+    # not been cancelled, each would have held it for about 3000 steps.
+    assert steps < 1000, steps
+    assert loop.engine.num_running == 0 and loop.engine.num_waiting == 0 and loop.num_waiting == 0
+
+
+def test_full_queue_is_refused_and_context_overflow_raises(model):
+    loop = model.loop(slots=1, max_queue=2)
+
+    async def scenario():
+        running = loop.submit(model.request("Describe the video in details.", 1, MAX_LEN, "running"))
+        await running.__anext__()  # it holds the only slot now
+        waiting = [loop.submit(model.request("Wait.", 2, 3, f"wait-{i}")) for i in range(2)]
+        assert loop.num_waiting == 2
+        with pytest.raises(Overloaded, match="max queue 2"):
+            loop.admit()
+        with pytest.raises(Overloaded):
+            loop.submit(model.request("One too many.", 3, 3, "refused"))
+        running.cancel()
+        results = []
+        for stream in waiting:
+            async with stream:
+                results.append([e async for e in stream])
+        # The queue has room again; a prompt longer than the context is refused up front.
+        huge = Request(list(range(5, 5 + MAX_LEN)), None, SamplingParams(), "huge")
+        with pytest.raises(ContextOverflowError, match="context holds 1024"):
+            loop.submit(huge)
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        loop.stop()
+    assert [r[-1].finish_reason for r in results] == [FinishReason.LENGTH] * 2
+    assert loop.num_waiting == 0 and loop.engine.num_waiting == 0
+
+
+def test_idle_loop_does_not_spin(model):
+    loop = model.loop(slots=1)
+    try:
+        asyncio.run(collect(loop, model.request("Hi.", 1, 2, "one")))
+        steps = loop.steps
+        asyncio.run(asyncio.sleep(0.3))
+        assert loop.steps == steps  # asleep on its condition, not stepping an empty engine
+    finally:
+        loop.stop()
+    assert not loop._thread.is_alive()
+
+
+def test_visual_cache_is_lru_bounded_in_bytes():
+    entry = lambda n: CachedVisual(np.zeros((n, 4), dtype=np.float32), 4)  # n * 16 bytes
+    cache = VisualCache(max_bytes=100 * 16)
+    keys = [visual_key(bytes([i]) * 10, 4, "m") for i in range(4)]
+    assert keys[0] == visual_key(bytes([0]) * 10, 4, "m")
+    assert keys[0] != visual_key(bytes([0]) * 10, 8, "m") != visual_key(bytes([0]) * 10, 4, "other")
+    for key in keys[:3]:
+        assert cache.put(key, entry(40))  # the third evicts the first: 120 > 100 entries' worth
+    assert keys[0] not in cache and len(cache) == 2 and cache.nbytes == 80 * 16
+    assert cache.get(keys[1]) is not None  # now keys[2] is the least recently used
+    cache.put(keys[3], entry(40))
+    assert keys[2] not in cache and keys[1] in cache and keys[3] in cache
+    assert cache.get(keys[2]) is None and (cache.hits, cache.misses) == (1, 1)
+    assert not cache.put(keys[0], entry(101))  # larger than the whole budget: not stored
+    assert keys[1] in cache and cache.nbytes == 80 * 16
+    cache.put(keys[1], entry(10))  # replacing an entry accounts for the old size
+    assert cache.nbytes == 50 * 16
+    disabled = VisualCache(0)
+    assert not disabled.put(keys[0], entry(1)) and len(disabled) == 0
+
+
+def test_decoder_settings_layers_and_checks(tmp_path):
+    config = tmp_path / "decoder.yaml"
+    config.write_text("model: /models/a\nmax_batch: 4\nencoder: dns:///encoder:50051\n")
+    env = {f"{ENV_PREFIX}MAX_BATCH": "6", f"{ENV_PREFIX}VISUAL_CACHE_BYTES": "0"}
+    s = load_settings(DecoderSettings, yaml_path=config, env_prefix=ENV_PREFIX, environ=env,
+                      overrides={"max_batch": 2, "port": None})
+    assert (s.model, s.encoder, s.max_batch, s.visual_cache_bytes, s.port) == (
+        "/models/a", "dns:///encoder:50051", 2, 0, 50052)
+    assert s.context_for(32768) == 4096 and s.context_for(2048) == 2048  # default: capped
+    assert DecoderSettings(model="m", max_context=1024).context_for(4096) == 1024
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        DecoderSettings(model="m", max_context=8192).context_for(4096)
+    with pytest.raises(ValueError, match="model is required"):
+        DecoderSettings()
+    with pytest.raises(ValueError, match="device must be one of.*max_batch must be >= 1"):
+        DecoderSettings(model="m", max_batch=0, device="TPU")

@@ -1,0 +1,329 @@
+"""The decoder server for real: encoder and decoder subprocesses on 127.0.0.1, the tiny
+checkpoint, the public client.
+
+Servers (module-scoped):
+- ``decoder``: one encoder behind it, visual cache on, 8 slots, context 1024 (parity, cache,
+  bad input);
+- ``narrow``: the same encoder, ONE slot, context 4096 (cancel and deadline free the slot);
+- ``pair``: two fresh encoders behind one static round-robin target, cache off (8 concurrent
+  captions, both replicas used, one replica killed mid-run).
+
+Which replica served a request is read from the encoders' logs: the decoder forwards its
+request id, and the encoder logs one ``[<request id>] ... visual tokens`` line per video it
+encoded.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from pllava.pipeline import Captioner, CaptionerSettings, CaptionResult as InProcessResult
+from pllava.sampling import SamplingParams
+from pllava_client.client import CaptionError, Client
+from pllava_proto.v1 import pllava_pb2
+from servers import console_script, start_encoder, start_server
+
+CONTEXT = 1024
+
+
+def start_decoder(model_dir, encoder_target: str, log_dir, *args: str):
+    argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+            "--encoder", encoder_target, *args]
+    return start_server(argv, name="decoder", log_dir=log_dir)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("decoder-server-logs")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir, logs):
+    with start_encoder(tiny_model_dir, log_dir=logs) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_model_dir, encoder, logs):
+    with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs,
+                       "--max-context", str(CONTEXT)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def narrow(tiny_model_dir, encoder, logs):
+    with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs,
+                       "--max-batch", "1", "--max-context", "4096") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, logs):
+    with start_encoder(tiny_model_dir, log_dir=logs) as first, start_encoder(tiny_model_dir, log_dir=logs) as second:
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"  # a static address list
+        with start_decoder(tiny_model_dir, target, logs, "--max-context", str(CONTEXT),
+                           "--visual-cache-bytes", "0") as dec:
+            yield dec, first, second
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir) -> Captioner:
+    return Captioner(tiny_model_dir, CaptionerSettings(max_context=CONTEXT))
+
+
+@pytest.fixture(scope="module")
+def media(videos_dir, tmp_path_factory) -> dict[str, Path]:
+    """The two real videos and six distinct still images (PNG and JPEG)."""
+    folder = tmp_path_factory.mktemp("media")
+    files = {"cooking": videos_dir / "cooking.mp4", "yoga": videos_dir / "yoga.mp4"}
+    for i in range(6):
+        rng = np.random.default_rng(100 + i)
+        pixels = (rng.random((180 + 20 * i, 320, 3)) * 255).astype(np.uint8)
+        fmt = "PNG" if i % 2 else "JPEG"
+        path = folder / f"still{i}.{fmt.lower()}"
+        Image.fromarray(pixels).save(path, format=fmt)
+        files[f"still{i}"] = path
+    return files
+
+
+def in_process(captioner: Captioner, video, prompt: str | None, max_new_tokens: int) -> InProcessResult:
+    result = InProcessResult()
+    for _ in captioner.caption(video, prompt, params=SamplingParams(max_new_tokens=max_new_tokens), result=result):
+        pass
+    return result
+
+
+def encoded_ids(encoder) -> set[str]:
+    """Request ids the encoder logged an encoded video for."""
+    return set(re.findall(r"\[([^\]]+)\] .*-> \d+ visual tokens", encoder.log_text()))
+
+
+# ---- one encoder, one decoder ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, prompt", [("cooking", None), ("yoga", "What is the person doing?")])
+def test_stream_equals_in_process_greedy(decoder, captioner, media, name, prompt):
+    expected = in_process(captioner, media[name], prompt, 40)
+    with Client(decoder.address, timeout=60) as client:
+        stream = client.caption(media[name], prompt, max_new_tokens=40)
+        pieces = list(stream)
+    result = stream.result
+    assert stream.token_ids == expected.token_ids  # token for token, as streamed
+    assert result.token_ids == expected.token_ids and len(expected.token_ids) == 40
+    assert "".join(pieces) == result.caption == expected.caption
+    assert (result.prompt, result.prompt_token_ids) == (expected.prompt, expected.prompt_token_ids)
+    assert (result.num_visual_tokens, result.num_frames) == (expected.num_visual_tokens, expected.num_frames) == (576, 4)
+    assert result.finish_reason == expected.finish_reason == "length"
+    assert result.to_json().keys() == expected.to_json().keys()
+    assert set(expected.timings) <= set(result.timings)
+    t = result.timings
+    assert t["video_decode_ms"] > 0 and t["encode_ms"] > 0 and t["prefill_ms"] > 0 and t["decode_tokens_per_s"] > 0
+    assert t["time_to_first_token_ms"] <= t["total_ms"]
+    assert not result.visual_tokens_cached and result.model_id.startswith(Path(captioner.model_dir).name)
+
+
+def test_stop_string_and_seeded_sampling_equal_in_process(decoder, captioner, media):
+    reference = in_process(captioner, media["cooking"], None, 40).caption
+    stop = reference[5:8]  # a piece of the greedy caption, so generation stops there
+    params = SamplingParams(max_new_tokens=40, stop=(stop,))
+    expected = InProcessResult()
+    list(captioner.caption(media["cooking"], params=params, result=expected))
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.5, top_p=0.5, seed=7)  # exact in float32
+    expected_sampled = InProcessResult()
+    list(captioner.caption(media["yoga"], params=sampled, result=expected_sampled))
+    with Client(decoder.address, timeout=60) as client:
+        stopped = client.caption_full(media["cooking"], max_new_tokens=40, stop=[stop])
+        drawn = client.caption_full(media["yoga"], max_new_tokens=24, temperature=0.5, top_p=0.5, seed=7)
+    assert stopped.finish_reason == expected.finish_reason == "stop_string" and stopped.stop_string == stop
+    assert (stopped.caption, stopped.token_ids) == (expected.caption, expected.token_ids)
+    assert stop not in stopped.caption and reference.startswith(stopped.caption)
+    assert drawn.token_ids == expected_sampled.token_ids
+
+
+def test_get_info(decoder, encoder):
+    with Client(decoder.address, timeout=30) as client:
+        info = client.info()
+    assert info.role == pllava_pb2.SERVER_ROLE_DECODER
+    assert (info.max_batch, info.max_context, info.max_queue, info.num_visual_tokens) == (8, CONTEXT, 32, 576)
+    assert info.templates[0] == "plain" and info.encoder_target == f"dns:///127.0.0.1:{encoder.port}"
+    assert info.dtype == pllava_pb2.DTYPE_FLOAT32 and info.text_hidden_size == 64
+
+
+def test_same_video_new_prompt_skips_the_encoder(decoder, encoder, captioner, media):
+    with Client(decoder.address, timeout=60) as client:
+        first = client.caption_full(media["still5"], "Describe the picture.", max_new_tokens=12, request_id="cache-1")
+        second = client.caption_full(media["still5"], "What colours are there?", max_new_tokens=12,
+                                     request_id="cache-2")
+    assert not first.visual_tokens_cached and second.visual_tokens_cached
+    seen = encoded_ids(encoder)
+    assert "cache-1" in seen and "cache-2" not in seen  # the encoder never saw the second request
+    assert second.timings["encode_ms"] == 0 and second.timings["transfer_ms"] == 0
+    expected = in_process(captioner, media["still5"], "What colours are there?", 12)
+    assert second.token_ids == expected.token_ids and second.num_frames == expected.num_frames == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty video", "no video"),
+    ("random bytes", "not a recognised video or image format"),
+    ("truncated mp4", "truncated"),
+    ("text file", "looks like a text file"),
+    ("num_frames huge", "num_frames must be between 1 and"),
+    ("prompt longer than the context", f"context holds {CONTEXT}"),
+    ("top_p 0", r"invalid sampling parameters: top_p must be in \(0, 1\]"),
+    ("negative temperature", "temperature must be >= 0"),
+    ("unknown template", "unknown prompt template 'chat'"),
+    ("<image> in the prompt", "must not contain '<image>'"),
+])
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, media, case, message):
+    cooking = media["cooking"].read_bytes()
+    video, kwargs = cooking, {}
+    if case == "empty video":
+        video = b""
+    elif case == "random bytes":
+        video = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    elif case == "truncated mp4":
+        video = cooking[:len(cooking) // 2]
+    elif case == "text file":
+        video = b"This is a shopping list, not a video.\nmilk\neggs\n" * 20
+    elif case == "num_frames huge":
+        kwargs = dict(num_frames=100_000)
+    elif case == "prompt longer than the context":
+        kwargs = dict(prompt="describe " * CONTEXT)
+    elif case == "top_p 0":
+        kwargs = dict(top_p=0.0)
+    elif case == "negative temperature":
+        kwargs = dict(temperature=-1.0)
+    elif case == "unknown template":
+        kwargs = dict(template="chat")
+    elif case == "<image> in the prompt":
+        kwargs = dict(prompt="Look at <image> again.")
+    with Client(decoder.address, timeout=60) as client:
+        with pytest.raises(CaptionError) as refused:
+            client.caption_full(video, **{"max_new_tokens": 4, **kwargs})
+        assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        assert re.search(message, refused.value.message), refused.value.message
+        after = client.caption_full(media["still0"], max_new_tokens=2)  # still serving
+    assert len(after.token_ids) == 2
+
+
+# ---- one slot: cancellation and deadlines free it ----------------------------------------------
+
+def slot_freed(server, request_id: str) -> int:
+    """Generated tokens of ``request_id`` when the engine cancelled it and freed its slot."""
+    pattern = rf"{re.escape(request_id)}#\d+ cancelled after (\d+) generated tokens; its KV slot is free"
+    return int(server.wait_for_log(pattern, timeout=30).group(1))
+
+
+def test_client_cancel_frees_the_slot(narrow, media):
+    with Client(narrow.address, timeout=60) as client:
+        stream = client.caption(media["cooking"], max_new_tokens=3000, request_id="cancel-a")
+        for _ in stream:
+            if len(stream.token_ids) >= 3:
+                break
+        stream.close()  # cancels the call mid-stream
+        follow = client.caption_full(media["yoga"], max_new_tokens=8, request_id="cancel-b")
+    assert follow.finish_reason == "length" and len(follow.token_ids) == 8
+    assert 3 <= slot_freed(narrow, "cancel-a") < 3000
+    log = narrow.log_text()
+    # One slot: the follow-up could only start once the cancelled request left it.
+    assert log.index("cancel-a#") < log.index("[cancel-b] captioned")
+    assert "[cancel-a] captioned" not in log
+
+
+def test_deadline_exceeded_frees_the_slot(narrow, media):
+    with Client(narrow.address) as client:
+        client.caption_full(media["cooking"], max_new_tokens=1)  # cache the visual tokens: decode starts at once
+        stream = client.caption(media["cooking"], max_new_tokens=3000, request_id="deadline-a", timeout=1.0)
+        with pytest.raises(CaptionError) as expired:
+            for _ in stream:
+                pass
+        assert expired.value.status == grpc.StatusCode.DEADLINE_EXCEEDED, expired.value
+        assert len(stream.token_ids) < 3000, "the caption finished before its deadline: raise max_new_tokens"
+        follow = client.caption_full(media["yoga"], max_new_tokens=8, request_id="deadline-b", timeout=60)
+    assert len(follow.token_ids) == 8
+    assert slot_freed(narrow, "deadline-a") < 3000
+
+
+# ---- two encoder replicas ----------------------------------------------------------------------
+
+JOBS = [("cooking", None, 24), ("yoga", "What is the person doing?", 32), ("still0", "Describe the picture.", 16),
+        ("still1", None, 20), ("still2", "What colours are there?", 28), ("still3", "Is anyone there?", 12),
+        ("still4", "Describe the scene in detail.", 36), ("still5", None, 18)]
+
+
+def run_jobs(address: str, media, tag: str, concurrent: bool):
+    def one(i):
+        name, prompt, n = JOBS[i]
+        with Client(address, timeout=120) as client:
+            return client.caption_full(media[name], prompt, max_new_tokens=n, request_id=f"{tag}-{i}")
+
+    start = time.perf_counter()
+    if concurrent:
+        with ThreadPoolExecutor(len(JOBS)) as pool:
+            results = list(pool.map(one, range(len(JOBS))))
+    else:
+        results = [one(i) for i in range(len(JOBS))]
+    return results, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def singles(pair, media):
+    dec, _, _ = pair
+    results, elapsed = run_jobs(dec.address, media, "single", concurrent=False)
+    return results, elapsed
+
+
+def test_eight_concurrent_captions_equal_their_single_results(pair, media, singles):
+    dec, first, second = pair
+    single, sequential_s = singles
+    together, concurrent_s = run_jobs(dec.address, media, "together", concurrent=True)
+    for (name, _, n), alone, both in zip(JOBS, single, together):
+        assert len(alone.token_ids) == n, name
+        assert (both.token_ids, both.caption) == (alone.token_ids, alone.caption), name
+        assert not both.visual_tokens_cached
+    print(f"\n8 captions: {sequential_s:.2f} s one after another, {concurrent_s:.2f} s together, "
+          f"ratio {sequential_s / concurrent_s:.2f}")
+    # Round robin: both replicas encoded some of the 16 videos.
+    ids = {f"{tag}-{i}" for tag in ("single", "together") for i in range(len(JOBS))}
+    by_first, by_second = encoded_ids(first) & ids, encoded_ids(second) & ids
+    print(f"encoded by replica 1: {len(by_first)}, by replica 2: {len(by_second)}")
+    assert by_first and by_second and by_first | by_second == ids
+
+
+def test_a_killed_encoder_replica_is_routed_around(pair, media, singles):
+    dec, first, second = pair
+    single, _ = singles
+    run_jobs(dec.address, media, "warm", concurrent=True)  # both replicas connected and ready
+    first.send_signal(signal.SIGSTOP)  # freeze it: calls routed to it hang mid-run ...
+    try:
+        with ThreadPoolExecutor(len(JOBS)) as pool:
+            futures = [pool.submit(lambda i=i: run_one(dec.address, media, i)) for i in range(len(JOBS))]
+            # ... while the healthy replica serves its share of the round robin ...
+            deadline = time.monotonic() + 60
+            while len({i for i in encoded_ids(second) if i.startswith("kill-")}) < 2:
+                assert time.monotonic() < deadline, second.log_tail()
+                time.sleep(0.05)
+            first.kill()  # ... then it dies with those calls in flight
+            results = [f.result(timeout=120) for f in futures]
+    finally:
+        first.kill()  # with its video workers (the whole process group)
+    for (name, _, _), alone, now in zip(JOBS, single, results):
+        assert now.token_ids == alone.token_ids, name
+    kill_ids = {f"kill-{i}" for i in range(len(JOBS))}
+    assert encoded_ids(second) & kill_ids == kill_ids  # every video ended up on the survivor
+    retries = dec.log_text().count("retrying on another replica")
+    print(f"\nretried on the surviving replica: {retries} call(s)")
+    assert retries >= 1
+
+
+def run_one(address: str, media, i: int):
+    name, prompt, n = JOBS[i]
+    with Client(address, timeout=120) as client:
+        return client.caption_full(media[name], prompt, max_new_tokens=n, request_id=f"kill-{i}")

@@ -1,21 +1,15 @@
 """Tensor <-> TensorMeta/TensorChunk codec: round trips, chunking, bfloat16, validation."""
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:
-    import pllava_client  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "client"))
 
-from pllava_client import codec  # noqa: E402
-from pllava_client.codec import (MAX_CHUNK_BYTES, TensorAssembler, bf16_bits_to_float32,  # noqa: E402
+from pllava_client import codec
+from pllava_client.codec import (MAX_CHUNK_BYTES, TensorAssembler, bf16_bits_to_float32,
                                  chunks_to_tensor, encode_tensor, float32_to_bf16_bits,
                                  tensor_meta, tensor_to_chunks)
-from pllava_proto.v1 import pllava_pb2  # noqa: E402
+from pllava_proto.v1 import pllava_pb2
 
 
 def roundtrip(array, dtype=None):

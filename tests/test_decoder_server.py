@@ -251,6 +251,33 @@ def test_deadline_exceeded_frees_the_slot(narrow, media):
     assert slot_freed(narrow, "deadline-a") < 3000
 
 
+def test_a_full_queue_answers_resource_exhausted(tiny_model_dir, encoder, logs, media):
+    """One slot, one queue place: with a caption running and another waiting, a third
+    request is refused at once with RESOURCE_EXHAUSTED, and the server keeps serving."""
+    with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs,
+                       "--max-batch", "1", "--max-queue", "1", "--max-context", "4096") as dec, \
+            Client(dec.address, timeout=120) as client:
+        client.caption_full(media["cooking"], max_new_tokens=1)  # cache the visual tokens
+        running = client.caption(media["cooking"], max_new_tokens=3000, request_id="busy-a")
+        next(iter(running))  # it holds the only slot now
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(client.caption_full, media["cooking"], None, max_new_tokens=4,
+                                   request_id=f"busy-{name}") for name in ("b", "c")]
+            refused = None
+            deadline = time.monotonic() + 60
+            while refused is None:  # the later of the two finds the queue full
+                assert time.monotonic() < deadline, dec.log_tail()
+                refused = next((f for f in futures if f.done()), None)
+                time.sleep(0.02)
+            with pytest.raises(CaptionError) as err:
+                refused.result()
+            assert err.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "busy" in err.value.message and "max queue 1" in err.value.message
+            running.close()  # frees the slot: the waiting request runs
+            waiting = next(f for f in futures if f is not refused)
+            assert len(waiting.result(timeout=60).token_ids) == 4
+
+
 # ---- two encoder replicas ----------------------------------------------------------------------
 
 JOBS = [("cooking", None, 24), ("yoga", "What is the person doing?", 32), ("still0", "Describe the picture.", 16),

@@ -10,12 +10,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 CLIENT = Path(__file__).resolve().parent.parent / "client"
-try:
-    import pllava_client  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(CLIENT))
 
-from pllava_client.channel import channel_options, server_options  # noqa: E402
+from pllava_client.channel import channel_options, server_options
 
 SERVICE = "pllava.v1.Decoder"
 

@@ -5,13 +5,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client"
-try:
-    import pllava_proto  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(CLIENT))
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import gen_protos  # noqa: E402
+import gen_protos
 sys.path.remove(str(ROOT / "scripts"))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Sequence, Union
+from typing import BinaryIO, Sequence, Union
 
 import grpc
 

@@ -191,6 +191,10 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             try:
                 async with stream:
                     async for event in stream:
+                        if context.cancelled():  # belt and braces: a cancel grpc did not raise here
+                            stream.cancel()
+                            log.info("stopped after %d generated tokens: the client cancelled", len(token_ids))
+                            return
                         if event.token_id is not None:
                             token_ids.append(event.token_id)
                         caption += event.text

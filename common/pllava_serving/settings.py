@@ -19,6 +19,7 @@ import os
 import types
 import typing
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping, TypeVar
 
 import yaml
@@ -203,3 +204,31 @@ def _tuple(items: list, tp, source: str, convert) -> tuple:
     if len(items) != len(args):
         raise ValueError(f"{source}: must be {_type_name(tp)}, got {len(items)} item(s)")
     return tuple(convert(v, t, f"{source}, item {i}") for i, (v, t) in enumerate(zip(items, args)))
+
+
+DEVICES = ("CPU", "GPU", "Ascend")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = MappingProxyType({})) -> list[str]:
+    """What is wrong with the fields every server has (model, port, device, dtype, log level),
+    plus each field named in ``minimums`` that is set and below its minimum."""
+    from .logs import LOG_LEVELS
+
+    s = settings
+    problems = []
+    if not s.model:
+        problems.append(f"model is required (--model DIR, {env_prefix}MODEL or 'model:' in the YAML)")
+    if not 0 <= s.port <= 65535:
+        problems.append(f"port must be in 0..65535, got {s.port}")
+    if s.device not in DEVICES:
+        problems.append(f"device must be one of {', '.join(DEVICES)}, got {s.device!r}")
+    if s.dtype is not None and s.dtype not in DTYPES:
+        problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    if s.log_level.upper() not in LOG_LEVELS:
+        problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
+    for name, low in minimums.items():
+        value = getattr(s, name)
+        if value is not None and value < low:
+            problems.append(f"{name} must be >= {low}, got {value}")
+    return problems

@@ -46,7 +46,9 @@ from pllava_serving.server import Service, create_server, format_address, run_ma
 
 from .encoder_client import Encoded, EncoderClient
 from .engine_loop import EngineLoop
-from .settings import DEVICES, DTYPES, ENV_PREFIX, DecoderSettings
+from pllava_serving.settings import DEVICES, DTYPES
+
+from .settings import ENV_PREFIX, DecoderSettings
 from .visual_cache import CachedVisual, VisualCache, visual_key
 
 log = logging.getLogger("pllava_decoder")

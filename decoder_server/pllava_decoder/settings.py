@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pllava_serving.logs import LOG_LEVELS
+from pllava_serving.settings import server_problems
 
 ENV_PREFIX = "PLLAVA_DECODER_"
-DEVICES = ("CPU", "GPU", "Ascend")
-DTYPES = ("float32", "float16", "bfloat16")
 
 #: Default cap on the context when the checkpoint allows more: each KV slot preallocates
 #: max_context positions, so a model's 32k window would cost 8x the memory of 4k per slot.
@@ -40,30 +38,11 @@ class DecoderSettings:
     log_level: str = "INFO"
 
     def __post_init__(self):
-        problems = []
-        if not self.model:
-            problems.append("model is required (--model DIR, PLLAVA_DECODER_MODEL or 'model:' in the YAML)")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port must be in 0..65535, got {self.port}")
+        problems = server_problems(self, ENV_PREFIX, {
+            "max_context": 2, "num_frames": 1, "max_batch": 1, "max_queue": 1, "max_new_tokens": 1,
+            "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0})
         if not self.encoder:
             problems.append("encoder must be a gRPC target such as dns:///encoder:50051")
-        if self.device not in DEVICES:
-            problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.log_level.upper() not in LOG_LEVELS:
-            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if self.max_context is not None and self.max_context < 2:
-            problems.append(f"max_context must be >= 2, got {self.max_context}")
-        for name in ("num_frames",):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_batch", "max_queue", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("device_id", "visual_cache_bytes", "encoder_retries", "grace_s"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.encoder_timeout_s <= 0:
             problems.append(f"encoder_timeout_s must be > 0, got {self.encoder_timeout_s}")
         if problems:

@@ -22,7 +22,9 @@ from pllava_serving.errors import Unavailable
 from pllava_serving.logs import LOG_LEVELS
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
-from .settings import DEVICES, DTYPES, ENV_PREFIX, EncoderSettings
+from pllava_serving.settings import DEVICES, DTYPES
+
+from .settings import ENV_PREFIX, EncoderSettings
 
 if TYPE_CHECKING:  # the engine (and MindSpore) is imported only when serving: video-worker
     from .engine import VisionEncoderEngine  # processes re-import this module as __mp_main__

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pllava_serving.logs import LOG_LEVELS
+from pllava_serving.settings import server_problems
 
 ENV_PREFIX = "PLLAVA_ENCODER_"
-DEVICES = ("CPU", "GPU", "Ascend")
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -37,24 +35,10 @@ class EncoderSettings:
     log_level: str = "INFO"
 
     def __post_init__(self):
-        problems = []
-        if not self.model:
-            problems.append("model is required (--model DIR, PLLAVA_ENCODER_MODEL or 'model:' in the YAML)")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port must be in 0..65535, got {self.port}")
-        if self.device not in DEVICES:
-            problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.log_level.upper() not in LOG_LEVELS:
-            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        problems = server_problems(self, ENV_PREFIX, {
+            "device_id": 0, "batch_wait_ms": 0, "grace_s": 0, "max_num_frames": 1, "max_frames_per_batch": 1,
+            "video_workers": 1, "max_queue": 1, "max_video_bytes": 1})
         if self.num_frames is not None and not 1 <= self.num_frames <= self.max_num_frames:
             problems.append(f"num_frames must be in 1..max_num_frames={self.max_num_frames}, got {self.num_frames}")
-        for name in ("device_id", "batch_wait_ms", "grace_s"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_num_frames", "max_frames_per_batch", "video_workers", "max_queue", "max_video_bytes"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid encoder settings: " + "; ".join(problems))

@@ -25,7 +25,12 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
     if device == "CPU" and dtype == "bfloat16":
         raise ValueError("dtype bfloat16 is not usable on CPU: MindSpore has no bf16 MatMul kernel there; "
                          "use float32 (or float16, which runs but slowly)")
-    ms.set_device(device, device_id)
+    try:
+        ms.set_device(device, device_id)
+    except RuntimeError:  # the runtime already started in this process: fine if on the same device
+        if ms.get_context("device_target") != device:
+            raise ValueError(f"MindSpore already runs on {ms.get_context('device_target')} in this process; "
+                             f"it cannot switch to {device}") from None
     return Backend(device=device, dtype=DTYPES[dtype])
 
 

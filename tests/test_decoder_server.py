@@ -354,3 +354,29 @@ def run_one(address: str, media, i: int):
     name, prompt, n = JOBS[i]
     with Client(address, timeout=120) as client:
         return client.caption_full(media[name], prompt, max_new_tokens=n, request_id=f"kill-{i}")
+
+
+def test_sigterm_lets_a_running_caption_finish(tiny_model_dir, encoder, logs, media):
+    """SIGTERM: health turns NOT_SERVING, a new Caption gets UNAVAILABLE, and the caption
+    already streaming runs to its end before the process exits 0."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    dec = start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs, "--max-batch", "1",
+                        "--grace-s", "300", "--max-context", "4096")
+    try:
+        with grpc.insecure_channel(dec.address) as channel, Client(dec.address, timeout=300) as client:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stream = client.caption(media["cooking"], max_new_tokens=1500, request_id="drain-a")
+            next(iter(stream))  # it is generating
+            dec.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(CaptionError) as refused:
+                client.caption_full(media["yoga"], max_new_tokens=4)
+            assert refused.value.status == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.message
+            for _ in stream:
+                pass
+            assert stream.result.finish_reason == "length" and len(stream.token_ids) == 1500
+        assert dec.wait(timeout=120) == 0
+    finally:
+        dec.kill()

@@ -27,10 +27,12 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
                          "use float32 (or float16, which runs but slowly)")
     try:
         ms.set_device(device, device_id)
-    except RuntimeError:  # the runtime already started in this process: fine if on the same device
+    except RuntimeError as exc:
+        # Already started in this process on the same device is fine; anything else (no such
+        # device in this MindSpore build, a switch after start) is the user's to fix.
         if ms.get_context("device_target") != device:
-            raise ValueError(f"MindSpore already runs on {ms.get_context('device_target')} in this process; "
-                             f"it cannot switch to {device}") from None
+            reason = str(exc).strip().splitlines()[0]
+            raise ValueError(f"cannot run on {device}: {reason}") from None
     return Backend(device=device, dtype=DTYPES[dtype])
 
 

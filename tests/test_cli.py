@@ -108,3 +108,9 @@ def test_user_errors_are_one_clear_line(tiny_model_dir, videos_dir, tmp_path, ma
     run = pllava(*make_args(tiny_model_dir, videos_dir / "cooking.mp4", tmp_path), check=False)
     assert run.returncode == 2
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_unavailable_device_is_a_clear_error(tiny_model_dir, videos_dir):
+    run = pllava("caption", videos_dir / "cooking.mp4", "--model", tiny_model_dir, "--device", "Ascend", check=False)
+    assert run.returncode == 2
+    assert "cannot run on Ascend" in run.stderr and "Traceback" not in run.stderr

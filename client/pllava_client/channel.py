@@ -35,25 +35,15 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
     example ``dns:///encoder:50051`` with scaled encoder replicas) instead of gRPC's default
     pick-first, which sends every call to one of them.
     """
-    options: Options = [
-        ("grpc.max_send_message_length", int(max_message_bytes)),
-        ("grpc.max_receive_message_length", int(max_message_bytes)),
-        ("grpc.keepalive_time_ms", int(keepalive_time_ms)),
-        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_ms)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.enable_retries", 1),
-    ]
+    options = _shared_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms)
+    options.append(("grpc.enable_retries", 1))
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
-                   keepalive_time_ms: int = KEEPALIVE_TIME_MS,
-                   keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS,
-                   min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS) -> Options:
-    """Options for ``grpc.server`` / ``grpc.aio.server``."""
+def _shared_options(max_message_bytes: int, keepalive_time_ms: int, keepalive_timeout_ms: int) -> Options:
+    """Message size limits and keepalive, the same on both ends."""
     return [
         ("grpc.max_send_message_length", int(max_message_bytes)),
         ("grpc.max_receive_message_length", int(max_message_bytes)),
@@ -61,6 +51,15 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_ms)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
+                   keepalive_time_ms: int = KEEPALIVE_TIME_MS,
+                   keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS,
+                   min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS) -> Options:
+    """Options for ``grpc.server`` / ``grpc.aio.server``."""
+    return _shared_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms) + [
         ("grpc.http2.min_ping_interval_without_data_ms", int(min_client_ping_interval_ms)),
         # Answer over-eager pings with GOAWAY only after this many (gRPC's default).
         ("grpc.http2.max_ping_strikes", 2),

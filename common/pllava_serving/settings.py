@@ -232,3 +232,25 @@ def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = M
         if value is not None and value < low:
             problems.append(f"{name} must be >= {low}, got {value}")
     return problems
+
+
+def add_server_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
+    """The flags every server has (each defaults to None = not given, so YAML and environment
+    values show through); a server adds its own after these."""
+    from .logs import LOG_LEVELS
+
+    d = {f.name: f.default for f in dataclasses.fields(settings_cls)}
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (keys are the field names)")
+    parser.add_argument("--model", metavar="DIR", help="checkpoint folder (HF layout) or converted .ckpt file")
+    parser.add_argument("--host", help=f"interface to listen on (default {d['host']}; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, help=f"port (default {d['port']}; 0 = any free port)")
+    parser.add_argument("--device", choices=DEVICES, help="CPU (default), GPU or Ascend")
+    parser.add_argument("--device-id", type=int, help="device index (default 0)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="compute dtype (default: float32 on CPU, bfloat16 on Ascend, float16 on GPU)")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha of PEFT checkpoints (default 4)")
+    parser.add_argument("--num-frames", type=int,
+                        help="frames per video when a request says 0 (default: the checkpoint's)")
+    parser.add_argument("--grace-s", type=float,
+                        help=f"on SIGTERM, seconds running requests get to finish (default {d['grace_s']:g})")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")

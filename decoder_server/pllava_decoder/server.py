@@ -40,13 +40,12 @@ from pllava.video import VideoError
 from pllava_client.codec import to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable, current_request_id
-from pllava_serving.logs import LOG_LEVELS
 from pllava_serving.model_id import model_id
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
 from .encoder_client import Encoded, EncoderClient
 from .engine_loop import EngineLoop
-from pllava_serving.settings import DEVICES, DTYPES
+from pllava_serving.settings import add_server_flags
 
 from .settings import ENV_PREFIX, DecoderSettings
 from .visual_cache import CachedVisual, VisualCache, visual_key
@@ -273,19 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pllava-decoder",
         description="PLLaVA decoder server: captions videos, getting their visual tokens from encoder replicas. "
                     "Settings: defaults < --config YAML < PLLAVA_DECODER_* environment < flags.")
-    p.add_argument("--config", metavar="YAML", help="settings file (keys are the flag names)")
-    p.add_argument("--model", help="checkpoint folder (HF layout) or converted .ckpt file")
-    p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, help="port to listen on (default 50052; 0 = any free port)")
+    add_server_flags(p, DecoderSettings)
     p.add_argument("--encoder", metavar="TARGET",
                    help="gRPC target of the encoder replicas, round-robin balanced (default dns:///127.0.0.1:50051; "
                         "e.g. dns:///encoder:50051 or ipv4:127.0.0.1:50051,127.0.0.1:50061)")
-    p.add_argument("--device", choices=DEVICES, help="CPU (default), GPU or Ascend")
-    p.add_argument("--device-id", type=int, help="device index (default 0)")
-    p.add_argument("--dtype", choices=DTYPES,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on Ascend, float16 on GPU)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha for PEFT checkpoints (default 4)")
-    p.add_argument("--num-frames", type=int, help="frames per video when a request says 0 (default: checkpoint's)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together = KV-cache slots (default 8)")
     p.add_argument("--max-context", type=int,
                    help="tokens per sequence (default: max_position_embeddings, at most 4096)")
@@ -295,8 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")
     p.add_argument("--max-new-tokens", type=int, help="when a request leaves it at 0 (default 256)")
-    p.add_argument("--grace-s", type=float, help="on SIGTERM, seconds running streams get to finish (default 10)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
     return p
 
 

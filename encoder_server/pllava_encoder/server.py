@@ -19,10 +19,9 @@ from pllava import __version__
 from pllava_client.codec import encode_tensor, to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable
-from pllava_serving.logs import LOG_LEVELS
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
-from pllava_serving.settings import DEVICES, DTYPES
+from pllava_serving.settings import add_server_flags
 
 from .settings import ENV_PREFIX, EncoderSettings
 
@@ -93,21 +92,11 @@ async def serve(settings: EncoderSettings) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag defaults to None (= not given), so YAML and environment values show through."""
-    d = EncoderSettings.__dataclass_fields__
     p = argparse.ArgumentParser(
         prog="pllava-encoder",
         description="PLLaVA vision-encoder gRPC server: videos in, pooled visual tokens out. Settings "
                     f"come from --config YAML < {ENV_PREFIX}<NAME> environment variables < these flags.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of settings (keys are the flag names)")
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (HF layout) or converted .ckpt file")
-    p.add_argument("--host", help=f"interface to listen on (default {d['host'].default}; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, help=f"port (default {d['port'].default}; 0 = any free port)")
-    p.add_argument("--device", choices=DEVICES, help="CPU (default), GPU or Ascend")
-    p.add_argument("--device-id", type=int, help="device index (default 0)")
-    p.add_argument("--dtype", choices=DTYPES,
-                   help="compute and output dtype (default: float32 on CPU, bfloat16 on Ascend, float16 on GPU)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha of PEFT checkpoints (default 4)")
-    p.add_argument("--num-frames", type=int, help="frames per video when a request says 0 (default: the checkpoint's)")
+    add_server_flags(p, EncoderSettings)
     p.add_argument("--max-num-frames", type=int, help="largest num_frames a request may ask (default 256)")
     p.add_argument("--max-frames-per-batch", type=int,
                    help="frames of concurrent videos per vision-tower call (default 64)")
@@ -116,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-workers", type=int, help="video decoding processes (default 2)")
     p.add_argument("--max-queue", type=int, help="requests held at once; more get RESOURCE_EXHAUSTED (default 32)")
     p.add_argument("--max-video-bytes", type=int, help="largest video file accepted (default 64 MiB)")
-    p.add_argument("--grace-s", type=float, help="seconds running requests get to finish on SIGTERM (default 10)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
     return p
 
 

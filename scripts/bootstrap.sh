@@ -3,6 +3,7 @@
 # installs again only when pyproject.toml changes or a new extra is asked for. PYTHON picks
 # the interpreter (3.10+; MindSpore wheels exist for 3.9-3.11).
 set -euo pipefail
+exec 1>&2   # progress goes to stderr: stdout stays the caller's (demo.sh prints the caption there)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extra=${1:-}
 if [ ! -x .venv/bin/python ]; then
@@ -14,7 +15,11 @@ stamp=".venv/.installed-$hash-${extra:-base}"
 if [ -f "$stamp" ] || { [ -z "$extra" ] && ls .venv/.installed-"$hash"-* >/dev/null 2>&1; }; then
   exit 0
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
+# pip shows what it downloads and installs: the first time this is MindSpore (and, for the
+# test extra, torch and transformers), a few minutes and a few GB.
+echo "bootstrap: installing pllava-serve${extra:+[$extra]} and its dependencies into .venv"
+.venv/bin/python -m pip install --upgrade pip
+.venv/bin/python -m pip install -e ".${extra:+[$extra]}"
+echo "bootstrap: done (.venv is ready)"
 find .venv -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
 touch "$stamp"

@@ -3,7 +3,7 @@
 # videos through the decoder's published port (bound to 127.0.0.1), check that both encoder
 # replicas served work, then take the stack down.
 #
-#   scripts/compose_smoke.sh [VIDEO]          # default ../shared/videos/cooking.mp4
+#   scripts/compose_smoke.sh [VIDEO]          # default samples/orbit.mp4 (in this repository)
 #
 # Run as root on a machine without Docker it installs what it needs first (Debian's
 # docker.io, docker-compose 1.29 and debootstrap) and starts dockerd. Without a registry it
@@ -19,7 +19,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-VIDEO=${1:-$REPO/../shared/videos/cooking.mp4}
+VIDEO=${1:-$REPO/samples/orbit.mp4}
 ENCODERS=${ENCODERS:-2}
 PROJECT=${SMOKE_PROJECT:-pllava-smoke}
 export BASE_IMAGE=${BASE_IMAGE:-pllava-base:bookworm}

@@ -2,7 +2,7 @@
 # One command: start PLLaVA here (encoder servers + a decoder server, no Docker), caption a
 # video through the decoder with the thin client, streaming the text, and stop the servers.
 #
-#   scripts/demo.sh [VIDEO]                   # default ../shared/videos/cooking.mp4
+#   scripts/demo.sh [VIDEO]                   # default samples/orbit.mp4 (in this repository)
 #   MODEL=/path/to/checkpoint ENCODERS=2 PORT=50052 scripts/demo.sh video.mp4
 #
 # Without MODEL it uses the tiny random checkpoint (made once in ~/.cache/pllava/tiny), so
@@ -11,12 +11,13 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VIDEO=${1:-$REPO/../shared/videos/cooking.mp4}
+VIDEO=${1:-$REPO/samples/orbit.mp4}
 shift $(( $# > 0 ? 1 : 0 ))
 PORT=${PORT:-50052}
+# Check the input before the (long, first-time) install, not after it.
+[[ -f $VIDEO ]] || { echo "demo: no video at $VIDEO" >&2; exit 2; }
 bash "$REPO/scripts/bootstrap.sh"      # .venv with the project, on first use
 BIN=$REPO/.venv/bin/
-[[ -f $VIDEO ]] || { echo "demo: no video at $VIDEO" >&2; exit 2; }
 
 args=(up --port "$PORT" --encoders "${ENCODERS:-2}")
 [[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")

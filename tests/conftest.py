@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random checkpoint in the llava-hf layout and the real videos."""
+"""Shared fixtures: a tiny random checkpoint in the llava-hf layout and the repository's
+sample media."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +7,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VIDEOS = REPO.parent / "shared" / "videos"
+# Committed with the code (scripts/make_sample_media.py makes them): orbit.mp4 (322x182, 25 fps,
+# 160 frames), portrait.mp4 (190x338, 30 fps, 300 frames), short.mp4 (250x142, 12 fps,
+# 12 frames) and still.jpg (333x241).
+SAMPLES = REPO / "samples"
 
 
 @pytest.fixture(scope="session")
 def videos_dir() -> Path:
-    assert (VIDEOS / "cooking.mp4").exists(), f"the shared test videos are missing from {VIDEOS}"
-    return VIDEOS
+    """The folder of sample clips and the still image, inside the repository."""
+    assert (SAMPLES / "orbit.mp4").exists(), \
+        f"the sample media are missing from {SAMPLES}; python scripts/make_sample_media.py makes them"
+    return SAMPLES
 
 
 @pytest.fixture(scope="session")

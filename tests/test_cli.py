@@ -22,7 +22,7 @@ def pllava(*args, check=True):
 
 @pytest.fixture(scope="module")
 def caption_json(tiny_model_dir, videos_dir):
-    run = pllava("caption", videos_dir / "cooking.mp4", "--model", tiny_model_dir, "--json", "--max-new-tokens", 24)
+    run = pllava("caption", videos_dir / "orbit.mp4", "--model", tiny_model_dir, "--json", "--max-new-tokens", 24)
     return json.loads(run.stdout)
 
 
@@ -53,7 +53,7 @@ def test_caption_json(caption_json, tiny_model_dir):
 
 
 def test_streaming_prints_the_same_caption(caption_json, tiny_model_dir, videos_dir):
-    run = pllava("caption", videos_dir / "cooking.mp4", "--model", tiny_model_dir, "--max-new-tokens", 24)
+    run = pllava("caption", videos_dir / "orbit.mp4", "--model", tiny_model_dir, "--max-new-tokens", 24)
     assert run.stdout == caption_json["caption"] + "\n"
 
 
@@ -62,13 +62,13 @@ def test_in_process_captioner_matches_cli(caption_json, tiny_model_dir, videos_d
     from pllava.sampling import SamplingParams
 
     result = CaptionResult()
-    pieces = list(Captioner(tiny_model_dir).caption(videos_dir / "cooking.mp4", params=SamplingParams(max_new_tokens=24),
+    pieces = list(Captioner(tiny_model_dir).caption(videos_dir / "orbit.mp4", params=SamplingParams(max_new_tokens=24),
                                                    result=result))
     assert result.token_ids == caption_json["token_ids"] and "".join(pieces) == caption_json["caption"]
 
 
 def test_benchmark_reports_the_port_figure_and_the_split(tiny_model_dir, videos_dir):
-    run = pllava("caption", videos_dir / "yoga.mp4", "--model", tiny_model_dir, "--benchmark", "--max-new-tokens", 16)
+    run = pllava("caption", videos_dir / "portrait.mp4", "--model", tiny_model_dir, "--benchmark", "--max-new-tokens", 16)
     for row in ("tokens/s, port method", "decode-only tokens/s", "time to first token", "frames / visual tokens",
                 "prompt text tokens", "whole call, second run"):
         assert row in run.stdout, run.stdout
@@ -92,7 +92,7 @@ def test_caption_from_converted_ckpt(tiny_model_dir, videos_dir, caption_json, t
         if not f.name.endswith((".safetensors", ".index.json")):
             (model / f.name).write_bytes(f.read_bytes())
     pllava("convert", tiny_model_dir, "-o", model / "model.ckpt")
-    out = json.loads(pllava("caption", videos_dir / "cooking.mp4", "--model", model, "--json",
+    out = json.loads(pllava("caption", videos_dir / "orbit.mp4", "--model", model, "--json",
                             "--max-new-tokens", 24).stdout)
     assert out["token_ids"] == caption_json["token_ids"]
 
@@ -105,12 +105,12 @@ def test_caption_from_converted_ckpt(tiny_model_dir, videos_dir, caption_json, t
 ])
 def test_user_errors_are_one_clear_line(tiny_model_dir, videos_dir, tmp_path, make_args, message):
     (tmp_path / "notes.txt").write_text("not a video\n")
-    run = pllava(*make_args(tiny_model_dir, videos_dir / "cooking.mp4", tmp_path), check=False)
+    run = pllava(*make_args(tiny_model_dir, videos_dir / "orbit.mp4", tmp_path), check=False)
     assert run.returncode == 2
     assert message in run.stderr and "Traceback" not in run.stderr
 
 
 def test_unavailable_device_is_a_clear_error(tiny_model_dir, videos_dir):
-    run = pllava("caption", videos_dir / "cooking.mp4", "--model", tiny_model_dir, "--device", "Ascend", check=False)
+    run = pllava("caption", videos_dir / "orbit.mp4", "--model", tiny_model_dir, "--device", "Ascend", check=False)
     assert run.returncode == 2
     assert "cannot run on Ascend" in run.stderr and "Traceback" not in run.stderr

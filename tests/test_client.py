@@ -256,7 +256,7 @@ def in_process(tiny_model_dir, videos_dir):
 
     captioner = Captioner(tiny_model_dir)
     out = {}
-    for name in ("cooking.mp4", "yoga.mp4"):
+    for name in ("orbit.mp4", "portrait.mp4"):
         result = InProcessResult()
         for _ in captioner.caption(videos_dir / name, PROMPT, params=SamplingParams(max_new_tokens=MAX_NEW_TOKENS),
                                    result=result):
@@ -272,7 +272,7 @@ def caption_cli(*args, timeout=120):
 
 def test_streamed_tokens_equal_in_process_generation(stack, in_process, videos_dir):
     with Client(stack, timeout=120) as client:
-        for name in ("cooking.mp4", "yoga.mp4"):
+        for name in ("orbit.mp4", "portrait.mp4"):
             expected = in_process[name]
             stream = client.caption(videos_dir / name, PROMPT, max_new_tokens=MAX_NEW_TOKENS)
             pieces = list(stream)
@@ -286,8 +286,8 @@ def test_streamed_tokens_equal_in_process_generation(stack, in_process, videos_d
 
 
 def test_bytes_and_file_objects_caption_like_paths(stack, in_process, videos_dir):
-    path = videos_dir / "yoga.mp4"
-    expected = in_process["yoga.mp4"]["token_ids"]
+    path = videos_dir / "portrait.mp4"
+    expected = in_process["portrait.mp4"]["token_ids"]
     with Client(stack, timeout=120) as client:
         assert client.caption_full(path.read_bytes(), PROMPT, max_new_tokens=MAX_NEW_TOKENS).token_ids == expected
         with open(path, "rb") as f:
@@ -297,21 +297,21 @@ def test_bytes_and_file_objects_caption_like_paths(stack, in_process, videos_dir
 
 
 def test_cli_json_matches_the_in_process_json(stack, in_process, videos_dir):
-    done = caption_cli(videos_dir / "cooking.mp4", "--server", stack, "--prompt", PROMPT,
+    done = caption_cli(videos_dir / "orbit.mp4", "--server", stack, "--prompt", PROMPT,
                        "--max-new-tokens", MAX_NEW_TOKENS, "--json", "--timeout", 120)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
-    expected = in_process["cooking.mp4"]
+    expected = in_process["orbit.mp4"]
     assert set(got) == set(expected)
     assert got["token_ids"] == expected["token_ids"] and got["caption"] == expected["caption"]
     assert set(expected["timings"]) <= set(got["timings"])
 
 
 def test_cli_streams_the_caption(stack, in_process, videos_dir):
-    done = caption_cli(videos_dir / "cooking.mp4", "--server", stack, "--prompt", PROMPT,
+    done = caption_cli(videos_dir / "orbit.mp4", "--server", stack, "--prompt", PROMPT,
                        "--max-new-tokens", MAX_NEW_TOKENS)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == in_process["cooking.mp4"]["caption"] + "\n"
+    assert done.stdout == in_process["orbit.mp4"]["caption"] + "\n"
 
 
 @pytest.mark.parametrize("content", [b"", b"this is a text file, not a video\n", b"\x00\x00\x00\x18ftypmp42" + bytes(64)],
@@ -327,7 +327,7 @@ def test_cli_refused_request_exits_nonzero_with_the_status(stack, tmp_path, cont
 
 
 def test_cli_unreachable_server_and_missing_file(tmp_path, videos_dir):
-    done = caption_cli(videos_dir / "yoga.mp4", "--server", "127.0.0.1:1", "--timeout", 10)
+    done = caption_cli(videos_dir / "portrait.mp4", "--server", "127.0.0.1:1", "--timeout", 10)
     assert done.returncode == 1 and done.stderr.startswith("error: UNAVAILABLE: ")
     done = caption_cli(tmp_path / "missing.mp4", "--server", "127.0.0.1:1")
     assert done.returncode == 2 and "missing.mp4" in done.stderr
@@ -336,9 +336,9 @@ def test_cli_unreachable_server_and_missing_file(tmp_path, videos_dir):
 def test_cli_reads_the_video_from_stdin(stack, in_process, videos_dir):
     done = subprocess.run([console_script("pllava-caption"), "-", "--server", stack, "--prompt", PROMPT,
                            "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"],
-                          input=(videos_dir / "yoga.mp4").read_bytes(), capture_output=True, timeout=120)
+                          input=(videos_dir / "portrait.mp4").read_bytes(), capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["token_ids"] == in_process["yoga.mp4"]["token_ids"]
+    assert json.loads(done.stdout)["token_ids"] == in_process["portrait.mp4"]["token_ids"]
 
 
 def test_client_module_imports_neither_mindspore_nor_pllava():

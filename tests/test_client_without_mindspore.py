@@ -67,7 +67,7 @@ def stack(tiny_model_dir, tmp_path_factory):
 
 
 def test_caption_from_the_venv_without_mindspore(client_venv, stack, videos_dir):
-    video = videos_dir / "cooking.mp4"
+    video = videos_dir / "orbit.mp4"
     with Client(stack, timeout=120) as client:   # the project's own client, for reference
         expected = client.caption_full(video, max_new_tokens=12)
 

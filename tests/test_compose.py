@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.docker
 def test_compose_two_encoder_replicas_serve_a_caption(videos_dir):
-    done = subprocess.run(["bash", str(REPO / "scripts" / "compose_smoke.sh"), str(videos_dir / "cooking.mp4")],
+    done = subprocess.run(["bash", str(REPO / "scripts" / "compose_smoke.sh"), str(videos_dir / "orbit.mp4")],
                           cwd=REPO, capture_output=True, text=True, timeout=1500)
     output = done.stdout + done.stderr
     print(output[-6000:])

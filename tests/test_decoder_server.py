@@ -81,9 +81,9 @@ def captioner(tiny_model_dir) -> Captioner:
 
 @pytest.fixture(scope="module")
 def media(videos_dir, tmp_path_factory) -> dict[str, Path]:
-    """The two real videos and six distinct still images (PNG and JPEG)."""
+    """The two sample clips (samples/) and six distinct still images (PNG and JPEG)."""
     folder = tmp_path_factory.mktemp("media")
-    files = {"cooking": videos_dir / "cooking.mp4", "yoga": videos_dir / "yoga.mp4"}
+    files = {"orbit": videos_dir / "orbit.mp4", "portrait": videos_dir / "portrait.mp4"}
     for i in range(6):
         rng = np.random.default_rng(100 + i)
         pixels = (rng.random((180 + 20 * i, 320, 3)) * 255).astype(np.uint8)
@@ -108,7 +108,7 @@ def encoded_ids(encoder) -> set[str]:
 
 # ---- one encoder, one decoder ------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, prompt", [("cooking", None), ("yoga", "What is the person doing?")])
+@pytest.mark.parametrize("name, prompt", [("orbit", None), ("portrait", "What is the person doing?")])
 def test_stream_equals_in_process_greedy(decoder, captioner, media, name, prompt):
     expected = in_process(captioner, media[name], prompt, 40)
     with Client(decoder.address, timeout=60) as client:
@@ -130,17 +130,17 @@ def test_stream_equals_in_process_greedy(decoder, captioner, media, name, prompt
 
 
 def test_stop_string_and_seeded_sampling_equal_in_process(decoder, captioner, media):
-    reference = in_process(captioner, media["cooking"], None, 40).caption
+    reference = in_process(captioner, media["orbit"], None, 40).caption
     stop = reference[5:8]  # a piece of the greedy caption, so generation stops there
     params = SamplingParams(max_new_tokens=40, stop=(stop,))
     expected = InProcessResult()
-    list(captioner.caption(media["cooking"], params=params, result=expected))
+    list(captioner.caption(media["orbit"], params=params, result=expected))
     sampled = SamplingParams(max_new_tokens=24, temperature=0.5, top_p=0.5, seed=7)  # exact in float32
     expected_sampled = InProcessResult()
-    list(captioner.caption(media["yoga"], params=sampled, result=expected_sampled))
+    list(captioner.caption(media["portrait"], params=sampled, result=expected_sampled))
     with Client(decoder.address, timeout=60) as client:
-        stopped = client.caption_full(media["cooking"], max_new_tokens=40, stop=[stop])
-        drawn = client.caption_full(media["yoga"], max_new_tokens=24, temperature=0.5, top_p=0.5, seed=7)
+        stopped = client.caption_full(media["orbit"], max_new_tokens=40, stop=[stop])
+        drawn = client.caption_full(media["portrait"], max_new_tokens=24, temperature=0.5, top_p=0.5, seed=7)
     assert stopped.finish_reason == expected.finish_reason == "stop_string" and stopped.stop_string == stop
     assert (stopped.caption, stopped.token_ids) == (expected.caption, expected.token_ids)
     assert stop not in stopped.caption and reference.startswith(stopped.caption)
@@ -182,14 +182,14 @@ def test_same_video_new_prompt_skips_the_encoder(decoder, encoder, captioner, me
     ("<image> in the prompt", "must not contain '<image>'"),
 ])
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, media, case, message):
-    cooking = media["cooking"].read_bytes()
-    video, kwargs = cooking, {}
+    orbit = media["orbit"].read_bytes()
+    video, kwargs = orbit, {}
     if case == "empty video":
         video = b""
     elif case == "random bytes":
         video = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     elif case == "truncated mp4":
-        video = cooking[:len(cooking) // 2]
+        video = orbit[:len(orbit) // 2]
     elif case == "text file":
         video = b"This is a shopping list, not a video.\nmilk\neggs\n" * 20
     elif case == "num_frames huge":
@@ -223,12 +223,12 @@ def slot_freed(server, request_id: str) -> int:
 
 def test_client_cancel_frees_the_slot(narrow, media):
     with Client(narrow.address, timeout=60) as client:
-        stream = client.caption(media["cooking"], max_new_tokens=3000, request_id="cancel-a")
+        stream = client.caption(media["orbit"], max_new_tokens=3000, request_id="cancel-a")
         for _ in stream:
             if len(stream.token_ids) >= 3:
                 break
         stream.close()  # cancels the call mid-stream
-        follow = client.caption_full(media["yoga"], max_new_tokens=8, request_id="cancel-b")
+        follow = client.caption_full(media["portrait"], max_new_tokens=8, request_id="cancel-b")
     assert follow.finish_reason == "length" and len(follow.token_ids) == 8
     assert 3 <= slot_freed(narrow, "cancel-a") < 3000
     log = narrow.log_text()
@@ -239,14 +239,14 @@ def test_client_cancel_frees_the_slot(narrow, media):
 
 def test_deadline_exceeded_frees_the_slot(narrow, media):
     with Client(narrow.address) as client:
-        client.caption_full(media["cooking"], max_new_tokens=1)  # cache the visual tokens: decode starts at once
-        stream = client.caption(media["cooking"], max_new_tokens=3000, request_id="deadline-a", timeout=1.0)
+        client.caption_full(media["orbit"], max_new_tokens=1)  # cache the visual tokens: decode starts at once
+        stream = client.caption(media["orbit"], max_new_tokens=3000, request_id="deadline-a", timeout=1.0)
         with pytest.raises(CaptionError) as expired:
             for _ in stream:
                 pass
         assert expired.value.status == grpc.StatusCode.DEADLINE_EXCEEDED, expired.value
         assert len(stream.token_ids) < 3000, "the caption finished before its deadline: raise max_new_tokens"
-        follow = client.caption_full(media["yoga"], max_new_tokens=8, request_id="deadline-b", timeout=60)
+        follow = client.caption_full(media["portrait"], max_new_tokens=8, request_id="deadline-b", timeout=60)
     assert len(follow.token_ids) == 8
     assert slot_freed(narrow, "deadline-a") < 3000
 
@@ -257,11 +257,11 @@ def test_a_full_queue_answers_resource_exhausted(tiny_model_dir, encoder, logs, 
     with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs,
                        "--max-batch", "1", "--max-queue", "1", "--max-context", "4096") as dec, \
             Client(dec.address, timeout=120) as client:
-        client.caption_full(media["cooking"], max_new_tokens=1)  # cache the visual tokens
-        running = client.caption(media["cooking"], max_new_tokens=3000, request_id="busy-a")
+        client.caption_full(media["orbit"], max_new_tokens=1)  # cache the visual tokens
+        running = client.caption(media["orbit"], max_new_tokens=3000, request_id="busy-a")
         next(iter(running))  # it holds the only slot now
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(client.caption_full, media["cooking"], None, max_new_tokens=4,
+            futures = [pool.submit(client.caption_full, media["orbit"], None, max_new_tokens=4,
                                    request_id=f"busy-{name}") for name in ("b", "c")]
             refused = None
             deadline = time.monotonic() + 60
@@ -280,7 +280,7 @@ def test_a_full_queue_answers_resource_exhausted(tiny_model_dir, encoder, logs, 
 
 # ---- two encoder replicas ----------------------------------------------------------------------
 
-JOBS = [("cooking", None, 24), ("yoga", "What is the person doing?", 32), ("still0", "Describe the picture.", 16),
+JOBS = [("orbit", None, 24), ("portrait", "What is the person doing?", 32), ("still0", "Describe the picture.", 16),
         ("still1", None, 20), ("still2", "What colours are there?", 28), ("still3", "Is anyone there?", 12),
         ("still4", "Describe the scene in detail.", 36), ("still5", None, 18)]
 
@@ -367,12 +367,12 @@ def test_sigterm_lets_a_running_caption_finish(tiny_model_dir, encoder, logs, me
         with grpc.insecure_channel(dec.address) as channel, Client(dec.address, timeout=300) as client:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-            stream = client.caption(media["cooking"], max_new_tokens=1500, request_id="drain-a")
+            stream = client.caption(media["orbit"], max_new_tokens=1500, request_id="drain-a")
             next(iter(stream))  # it is generating
             dec.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(CaptionError) as refused:
-                client.caption_full(media["yoga"], max_new_tokens=4)
+                client.caption_full(media["portrait"], max_new_tokens=4)
             assert refused.value.status == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.message
             for _ in stream:
                 pass

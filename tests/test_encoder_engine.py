@@ -1,5 +1,5 @@
 """VisionEncoderEngine without gRPC: parity with in-process encoding, batching, bad input,
-back-pressure and video-worker crashes. Tiny checkpoint, real videos, real worker processes."""
+back-pressure and video-worker crashes. Tiny checkpoint, the sample clips, real worker processes."""
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +68,8 @@ def in_process_tokens(model_dir, video, num_frames: int | None = None) -> np.nda
 
 
 def test_tokens_equal_in_process_encode_videos(loop, engine, tiny_model_dir, videos_dir):
-    video = videos_dir / "cooking.mp4"
-    result = loop.run(engine.encode(video.read_bytes(), 0, "cooking.mp4"))
+    video = videos_dir / "orbit.mp4"
+    result = loop.run(engine.encode(video.read_bytes(), 0, "orbit.mp4"))
     expected = in_process_tokens(tiny_model_dir, video)
     assert result.visual.dtype == np.float32 and result.visual.shape == (576, 64) == expected.shape
     np.testing.assert_allclose(result.visual, expected, rtol=0, atol=1e-5)
@@ -79,20 +79,20 @@ def test_tokens_equal_in_process_encode_videos(loop, engine, tiny_model_dir, vid
 
 
 def test_a_request_may_ask_for_more_frames(loop, engine, tiny_model_dir, videos_dir):
-    video = videos_dir / "yoga.mp4"
-    result = loop.run(engine.encode(video.read_bytes(), 8, "yoga.mp4"))
+    video = videos_dir / "portrait.mp4"
+    result = loop.run(engine.encode(video.read_bytes(), 8, "portrait.mp4"))
     expected = in_process_tokens(tiny_model_dir, video, num_frames=8)
     assert result.num_frames == 8 and result.visual.shape == expected.shape
     np.testing.assert_allclose(result.visual, expected, rtol=0, atol=1e-5)
 
 
 def test_concurrent_requests_share_one_vision_tower_call(loop, engine, videos_dir):
-    cooking, yoga = (videos_dir / "cooking.mp4").read_bytes(), (videos_dir / "yoga.mp4").read_bytes()
-    alone = [loop.run(engine.encode(data)) for data in (cooking, yoga)]
+    orbit, portrait = (videos_dir / "orbit.mp4").read_bytes(), (videos_dir / "portrait.mp4").read_bytes()
+    alone = [loop.run(engine.encode(data)) for data in (orbit, portrait)]
 
     async def together():
         before = engine.vision_calls
-        results = await asyncio.gather(engine.encode(cooking, 0, "a"), engine.encode(yoga, 0, "b"))
+        results = await asyncio.gather(engine.encode(orbit, 0, "a"), engine.encode(portrait, 0, "b"))
         return results, engine.vision_calls - before
 
     results, calls = loop.run(together())
@@ -100,11 +100,11 @@ def test_concurrent_requests_share_one_vision_tower_call(loop, engine, videos_di
     for got, single in zip(results, alone):
         np.testing.assert_allclose(got.visual, single.visual, rtol=0, atol=1e-5)
     # Mixed frame counts batch too: each video is projected and pooled with its own count.
-    mixed_alone = loop.run(engine.encode(yoga, 6))
+    mixed_alone = loop.run(engine.encode(portrait, 6))
 
     async def mixed():
         before = engine.vision_calls
-        results = await asyncio.gather(engine.encode(cooking), engine.encode(yoga, 6))
+        results = await asyncio.gather(engine.encode(orbit), engine.encode(portrait, 6))
         return results, engine.vision_calls - before
 
     (a, b), calls = loop.run(mixed())
@@ -121,11 +121,11 @@ def test_a_still_image_is_one_frame_repeated(loop, engine):
 
 
 def bad_videos(videos_dir):
-    cooking = (videos_dir / "cooking.mp4").read_bytes()
+    orbit = (videos_dir / "orbit.mp4").read_bytes()
     return {
         "empty": (b"", "empty (0 bytes)"),
         "random": (np.random.default_rng(1).bytes(4096), "not a recognised video or image format"),
-        "truncated": (cooking[: len(cooking) // 2], "truncated"),
+        "truncated": (orbit[: len(orbit) // 2], "truncated"),
         "text": (b"Just some notes, not a video.\n" * 20, "looks like a text file"),
     }
 
@@ -136,27 +136,27 @@ def test_bad_videos_raise_video_error_naming_the_input(loop, engine, videos_dir,
     with pytest.raises(VideoError) as err:
         loop.run(engine.encode(data, 0, f"{case}.mp4"))
     assert str(err.value).startswith(f"{case}.mp4: ") and reason in str(err.value)
-    good = loop.run(engine.encode((videos_dir / "cooking.mp4").read_bytes()))  # still serving
+    good = loop.run(engine.encode((videos_dir / "orbit.mp4").read_bytes()))  # still serving
     assert good.visual.shape == (576, 64)
 
 
 @pytest.mark.parametrize("num_frames", [-1, 257, 2**32 - 1])
 def test_num_frames_out_of_range_is_a_value_error(loop, engine, videos_dir, num_frames):
     with pytest.raises(ValueError, match=rf"num_frames must be between 1 and 256 .*got {num_frames}"):
-        loop.run(engine.encode((videos_dir / "cooking.mp4").read_bytes(), num_frames))
+        loop.run(engine.encode((videos_dir / "orbit.mp4").read_bytes(), num_frames))
 
 
 def test_too_large_video_is_refused(loop, tiny_model_dir, videos_dir):
     small = start_engine(loop, tiny_model_dir, max_video_bytes=1000, video_workers=1)
     try:
-        with pytest.raises(VideoError, match=r"cooking.mp4: the file is \d+ bytes, more than .*max_video_bytes=1000"):
-            loop.run(small.encode((videos_dir / "cooking.mp4").read_bytes(), 0, "cooking.mp4"))
+        with pytest.raises(VideoError, match=r"orbit.mp4: the file is \d+ bytes, more than .*max_video_bytes=1000"):
+            loop.run(small.encode((videos_dir / "orbit.mp4").read_bytes(), 0, "orbit.mp4"))
     finally:
         loop.run(small.close())
 
 
 def test_beyond_max_queue_requests_are_overloaded(loop, tiny_model_dir, videos_dir):
-    data = (videos_dir / "cooking.mp4").read_bytes()
+    data = (videos_dir / "orbit.mp4").read_bytes()
     eng = start_engine(loop, tiny_model_dir, max_queue=1, video_workers=1)
 
     async def scenario():
@@ -176,7 +176,7 @@ def test_beyond_max_queue_requests_are_overloaded(loop, tiny_model_dir, videos_d
 
 
 def test_a_crashed_video_worker_is_replaced(loop, engine, videos_dir, caplog):
-    data = (videos_dir / "cooking.mp4").read_bytes()
+    data = (videos_dir / "orbit.mp4").read_bytes()
     before = loop.run(engine.encode(data))
     workers = list(engine._pool._processes.values())
     assert workers
@@ -193,7 +193,7 @@ def test_a_crashed_video_worker_is_replaced(loop, engine, videos_dir, caplog):
 def test_tokens_come_in_the_model_dtype(loop, engine, tiny_model_dir, videos_dir):
     """A float16 model hands out float16 tokens (what goes over the wire), close to float32's.
     (bfloat16 has no CPU matmul in MindSpore; its float32 -> bfloat16 step is exact too.)"""
-    data = (videos_dir / "cooking.mp4").read_bytes()
+    data = (videos_dir / "orbit.mp4").read_bytes()
     fp32 = loop.run(engine.encode(data)).visual
     half = start_engine(loop, tiny_model_dir, dtype="float16", video_workers=1)
     try:

@@ -80,8 +80,8 @@ def test_reflection_lists_the_services(encoder):
 
 
 def test_encode_over_grpc_equals_in_process(stub, tiny_model_dir, videos_dir):
-    video = videos_dir / "cooking.mp4"
-    header, tokens = encode(stub, video.read_bytes(), 0, request_id="parity-1", video_name="cooking.mp4")
+    video = videos_dir / "orbit.mp4"
+    header, tokens = encode(stub, video.read_bytes(), 0, request_id="parity-1", video_name="orbit.mp4")
     expected = in_process_tokens(tiny_model_dir, video)
     assert header.visual_tokens.dtype == pllava_pb2.DTYPE_FLOAT32
     assert list(header.visual_tokens.shape) == [576, 64] and tokens.shape == expected.shape
@@ -93,7 +93,7 @@ def test_encode_over_grpc_equals_in_process(stub, tiny_model_dir, videos_dir):
 
 
 def test_encode_with_more_frames_over_grpc(stub, tiny_model_dir, videos_dir):
-    video = videos_dir / "yoga.mp4"
+    video = videos_dir / "portrait.mp4"
     header, tokens = encode(stub, video.read_bytes(), 8)
     np.testing.assert_allclose(tokens, in_process_tokens(tiny_model_dir, video, 8), rtol=0, atol=1e-5)
     assert header.num_frames == 8
@@ -113,19 +113,19 @@ def test_get_info(stub, tiny_model_dir):
 
 
 def bad_requests(videos_dir):
-    cooking = (videos_dir / "cooking.mp4").read_bytes()
+    orbit = (videos_dir / "orbit.mp4").read_bytes()
     return {
         "empty": (pllava_pb2.EncodeRequest(video=b"", video_name="empty.mp4"),
                   "empty.mp4: the input is empty (0 bytes)"),
         "random": (pllava_pb2.EncodeRequest(video=np.random.default_rng(0).bytes(8192), video_name="noise.bin"),
                    "noise.bin: not a recognised video or image format"),
-        "truncated": (pllava_pb2.EncodeRequest(video=cooking[: len(cooking) // 2], video_name="half.mp4"),
+        "truncated": (pllava_pb2.EncodeRequest(video=orbit[: len(orbit) // 2], video_name="half.mp4"),
                       "half.mp4: the file is truncated"),
         "text": (pllava_pb2.EncodeRequest(video=b"# notes\nnot a video at all\n" * 40, video_name="notes.txt"),
                  "notes.txt: this looks like a text file"),
-        "huge num_frames": (pllava_pb2.EncodeRequest(video=cooking, num_frames=2**32 - 1),
+        "huge num_frames": (pllava_pb2.EncodeRequest(video=orbit, num_frames=2**32 - 1),
                             "num_frames must be between 1 and 256 (0 = the model's default, 4), got 4294967295"),
-        "257 frames": (pllava_pb2.EncodeRequest(video=cooking, num_frames=257),
+        "257 frames": (pllava_pb2.EncodeRequest(video=orbit, num_frames=257),
                        "num_frames must be between 1 and 256"),
     }
 
@@ -137,7 +137,7 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, encode
         collect(stub.Encode(request, timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert message in err.value.details()
-    header, tokens = encode(stub, (videos_dir / "yoga.mp4").read_bytes())
+    header, tokens = encode(stub, (videos_dir / "portrait.mp4").read_bytes())
     assert tokens.shape == (576, 64) and header.num_frames == 4
 
 
@@ -153,7 +153,7 @@ def varint(value: int) -> bytes:
 def test_negative_num_frames_from_a_raw_client_is_invalid_argument(encoder, videos_dir):
     """num_frames is uint32, so the Python stubs cannot even send -1; a client in another
     language can (-1 as a 64-bit varint, which the server reads as 2**32 - 1)."""
-    body = pllava_pb2.EncodeRequest(video=(videos_dir / "cooking.mp4").read_bytes()).SerializeToString()
+    body = pllava_pb2.EncodeRequest(video=(videos_dir / "orbit.mp4").read_bytes()).SerializeToString()
     raw = body + bytes([2 << 3 | 0]) + varint(2**64 - 1)  # field 2 (num_frames), varint -1
     with grpc.insecure_channel(encoder.address, options=channel_options()) as channel:
         call = channel.unary_stream("/pllava.v1.Encoder/Encode", request_serializer=lambda b: b,
@@ -180,8 +180,8 @@ def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path
     config = json.loads((tiny_model_dir / "config.json").read_text())
     config.update(num_frames=16, pooling_shape=[16, 24, 24])
     (model / "config.json").write_text(json.dumps(config))
-    cooking = (videos_dir / "cooking.mp4").read_bytes()
-    expected = in_process_tokens(model, videos_dir / "cooking.mp4")
+    orbit = (videos_dir / "orbit.mp4").read_bytes()
+    expected = in_process_tokens(model, videos_dir / "orbit.mp4")
     assert expected.nbytes > 2_000_000
 
     # No BDP probing: the window stays at its initial 64 KiB instead of growing to the tensor.
@@ -192,7 +192,7 @@ def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
             assert next(watch).status == SERVING
             stub = pllava_pb2_grpc.EncoderStub(channel)
-            responses = stub.Encode(pllava_pb2.EncodeRequest(video=cooking, request_id="in-flight"), timeout=120)
+            responses = stub.Encode(pllava_pb2.EncodeRequest(video=orbit, request_id="in-flight"), timeout=120)
             header = next(responses)  # ... and read nothing more for now
             assert header.header.visual_tokens.nbytes == expected.nbytes
 
@@ -201,7 +201,7 @@ def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path
             draining = server.wait_for_log(r"draining: .*, (\d+) in flight")
             assert draining.group(1) == "1"
             with pytest.raises(grpc.RpcError) as err:
-                list(stub.Encode(pllava_pb2.EncodeRequest(video=cooking), timeout=60))
+                list(stub.Encode(pllava_pb2.EncodeRequest(video=orbit), timeout=60))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in err.value.details()
             assert server.alive()

@@ -71,7 +71,7 @@ def test_pllava_up_two_encoders_caption_and_clean_shutdown(tiny_model_dir, video
 
         with Client(address, timeout=120) as client:
             captions = [client.caption_full(videos_dir / name, max_new_tokens=6)
-                        for name in ("cooking.mp4", "yoga.mp4", "cooking.mp4", "yoga.mp4")]
+                        for name in ("orbit.mp4", "portrait.mp4", "orbit.mp4", "portrait.mp4")]
         assert all(len(c.token_ids) == 6 for c in captions)
         assert captions[0].token_ids == captions[2].token_ids      # greedy: same video, same tokens
 
@@ -104,11 +104,11 @@ def test_launch_api_returns_handles_and_stops(tiny_model_dir, videos_dir):
         assert check_health(cluster.address) == "SERVING"
         with Client(cluster.address, timeout=120) as client:
             assert client.info().encoder_target == "ipv4:" + cluster.encoders[0].address
-            assert len(client.caption_full(videos_dir / "yoga.mp4", max_new_tokens=3).token_ids) == 3
+            assert len(client.caption_full(videos_dir / "portrait.mp4", max_new_tokens=3).token_ids) == 3
         assert any(ENCODED.search(line) for line in cluster.encoders[0].logs())
     assert [s.process.returncode for s in cluster.servers] == [0, 0]
     with pytest.raises(CaptionError):
-        Client(cluster.address, timeout=5).caption_full(videos_dir / "yoga.mp4")
+        Client(cluster.address, timeout=5).caption_full(videos_dir / "portrait.mp4")
 
 
 def server_children(parent: int | None = None) -> list[str]:
@@ -190,7 +190,7 @@ def test_demo_script_captions_and_stops_the_servers(tiny_model_dir, videos_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", str(repo / "scripts" / "demo.sh"), str(videos_dir / "yoga.mp4"),
+    done = subprocess.run(["bash", str(repo / "scripts" / "demo.sh"), str(videos_dir / "portrait.mp4"),
                            "--max-new-tokens", "5", "--json"],
                           env={**os.environ, "MODEL": str(tiny_model_dir), "ENCODERS": "1", "PORT": str(port)},
                           capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Frame sampling, loading and preprocessing (pllava/video.py) on real videos and images.
+"""Frame sampling, loading and preprocessing (pllava/video.py) on the sample clips and images.
 
 Preprocessing is checked against transformers' PIL-backend CLIP image processor, fed the
 same frames after a PLLaVA long/short resize built from transformers' own helpers, the way
@@ -30,19 +30,21 @@ from pllava.video import (
     preprocess,
 )
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
-COOKING = VIDEOS / "cooking.mp4"   # 640x360, 25 fps, 160 frames
-YOGA = VIDEOS / "yoga.mp4"         # 568x320, 30 fps, 300 frames
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"   # scripts/make_sample_media.py
+ORBIT = SAMPLES / "orbit.mp4"          # 322x182, 25 fps, 160 frames
+PORTRAIT = SAMPLES / "portrait.mp4"    # 190x338, 30 fps, 300 frames
+SHORT = SAMPLES / "short.mp4"          # 250x142, 12 fps, 12 frames
+STILL = SAMPLES / "still.jpg"          # 333x241
 
 
 @pytest.fixture(scope="module")
-def cooking() -> Frames:
-    return load_frames(COOKING, 16)
+def orbit() -> Frames:
+    return load_frames(ORBIT, 16)
 
 
 @pytest.fixture(scope="module")
-def yoga() -> Frames:
-    return load_frames(YOGA, 16)
+def portrait() -> Frames:
+    return load_frames(PORTRAIT, 16)
 
 
 # --------------------------------------------------------------------------- get_index
@@ -75,42 +77,63 @@ def test_get_index_rejects_empty(n, t):
 
 # --------------------------------------------------------------------------- loading videos
 
-def test_load_cooking(cooking):
-    assert cooking.frames.shape == (16, 360, 640, 3) and cooking.frames.dtype == np.uint8
-    assert cooking.indices == tuple(get_index(160, 16))
-    assert cooking.indices[:3] == (4, 14, 24)
-    assert (cooking.total_frames, cooking.fps, cooking.is_image) == (160, 25.0, False)
+def test_load_orbit(orbit):
+    assert orbit.frames.shape == (16, 182, 322, 3) and orbit.frames.dtype == np.uint8
+    assert orbit.indices == tuple(get_index(160, 16))
+    assert orbit.indices[:3] == (4, 14, 24)
+    assert (orbit.total_frames, orbit.fps, orbit.is_image) == (160, 25.0, False)
 
 
-def test_load_yoga(yoga):
-    assert yoga.frames.shape == (16, 320, 568, 3) and yoga.frames.dtype == np.uint8
-    assert yoga.indices == (9, 28, 46, 65, 84, 102, 121, 140, 159, 177, 196, 215, 233, 252, 271, 289)
-    assert (yoga.total_frames, yoga.fps, yoga.is_image) == (300, 30.0, False)
-    assert not np.array_equal(yoga.frames[0], yoga.frames[-1])  # really different frames
+def test_load_portrait(portrait):
+    assert portrait.frames.shape == (16, 338, 190, 3) and portrait.frames.dtype == np.uint8
+    assert portrait.indices == (9, 28, 46, 65, 84, 102, 121, 140, 159, 177, 196, 215, 233, 252, 271, 289)
+    assert (portrait.total_frames, portrait.fps, portrait.is_image) == (300, 30.0, False)
+    for a, b in zip(portrait.frames[:-1], portrait.frames[1:]):   # really different frames
+        assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
 
 
-def test_frames_equal_reference_one_by_one_decode(yoga):
+def test_sample_frames_have_colour_and_texture(orbit, portrait):
+    for frames in (orbit.frames, portrait.frames):
+        channels = frames.reshape(-1, 3).astype(float)
+        assert (channels.std(axis=0) > 30).all()                        # every channel varies
+        assert np.abs(channels[:, 0] - channels[:, 2]).mean() > 20       # not grey
+        rows = np.abs(np.diff(frames.astype(int), axis=2)).mean()
+        assert rows > 3.5                                               # not flat: texture and edges (a bare gradient: ~1.5)
+
+
+def test_frames_equal_reference_one_by_one_decode(portrait):
     # The reference decodes with vr[i].asnumpy(), one frame at a time.
     import decord
-    reader = decord.VideoReader(str(YOGA), ctx=decord.cpu(0))
+    reader = decord.VideoReader(str(PORTRAIT), ctx=decord.cpu(0))
     for k in (0, 7, 15):
-        np.testing.assert_array_equal(yoga.frames[k], reader[yoga.indices[k]].asnumpy())
+        np.testing.assert_array_equal(portrait.frames[k], reader[portrait.indices[k]].asnumpy())
 
 
-def test_path_bytes_and_file_object_give_identical_frames(yoga):
-    data = YOGA.read_bytes()
-    with open(YOGA, "rb") as handle:
+def test_path_bytes_and_file_object_give_identical_frames(portrait):
+    data = PORTRAIT.read_bytes()
+    with open(PORTRAIT, "rb") as handle:
         from_handle = load_frames(handle, 16)
-    for loaded in (load_frames(str(YOGA), 16), load_frames(data, 16), load_frames(bytearray(data), 16),
+    for loaded in (load_frames(str(PORTRAIT), 16), load_frames(data, 16), load_frames(bytearray(data), 16),
                    load_frames(io.BytesIO(data), 16), from_handle):
-        np.testing.assert_array_equal(loaded.frames, yoga.frames)
+        np.testing.assert_array_equal(loaded.frames, portrait.frames)
         assert (loaded.indices, loaded.total_frames, loaded.fps, loaded.is_image) == \
-            (yoga.indices, yoga.total_frames, yoga.fps, yoga.is_image)
+            (portrait.indices, portrait.total_frames, portrait.fps, portrait.is_image)
+
+
+def test_short_clip_repeats_its_frames():
+    loaded = load_frames(SHORT, 16)   # 12 frames in the file
+    assert loaded.frames.shape == (16, 142, 250, 3)
+    assert (loaded.total_frames, loaded.fps, loaded.is_image) == (12, 12.0, False)
+    # seg = 11/16: start 0, round(seg * i); seg * 8 = 5.5 rounds to even (6)
+    assert loaded.indices == (0, 1, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 8, 9, 10, 10)
+    for k in range(15):
+        same = np.array_equal(loaded.frames[k], loaded.frames[k + 1])
+        assert same == (loaded.indices[k] == loaded.indices[k + 1])
 
 
 def test_video_shorter_than_num_frames_repeats_frames():
-    loaded = load_frames(COOKING, 400)   # 160 frames in the file
-    assert loaded.frames.shape == (400, 360, 640, 3)
+    loaded = load_frames(ORBIT, 400)   # 160 frames in the file
+    assert loaded.frames.shape == (400, 182, 322, 3)
     assert loaded.indices == tuple(get_index(160, 400))
     assert sorted(set(loaded.indices)) == list(range(160))
     repeats = [k for k in range(399) if loaded.indices[k] == loaded.indices[k + 1]]
@@ -120,17 +143,26 @@ def test_video_shorter_than_num_frames_repeats_frames():
 
 
 def test_single_frame():
-    loaded = load_frames(COOKING, 1)
-    assert loaded.indices == (79,) and loaded.frames.shape == (1, 360, 640, 3)
+    loaded = load_frames(ORBIT, 1)
+    assert loaded.indices == (79,) and loaded.frames.shape == (1, 182, 322, 3)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_num_frames_must_be_positive_int(bad):
     with pytest.raises(VideoError, match="num_frames"):
-        load_frames(COOKING, bad)
+        load_frames(ORBIT, bad)
 
 
 # --------------------------------------------------------------------------- loading images
+
+def test_sample_still_is_one_frame_as_pil_reads_it():
+    loaded = load_frames(STILL, 16)
+    assert loaded.is_image and loaded.frames.shape == (1, 241, 333, 3)
+    assert (loaded.indices, loaded.total_frames, loaded.fps) == ((0,), 1, 0.0)
+    np.testing.assert_array_equal(loaded.frames[0], np.asarray(Image.open(STILL).convert("RGB")))
+    pixels, frames = load_video(STILL, 16)
+    assert pixels.shape == (1, 3, 336, 336) and frames.is_image
+
 
 def _rng_image(h, w, channels=3, seed=0):
     shape = (h, w, channels) if channels > 1 else (h, w)
@@ -212,7 +244,7 @@ def test_random_bytes():
 
 
 def test_truncated_mp4(tmp_path):
-    data = COOKING.read_bytes()
+    data = ORBIT.read_bytes()
     with pytest.raises(VideoError, match=r"<bytes>.*truncated"):
         load_frames(data[: len(data) // 2], 4)
     path = tmp_path / "half.mp4"
@@ -226,7 +258,7 @@ def test_truncated_mp4(tmp_path):
 def test_corrupt_mp4_that_decord_rejects():
     # Well-formed boxes, nonsense inside: passes the cheap checks, so decord itself must fail.
     rng = np.random.default_rng(1)
-    data = COOKING.read_bytes()[:32] + _box(b"moov", rng.bytes(2000)) + _box(b"mdat", rng.bytes(3000))
+    data = ORBIT.read_bytes()[:32] + _box(b"moov", rng.bytes(2000)) + _box(b"mdat", rng.bytes(3000))
     with pytest.raises(VideoError, match="could not be decoded as a video"):
         load_frames(data, 4)
     with pytest.raises(VideoError, match="could not be decoded as a video"):
@@ -263,14 +295,14 @@ def test_wrong_source_type():
 
 
 def test_process_survives_bad_inputs_then_decodes():
-    data = COOKING.read_bytes()
+    data = ORBIT.read_bytes()
     rng = np.random.default_rng(2)
-    bad = [data[: len(data) // 3], rng.bytes(4096), COOKING.read_bytes()[:32] + _box(b"moov", rng.bytes(500))]
+    bad = [data[: len(data) // 3], rng.bytes(4096), data[:32] + _box(b"moov", rng.bytes(500))]
     for _ in range(3):
         for source in bad:
             with pytest.raises(VideoError):
                 load_frames(source, 4)
-    assert load_frames(data, 2).frames.shape == (2, 360, 640, 3)
+    assert load_frames(data, 2).frames.shape == (2, 182, 322, 3)
 
 
 # --------------------------------------------------------------------------- preprocessing sizes
@@ -281,8 +313,11 @@ def test_process_survives_bad_inputs_then_decodes():
     ((480, 640), (480, 640), (336, 448), (0, 56)),
     ((672, 1194), (360, 639), (336, 596), (0, 130)),
     ((240, 320), (336, 448), (336, 448), (0, 56)),
-    ((360, 640), (360, 640), (336, 597), (0, 130)),   # cooking.mp4
-    ((320, 568), (336, 596), (336, 596), (0, 130)),   # yoga.mp4
+    ((360, 640), (360, 640), (336, 597), (0, 130)),
+    ((320, 568), (336, 596), (336, 596), (0, 130)),
+    ((182, 322), (336, 594), (336, 594), (0, 129)),   # orbit.mp4
+    ((338, 190), (597, 336), (597, 336), (130, 0)),   # portrait.mp4
+    ((241, 333), (336, 464), (336, 464), (0, 64)),    # still.jpg
 ])
 def test_spec_size_table(size, after_pllava, after_clip, crop):
     assert pllava_resize_size(*size, 336) == after_pllava
@@ -330,33 +365,39 @@ def _assert_parity(frames: np.ndarray, cfg: PreprocessorConfig, shape: tuple[int
     assert np.abs(ours - ref).max() <= 1e-5
 
 
-def test_parity_cooking(cooking):
-    _assert_parity(cooking.frames, PreprocessorConfig(), (16, 3, 336, 336))
+def test_parity_orbit(orbit):
+    _assert_parity(orbit.frames, PreprocessorConfig(), (16, 3, 336, 336))
 
 
-def test_parity_yoga_upscales_short_side(yoga):
-    _assert_parity(yoga.frames[:4], PreprocessorConfig(), (4, 3, 336, 336))
+def test_parity_portrait_upscales_short_side(portrait):
+    _assert_parity(portrait.frames[:4], PreprocessorConfig(), (4, 3, 336, 336))
+
+
+def test_parity_still():
+    _assert_parity(load_frames(STILL, 1).frames, PreprocessorConfig(), (1, 3, 336, 336))
 
 
 def _pil_resize(frames, height, width):
     return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
 
 
-@pytest.mark.parametrize("name", ["portrait", "hd", "small", "odd", "square"])
-def test_parity_other_shapes(cooking, name):
-    frames = cooking.frames[::5]   # 4 real frames, 360x640
+@pytest.mark.parametrize("name", ["portrait", "hd", "sd", "small", "odd", "big_odd", "square"])
+def test_parity_other_shapes(orbit, name):
+    frames = orbit.frames[::5]   # 4 decoded frames, 182x322
     frames = {
-        "portrait": np.ascontiguousarray(frames.transpose(0, 2, 1, 3)),   # 640x360
-        "hd": _pil_resize(frames, 720, 1280),
+        "portrait": np.ascontiguousarray(frames.transpose(0, 2, 1, 3)),   # 322x182
+        "hd": _pil_resize(frames, 720, 1280),                             # both resizes shrink
+        "sd": _pil_resize(frames, 360, 640),                              # only the CLIP resize shrinks
         "small": _pil_resize(frames, 240, 320),
-        "odd": np.ascontiguousarray(frames[:, 11:344, 37:554]),           # 333x517
-        "square": np.ascontiguousarray(frames[:, :, 100:460]),            # 360x360
+        "odd": np.ascontiguousarray(frames[:, 3:170, 5:318]),             # 167x313
+        "big_odd": _pil_resize(frames, 451, 803),
+        "square": np.ascontiguousarray(frames[:, :, 70:252]),             # 182x182
     }[name]
     _assert_parity(frames, PreprocessorConfig(), (4, 3, 336, 336))
 
 
 @pytest.mark.parametrize("changes, shape", [
-    (dict(do_center_crop=False), (4, 3, 336, 597)),
+    (dict(do_center_crop=False), (4, 3, 336, 594)),
     (dict(do_normalize=False), (4, 3, 336, 336)),
     (dict(do_rescale=False, do_normalize=False), (4, 3, 336, 336)),
     (dict(do_rescale=False), (4, 3, 336, 336)),
@@ -365,12 +406,12 @@ def test_parity_other_shapes(cooking, name):
     (dict(shortest_edge=224, crop_size=(256, 300)), (4, 3, 256, 300)),   # crop larger than image: zero pad
     (dict(resample=2), (4, 3, 336, 336)),                                 # bilinear CLIP resize
 ])
-def test_parity_config_flags(cooking, changes, shape):
-    _assert_parity(cooking.frames[::5], PreprocessorConfig(**changes), shape)
+def test_parity_config_flags(orbit, changes, shape):
+    _assert_parity(orbit.frames[::5], PreprocessorConfig(**changes), shape)
 
 
-def test_flag_semantics(cooking):
-    frames = cooking.frames[:2]
+def test_flag_semantics(orbit):
+    frames = orbit.frames[:2]
     raw = preprocess(frames, PreprocessorConfig(do_rescale=False, do_normalize=False))
     assert raw.min() >= 0 and raw.max() <= 255 and np.array_equal(raw, np.round(raw))
     unit = preprocess(frames, PreprocessorConfig(do_normalize=False))
@@ -390,8 +431,8 @@ def test_grayscale_image_end_to_end(tmp_path):
     assert np.abs(pixels - ref).max() <= 1e-5
 
 
-def test_load_video_cooking():
-    pixels, frames = load_video(COOKING, 4)
+def test_load_video_orbit():
+    pixels, frames = load_video(ORBIT, 4)
     assert pixels.shape == (4, 3, 336, 336) and pixels.dtype == np.float32
     assert frames.indices == tuple(get_index(160, 4))
 

@@ -123,12 +123,19 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from .launcher import DEFAULT_GRACE_S, LaunchError, launch, run_foreground
+    # The launcher is serving code (it talks gRPC health); the model package only calls it.
+    from pllava_serving.launcher import DEFAULT_GRACE_S, LaunchError, launch, parse_setting, run_foreground
 
+    decoder = dict(parse_setting(s) for s in args.decoder_setting)
+    encoder = dict(parse_setting(s) for s in args.encoder_setting)
+    for name in ("max_batch", "max_context", "max_queue"):
+        if getattr(args, name) is not None:
+            decoder[name] = getattr(args, name)
     try:
         cluster = launch(args.model, encoders=args.encoders, port=args.port, host=args.host,
                          encoder_port=args.encoder_port, device=args.device, dtype=args.dtype,
-                         ready_timeout=args.ready_timeout)
+                         ready_timeout=args.ready_timeout, encoder_settings=encoder,
+                         decoder_settings=decoder)
     except LaunchError as exc:
         print(f"pllava up: {exc}", file=sys.stderr)
         return 1
@@ -177,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for every server to be SERVING (default 600)")
+    p.add_argument("--max-batch", type=int, help="decoder: sequences decoded together (default 8)")
+    p.add_argument("--max-context", type=int, help="decoder: tokens per sequence (default: the model's, "
+                                                   "at most 4096)")
+    p.add_argument("--max-queue", type=int, help="decoder: requests waiting for a slot (default 32)")
+    p.add_argument("--decoder-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other decoder setting (see pllava-decoder --help), e.g. visual_cache_bytes=0; "
+                        "repeatable")
+    p.add_argument("--encoder-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="any encoder setting (see pllava-encoder --help), e.g. video_workers=4; repeatable")
     p.set_defaults(func=cmd_up)
     return parser
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pllava.launcher import LaunchError, ensure_tiny_model, launch
+from pllava_serving.launcher import LaunchError, ensure_tiny_model, launch, parse_setting, settings_env
 from pllava_client import CaptionError, Client
 from pllava_client.health import check_health
 
@@ -51,10 +51,11 @@ def refused(address: str) -> bool:
 
 
 def test_pllava_up_two_encoders_caption_and_clean_shutdown(tiny_model_dir, videos_dir):
-    # The decoder's visual-token cache is off, so each caption goes to an encoder and round
-    # robin has four calls to spread over the two replicas.
-    up = pllava_up("--model", tiny_model_dir, "--encoders", 2, "--port", 0,
-                   env={"PLLAVA_DECODER_VISUAL_CACHE_BYTES": "0"})
+    # The decoder's visual-token cache is off (a setting passed through), so each caption goes
+    # to an encoder and round robin has four calls to spread over the two replicas.
+    up = pllava_up("--model", tiny_model_dir, "--encoders", 2, "--port", 0, "--max-batch", 3,
+                   "--max-context", 1024, "--max-queue", 5, "--decoder-setting", "visual_cache_bytes=0",
+                   "--encoder-setting", "video_workers=1")
     out_lines: queue.Queue = queue.Queue()
     stdout, stderr = [], []
     read_lines(up.stdout, out_lines, stdout)
@@ -70,6 +71,8 @@ def test_pllava_up_two_encoders_caption_and_clean_shutdown(tiny_model_dir, video
         assert len(encoders) == 2 and address not in encoders
 
         with Client(address, timeout=120) as client:
+            info = client.info()
+            assert (info.max_batch, info.max_context, info.max_queue) == (3, 1024, 5)
             captions = [client.caption_full(videos_dir / name, max_new_tokens=6)
                         for name in ("orbit.mp4", "portrait.mp4", "orbit.mp4", "portrait.mp4")]
         assert all(len(c.token_ids) == 6 for c in captions)
@@ -170,17 +173,48 @@ def test_ensure_tiny_model_makes_it_once(tmp_path):
 
 def test_pllava_up_default_model_is_the_cached_tiny_one(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    from pllava.launcher import default_model_dir
+    from pllava_serving.launcher import default_model_dir
 
     assert default_model_dir() == Path(tmp_path) / "pllava" / "tiny"
 
 
-def test_the_launcher_does_not_import_grpc():
-    code = ("import sys, pllava.cli, pllava.launcher; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'pllava_client')); "
+def test_the_model_package_does_not_import_grpc():
+    """``pllava up`` lives on in pllava.cli, but its launcher is serving code imported only
+    when it runs: no module of the model package imports grpc or a serving package."""
+    code = ("import sys, pllava.cli; pllava.cli.build_parser().parse_args(['up', '--max-batch', '2']); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'pllava_client', 'pllava_serving')); "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+    serving = re.compile(r"^(import|from)\s+(grpc|pllava_client|pllava_proto|pllava_serving|pllava_encoder|pllava_decoder)\b",
+                         re.MULTILINE)
+    package = Path(__file__).resolve().parents[1] / "pllava"
+    top_level = {f.name: serving.findall(f.read_text()) for f in package.glob("*.py")}
+    assert not any(top_level.values()), top_level
+    assert not (package / "launcher.py").exists()
+
+
+def test_settings_reach_the_servers_as_their_environment():
+    assert settings_env("PLLAVA_DECODER_", {"max_batch": 4, "visual-cache-bytes": 0, "dtype": None,
+                                            "jit": True}) == {
+        "PLLAVA_DECODER_MAX_BATCH": "4", "PLLAVA_DECODER_VISUAL_CACHE_BYTES": "0",
+        "PLLAVA_DECODER_DTYPE": "none", "PLLAVA_DECODER_JIT": "true"}
+    assert parse_setting("max-queue=5") == ("max_queue", "5")
+    assert parse_setting("stop=a=b") == ("stop", "a=b")
+    for bad in ("max_batch", "=4"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            parse_setting(bad)
+    done = subprocess.run([sys.executable, "-m", "pllava.cli", "up", "--decoder-setting", "oops"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "expected NAME=VALUE" in done.stderr
+
+
+def test_an_unknown_setting_is_named_by_the_server(tiny_model_dir):
+    with pytest.raises(LaunchError, match=r"(?s)decoder exited with status [1-9].*PLLAVA_DECODER_NO_SUCH_THING"
+                       ) as info:
+        launch(tiny_model_dir, port=0, echo=None, ready_timeout=120, decoder_settings={"no_such_thing": 1})
+    assert "its last lines" in str(info.value)
+    assert server_children() == []
 
 
 def test_demo_script_captions_and_stops_the_servers(tiny_model_dir, videos_dir):

@@ -1,5 +1,6 @@
 """What the PLLaVA encoder and decoder servers share: settings loading (YAML < environment <
-flags), the exception -> status-code interceptor, logging, and a ``grpc.aio`` server with
-health, reflection and graceful shutdown.
+flags), the exception -> status-code interceptor, logging, a ``grpc.aio`` server with
+health, reflection and graceful shutdown, and :mod:`.launcher` (``pllava up``: encoders and a
+decoder as local processes).
 
 Imports grpc and the generated protos, never MindSpore."""

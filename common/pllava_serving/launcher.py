@@ -10,9 +10,13 @@ log line; the decoder gets all of them as one static gRPC target,
         print(cluster.address)              # the decoder, the one address a client needs
         cluster.encoders[0].logs()          # every line a server wrote, kept for inspection
 
-Readiness is the servers' own gRPC health service (SERVING only after warm-up), asked with
-``python -m pllava_client.health`` in a subprocess: this package never imports grpc.
-Children run in their own session (a terminal's Ctrl-C reaches only the launcher, which
+Server settings reach the children as their ``PLLAVA_ENCODER_*`` / ``PLLAVA_DECODER_*``
+environment variables (``launch(..., decoder_settings={"max_batch": 4})``), so every setting
+a server has can be given, with the server's own checks and messages.
+
+Readiness is the servers' own gRPC health service (SERVING only after warm-up). This module
+lives with the serving code, not in the model package ``pllava``, which never imports grpc;
+``pllava up`` imports it when it runs. Children run in their own session (a terminal's Ctrl-C reaches only the launcher, which
 stops the decoder first so in-flight captions finish, then the encoders) and, on Linux, get
 SIGTERM if the launcher dies without stopping them.
 """
@@ -29,7 +33,11 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TextIO
+from typing import Mapping, TextIO
+
+import grpc
+
+from pllava_client.health import check_health
 
 #: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
@@ -58,7 +66,7 @@ def ensure_tiny_model(path: str | Path | None = None) -> Path:
     out = Path(path) if path is not None else default_model_dir()
     if (out / "config.json").exists():
         return out
-    from .tiny import make_tiny
+    from pllava.tiny import make_tiny
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
@@ -243,49 +251,77 @@ class Cluster:
         self.stop()
 
 
-# Waits in one subprocess (so this package never imports grpc) until every target is SERVING.
-_HEALTH_WAITER = """
-import sys
-from pllava_client.health import wait_until_serving
-timeout = float(sys.argv[1])
-sys.exit(0 if all(wait_until_serving(t, timeout=timeout) for t in sys.argv[2:]) else 1)
-"""
-
-
 def _wait_healthy(servers: list[ServerProcess], timeout: float) -> None:
     """Return once every server's health service answers SERVING; LaunchError if one exits
     first or ``timeout`` seconds pass."""
-    waiter = subprocess.Popen([sys.executable, "-c", _HEALTH_WAITER, str(timeout)]
-                              + [s.address for s in servers],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        while waiter.poll() is None:
-            for server in servers:
-                if not server.alive():
-                    raise LaunchError(f"{server.name} exited with status {server.process.poll()} "
-                                      f"before it was ready; its last lines:\n{server.tail()}")
-            time.sleep(0.2)
-        if waiter.returncode != 0:
-            names = ", ".join(s.name for s in servers)
-            raise LaunchError(f"not all of {names} were SERVING within {timeout:g} s; the "
-                              f"decoder's last lines:\n{servers[-1].tail()}")
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.wait()
+    deadline = time.monotonic() + timeout
+    waiting = list(servers)
+    while waiting:
+        for server in waiting:
+            if not server.alive():
+                raise LaunchError(f"{server.name} exited with status {server.process.poll()} "
+                                  f"before it was ready; its last lines:\n{server.tail()}")
+        server = waiting[0]
+        try:
+            serving = check_health(server.address, timeout=1.0) == "SERVING"
+        except grpc.RpcError:  # not answering yet
+            serving = False
+        if serving:
+            waiting.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            names = ", ".join(s.name for s in waiting)
+            raise LaunchError(f"{names} not SERVING within {timeout:g} s; the last lines of "
+                              f"{server.name}:\n{server.tail()}")
+        time.sleep(0.2)
+
+
+def settings_env(prefix: str, settings: Mapping[str, object] | None) -> dict[str, str]:
+    """``{"max_batch": 4}`` -> ``{"PLLAVA_DECODER_MAX_BATCH": "4"}`` (``prefix`` "PLLAVA_DECODER_");
+    the server parses and checks the values (booleans as true/false, None as none, lists
+    comma-separated)."""
+    env = {}
+    for name, value in (settings or {}).items():
+        key = name.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise ValueError(f"{name!r} is not a setting name")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif value is None:
+            text = "none"
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))
+        else:
+            text = str(value)
+        env[prefix + key.upper()] = text
+    return env
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """``"max_batch=4"`` -> ``("max_batch", "4")`` (``--decoder-setting`` values)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().replace("-", "_"), value
 
 
 def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DEFAULT_PORT,
            host: str = "127.0.0.1", encoder_port: int = 0, device: str | None = None,
            dtype: str | None = None, ready_timeout: float = 600.0,
-           echo: TextIO | None = sys.stderr, env: dict[str, str] | None = None) -> Cluster:
+           echo: TextIO | None = sys.stderr, env: dict[str, str] | None = None,
+           encoder_settings: Mapping[str, object] | None = None,
+           decoder_settings: Mapping[str, object] | None = None) -> Cluster:
     """Start ``encoders`` encoder servers and one decoder server; return once all are SERVING.
 
     ``model`` None uses the tiny random checkpoint (:func:`ensure_tiny_model`). The decoder
     listens on ``host:port`` (``port`` 0: any free port, see ``Cluster.address``); encoders on
     127.0.0.1, at ``encoder_port + i`` or, with 0, at free ports. ``device`` and ``dtype``
-    are passed to every server when given. Children's output is echoed to ``echo`` (None:
-    kept only). On failure every started child is stopped and :class:`LaunchError` raised.
+    are passed to every server when given; ``encoder_settings`` / ``decoder_settings`` (field
+    names of the servers' settings, e.g. ``{"max_batch": 4, "visual_cache_bytes": 0}``) to
+    each encoder / the decoder, through their environment, over ``env`` (default: this
+    process's environment). Children's output is echoed to ``echo`` (None: kept only). On
+    failure -- a bad setting included, which the server names -- every started child is
+    stopped and :class:`LaunchError` raised.
     """
     if encoders < 1:
         raise ValueError(f"at least one encoder is needed, got {encoders}")
@@ -297,6 +333,9 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
         common += ["--device", device]
     if dtype is not None:
         common += ["--dtype", dtype]
+    base_env = dict(os.environ if env is None else env)
+    encoder_env = {**base_env, **settings_env("PLLAVA_ENCODER_", encoder_settings)}
+    decoder_env = {**base_env, **settings_env("PLLAVA_DECODER_", decoder_settings)}
 
     cluster = Cluster([], None)
     try:
@@ -305,13 +344,13 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
             p = encoder_port + i if encoder_port else 0
             cluster.encoders.append(ServerProcess(
                 f"encoder-{i}", encoder_cmd + common + ["--host", "127.0.0.1", "--port", str(p)],
-                echo=echo, env=env))
+                echo=echo, env=encoder_env))
         deadline = time.monotonic() + ready_timeout
         addresses = [e.wait_bound(max(1.0, deadline - time.monotonic())) for e in cluster.encoders]
         target = "ipv4:" + ",".join(addresses)
         cluster.decoder = ServerProcess(
             "decoder", server_command("pllava-decoder") + common
-            + ["--host", host, "--port", str(port), "--encoder", target], echo=echo, env=env)
+            + ["--host", host, "--port", str(port), "--encoder", target], echo=echo, env=decoder_env)
         cluster.decoder.wait_bound(max(1.0, deadline - time.monotonic()))
         _wait_healthy(cluster.encoders + [cluster.decoder], max(1.0, deadline - time.monotonic()))
     except BaseException:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# docker-compose, for real: build both images, run 2 encoder replicas and the decoder, caption
-# videos through the decoder's published port (bound to 127.0.0.1), check that both encoder
-# replicas served work, then take the stack down.
+# docker-compose, for real: build the image (one image, docker/Dockerfile, for both servers),
+# run 2 encoder replicas and the decoder, caption a video through the decoder's published port
+# (bound to 127.0.0.1), check that both encoder replicas served work, then take it all down.
 #
 #   scripts/compose_smoke.sh [VIDEO]          # default samples/orbit.mp4 (in this repository)
 #
@@ -12,18 +12,32 @@
 # certificates are copied into docker/extra-ca/ (git-ignored) so pip inside the build
 # trusts the same TLS-inspecting proxy the host does.
 #
-# Environment: BASE_IMAGE, PLLAVA_MODEL_DIR (default models/tiny, made if absent),
+# It cleans up after itself, also when it fails: the stack (containers, network), the image it
+# built (tagged $PLLAVA_IMAGE, pllava-serve:smoke by default, so a pllava-serve:latest of yours
+# is never touched), the base image if it built it, the CA copies and the tiny checkpoint if it
+# made them, and the dockerd if it started one. What stays: the apt packages it installed and
+# Docker's state folder /var/lib/docker (with Compose v2/BuildKit, also its build cache:
+# `docker builder prune`). SMOKE_KEEP_IMAGES=1 keeps both images, so a rerun builds from
+# cache in seconds instead of minutes; SMOKE_KEEP_DOCKERD=1 leaves a dockerd it started running.
+#
+# Environment: BASE_IMAGE, PLLAVA_IMAGE, PLLAVA_MODEL_DIR (default models/tiny, made if absent),
 # PLLAVA_PORT (default: a free port), COMPOSE (default: `docker compose` if present, else
-# docker-compose), ENCODERS (default 2), SMOKE_PROJECT (default pllava-smoke).
+# docker-compose), ENCODERS (default 2), SMOKE_PROJECT (default pllava-smoke),
+# SMOKE_KEEP_IMAGES, SMOKE_KEEP_DOCKERD.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 VIDEO=${1:-$REPO/samples/orbit.mp4}
+[[ -f $VIDEO ]] || { echo "compose smoke: no video at $VIDEO" >&2; exit 2; }
 ENCODERS=${ENCODERS:-2}
 PROJECT=${SMOKE_PROJECT:-pllava-smoke}
 export BASE_IMAGE=${BASE_IMAGE:-pllava-base:bookworm}
+export PLLAVA_IMAGE=${PLLAVA_IMAGE:-pllava-serve:smoke}
 export PLLAVA_MODEL_DIR=${PLLAVA_MODEL_DIR:-$REPO/models/tiny}
+KEEP_IMAGES=${SMOKE_KEEP_IMAGES:-0}
+KEEP_DOCKERD=${SMOKE_KEEP_DOCKERD:-0}
+DOCKERD_LOG=/tmp/pllava-dockerd.log
 
 step() { printf '\n==> %s\n' "$*"; }
 now() { date +%s.%N; }
@@ -38,17 +52,89 @@ else
     BIN=
 fi
 
+# --- What this run made; cleanup() takes it away again --------------------------------------
+DOCKERD_PID=
+BUILT_BASE=0
+MADE_MODEL=                  # the topmost folder this run created for the tiny checkpoint
+COPIED_CAS=()
+OVERRIDE=
+STACK=0
+OLD_IMAGE_ID=
+
+image_id() { docker image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
+cleanup() {
+    local status=$? left
+    set +e
+    if [[ $STACK == 1 ]]; then
+        if [[ $status -ne 0 ]]; then
+            step "failed; the services' last log lines"
+            compose logs --no-color --tail 40 2>&1
+        fi
+        step "down"
+        compose down --volumes --remove-orphans --timeout 20
+        left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" | wc -l)
+        echo "cleanup: containers of project $PROJECT left: $left"
+        [[ $left -eq 0 ]] || status=1
+    fi
+    [[ -n $OVERRIDE ]] && rm -f "$OVERRIDE"
+    step "cleanup"
+    # A rebuild over a kept image leaves the old one untagged: it is garbage either way.
+    if [[ -n $OLD_IMAGE_ID && $OLD_IMAGE_ID != "$(image_id "$PLLAVA_IMAGE")" ]] \
+            && [[ $(docker image inspect --format '{{len .RepoTags}}' "$OLD_IMAGE_ID" 2>/dev/null) == 0 ]]; then
+        docker image rm "$OLD_IMAGE_ID" >/dev/null && echo "cleanup: removed the replaced image $OLD_IMAGE_ID"
+    fi
+    if [[ $KEEP_IMAGES == 1 ]]; then
+        echo "cleanup: kept the image $PLLAVA_IMAGE and the base $BASE_IMAGE (SMOKE_KEEP_IMAGES=1)"
+    elif docker info >/dev/null 2>&1; then
+        local images=("$PLLAVA_IMAGE")
+        [[ $BUILT_BASE == 1 ]] && images+=("$BASE_IMAGE")
+        for image in "${images[@]}"; do
+            if [[ -n $(image_id "$image") ]]; then
+                docker image rm "$image" >/dev/null && echo "cleanup: removed the image $image"
+            fi
+            if [[ -n $(image_id "$image") ]]; then
+                echo "cleanup: the image $image is still there" >&2
+                status=1
+            fi
+        done
+    fi
+    for cert in "${COPIED_CAS[@]}"; do rm -f "$cert"; done
+    [[ ${#COPIED_CAS[@]} -gt 0 ]] && echo "cleanup: removed ${#COPIED_CAS[@]} CA certificate copies from docker/extra-ca/"
+    if [[ -n $MADE_MODEL ]]; then
+        rm -rf "$MADE_MODEL" && echo "cleanup: removed $MADE_MODEL (the tiny checkpoint this run made)"
+    fi
+    if [[ -n $DOCKERD_PID ]]; then
+        if [[ $KEEP_DOCKERD == 1 ]]; then
+            echo "cleanup: left the dockerd this run started running (pid $DOCKERD_PID, SMOKE_KEEP_DOCKERD=1)"
+        else
+            kill -TERM "$DOCKERD_PID" 2>/dev/null
+            for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+            if kill -0 "$DOCKERD_PID" 2>/dev/null; then
+                echo "cleanup: the dockerd this run started (pid $DOCKERD_PID) did not stop" >&2
+                status=1
+            else
+                echo "cleanup: stopped the dockerd this run started (pid $DOCKERD_PID)"
+                [[ $status -eq 0 ]] && rm -f "$DOCKERD_LOG"
+            fi
+        fi
+    fi
+    exit $status
+}
+trap cleanup EXIT
+
 # --- Docker engine and compose ----------------------------------------------------------
 if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
-    step "installing docker.io docker-compose debootstrap"
+    step "installing docker.io docker-compose debootstrap (they stay installed)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null
 fi
 if ! docker info >/dev/null 2>&1; then
-    step "starting dockerd (log: /tmp/pllava-dockerd.log)"
-    nohup dockerd >/tmp/pllava-dockerd.log 2>&1 &
+    step "starting dockerd (log: $DOCKERD_LOG; stopped again at the end)"
+    nohup dockerd >"$DOCKERD_LOG" 2>&1 &
+    DOCKERD_PID=$!
     for _ in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-    docker info >/dev/null 2>&1 || { tail -20 /tmp/pllava-dockerd.log; echo "dockerd did not start" >&2; exit 1; }
+    docker info >/dev/null 2>&1 || { tail -20 "$DOCKERD_LOG"; echo "dockerd did not start" >&2; exit 1; }
 fi
 if [[ -z ${COMPOSE:-} ]]; then
     if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"; else COMPOSE=docker-compose; fi
@@ -56,9 +142,10 @@ fi
 echo "compose: $($COMPOSE version 2>/dev/null | head -n 1)"
 
 # --- Inputs: base image, extra CAs, model ------------------------------------------------
-if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+if [[ -z $(image_id "$BASE_IMAGE") ]]; then
     if [[ $BASE_IMAGE == pllava-base:* ]]; then
         step "building the base image $BASE_IMAGE"
+        BUILT_BASE=1
         t=$(now); docker/build-base-image.sh "$BASE_IMAGE"; echo "base image built in $(since "$t") s"
     else
         step "pulling $BASE_IMAGE"
@@ -66,16 +153,23 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     fi
 fi
 
-copied=0
+found=0
 for cert in /usr/local/share/ca-certificates/*.crt /usr/local/share/ca-certificates/*/*.crt; do
     [[ -f $cert ]] || continue
-    cmp -s "$cert" "docker/extra-ca/$(basename "$cert")" || cp "$cert" docker/extra-ca/
-    copied=$((copied + 1))
+    found=$((found + 1))
+    copy=docker/extra-ca/$(basename "$cert")
+    [[ -e $copy ]] && continue   # the user's own copy (or one kept from before): not ours to remove
+    cp "$cert" "$copy"
+    COPIED_CAS+=("$copy")
 done
-echo "extra CA certificates for the build: $copied (from /usr/local/share/ca-certificates)"
+echo "extra CA certificates for the build: $found (from /usr/local/share/ca-certificates)"
 
 if [[ ! -f $PLLAVA_MODEL_DIR/config.json ]]; then
     step "making the tiny checkpoint in $PLLAVA_MODEL_DIR"
+    if [[ ! -e $PLLAVA_MODEL_DIR ]]; then
+        MADE_MODEL=$PLLAVA_MODEL_DIR
+        while [[ ! -e $(dirname "$MADE_MODEL") ]]; do MADE_MODEL=$(dirname "$MADE_MODEL"); done
+    fi
     "${BIN}pllava" make-tiny "$PLLAVA_MODEL_DIR"
 fi
 
@@ -97,22 +191,12 @@ EOF
 COMPOSE_ARGS=(-p "$PROJECT" -f docker-compose.yml -f "$OVERRIDE")
 compose() { $COMPOSE "${COMPOSE_ARGS[@]}" "$@"; }
 
-cleanup() {
-    local status=$?
-    if [[ $status -ne 0 ]]; then
-        step "failed; the services' last log lines"
-        compose logs --no-color --tail 40 2>&1 || true
-    fi
-    step "down"
-    compose down --volumes --remove-orphans --timeout 20 || true
-    rm -f "$OVERRIDE"
-    exit $status
-}
-trap cleanup EXIT
-
 # --- Build, run, caption ------------------------------------------------------------------
-step "build (BASE_IMAGE=$BASE_IMAGE)"
-t=$(now); compose build; echo "images built in $(since "$t") s"
+step "build $PLLAVA_IMAGE, one image for both services (BASE_IMAGE=$BASE_IMAGE)"
+OLD_IMAGE_ID=$(image_id "$PLLAVA_IMAGE")
+STACK=1
+t=$(now); compose build; echo "image built in $(since "$t") s"
+echo "image $PLLAVA_IMAGE: $(docker image inspect --format '{{.Size}}' "$PLLAVA_IMAGE" | awk '{ printf "%.2f GB", $1 / 1e9 }')"
 
 step "up --scale encoder=$ENCODERS (decoder on 127.0.0.1:$PLLAVA_PORT)"
 t=$(now)
@@ -123,6 +207,9 @@ for _ in $(seq 600); do
 done
 "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" --timeout 5
 echo "stack serving in $(since "$t") s"
+images=$(docker ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Image}}' | sort -u)
+echo "images of the running containers: $(echo $images)"
+[[ $images == "$PLLAVA_IMAGE" ]] || { echo "expected every container to run $PLLAVA_IMAGE" >&2; exit 1; }
 
 step "caption $(basename "$VIDEO") through 127.0.0.1:$PLLAVA_PORT"
 t=$(now)

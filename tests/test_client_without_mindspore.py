@@ -1,13 +1,13 @@
 """The client package installs and captions where MindSpore is absent.
 
 A fresh virtual environment (no system site-packages) gets only ``pip install client/``:
-grpcio, protobuf, numpy and grpcio-health-checking from the package index. MindSpore and the
-``pllava`` package must not import there, and that environment's ``pllava-caption`` and
-``Client`` caption a video through real encoder and decoder servers.
+grpcio, protobuf, numpy, grpcio-health-checking and tqdm from the package index. MindSpore and
+the ``pllava`` package must not import there, and that environment's ``pllava-caption`` and
+``Client`` caption a video, and a collection, through real encoder and decoder servers.
 
 Why a real venv rather than an import hook that hides MindSpore: it is what a user does,
 it also checks client/pyproject.toml (packages, dependencies, the console script), and it is
-cheap -- measured at about 10 s on this project's CI machine, the four dependencies being
+cheap -- measured at about 10 s on this project's CI machine, the dependencies being
 wheels.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_mindspore_and_pllava_are_absent(client_venv):
         assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr, (module, done.stderr)
     listed = run_in(client_venv, "python", "-m", "pip", "list", "--format", "json")
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
-    assert {"pllava-client", "grpcio", "protobuf", "numpy", "grpcio-health-checking"} <= names
+    assert {"pllava-client", "grpcio", "protobuf", "numpy", "grpcio-health-checking", "tqdm"} <= names
     assert "mindspore" not in names and "pllava-serve" not in names
 
 
@@ -88,3 +88,14 @@ def test_caption_from_the_venv_without_mindspore(client_venv, stack, videos_dir)
     done = run_in(client_venv, "python", "-c", script)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == expected.token_ids
+
+
+def test_a_collection_from_the_venv_without_mindspore(client_venv, stack, videos_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    done = run_in(client_venv, "pllava-caption", videos_dir, "--out", out, "--server", stack,
+                  "--max-new-tokens", 3, "--concurrency", 2)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    media = sorted(p.name for p in videos_dir.iterdir() if p.suffix in (".mp4", ".jpg"))
+    assert sorted(Path(line["path"]).name for line in lines) == media
+    assert all(line["status"] == "ok" and line["num_generated_tokens"] == 3 for line in lines)

@@ -5,5 +5,7 @@
         print(piece, end="", flush=True)
 """
 from .client import CaptionError, CaptionResult, CaptionStream, Client
+from .collection import CaptionFile, VideoResult, expand_inputs
 
-__all__ = ["CaptionError", "CaptionResult", "CaptionStream", "Client"]
+__all__ = ["CaptionError", "CaptionFile", "CaptionResult", "CaptionStream", "Client", "VideoResult",
+           "expand_inputs"]

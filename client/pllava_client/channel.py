@@ -9,8 +9,17 @@ answer them with GOAWAY "too_many_pings".
     grpc.insecure_channel(target, options=channel_options())
     grpc.insecure_channel("dns:///encoder:50051", options=channel_options(round_robin=True))
     grpc.server(executor, options=server_options())
+
+A target may name several servers: :func:`grpc_target` turns the comma list
+``host:p1,host:p2`` into gRPC's static ``ipv4:``/``ipv6:`` form, and with round robin a channel
+spreads its calls over every address. Servers close each connection after
+:data:`MAX_CONNECTION_AGE_MS` (running calls finish first), so a ``dns:///`` client resolves
+the name again and finds replicas added since it connected.
 """
 from __future__ import annotations
+
+import ipaddress
+import socket
 
 #: Largest message either side sends or accepts (a whole video file in one request).
 MAX_MESSAGE_BYTES = 64 << 20
@@ -21,6 +30,12 @@ KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 #: The server accepts client pings this close together (must stay below KEEPALIVE_TIME_MS).
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
+#: A server asks clients to reconnect (GOAWAY) after this long; calls in progress are not cut
+#: (no grace limit). Reconnecting re-resolves ``dns:///`` names, so scaled-up replicas get work.
+MAX_CONNECTION_AGE_MS = 300_000
+
+#: Target schemes gRPC Python resolves itself; any other target is a host:port (list).
+SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
 
 Options = list[tuple[str, object]]
 
@@ -57,10 +72,99 @@ def _shared_options(max_message_bytes: int, keepalive_time_ms: int, keepalive_ti
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
                    keepalive_time_ms: int = KEEPALIVE_TIME_MS,
                    keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS,
-                   min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS) -> Options:
+                   min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS,
+                   max_connection_age_ms: int = MAX_CONNECTION_AGE_MS) -> Options:
     """Options for ``grpc.server`` / ``grpc.aio.server``."""
     return _shared_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms) + [
         ("grpc.http2.min_ping_interval_without_data_ms", int(min_client_ping_interval_ms)),
         # Answer over-eager pings with GOAWAY only after this many (gRPC's default).
         ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_age_ms", int(max_connection_age_ms)),
     ]
+
+
+def grpc_target(address: str) -> str:
+    """The target for ``grpc.insecure_channel`` that ``address`` means.
+
+    A comma list of ``host:port`` (``a:50052,b:50052``, ``[::1]:50052,[::1]:50053``) becomes
+    gRPC's static ``ipv4:``/``ipv6:`` target, host names resolved here, once (to their IPv4
+    addresses when they have any). Any other target (``localhost:50052``,
+    ``dns:///decoders:50052``, ``ipv4:...``, ``unix:...``) is returned unchanged: gRPC
+    resolves it. ValueError for a malformed list or a name that does not resolve.
+    """
+    address = address.strip()
+    if address.startswith(SCHEMES) or "," not in address:
+        return address
+    v4, v6 = [], []
+    for host, port in _host_ports(address):
+        ips = _resolve(host, port)
+        ips = [ip for ip in ips if ":" not in ip] or ips
+        for ip in ips:
+            (v6 if ":" in ip else v4).append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    if v4 and v6:
+        raise ValueError(f"{address!r} mixes IPv4 and IPv6-only servers; a static list takes one family")
+    return ("ipv4:" if v4 else "ipv6:") + ",".join(dict.fromkeys(v4 or v6))
+
+
+def server_count(address: str) -> int | None:
+    """How many servers ``address`` names now: the items of a static list, or the addresses
+    a ``dns:`` target or host name resolves to here; None when that cannot be known."""
+    target = grpc_target(address)
+    if target.startswith(("ipv4:", "ipv6:")):
+        return len([a for a in target.split(":", 1)[1].split(",") if a])
+    rest = target
+    if target.startswith("dns:"):
+        rest = target[len("dns:"):]
+        if rest.startswith("//"):
+            authority, _, rest = rest[2:].partition("/")
+            if authority:  # dns://DNS-SERVER/host:port: that server's answer, not ours
+                return None
+    elif target.startswith(SCHEMES):
+        return None
+    host, port = _split_host_port(rest, 443)
+    try:
+        ips = _resolve(host, port)
+    except ValueError:
+        return None
+    v4 = [ip for ip in ips if ":" not in ip]
+    return len(v4 or ips) or None
+
+
+def _host_ports(address: str) -> list[tuple[str, int]]:
+    out = []
+    for item in (a.strip() for a in address.split(",")):
+        if not item:
+            raise ValueError(f"empty item in the address list {address!r}")
+        host, port = _split_host_port(item, None)
+        if port is None:
+            raise ValueError(f"{item!r} in {address!r} has no port: write HOST:PORT")
+        out.append((host, port))
+    return out
+
+
+def _split_host_port(item: str, default_port: int | None) -> tuple[str, int | None]:
+    if item.startswith("["):  # [v6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port = item.rpartition(":")
+        if not sep or ":" in host:  # no port, or a bare IPv6 address
+            host, port = item, ""
+    if not port:
+        return host, default_port
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ValueError(f"bad port in {item!r}") from None
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"cannot resolve {host!r}: {exc}") from None
+    return list(dict.fromkeys(info[4][0] for info in infos))

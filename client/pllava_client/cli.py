@@ -1,35 +1,57 @@
-"""``pllava-caption``: caption a video through a PLLaVA decoder server.
+"""``pllava-caption``: caption a video, or a whole collection, through PLLaVA decoder servers.
 
     pllava-caption video.mp4 --server localhost:50052 [--prompt TEXT] [--json]
+    pllava-caption DIR|GLOB|LIST.txt ... --out captions.jsonl [--concurrency N] [--retries N]
 
-Streams the caption to stdout as it is generated, or with ``--json`` prints one JSON object
-with the keys of the in-process ``pllava caption --json``. A refused or failed call exits 1
-and prints ``error: STATUS_NAME: message`` on stderr; a video that cannot be read exits 2.
-The server address defaults to ``$PLLAVA_SERVER`` or ``localhost:50052``; ``-`` reads the
-video from stdin.
+One video: streams the caption to stdout as it is generated, or with ``--json`` prints one
+JSON object with the keys of the in-process ``pllava caption --json``. A refused or failed
+call exits 1 and prints ``error: STATUS_NAME: message`` on stderr; a video that cannot be read
+exits 2. ``-`` reads the video from stdin.
+
+A collection (``--out``): folders (searched recursively for video and image files), glob
+patterns, ``.txt`` lists of paths and single files are captioned ``--concurrency`` at a time
+(default: the decoder's batch size times the number of decoders). Each result is appended
+to the ``--out`` JSON-lines file as it finishes (see :mod:`pllava_client.collection`); a
+rerun skips the videos that already have an ``ok`` line and retries the failed ones, so a
+run that is killed is resumed by running the same command again. Progress goes to stderr:
+a bar on a terminal, a line every ``--progress-every`` seconds otherwise, and a summary at
+the end. Exits 0 only when every input has a caption.
+
+The server address defaults to ``$PLLAVA_SERVER`` or ``localhost:50052``; it may name several
+decoders (``dns:///decoders:50052`` or ``host:50052,host:50053``), balanced round robin.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
+import threading
+import time
+from typing import TextIO
 
-from .client import CaptionError, Client
+from .client import DEFAULT_RETRIES, CaptionError, Client
+from .collection import CaptionFile, VideoResult, expand_inputs
 
 DEFAULT_SERVER = "localhost:50052"
+#: Seconds between progress lines when stderr is not a terminal.
+DEFAULT_PROGRESS_EVERY_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pllava-caption",
-                                description="Caption a video through a PLLaVA decoder server.")
-    p.add_argument("video", help="video file (or a still image); - reads stdin")
+                                description="Caption a video, or a collection of videos, through PLLaVA "
+                                            "decoder servers.")
+    p.add_argument("inputs", nargs="+", metavar="VIDEO",
+                   help="a video file (or a still image; - reads stdin); with --out also folders, glob "
+                        "patterns and .txt lists of paths")
     p.add_argument("--server", default=os.environ.get("PLLAVA_SERVER", DEFAULT_SERVER),
-                   metavar="HOST:PORT",
-                   help="decoder address, any gRPC target (default: $PLLAVA_SERVER or "
-                        f"{DEFAULT_SERVER})")
+                   metavar="TARGET",
+                   help="decoder address, any gRPC target; several decoders as dns:///NAME:PORT or "
+                        f"HOST:PORT,HOST:PORT (default: $PLLAVA_SERVER or {DEFAULT_SERVER})")
     p.add_argument("--prompt", help="the question (default: the server's)")
-    p.add_argument("--template", help="conversation template (default: the server's; "
+    p.add_argument("--template", help="conversation template, e.g. recaption (default: the server's; "
                                       "GetInfo lists the names)")
     p.add_argument("--num-frames", type=int, default=0, metavar="N",
                    help="frames sampled from the video (default: the model's)")
@@ -42,10 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object (as `pllava caption --json`) instead of text")
+                   help="one video: print one JSON object (as `pllava caption --json`) instead of text")
     p.add_argument("--timeout", type=float, metavar="S",
-                   help="deadline of the whole call in seconds (default: none)")
+                   help="deadline of one video's call in seconds (default: none)")
+    c = p.add_argument_group("collections")
+    c.add_argument("--out", metavar="FILE.jsonl",
+                   help="caption every input into this JSON-lines file, one line per video, resuming "
+                        "what it already holds")
+    c.add_argument("--concurrency", type=int, metavar="N",
+                   help="videos in flight (default: the decoder's batch size times the decoders)")
+    c.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                   help="extra tries of a video whose call failed in passing, e.g. a decoder went "
+                        f"away (default {DEFAULT_RETRIES})")
+    c.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
+                   help="caption again the videos the file records as failed (default: yes)")
+    c.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_EVERY_S, metavar="S",
+                   help="seconds between progress lines when stderr is not a terminal "
+                        f"(default {DEFAULT_PROGRESS_EVERY_S:g})")
     return p
+
+
+def request_kwargs(args: argparse.Namespace) -> dict:
+    return dict(template=args.template, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,37 +95,214 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_frames < 0 or args.max_new_tokens < 0:
         print("error: --num-frames and --max-new-tokens cannot be negative", file=sys.stderr)
         return 2
-    video = sys.stdin.buffer if args.video == "-" else args.video
+    if args.out is not None:
+        return caption_collection(args)
+    video = args.inputs[0]
+    if len(args.inputs) > 1 or os.path.isdir(video) or (not os.path.exists(video) and glob.has_magic(video)):
+        print("error: several videos (a folder, a pattern or more than one file) need --out FILE.jsonl",
+              file=sys.stderr)
+        return 2
+    try:
+        client = Client(args.server, timeout=args.timeout)
+    except ValueError as exc:  # a malformed address list
+        print(f"error: --server: {exc}", file=sys.stderr)
+        return 2
+    with client:
+        return caption_one(client, sys.stdin.buffer if video == "-" else video, args)
+
+
+def caption_one(client: Client, video, args: argparse.Namespace) -> int:
     stream = None
-    with Client(args.server, timeout=args.timeout) as client:
-        try:
-            stream = client.caption(
-                video, args.prompt, template=args.template, num_frames=args.num_frames,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, stop=args.stop)
-            for piece in stream:
-                if not args.json:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except (OSError, ValueError, TypeError) as exc:  # the video could not be read or sent
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except CaptionError as err:
-            if not args.json and stream is not None and stream.text:
-                print(flush=True)  # end the partial caption's line
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            if stream is not None:
-                stream.close()
-            print(file=sys.stderr)
-            return 130
+    try:
+        stream = client.caption(video, args.prompt, **request_kwargs(args))
+        for piece in stream:
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except (OSError, ValueError, TypeError) as exc:  # the video could not be read or sent
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CaptionError as err:
+        if not args.json and stream is not None and stream.text:
+            print(flush=True)  # end the partial caption's line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()
+        print(file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(stream.result.to_json(), ensure_ascii=False))
     else:
         print(flush=True)
     return 0
+
+
+# ---- collections -----------------------------------------------------------------------------
+
+def caption_collection(args: argparse.Namespace) -> int:
+    if args.json or "-" in args.inputs:
+        print("error: --out writes JSON lines itself; it takes neither --json nor - (stdin)", file=sys.stderr)
+        return 2
+    if args.concurrency is not None and args.concurrency < 1 or args.retries < 0:
+        print("error: --concurrency must be at least 1 and --retries at least 0", file=sys.stderr)
+        return 2
+    try:
+        paths = expand_inputs(args.inputs, exclude=[args.out])
+        client = Client(args.server, timeout=args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not paths:
+        print("error: no video files found in " + " ".join(args.inputs), file=sys.stderr)
+        return 2
+    out = CaptionFile(args.out)
+    recorded = out.read()
+    with client:
+        try:
+            info = client.info(timeout=30 if args.timeout is None else args.timeout)
+            concurrency = args.concurrency or client.default_concurrency()
+        except CaptionError as err:
+            print(f"error: cannot reach the decoder at {args.server}: {err}", file=sys.stderr)
+            return 1
+        note = f" ({recorded.unreadable_lines} unreadable line(s) ignored)" if recorded.unreadable_lines else ""
+        print(f"pllava-caption: {len(paths)} video(s) -> {args.out}, {len(recorded.ok)} already captioned there"
+              f"{note}; {concurrency} at a time on {info.model_id or 'the decoder'} at {args.server}",
+              file=sys.stderr, flush=True)
+        progress = Progress(len(paths), every=args.progress_every)
+        retry_failed = args.retry_failed
+        results = client.caption_many(
+            paths, args.prompt, concurrency=concurrency, retries=args.retries,
+            skip=lambda path, digest: recorded.skip(path, digest, retry_failed), **request_kwargs(args))
+        interrupted = False
+        try:
+            with out:
+                for item in results:
+                    if item.status != "skipped":
+                        out.append(item.to_json())
+                    has_caption = item.status == "ok" or (
+                        item.status == "skipped" and (item.path, item.sha256) in recorded.ok)
+                    progress.update(item, has_caption)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            results.close()
+            progress.close()
+    print(progress.summary(args.out, interrupted), file=sys.stderr, flush=True)
+    if interrupted:
+        return 130
+    return 0 if progress.captioned == len(paths) else 1
+
+
+class Progress:
+    """Counts of a collection run, shown on stderr: a tqdm bar on a terminal, else a plain line
+    every ``every`` seconds (from a thread, so a slow video does not hold it back)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, every: float = DEFAULT_PROGRESS_EVERY_S):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = total
+        self.ok = self.failed = self.skipped = 0
+        self.captioned = 0  # inputs that have an ok line now, this run's or an earlier one
+        self.tokens = 0
+        self.start = time.monotonic()
+        self._lock = threading.Lock()
+        self._bar = None
+        self._stop = threading.Event()
+        self._thread = None
+        if _isatty(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, file=self.stream, unit="video", dynamic_ncols=True,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+            self._bar.set_postfix_str(self.counts(), refresh=True)
+        elif every > 0:
+            self._thread = threading.Thread(target=self._tick, args=(every,), name="progress", daemon=True)
+            self._thread.start()
+
+    def update(self, item: VideoResult, has_caption: bool) -> None:
+        with self._lock:
+            self.captioned += has_caption
+            if item.status == "ok":
+                self.ok += 1
+                self.tokens += item.num_generated_tokens
+            elif item.status == "error":
+                self.failed += 1
+            else:
+                self.skipped += 1
+        if item.status == "error":
+            self.write(f"error: {item.path}: {item.code}: {item.message}")
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.counts(), refresh=False)
+            if item.status == "skipped":  # not work done: out of the count, the rate and the ETA
+                self._bar.total -= 1
+                self._bar.refresh()
+            else:
+                self._bar.update(1)
+
+    def write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def rates(self) -> tuple[float, float, float | None]:
+        """(videos/min, generated tokens/s, seconds left or None) of this run."""
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        finished = self.ok + self.failed
+        left = self.total - finished - self.skipped
+        eta = left * elapsed / finished if finished else None
+        return self.ok * 60 / elapsed, self.tokens / elapsed, eta
+
+    def counts(self) -> str:
+        per_min, per_s, _ = self.rates()
+        return (f"{self.ok} done, {self.failed} failed, {self.skipped} skipped, "
+                f"{per_min:.1f} videos/min, {per_s:.1f} tokens/s")
+
+    def line(self) -> str:
+        _, _, eta = self.rates()
+        done = self.ok + self.failed + self.skipped
+        return (f"pllava-caption: {done}/{self.total}: {self.counts()}, "
+                f"ETA {_duration(eta) if eta is not None else '?'}")
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                text = self.line()
+            self.write(text)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._bar is not None:
+            self._bar.close()
+
+    def summary(self, out: str, interrupted: bool = False) -> str:
+        per_min, per_s, _ = self.rates()
+        text = (f"pllava-caption: {'interrupted: ' if interrupted else ''}{self.ok} captioned, "
+                f"{self.failed} failed, {self.skipped} skipped of {self.total} in "
+                f"{_duration(time.monotonic() - self.start)} ({per_min:.1f} videos/min, {per_s:.1f} tokens/s); "
+                f"results in {out}")
+        if self.captioned < self.total:
+            text += (f"\npllava-caption: {self.total - self.captioned} video(s) have no caption yet; run the "
+                     "same command again to retry them")
+        return text
+
+
+def _isatty(stream: TextIO) -> bool:
+    """A terminal with a size (a pseudo-terminal of 0x0 would make tqdm print nothing)."""
+    try:
+        return stream.isatty() and min(os.get_terminal_size(stream.fileno())) > 0
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 if __name__ == "__main__":

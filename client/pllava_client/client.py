@@ -26,13 +26,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Sequence, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import grpc
 
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
-from .channel import MAX_MESSAGE_BYTES, channel_options
+from .channel import MAX_MESSAGE_BYTES, channel_options, grpc_target, server_count
+
+if TYPE_CHECKING:
+    from .collection import VideoResult
+
+#: Extra attempts :meth:`Client.caption_many` makes for a video whose call failed in passing.
+DEFAULT_RETRIES = 3
 
 Video = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
@@ -198,29 +204,34 @@ class Client:
 
     ``timeout`` is the default deadline in seconds of every call (``None``: no deadline);
     each method takes its own ``timeout`` too. ``options`` replaces the gRPC channel options
-    (default: :func:`pllava_client.channel.channel_options`, 64 MiB messages).
+    (default: :func:`pllava_client.channel.channel_options` with round robin, 64 MiB messages).
+
+    ``address`` may name several decoders: ``dns:///decoders:50052`` (every address the name
+    resolves to) or a comma list ``host:50052,host:50053``; calls are balanced round robin
+    over the decoders that are up.
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  options: Sequence[tuple[str, object]] | None = None):
         self.address = address
         self.timeout = timeout
-        self._options = list(options) if options is not None else channel_options()
+        self._options = list(options) if options is not None else channel_options(round_robin=True)
         self._max_message = dict(self._options).get("grpc.max_send_message_length",
                                                      MAX_MESSAGE_BYTES)
-        self._channel = grpc.insecure_channel(address, options=self._options)
+        self._channel = grpc.insecure_channel(grpc_target(address), options=self._options)
         self._stub = pllava_pb2_grpc.DecoderStub(self._channel)
 
     def caption(self, video: Video, prompt: str | None = None, *, template: str | None = None,
                 num_frames: int = 0, max_new_tokens: int = 0, temperature: float | None = None,
                 top_p: float | None = None, top_k: int | None = None,
                 repetition_penalty: float | None = None, seed: int | None = None,
-                stop: Sequence[str] = (), request_id: str = "",
+                stop: Sequence[str] = (), request_id: str = "", video_name: str | None = None,
                 timeout: float | None | object = ...) -> CaptionStream:
         """Start captioning ``video``; return the stream of text pieces.
 
         ``prompt`` None/empty, ``template`` None, ``num_frames`` 0 and ``max_new_tokens`` 0
         take the server's defaults; sampling parameters left at None too (greedy decoding).
+        ``video_name`` (default: the file's name) only labels the video in the server's logs.
         ``timeout=...`` means the client's default deadline. Raises ValueError for a video
         larger than the channel's message limit and OSError for a path that cannot be read;
         the server's refusals (:class:`CaptionError`) surface while iterating.
@@ -236,7 +247,8 @@ class Client:
                 setattr(sampling, key, value)
         request = pllava_pb2.CaptionRequest(
             video=data, prompt=prompt or "", template=template or "", num_frames=num_frames,
-            sampling=sampling, request_id=request_id, video_name=name)
+            sampling=sampling, request_id=request_id,
+            video_name=name if video_name is None else video_name)
         call = self._stub.Caption(request, timeout=self._deadline(timeout))
         return CaptionStream(call)
 
@@ -246,6 +258,35 @@ class Client:
             for _ in stream:
                 pass
         return stream.result
+
+    def caption_many(self, videos: Iterable[Union[str, "os.PathLike[str]"]], prompt: str | None = None, *,
+                     concurrency: int | None = None, retries: int = DEFAULT_RETRIES,
+                     skip: Callable[[str, str], bool] | None = None,
+                     **kwargs) -> Iterator[VideoResult]:
+        """Caption every video file in ``videos``, ``concurrency`` at a time, and yield a
+        :class:`~pllava_client.collection.VideoResult` for each as it finishes.
+
+        ``concurrency`` None: the decoder's batch size (``info().max_batch``) times the number
+        of decoders the address names. A call that fails with a status worth another try
+        (UNAVAILABLE, RESOURCE_EXHAUSTED, a decoder that went away mid-stream, ...) is retried
+        up to ``retries`` times with backoff, on whichever decoder is up; other refusals
+        (INVALID_ARGUMENT: not a video) and unreadable files give a result with status
+        ``"error"``, and the run goes on. ``skip(path, sha256)`` True yields a result with
+        status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes).
+        Other keyword arguments are :meth:`caption`'s. Closing the iterator cancels the calls
+        in progress.
+        """
+        from .collection import caption_many
+
+        if concurrency is None:
+            concurrency = self.default_concurrency()
+        return caption_many(self, videos, prompt, concurrency=concurrency, retries=retries, skip=skip,
+                            **kwargs)
+
+    def default_concurrency(self) -> int:
+        """Streams that keep every decoder's batch full: the batch size the decoder reports
+        times the number of decoders the address names (1 if that cannot be known)."""
+        return max(1, self.info().max_batch) * (server_count(self.address) or 1)
 
     def info(self, *, timeout: float | None | object = ...) -> pllava_pb2.ModelInfo:
         """The decoder's model and settings (``pllava_pb2.ModelInfo``)."""

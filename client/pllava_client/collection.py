@@ -1,0 +1,374 @@
+"""Caption a whole collection of videos: which files, the JSON-lines record, the calls.
+
+    paths = expand_inputs(["videos/", "more/*.webm", "list.txt"])
+    out = CaptionFile("captions.jsonl")
+    done = out.read()                                      # what earlier runs recorded
+    with Client("dns:///decoders:50052") as client, out:
+        for item in client.caption_many(paths, skip=done.skip):
+            out.append(item.to_json())                     # one line per video, as it finishes
+
+The record is one JSON object per line and per video: ``path``, ``size`` and ``sha256`` of
+the file, then ``status`` ``"ok"`` with the caption, token counts, finish reason and
+timings, or ``"error"`` with ``code`` (the gRPC status name, or ``FILE_ERROR`` when the file
+could not be read or sent) and ``message``. Each line goes to the file in one ``write`` on a
+descriptor opened with O_APPEND, so a process killed at any moment leaves whole lines (and at
+worst, after a machine crash, one torn last line, which reading skips and appending ends).
+A rerun skips the (path, sha256) pairs that already have an ``ok`` line, which is how
+``pllava-caption --out`` resumes.
+
+Imports only the standard library and the client (no MindSpore).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+import grpc
+
+from .client import CaptionError, CaptionResult, CaptionStream
+
+if TYPE_CHECKING:
+    from .client import Client
+
+#: File name endings a folder is searched for: the containers and still-image formats the
+#: servers decode (decord/FFmpeg for video, Pillow for images). Files named one by one, in a
+#: list or by a glob are taken whatever their ending.
+VIDEO_SUFFIXES = frozenset({
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts",
+    ".mts", ".m2ts", ".3gp", ".ogv", ".gif",
+    ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+#: ``code`` of an error that happened before any call: the file could not be read or is
+#: larger than one request may carry.
+FILE_ERROR = "FILE_ERROR"
+
+#: Statuses worth another try: the decoder was down, restarting, shutting down or full, or the
+#: stream broke off. The others (INVALID_ARGUMENT: not a video, ...) would fail again.
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED})
+
+#: Seconds before the first retry; each later one waits twice as long, up to MAX_BACKOFF_S.
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+
+
+# ---- which files ---------------------------------------------------------------------------
+
+def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """The video paths that ``args`` name, in order, each once.
+
+    An argument is a folder (searched recursively for :data:`VIDEO_SUFFIXES`, hidden entries
+    left out, in sorted order), a ``.txt`` list (one path per line, relative to the list's
+    folder; blank lines and ``#`` comments ignored; a folder in it is searched), a glob
+    pattern (``**`` recursive), or a file. A path that does not exist is kept, so that its
+    error is recorded like any other; a pattern that matches nothing is a ValueError. Files
+    in ``exclude`` (the output file) are left out.
+    """
+    skip = {os.path.realpath(p) for p in exclude}
+    found: dict[str, None] = {}
+
+    def add(path: str) -> None:
+        path = os.path.normpath(path)
+        if os.path.realpath(path) not in skip:
+            found.setdefault(path, None)
+
+    for arg in map(os.fspath, args):
+        if os.path.isdir(arg):
+            for path in _walk(arg):
+                add(path)
+        elif os.path.isfile(arg) and arg.lower().endswith(".txt"):
+            for entry in _read_list(arg):
+                if os.path.isdir(entry):
+                    for path in _walk(entry):
+                        add(path)
+                else:
+                    add(entry)
+        elif os.path.exists(arg) or not glob.has_magic(arg):
+            add(arg)
+        else:
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise ValueError(f"no file matches {arg!r}")
+            for match in matches:
+                for path in (_walk(match) if os.path.isdir(match) else [match]):
+                    add(path)
+    return list(found)
+
+
+def _walk(folder: str) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
+                yield os.path.join(root, name)
+
+
+def _read_list(list_path: str) -> list[str]:
+    base = os.path.dirname(list_path)
+    with open(list_path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [os.path.join(base, os.path.expanduser(line)) for line in lines if line and not line.startswith("#")]
+
+
+# ---- the record ------------------------------------------------------------------------------
+
+@dataclass
+class VideoResult:
+    """What happened to one video of :meth:`Client.caption_many`.
+
+    ``status`` is ``"ok"`` (``result`` holds the caption), ``"error"`` (``code`` and
+    ``message`` say why) or ``"skipped"`` (``skip`` said so; nothing was sent).
+    """
+
+    path: str
+    status: str
+    size: int | None = None
+    sha256: str | None = None
+    result: CaptionResult | None = None
+    code: str | None = None
+    message: str | None = None
+    attempts: int = 0
+    prompt: str | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.result.token_ids) if self.result is not None else 0
+
+    def to_json(self) -> dict:
+        """The JSON line :class:`CaptionFile` records (not for skipped videos)."""
+        line = dict(path=self.path, size=self.size, sha256=self.sha256, status=self.status)
+        if self.ok:
+            r = self.result
+            line.update(caption=r.caption, finish_reason=r.finish_reason,
+                        num_prompt_tokens=len(r.prompt_token_ids), num_generated_tokens=len(r.token_ids),
+                        num_visual_tokens=r.num_visual_tokens, num_frames=r.num_frames,
+                        visual_tokens_cached=r.visual_tokens_cached, timings=dict(r.timings),
+                        prompt=self.prompt, model_id=r.model_id, request_id=r.request_id)
+        else:
+            line.update(code=self.code, message=self.message)
+        line.update(attempts=self.attempts, elapsed_s=round(self.elapsed_s, 3),
+                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return line
+
+
+@dataclass
+class Recorded:
+    """What a caption file holds: (path, sha256) pairs with an ok line and with only errors."""
+
+    ok: set[tuple[str, str]] = field(default_factory=set)
+    failed: set[tuple[str, str]] = field(default_factory=set)
+    #: Lines that are not a JSON object with path, sha256 and status (a torn last line).
+    unreadable_lines: int = 0
+
+    def skip(self, path: str, sha256: str, retry_failed: bool = True) -> bool:
+        """True if the video needs no new line: it has an ok line, or (``retry_failed``
+        False) an error line."""
+        key = (os.path.normpath(path), sha256)
+        return key in self.ok or (not retry_failed and key in self.failed)
+
+
+class CaptionFile:
+    """The JSON-lines file of a collection: read what is there, append a line per video."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def read(self) -> Recorded:
+        """The pairs already recorded; a file that does not exist holds none."""
+        recorded = Recorded()
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return recorded
+        with f:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                try:
+                    line = json.loads(raw)
+                    key = (os.path.normpath(line["path"]), line["sha256"])
+                    status = line["status"]
+                except (ValueError, KeyError, TypeError):
+                    recorded.unreadable_lines += 1
+                    continue
+                if status == "ok" and key[1]:
+                    recorded.ok.add(key)
+                elif status == "error" and key[1]:
+                    recorded.failed.add(key)
+        recorded.failed -= recorded.ok
+        return recorded
+
+    def open(self) -> "CaptionFile":
+        """Open for appending. A last line without its newline (torn by a crash) is ended
+        first, so the next line starts on a line of its own."""
+        if self._fd is None:
+            folder = os.path.dirname(self.path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if _ends_without_newline(self.path):
+                    _write_all(fd, b"\n")
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self
+
+    def append(self, line: dict) -> None:
+        """Write ``line`` as one JSON line with a single ``write`` (flushed: no buffer)."""
+        data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd is None:
+                self.open()
+            _write_all(self._fd, data)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> "CaptionFile":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ends_without_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # A regular file takes the whole line in one write; the loop only guards odd filesystems.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---- the calls -------------------------------------------------------------------------------
+
+def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: str | None = None, *,
+                 concurrency: int, retries: int, skip: Callable[[str, str], bool] | None = None,
+                 **kwargs) -> Iterator[VideoResult]:
+    """:meth:`Client.caption_many`: ``concurrency`` worker threads share one channel, each
+    reading a file, hashing it, and captioning it with retries; results come out in the order
+    they finish. Closing the generator stops the workers and cancels their calls."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    if retries < 0:
+        raise ValueError(f"retries cannot be negative, got {retries}")
+    pending = iter(videos)
+    take = threading.Lock()
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    streams: dict[int, CaptionStream] = {}
+    done = object()
+
+    def work(slot: int) -> None:
+        try:
+            while not stop.is_set():
+                with take:
+                    path = next(pending, None)
+                if path is None:
+                    return
+                path = os.fspath(path)
+                try:
+                    item = _caption_one(client, path, prompt, kwargs, retries, skip, stop, streams, slot)
+                except Exception as exc:  # a bug here must not lose the video silently
+                    item = VideoResult(path, "error", code="CLIENT_ERROR", message=f"{type(exc).__name__}: {exc}")
+                if item is not None:
+                    results.put(item)
+        finally:
+            results.put(done)
+
+    workers = [threading.Thread(target=work, args=(i,), name=f"caption-{i}", daemon=True)
+               for i in range(concurrency)]
+    for w in workers:
+        w.start()
+    running = len(workers)
+    try:
+        while running:
+            try:
+                item = results.get(timeout=0.2)  # a timeout keeps Ctrl-C prompt
+            except queue.Empty:
+                continue
+            if item is done:
+                running -= 1
+            else:
+                yield item
+    finally:
+        stop.set()
+        for stream in list(streams.values()):
+            stream.close()
+        for w in workers:
+            w.join(timeout=10)
+
+
+def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, retries: int,
+                 skip: Callable[[str, str], bool] | None, stop: threading.Event,
+                 streams: dict[int, CaptionStream], slot: int) -> VideoResult | None:
+    """Caption one file, retrying what is worth it; None if stopped from outside."""
+    start = time.monotonic()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return VideoResult(path, "error", code=FILE_ERROR, prompt=prompt,
+                           message=f"cannot read {path}: {exc.strerror or exc}")
+    size, digest = len(data), hashlib.sha256(data).hexdigest()
+    if skip is not None and skip(path, digest):
+        return VideoResult(path, "skipped", size=size, sha256=digest, prompt=prompt)
+
+    def failed(code: str, message: str) -> VideoResult:
+        return VideoResult(path, "error", size=size, sha256=digest, code=code, message=message,
+                           attempts=attempt, prompt=prompt, elapsed_s=time.monotonic() - start)
+
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            stream = client.caption(data, prompt, video_name=path, **kwargs)
+        except ValueError as exc:  # larger than one request may carry
+            return failed(FILE_ERROR, str(exc))
+        streams[slot] = stream
+        try:
+            for _ in stream:
+                pass
+            return VideoResult(path, "ok", size=size, sha256=digest, result=stream.result, attempts=attempt,
+                               prompt=prompt, elapsed_s=time.monotonic() - start)
+        except CaptionError as err:
+            if stop.is_set():
+                return None
+            if err.status not in RETRYABLE or attempt > retries:
+                return failed(err.status.name, err.message)
+        finally:
+            streams.pop(slot, None)
+            stream.close()
+        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        if stop.wait(backoff):
+            return None

@@ -1,0 +1,348 @@
+"""Captioning a whole collection: ``pllava-caption DIR ... --out FILE.jsonl`` and
+``Client.caption_many``, against several real decoders.
+
+First the parts that need no server (which files, the JSON-lines file, decoder lists), then
+one encoder and two decoders in subprocesses (``--max-batch 2`` each) on the tiny checkpoint:
+a collection with a broken file, resumed after errors, after a torn line and after SIGKILL;
+round robin over a comma list of decoders; a decoder killed in the middle of a collection;
+the progress bar on a terminal.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from concurrent import futures
+from pathlib import Path
+
+import pytest
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pllava_client import CaptionFile, Client, expand_inputs
+from pllava_client.channel import MAX_CONNECTION_AGE_MS, channel_options, grpc_target, server_count, server_options
+from servers import console_script, start_encoder, start_server
+
+MAX_BATCH = 2
+
+
+# ---------------------------------------------------------------------------------------
+# No server
+# ---------------------------------------------------------------------------------------
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_inputs_from_folders_lists_and_patterns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/1.mp4", "a/2.MOV", "a/notes.md", "a/.hidden.mp4", "a/.cache/3.mp4", "a/sub/4.jpg",
+                 "b/5.webm", "b/6.mkv", "c/7.mp4"):
+        touch(tmp_path / name)
+    touch(tmp_path / "list.txt", b"# the list\n\nc/7.mp4\n  b/5.webm  \nb\nmissing.mp4\n")
+    out = touch(tmp_path / "a" / "captions.mp4")  # the output file is never an input
+
+    got = expand_inputs(["a", "list.txt", "b/*.mkv", "a/1.mp4", "./a/1.mp4"], exclude=[out])
+    assert got == ["a/1.mp4", "a/2.MOV", "a/sub/4.jpg", "c/7.mp4", "b/5.webm", "b/6.mkv", "missing.mp4"]
+    # A file named on its own is taken whatever its ending; a pattern that matches nothing is an error.
+    assert expand_inputs(["a/notes.md"]) == ["a/notes.md"]
+    with pytest.raises(ValueError, match="no file matches"):
+        expand_inputs(["nowhere/*.mp4"])
+
+
+def test_caption_file_appends_whole_lines_and_tolerates_a_torn_one(tmp_path):
+    path = tmp_path / "out" / "captions.jsonl"
+    out = CaptionFile(path)
+    assert out.read().ok == set()
+    with out:
+        out.append({"path": "a.mp4", "sha256": "aa", "status": "error", "code": "UNAVAILABLE"})
+        out.append({"path": "b.mp4", "sha256": "bb", "status": "ok", "caption": "é\nnew line"})
+    with open(path, "ab") as f:  # a crash in the middle of a line (e.g. power loss)
+        f.write(b'{"path": "c.mp4", "sha256": "cc", "sta')
+    done = out.read()
+    assert done.ok == {("b.mp4", "bb")} and done.failed == {("a.mp4", "aa")} and done.unreadable_lines == 1
+    assert done.skip("./b.mp4", "bb") and not done.skip("b.mp4", "other-content")
+    assert not done.skip("a.mp4", "aa") and done.skip("a.mp4", "aa", retry_failed=False)
+
+    with out:  # the torn line is ended before anything is appended
+        out.append({"path": "a.mp4", "sha256": "aa", "status": "ok"})
+    lines = path.read_bytes().split(b"\n")
+    assert lines[2] == b'{"path": "c.mp4", "sha256": "cc", "sta' and json.loads(lines[3])["status"] == "ok"
+    done = out.read()
+    assert done.ok == {("a.mp4", "aa"), ("b.mp4", "bb")} and done.failed == set()
+
+
+def test_decoder_lists_become_static_round_robin_targets():
+    assert grpc_target("127.0.0.1:5,127.0.0.1:6") == "ipv4:127.0.0.1:5,127.0.0.1:6"
+    assert grpc_target(" localhost:5 , 127.0.0.1:6") == "ipv4:127.0.0.1:5,127.0.0.1:6"
+    assert grpc_target("[::1]:5,[::1]:6") == "ipv6:[::1]:5,[::1]:6"
+    for unchanged in ("localhost:50052", "dns:///decoders:50052", "ipv4:127.0.0.1:5,127.0.0.1:6",
+                      "unix:/tmp/decoder.sock"):
+        assert grpc_target(unchanged) == unchanged
+    for bad, why in (("127.0.0.1:5,", "empty item"), ("127.0.0.1,127.0.0.1:6", "no port"),
+                     ("127.0.0.1:x,127.0.0.1:6", "bad port")):
+        with pytest.raises(ValueError, match=why):
+            grpc_target(bad)
+    assert server_count("127.0.0.1:5,127.0.0.1:6,127.0.0.1:7") == 3
+    assert server_count("dns:///127.0.0.1:5") == 1 and server_count("localhost:5") == 1
+    assert server_count("unix:/tmp/decoder.sock") is None
+
+
+def test_old_connections_are_renewed_without_cutting_running_calls():
+    """Servers send GOAWAY after max_connection_age_ms, so a dns:/// client resolves again
+    and finds replicas added since (an autoscaler's); a stream already running (a long
+    caption) is not cut, and the next call opens a new connection by itself."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=server_options(max_connection_age_ms=300))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(round_robin=True)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(1.5)  # five times the connection age
+            servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # still streaming
+            watch.cancel()
+            for _ in range(3):
+                assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10,
+                                  wait_for_ready=True).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                time.sleep(0.4)
+    finally:
+        server.stop(0)
+    assert dict(server_options())["grpc.max_connection_age_ms"] == MAX_CONNECTION_AGE_MS
+    assert "grpc.max_connection_age_grace_ms" not in dict(server_options())  # no limit on running calls
+
+
+# ---------------------------------------------------------------------------------------
+# Real servers
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("collection-servers")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir, logs):
+    with start_encoder(tiny_model_dir, log_dir=logs) as server:
+        yield server
+
+
+def start_decoder(model_dir, encoder, logs):
+    argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+            "--encoder", encoder.address, "--max-batch", str(MAX_BATCH)]
+    return start_server(argv, name="decoder", log_dir=logs)
+
+
+@pytest.fixture(scope="module")
+def decoders(tiny_model_dir, encoder, logs):
+    with start_decoder(tiny_model_dir, encoder, logs) as first, start_decoder(tiny_model_dir, encoder, logs) as second:
+        yield first, second
+
+
+@pytest.fixture(scope="module")
+def both(decoders) -> str:
+    """The two decoders as one comma-list target."""
+    return ",".join(d.address for d in decoders)
+
+
+def caption_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script("pllava-caption"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+CAPTIONED = re.compile(r"captioned (\S+):")
+
+
+def captioned_by(server) -> list[str]:
+    """Videos a decoder's log says it captioned."""
+    return CAPTIONED.findall(server.log_text())
+
+
+@pytest.fixture
+def collection(tmp_path, videos_dir) -> Path:
+    """Three clips and the still image in a folder tree, one file that is not a video, and a
+    text file that is not a list input (a folder search skips it)."""
+    root = tmp_path / "collection"
+    for name in ("orbit.mp4", "short.mp4", "still.jpg"):
+        touch(root / name, (videos_dir / name).read_bytes())
+    touch(root / "sub" / "portrait.mp4", (videos_dir / "portrait.mp4").read_bytes())
+    touch(root / "sub" / "broken.mp4", b"this is not a video\n")
+    touch(root / "sub" / "notes.md", b"not an input")
+    return root
+
+
+def test_a_collection_is_captioned_resumed_and_finished(decoders, both, collection, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    common = ("--out", out, "--server", both, "--max-new-tokens", 7, "--progress-every", 0.05)
+    run = caption_cli(collection, *common)
+    assert run.returncode == 1, run.stderr  # one input failed
+    # The default concurrency is what the decoders report: their batch size, times two decoders.
+    assert f"{2 * MAX_BATCH} at a time" in run.stderr
+    lines = read_lines(out)
+    assert len(lines) == 5
+    by_path = {Path(line["path"]).relative_to(collection).as_posix(): line for line in lines}
+    assert set(by_path) == {"orbit.mp4", "short.mp4", "still.jpg", "sub/portrait.mp4", "sub/broken.mp4"}
+    for rel, line in by_path.items():
+        data = (collection / rel).read_bytes()
+        assert (line["size"], line["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    broken = by_path.pop("sub/broken.mp4")
+    assert broken["status"] == "error" and broken["code"] == "INVALID_ARGUMENT"
+    assert "not a video" in broken["message"] and broken["attempts"] == 1
+    for line in by_path.values():
+        assert line["status"] == "ok" and line["finish_reason"] == "length"
+        assert line["num_generated_tokens"] == 7 and line["num_visual_tokens"] == 576
+        assert line["caption"] and line["timings"]["total_ms"] > 0 and line["num_prompt_tokens"] > 0
+    # A still image is one frame; the model repeats it in time, so it gives a video's 576 tokens.
+    assert by_path["still.jpg"]["num_frames"] == 1 and by_path["orbit.mp4"]["num_frames"] == 4
+    # The same caption as one call would give (greedy), and both decoders did some of the work.
+    with Client(decoders[0].address, timeout=120) as client:
+        single = client.caption_full(collection / "orbit.mp4", max_new_tokens=7)
+    assert by_path["orbit.mp4"]["caption"] == single.caption
+    assert captioned_by(decoders[0]) and captioned_by(decoders[1])
+    # Progress lines while running, one line per failure, a summary at the end.
+    assert re.search(r"pllava-caption: \d/5: \d done, \d failed, \d skipped, [\d.]+ videos/min, "
+                     r"[\d.]+ tokens/s, ETA", run.stderr), run.stderr
+    assert f"error: {collection / 'sub' / 'broken.mp4'}: INVALID_ARGUMENT" in run.stderr
+    assert "4 captioned, 1 failed, 0 skipped of 5" in run.stderr
+    assert "1 video(s) have no caption yet" in run.stderr
+
+    # Rerun: the four captions are skipped, the failure is tried again (and fails again).
+    run = caption_cli(collection, *common)
+    assert run.returncode == 1 and "0 captioned, 1 failed, 4 skipped of 5" in run.stderr, run.stderr
+    lines = read_lines(out)
+    assert len(lines) == 6 and lines[-1]["status"] == "error" and lines[-1]["path"].endswith("broken.mp4")
+    # --no-retry-failed leaves it alone; still not everything has a caption.
+    run = caption_cli(collection, *common, "--no-retry-failed")
+    assert run.returncode == 1 and "0 captioned, 0 failed, 5 skipped of 5" in run.stderr, run.stderr
+    assert len(read_lines(out)) == 6
+
+    # The broken file is replaced by a video and the file ends in a torn line: the rerun
+    # captions just that one and finishes with exit status 0.
+    (collection / "sub" / "broken.mp4").write_bytes((collection / "short.mp4").read_bytes())
+    with open(out, "ab") as f:
+        f.write(b'{"path": "torn')
+    run = caption_cli(collection, *common)
+    assert run.returncode == 0 and "1 captioned, 0 failed, 4 skipped of 5" in run.stderr, run.stderr
+    assert "1 unreadable line(s) ignored" in run.stderr
+    text = out.read_text().splitlines()
+    assert text[6] == '{"path": "torn' and json.loads(text[7])["status"] == "ok"
+    ok = [json.loads(t)["path"] for t in text if t.startswith("{") and t.endswith("}")
+          and json.loads(t)["status"] == "ok"]
+    assert sorted(ok) == sorted(str(collection / rel) for rel in
+                                ("orbit.mp4", "short.mp4", "still.jpg", "sub/portrait.mp4", "sub/broken.mp4"))
+
+
+def test_a_killed_run_resumes_with_one_ok_line_per_video(both, videos_dir, tmp_path):
+    folder = tmp_path / "copies"
+    names = []
+    for i in range(8):
+        source = ("orbit.mp4", "short.mp4")[i % 2]
+        touch(folder / f"{i}-{source}", (videos_dir / source).read_bytes())
+        names.append(f"{i}-{source}")
+    (tmp_path / "list.txt").write_text("".join(f"copies/{n}\n" for n in names))
+    out = tmp_path / "captions.jsonl"
+    argv = [console_script("pllava-caption"), tmp_path / "list.txt", "--out", out, "--server", both,
+            "--max-new-tokens", 40, "--concurrency", 2]
+    run = subprocess.Popen(list(map(str, argv)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while (not out.exists() or len(out.read_bytes().splitlines()) < 2) and time.monotonic() < deadline:
+            assert run.poll() is None, run.stderr.read().decode()
+            time.sleep(0.05)
+    finally:
+        run.kill()  # SIGKILL, in the middle of the collection
+        run.wait()
+    partial = read_lines(out)  # whole lines only
+    assert 2 <= len(partial) < 8 and all(line["status"] == "ok" for line in partial)
+
+    done = caption_cli(tmp_path / "list.txt", "--out", out, "--server", both, "--max-new-tokens", 40)
+    assert done.returncode == 0, done.stderr
+    assert f"{8 - len(partial)} captioned, 0 failed, {len(partial)} skipped of 8" in done.stderr
+    lines = read_lines(out)
+    assert sorted(line["path"] for line in lines) == sorted(str(folder / n) for n in names)
+    assert all(line["status"] == "ok" for line in lines)
+
+
+def test_caption_many_survives_a_decoder_going_away(tiny_model_dir, encoder, decoders, logs, videos_dir, tmp_path):
+    paths = []
+    for i in range(8):
+        paths.append(touch(tmp_path / f"{i}.mp4", (videos_dir / "orbit.mp4").read_bytes()))
+    doomed = start_decoder(tiny_model_dir, encoder, logs)
+    try:
+        with Client(f"{decoders[0].address},{doomed.address}", timeout=120) as client:
+            assert client.default_concurrency() == 2 * MAX_BATCH
+            results = client.caption_many(paths, max_new_tokens=60)
+            first = next(results)  # results come as they finish, the others still running
+            assert first.ok
+            doomed.kill()  # SIGKILL: its streams break off mid-caption
+            rest = list(results)
+    finally:
+        doomed.kill()
+    everything = [first, *rest]
+    assert sorted(r.path for r in everything) == sorted(map(str, paths))
+    assert all(r.ok and r.num_generated_tokens == 60 for r in everything), [(r.path, r.code, r.message)
+                                                                           for r in everything]
+    # The calls that broke off with it were tried again on the decoder that is left.
+    assert any(r.attempts > 1 for r in everything)
+
+
+def test_progress_bar_on_a_terminal(both, videos_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    argv = [console_script("pllava-caption"), videos_dir / "orbit.mp4", videos_dir / "short.mp4", "--out", out,
+            "--server", both, "--max-new-tokens", 5]
+    run = subprocess.Popen(list(map(str, argv)), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert run.wait(timeout=120) == 0, screen.decode(errors="replace")
+    finally:
+        os.close(master)
+        if run.poll() is None:
+            run.kill()
+    text = screen.decode(errors="replace")
+    assert "100%|" in text and "2/2 [" in text, text  # tqdm's bar with its ETA field
+    assert re.search(r"2 done, 0 failed, 0 skipped, [\d.]+ videos/min, [\d.]+ tokens/s", text), text
+    assert "2 captioned, 0 failed, 0 skipped of 2" in text
+
+
+def test_several_inputs_need_out_and_one_video_works_as_before(both, decoders, videos_dir):
+    run = caption_cli(videos_dir, "--server", both)
+    assert run.returncode == 2 and "need --out" in run.stderr
+    run = caption_cli(videos_dir / "short.mp4", "--server", both, "--max-new-tokens", 4, "--json")
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(run.stdout)["token_ids"]) == 4
+    run = caption_cli(videos_dir / "short.mp4", "--server", "127.0.0.1:1,", "--max-new-tokens", 4)
+    assert run.returncode == 2 and "empty item" in run.stderr

@@ -1,0 +1,169 @@
+"""The Kubernetes manifests (deploy/kubernetes): both overlays render, every object is valid
+against the schema of the pinned Kubernetes version, and the pieces fit together (probes on
+the ports the servers listen on, Services and budgets selecting the pods, autoscalers aiming
+at the Deployments, settings the servers accept, one NPU per pod on Ascend).
+
+Rendering is tests/kustomize.py (the kustomize subset the manifests use), so no kubectl is
+needed; where kubectl is installed, its own ``kubectl kustomize`` must give the same objects.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kustomize import KustomizeError, build, json_patch
+from pllava_decoder.settings import DecoderSettings
+from pllava_encoder.settings import EncoderSettings
+from pllava_serving.settings import load_settings
+
+#: The Kubernetes version the manifests are checked against (gRPC probes are GA since 1.27,
+#: autoscaling/v2 since 1.23, policy/v1 budgets since 1.21).
+KUBERNETES_VERSION = "1.31.0"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+OVERLAYS = ("cpu", "ascend")
+NPU = "huawei.com/Ascend910"
+
+
+def by_kind_and_name(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    index = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    assert len(index) == len(objects), "two objects share a kind and name"
+    return index
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, dict[tuple[str, str], dict]]:
+    return request.param, by_kind_and_name(build(DEPLOY / "overlays" / request.param))
+
+
+def test_every_object_is_valid_for_the_pinned_kubernetes(overlay):
+    name, objects = overlay
+    kinds = sorted(kind for kind, _ in objects)
+    assert kinds == sorted(["ConfigMap", "PersistentVolumeClaim", "Deployment", "Deployment", "Service",
+                            "Service", "Service", "PodDisruptionBudget", "PodDisruptionBudget",
+                            "HorizontalPodAutoscaler", "HorizontalPodAutoscaler"]), kinds
+    for (kind, obj_name), obj in objects.items():
+        try:  # strict: an unknown or misspelt field is an error too
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{name}: {kind}/{obj_name} at {'.'.join(map(str, err.path))}: {err.message}")
+
+
+def test_the_validator_rejects_a_broken_object(overlay):
+    """The check above can fail: a misspelt field and a wrong type are caught."""
+    _, objects = overlay
+    deployment = yaml.safe_load(yaml.safe_dump(objects["Deployment", "pllava-decoder"]))
+    json_patch(deployment, {"op": "add", "path": "/spec/template/spec/containers/0/readinessProbe/grcp",
+                            "value": {"port": 50052}})
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    service = yaml.safe_load(yaml.safe_dump(objects["Service", "pllava-decoder"]))
+    service["spec"]["ports"][0]["port"] = "fifty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, KUBERNETES_VERSION, strict=True)
+
+
+def settings_of(objects, tmp_path: Path) -> tuple[EncoderSettings, DecoderSettings]:
+    """The ConfigMap's settings files, loaded as the servers load them (unknown keys and bad
+    values are errors)."""
+    data = objects["ConfigMap", "pllava-settings"]["data"]
+    loaded = []
+    for key, cls in (("encoder.yaml", EncoderSettings), ("decoder.yaml", DecoderSettings)):
+        path = tmp_path / key
+        path.write_text(data[key])
+        loaded.append(load_settings(cls, yaml_path=path, environ={}))
+    return loaded[0], loaded[1]
+
+
+def pod_spec(objects, stage: str) -> dict:
+    return objects["Deployment", f"pllava-{stage}"]["spec"]["template"]["spec"]
+
+
+def test_the_pieces_fit_together(overlay, tmp_path):
+    name, objects = overlay
+    encoder, decoder = settings_of(objects, tmp_path)
+    assert decoder.encoder == f"dns:///pllava-encoder:{encoder.port}"  # the headless Service
+    assert encoder.model == decoder.model == "/model" and encoder.host == decoder.host == "0.0.0.0"
+
+    for stage, settings in (("encoder", encoder), ("decoder", decoder)):
+        deployment = objects["Deployment", f"pllava-{stage}"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"] == labels
+        assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
+        spec = pod_spec(objects, stage)
+        (container,) = spec["containers"]
+        assert container["command"] == [f"pllava-{stage}"]
+        assert container["args"] == ["--config", f"/etc/pllava/{stage}.yaml"]
+        assert container["ports"] == [{"name": "grpc", "containerPort": settings.port}]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": settings.port}, probe  # the health service
+        # SIGTERM drains for grace_s; Kubernetes must wait longer before it kills the pod.
+        assert spec["terminationGracePeriodSeconds"] > settings.grace_s
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["model"]["mountPath"] == "/model" and mounts["model"]["readOnly"] is True
+        assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "pllava-model"
+        assert mounts["settings"]["mountPath"] == "/etc/pllava"
+        assert volumes["settings"]["configMap"]["name"] == "pllava-settings"
+        assert set(container["resources"]["requests"]) >= {"cpu", "memory"}
+        assert "memory" in container["resources"]["limits"]
+        assert container["image"].startswith("pllava-serve")
+
+        budget = objects["PodDisruptionBudget", f"pllava-{stage}"]
+        assert budget["spec"]["selector"]["matchLabels"] == labels
+        scaler = objects["HorizontalPodAutoscaler", f"pllava-{stage}"]["spec"]
+        assert scaler["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": f"pllava-{stage}"}
+        assert 1 <= scaler["minReplicas"] <= scaler["maxReplicas"]
+
+    headless = objects["Service", "pllava-encoder"]["spec"]
+    assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == encoder.port
+    assert headless["selector"] == pod_spec_labels(objects, "encoder")
+    for service, cluster_ip in (("pllava-decoder", None), ("pllava-decoders", "None")):
+        spec = objects["Service", service]["spec"]
+        assert spec.get("clusterIP") == cluster_ip and spec["ports"][0]["port"] == decoder.port
+        assert spec["selector"] == pod_spec_labels(objects, "decoder")
+    assert "ReadWriteMany" in objects["PersistentVolumeClaim", "pllava-model"]["spec"]["accessModes"]
+
+    npus = [pod_spec(objects, stage)["containers"][0]["resources"]["limits"].get(NPU) for stage in
+            ("encoder", "decoder")]
+    if name == "ascend":
+        assert encoder.device == decoder.device == "Ascend"
+        assert npus == [1, 1]
+        for stage in ("encoder", "decoder"):
+            resources = pod_spec(objects, stage)["containers"][0]["resources"]
+            assert resources["requests"][NPU] == 1  # extended resources: requests equal limits
+            hostpaths = {v["hostPath"]["path"] for v in pod_spec(objects, stage)["volumes"] if "hostPath" in v}
+            assert "/usr/local/Ascend/driver" in hostpaths
+    else:
+        assert encoder.device == decoder.device == "CPU"
+        assert npus == [None, None]
+
+
+def pod_spec_labels(objects, stage: str) -> dict:
+    return objects["Deployment", f"pllava-{stage}"]["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_renderer_agrees_with_kubectl_kustomize(name):
+    done = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "overlays" / name)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    theirs = by_kind_and_name([d for d in yaml.safe_load_all(done.stdout) if d])
+    assert theirs == by_kind_and_name(build(DEPLOY / "overlays" / name))
+
+
+def test_the_renderer_refuses_what_it_does_not_know(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
+    with pytest.raises(KustomizeError, match="namePrefix"):
+        build(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n  - target: {kind: ConfigMap, name: other}\n    patch: '[]'\n")
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n")
+    with pytest.raises(KustomizeError, match="matches no object"):
+        build(tmp_path)

@@ -117,7 +117,7 @@ def cmd_convert(args) -> int:
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
-    out = make_tiny(args.output, seed=args.seed, num_frames=args.num_frames)
+    out = make_tiny(args.output, seed=args.seed, num_frames=args.num_frames, preset=args.preset)
     print(f"wrote a tiny random PLLaVA checkpoint to {out}")
     return 0
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=4)
+    p.add_argument("--preset", choices=("tiny", "serving"), default="tiny",
+                   help="tiny (tests) or serving (benchmarks: CLIP 512x8, LLaMA 1024x12, vocab 32064)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("up", help="run N encoder servers and one decoder server here, no Docker")

@@ -1,8 +1,10 @@
 """The generation engine: sequences in KV-cache slots, one prefill or decode step at a time.
 
-``Engine.step()`` prefills at most one waiting request into a free slot, then advances every
-running sequence by one token in a single batched decode call (continuous batching: new
-requests join while others keep decoding). Each step returns the tokens it produced as
+``Engine.step()`` prefills one chunk of at most one prompt (admitting a waiting request into
+a free slot when no prompt is in progress), then advances every running sequence by one
+token in a single batched decode call (continuous batching: new requests join while others
+keep decoding, and a long prompt delays running streams by one chunk per step, not by its
+whole prefill). Each step returns the tokens it produced as
 ``TokenEvent``s, so a caller can stream them. ``generate()`` drives one request alone.
 
 ``add`` and ``cancel`` may be called from other threads; ``step`` runs on one thread only.
@@ -117,6 +119,8 @@ class Running:
         self.seen = np.asarray([i for i in request.prompt_ids], dtype=np.int64)
         self.slot = -1
         self.position = 0  # where the next fed token is written
+        self.embeds = None  # merged prompt embeddings while the prompt is being prefilled
+        self.chunks: deque | None = None  # prefill chunks still to run
         self.stats = SequenceStats(added=time.perf_counter())
 
 
@@ -134,6 +138,7 @@ class Engine:
         self._waiting: deque[Running] = deque()
         self._cancelled: set[str] = set()
         self._slots: list[Running | None] = [None] * self.num_slots
+        self._prefilling: Running | None = None  # holds a slot, its prompt partly in the cache
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -167,10 +172,14 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        """Cancel, prefill one chunk of the admitted prompt (admitting the next waiting one
+        if none is in progress), then decode one token for every running sequence. Running
+        streams therefore wait at most one chunk per token while a long prompt enters."""
         events = self._apply_cancellations()
-        seq = self._next_admission()
-        if seq is not None:
-            events.extend(self._prefill(seq))
+        if self._prefilling is None:
+            self._prefilling = self._next_admission()
+        if self._prefilling is not None:
+            events.extend(self._prefill_step(self._prefilling))
         running = [s for s in self._slots if s is not None and s.generated]
         if running:
             events.extend(self._decode(running))
@@ -197,26 +206,32 @@ class Engine:
         self._slots[seq.slot] = seq
         return seq
 
-    def _prefill(self, seq: Running) -> list[TokenEvent]:
-        seq.stats.prefill_start = time.perf_counter()
-        embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
-        logits = self.language.prefill(seq.slot, embeds)[0]
-        seq.position = embeds.shape[1]
-        event = self._accept(seq, logits)
+    def _prefill_step(self, seq: Running) -> list[TokenEvent]:
+        """Feed the next chunk of ``seq``'s prompt; its last chunk yields the first token."""
+        if seq.chunks is None:
+            seq.stats.prefill_start = time.perf_counter()
+            seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
+            seq.chunks = deque(self.language.plan.chunks(seq.embeds.shape[1]))
+        chunk = seq.chunks.popleft()
+        logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
+        seq.position = chunk.start + chunk.length
+        if seq.chunks:
+            return []
+        self._prefilling = None
+        seq.embeds = None
+        event = self._accept(seq, logits[0])
         seq.stats.first_token = time.perf_counter()
         return [event]
 
     def _decode(self, running: list[Running]) -> list[TokenEvent]:
-        tokens = np.zeros(self.num_slots, dtype=np.int32)
-        positions = np.zeros(self.num_slots, dtype=np.int32)
-        for seq in running:
-            tokens[seq.slot] = seq.generated[-1]
-            positions[seq.slot] = seq.position
-        logits = self.language.decode(tokens, positions)
+        tokens = np.array([seq.generated[-1] for seq in running], dtype=np.int32)
+        positions = np.array([seq.position for seq in running], dtype=np.int32)
+        slots = np.array([seq.slot for seq in running], dtype=np.int32)
+        logits = self.language.decode(tokens, positions, slots)
         events = []
-        for seq in running:
+        for seq, row in zip(running, logits):
             seq.position += 1
-            events.append(self._accept(seq, logits[seq.slot]))
+            events.append(self._accept(seq, row))
         return events
 
     def _accept(self, seq: Running, logits: np.ndarray) -> TokenEvent:
@@ -242,6 +257,8 @@ class Engine:
             text += tail if hit else tail + seq.stop_filter.flush()
         if seq.slot >= 0 and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
+        if self._prefilling is seq:
+            self._prefilling, seq.embeds = None, None
         seq.stats.finished = time.perf_counter()
         seq.stats.generated_tokens = len(seq.generated)
         return TokenEvent(seq.request.request_id, token, text, reason, seq.stats)

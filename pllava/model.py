@@ -18,6 +18,7 @@ from .config import PllavaConfig
 from .layers import Backend, to_tensor
 from .llama import LlamaForCausalLM
 from .projector import PllavaMultiModalProjector
+from .shapes import Chunk, ShapePlan
 from .vision import CLIPVisionTower
 
 _CLIP_LAYER = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
@@ -84,17 +85,13 @@ class PllavaVision(nn.Cell):
         return build_no_init(lambda: cls(cfg, backend)).load(source, lora_alpha)
 
 
-def prefill_bucket(length: int, max_len: int, step: int = 64) -> int:
-    """Pad prompt lengths to multiples of ``step`` so prefill compiles once per bucket."""
-    return min(max_len, -(-length // step) * step)
-
-
 class PllavaLanguage:
     """LLaMA with a static KV cache of ``num_slots`` sequences of ``max_len`` tokens, and
-    compiled prefill / decode steps. Thin host-side wrapper: numpy in, numpy out."""
+    compiled prefill / decode steps at the shapes of a ``ShapePlan``. Thin host-side
+    wrapper: numpy in, numpy out."""
 
     def __init__(self, cfg: PllavaConfig, backend: Backend = Backend(), num_slots: int = 1,
-                 max_len: int | None = None, jit: bool = True):
+                 max_len: int | None = None, jit: bool = True, **plan):
         max_len = max_len or cfg.text.max_position_embeddings
         if max_len > cfg.text.max_position_embeddings:
             raise ValueError(f"max context {max_len} exceeds the model's max_position_embeddings "
@@ -103,9 +100,11 @@ class PllavaLanguage:
         self.backend = backend
         self.num_slots = num_slots
         self.max_len = max_len
+        self.plan = ShapePlan(num_slots, max_len, **plan)
         self.lm = build_no_init(lambda: LlamaForCausalLM(cfg.text, backend, num_slots, max_len))
         self._prefill = ms.jit(self.lm.prefill) if jit else self.lm.prefill
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
+        self._contexts = {c: to_tensor(np.arange(c, dtype=np.int32)) for c in self.plan.context_buckets}
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
         tied = self.cfg.text.tie_word_embeddings
@@ -139,24 +138,66 @@ class PllavaLanguage:
         vis = to_tensor(np.asarray(visual, dtype=np.float32)).astype(self.lm.dtype)
         return ops.concat((text[:i], vis, text[i + 1:]), 0).reshape(1, -1, text.shape[-1])
 
+    def prefill_chunk(self, slot: int, embeds: Tensor, chunk: Chunk, all_logits: bool = False) -> np.ndarray:
+        """Run prompt positions [chunk.start, chunk.start + chunk.length) of ``embeds``
+        (1, L, D) into cache ``slot``. Returns fp32 logits (1, vocab) at the chunk's last
+        position, or (chunk.length, vocab) at each of its positions with ``all_logits``."""
+        piece = embeds[:, chunk.start:chunk.start + chunk.length]
+        if chunk.size > chunk.length:
+            pad = ops.zeros((1, chunk.size - chunk.length, embeds.shape[2]), embeds.dtype)
+            piece = ops.concat((piece, pad), 1)
+        # padding rows sit past the prompt; clamped into the slot, they write only positions
+        # that a real token overwrites before anyone attends to them
+        positions = np.minimum(np.arange(chunk.start, chunk.start + chunk.size), self.max_len - 1)
+        index = np.arange(chunk.size) if all_logits else np.array([chunk.length - 1])
+        logits = self._prefill(piece, to_tensor(positions.astype(np.int32).reshape(1, -1)),
+                               to_tensor(np.array([slot], dtype=np.int32)), self._contexts[chunk.context],
+                               to_tensor(index.astype(np.int32)))
+        out = logits.asnumpy()
+        return out[:chunk.length] if all_logits else out
+
     def prefill(self, slot: int, embeds: Tensor, logit_index: Sequence[int] | None = None) -> np.ndarray:
-        """Run a prompt into cache ``slot``; fp32 logits at ``logit_index`` (default: the
-        last prompt position), shape (n, vocab)."""
+        """Run a whole prompt into cache ``slot``, chunk by chunk; fp32 logits at
+        ``logit_index`` (default: the last prompt position), shape (n, vocab)."""
         length = embeds.shape[1]
         if length > self.max_len:
             raise ValueError(f"prompt of {length} tokens exceeds the max context {self.max_len}")
-        padded = prefill_bucket(length, self.max_len)
-        if padded > length:
-            pad = ops.zeros((1, padded - length, embeds.shape[2]), embeds.dtype)
-            embeds = ops.concat((embeds, pad), 1)
-        index = [length - 1] if logit_index is None else list(logit_index)
-        logits = self._prefill(embeds, to_tensor(np.arange(padded, dtype=np.int32).reshape(1, -1)),
-                               to_tensor(np.array([slot], dtype=np.int32)),
-                               to_tensor(np.asarray(index, dtype=np.int32)))
-        return logits.asnumpy()
+        chunks = self.plan.chunks(length)
+        if logit_index is None:
+            for chunk in chunks:
+                last = self.prefill_chunk(slot, embeds, chunk)
+            return last
+        rows = [self.prefill_chunk(slot, embeds, chunk, all_logits=True) for chunk in chunks]
+        return np.concatenate(rows, 0)[np.asarray(list(logit_index), dtype=np.int64)]
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One token per slot (S,) at positions (S,) -> fp32 logits (S, vocab)."""
-        logits = self._decode(to_tensor(np.asarray(tokens, dtype=np.int32)),
-                              to_tensor(np.asarray(positions, dtype=np.int32)))
-        return logits.asnumpy()
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """One token for each of n sequences: tokens, positions and cache slots (n,) ->
+        fp32 logits (n, vocab). Runs at the batch bucket of n (padded by repeating the last
+        sequence, whose duplicate write is identical) and the context bucket that covers
+        the furthest position."""
+        n = len(tokens)
+        batch = self.plan.batch_bucket(n)
+        context = self.plan.context_bucket(int(np.max(positions)) + 1)
+        pick = np.minimum(np.arange(batch), n - 1)
+        logits = self._decode(to_tensor(np.asarray(tokens, dtype=np.int32)[pick]),
+                              to_tensor(np.asarray(positions, dtype=np.int32)[pick]),
+                              to_tensor(np.asarray(slots, dtype=np.int32)[pick]),
+                              self._contexts[context])
+        return logits.asnumpy()[:n]
+
+    def warm_up(self, progress=None) -> int:
+        """Compile every graph of the shape plan (writes only garbage into cache slot 0, so
+        run it while no sequence is live). ``progress(done, total, kind, a, context)`` is
+        called after each. Returns the number of graphs."""
+        graphs = self.plan.graphs()
+        width = self.cfg.text.hidden_size
+        for done, (kind, size, context) in enumerate(graphs, 1):
+            if kind == "decode":
+                self.decode(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
+                            np.zeros(size, np.int32))
+            else:
+                embeds = ops.zeros((1, context, width), self.lm.dtype)
+                self.prefill_chunk(0, embeds, Chunk(context - size, size, size, context))
+            if progress is not None:
+                progress(done, len(graphs), kind, size, context)
+        return len(graphs)

@@ -27,7 +27,19 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  tie_word_embeddings=False, _name_or_path="lmsys/vicuna-7b-v1.5")
 
 
-def tiny_config(vocab_size: int, image_token_index: int, num_frames: int = 4) -> dict:
+#: The serving-scale preset for benchmarks: PLLaVA's real vision geometry and 16 frames, a
+#: narrower CLIP and a ~220M-parameter LLaMA with Vicuna's padded vocabulary, so that memory
+#: and time behave like serving (long prompts, a real vocab) on a CPU.
+SERVING_VISION = dict(TINY_VISION, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                      num_attention_heads=8, projection_dim=512)
+SERVING_TEXT = dict(TINY_TEXT, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                    num_attention_heads=16, num_key_value_heads=16)
+SERVING_VOCAB = 32064
+PRESETS = {"tiny": (TINY_VISION, TINY_TEXT, None), "serving": (SERVING_VISION, SERVING_TEXT, SERVING_VOCAB)}
+
+
+def tiny_config(vocab_size: int, image_token_index: int, num_frames: int = 4,
+                vision: dict = TINY_VISION, text: dict = TINY_TEXT) -> dict:
     return {
         "architectures": ["LlavaNextForConditionalGeneration"],
         "model_type": "llava_next",
@@ -44,8 +56,8 @@ def tiny_config(vocab_size: int, image_token_index: int, num_frames: int = 4) ->
         "frame_shape": [24, 24],
         "use_pooling": True,
         "torch_dtype": "float16",
-        "text_config": dict(TINY_TEXT, vocab_size=vocab_size),
-        "vision_config": dict(TINY_VISION),
+        "text_config": dict(text, vocab_size=vocab_size),
+        "vision_config": dict(vision),
     }
 
 
@@ -102,8 +114,8 @@ def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
-    """Normal(0, 0.02) matrices, ones for norm scales, small biases; fp16 like llava-hf."""
+def random_weights(cfg: dict, seed: int, scale: float = 0.2) -> dict[str, np.ndarray]:
+    """Normal(0, ``scale``) matrices, ~1 for norm scales, small biases; fp16 like llava-hf."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in _tensor_shapes(cfg).items():
@@ -113,7 +125,7 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
         elif name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
             value = rng.standard_normal(shape)
         else:
-            value = 0.02 * rng.standard_normal(shape) if name.endswith("bias") else rng.standard_normal(shape) * 0.2
+            value = 0.02 * rng.standard_normal(shape) if name.endswith("bias") else rng.standard_normal(shape) * scale
         out[name] = value.astype(np.float16)
     # Byte-fallback tokens (<0x00>..<0xFF>, ids 3..258) get weak output rows so random captions
     # read as words rather than strings of broken UTF-8.
@@ -139,18 +151,22 @@ def save_sharded(tensors: dict[str, np.ndarray], out_dir: Path, num_shards: int 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, num_frames: int = 4) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` and return it."""
+def make_tiny(out_dir: str | Path, seed: int = 0, num_frames: int = 4, preset: str = "tiny") -> Path:
+    """Write a random checkpoint of ``preset`` ("tiny", or "serving" for benchmarks) to
+    ``out_dir`` and return it."""
+    vision, text, padded_vocab = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(out)
     tok = Tokenizer.from_pretrained(out)
     image_id = tok.image_token_id
-    vocab = -(-(image_id + 1) // 64) * 64  # llava-hf pads the vocab to a multiple of 64
-    cfg = tiny_config(vocab, image_id, num_frames)
+    vocab = padded_vocab or -(-(image_id + 1) // 64) * 64  # llava-hf pads the vocab to a multiple of 64
+    cfg = tiny_config(vocab, image_id, num_frames, vision, text)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": 0}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    save_sharded(random_weights(cfg, seed), out)
+    # wide layers get 1/sqrt(width)-sized weights so activations stay in fp16 range
+    scale = 0.2 if preset == "tiny" else text["hidden_size"] ** -0.5
+    save_sharded(random_weights(cfg, seed, scale), out, num_shards=2 if preset == "tiny" else 4)
     return out

@@ -171,12 +171,15 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     """Assign ``weights`` to ``cell``'s parameters strictly, converting to each parameter's
     dtype. ``prefix`` is stripped from checkpoint names; ``skip(param_name)`` marks state that
     is not loaded (KV caches); ``ignore(ckpt_name)`` marks keys the cell does not use (CLIP
-    layers past the selected one). Missing, unexpected and mis-shaped keys raise one error
-    that names them all."""
+    layers past the selected one). Linear weights the cell stores (in, out) are transposed.
+    Missing, unexpected and mis-shaped keys raise one error that names them all."""
     import mindspore as ms
     from mindspore import Tensor
 
+    from .layers import transposed_weight_names
+
     params = {name: p for name, p in cell.parameters_and_names() if not skip(name)}
+    transposed = transposed_weight_names(cell)
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -187,6 +190,8 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
             if not ignore(ckpt_name):
                 unexpected.append(ckpt_name)
             continue
+        if name in transposed and array.ndim == 2:
+            array = array.T
         if tuple(array.shape) != tuple(param.shape):
             mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(param.shape)}")
             continue

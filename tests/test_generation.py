@@ -154,14 +154,42 @@ def test_cancel_frees_the_slot(language, tokenizer, cfg):
     reqs = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=100)) for i in range(4)]
     for r in reqs:
         engine.add(r)
-    for _ in range(4):
-        engine.step()
+    started: set[str] = set()
+    for _ in range(50):  # each prompt takes a few prefill chunks
+        started.update(e.request_id for e in engine.step())
+        if len(started) == 3:
+            break
+    assert started == {r.request_id for r in reqs[:3]}
     assert engine.num_running == 3 and engine.num_waiting == 1
     engine.cancel(reqs[0].request_id)
     events = engine.step()
     assert any(e.request_id == reqs[0].request_id and e.finish_reason == FinishReason.CANCELLED for e in events)
-    assert any(e.request_id == reqs[3].request_id for e in events)  # admitted into the freed slot
-    assert engine.num_running == 3 and engine.num_waiting == 0
+    assert engine.num_running == 3 and engine.num_waiting == 0  # the freed slot went to the last one
+    for _ in range(50):
+        if any(e.request_id == reqs[3].request_id for e in engine.step()):
+            break
+    else:
+        raise AssertionError("the request admitted into the freed slot never produced a token")
+
+
+def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(language, tokenizer, cfg):
+    """Chunked prefill: a new prompt enters one chunk per step, and each step still decodes
+    one token for every running sequence."""
+    engine = Engine(language, tokenizer)
+    running = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=200)) for i in range(2)]
+    for r in running:
+        engine.add(r)
+    started: set[str] = set()
+    while len(started) < 2:
+        started.update(e.request_id for e in engine.step())
+    newcomer = Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 9), SamplingParams(max_new_tokens=5))
+    engine.add(newcomer)
+    chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens))
+    assert chunks >= 3
+    for step in range(1, chunks + 1):
+        ids = [e.request_id for e in engine.step()]
+        assert sorted(r.request_id for r in running) == sorted(i for i in ids if i != newcomer.request_id)
+        assert (newcomer.request_id in ids) == (step == chunks)  # its first token ends its prefill
 
 
 def test_prompt_longer_than_context_is_refused(language, tokenizer, cfg):

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 
 from pllava import weights as W
 from pllava.config import PllavaConfig
+from pllava.layers import transposed_weight_names
 from pllava.model import PllavaLanguage, PllavaVision
 from pllava.tiny import save_sharded
 
@@ -73,8 +74,9 @@ def loaded(model_dir, cfg, **kw) -> dict[str, np.ndarray]:
     vision = PllavaVision.from_pretrained(model_dir, cfg, **kw)
     language = PllavaLanguage.from_pretrained(model_dir, cfg, max_len=64, jit=False, **kw)
     out = {n: p.asnumpy() for n, p in vision.parameters_and_names()}
-    out.update({"language_model." + n: p.asnumpy() for n, p in language.lm.parameters_and_names()
-                if not n.endswith("_cache")})
+    transposed = transposed_weight_names(language.lm)  # stored (in, out): back to the checkpoint's layout
+    out.update({"language_model." + n: p.asnumpy().T if n in transposed else p.asnumpy()
+                for n, p in language.lm.parameters_and_names() if not n.endswith("_cache")})
     return out
 
 

@@ -81,7 +81,9 @@ class LanguageModel:
                              f"image_token_index {cfg.image_token_index}")
         max_context = settings.context_for(cfg.text.max_position_embeddings)
         language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha,
-                                                  num_slots=settings.max_batch, max_len=max_context)
+                                                  num_slots=settings.max_batch, max_len=max_context,
+                                                  prefill_chunk=settings.prefill_chunk,
+                                                  min_context=settings.min_context)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
                    engine=Engine(language, tokenizer), model_id=model_id(path, settings.lora_alpha),
                    dtype=dtype_name(backend.dtype), max_context=max_context)
@@ -138,11 +140,13 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
-        """Load the language side (off the event loop, so health keeps answering), start the
-        engine thread and compile its graphs with a dummy request."""
+        """Load the language side and compile every graph its shape plan can use (off the
+        event loop, so health keeps answering NOT_SERVING), then start the engine thread and
+        run a dummy request through it."""
         s = self.settings
         t0 = time.perf_counter()
         self.model = await asyncio.to_thread(LanguageModel.load, s)
+        await asyncio.to_thread(self._compile_graphs)
         self.loop = EngineLoop(self.model.engine, s.max_queue).start()
         self.encoder = EncoderClient(s.encoder, timeout_s=s.encoder_timeout_s, retries=s.encoder_retries,
                                      hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id)
@@ -152,8 +156,20 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
                  self.model.model_id, t1 - t0, time.perf_counter() - t1, s.max_batch, self.model.max_context,
                  self.model.dtype, s.device)
 
+    def _compile_graphs(self) -> None:
+        """Every (batch, context) decode shape and (chunk, context) prefill shape, so that no
+        request ever waits for a compile."""
+        start = time.perf_counter()
+        language = self.model.engine.language
+
+        def progress(done: int, total: int, kind: str, size: int, context: int) -> None:
+            log.info("compiled %d/%d graphs (%s %d x %d positions) in %.1f s",
+                     done, total, kind, size, context, time.perf_counter() - start)
+
+        language.warm_up(progress)
+
     async def warm_up(self) -> None:
-        """Compile the decode graph and the default prompt's prefill bucket."""
+        """One dummy request end to end through the engine thread (graphs are compiled)."""
         m = self.model
         ids = m.tokenizer.encode(build_prompt(DEFAULT_QUESTION, DEFAULT_TEMPLATE))
         visual = np.zeros((m.num_visual_tokens(m.num_frames), m.cfg.text.hidden_size), dtype=np.float32)
@@ -281,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per sequence (default: max_position_embeddings, at most 4096)")
     p.add_argument("--max-queue", type=int,
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 32)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help="prompt tokens per prefill step, a multiple of 32 (default 256): running streams "
+                        "wait at most one chunk per token while a prompt is admitted")
+    p.add_argument("--min-context", type=int,
+                   help="smallest context bucket (default 512); buckets double up to max context and a "
+                        "decode step reads each sequence's cache up to the bucket of the longest")
     p.add_argument("--visual-cache-bytes", type=int, help="visual-token cache budget (default 256 MiB; 0 = off)")
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")

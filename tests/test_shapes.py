@@ -1,0 +1,47 @@
+"""The shape plan: chunks tile every prompt, and every shape a step can take is compiled at
+warm-up (``graphs()``), so no request meets a compile."""
+from __future__ import annotations
+
+import pytest
+
+from pllava.shapes import ShapePlan, powers_of_two
+
+
+def test_buckets_double_up_to_the_limits():
+    plan = ShapePlan(num_slots=6, max_len=3000)
+    assert plan.batch_buckets == (1, 2, 4, 6)
+    assert plan.context_buckets == (512, 1024, 2048, 3000)
+    assert plan.batch_bucket(3) == 4 and plan.context_bucket(1025) == 2048 and plan.context_bucket(3000) == 3000
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        plan.context_bucket(3001)
+    assert powers_of_two(64, 64) == (64,)
+
+
+@pytest.mark.parametrize("plan", [ShapePlan(8, 4096), ShapePlan(2, 600, min_context=64, prefill_chunk=96),
+                                  ShapePlan(1, 4096, prefill_area=64 * 1024)])
+def test_chunks_tile_every_prompt_with_compiled_shapes(plan):
+    compiled = {(size, context) for kind, size, context in plan.graphs() if kind == "prefill"}
+    for length in range(1, plan.max_len + 1, 7):
+        chunks = plan.chunks(length)
+        assert chunks[0].start == 0 and sum(c.length for c in chunks) == length
+        for a, b in zip(chunks, chunks[1:]):
+            assert b.start == a.start + a.length
+        for c in chunks:
+            assert 0 < c.length <= c.size and c.start + c.length <= c.context
+            assert (c.size, c.context) in compiled
+            assert c.size * c.context <= max(plan.prefill_area, plan.chunk_align * c.context)
+
+
+def test_decode_shapes_are_all_compiled():
+    plan = ShapePlan(8, 4096)
+    compiled = {(size, context) for kind, size, context in plan.graphs() if kind == "decode"}
+    for n in range(1, 9):
+        for position in (0, 511, 512, 3000, 4095):
+            assert (plan.batch_bucket(n), plan.context_bucket(position + 1)) in compiled
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ShapePlan(1, 512, prefill_chunk=100)
+    with pytest.raises(ValueError, match="at least 1 slot"):
+        ShapePlan(0, 512)

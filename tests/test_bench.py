@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark (``benchmarks/bench.py --quick``): every section runs on a tiny
+checkpoint and every greedy token comparison with transformers agrees. Times are recorded,
+never asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench.py"
+SECTIONS = ("engine", "admission", "memory", "servers", "sequential")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    return proc, out
+
+
+def test_quick_run_succeeds_and_prints_one_table(quick):
+    proc, _ = quick
+    assert proc.returncode == 0, f"bench --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == "| metric | this project | transformers 5.24 | ratio¹ |"
+    assert len(table) > 20
+
+
+def test_json_has_every_section_without_errors(quick):
+    _, out = quick
+    data = json.loads(out.read_text())
+    assert data["quick"] is True
+    for name in SECTIONS:
+        assert name in data, f"section {name} missing from the JSON"
+        assert "error" not in data[name], f"section {name} failed: {data[name].get('traceback', data[name])}"
+    assert data["machine"]["cores"] >= 1 and data["total_s"] > 0
+
+
+def test_greedy_tokens_agree_with_transformers(quick):
+    _, out = quick
+    data = json.loads(out.read_text())
+    engine = data["engine"]
+    assert engine["agree"] is True
+    for cache in ("default", "sized"):
+        assert engine[cache]["agree_batch1"]["agree"] and engine[cache]["agree_batch"]["agree"]
+        assert engine[cache]["batch1"]["tokens"] == engine["transformers"]["batch1"]["tokens"]
+        assert engine[cache]["batch1"]["tokens"], "no tokens were generated"
+    assert data["memory"]["agree"]["agree"]
+    assert data["memory"]["ours"]["tokens"] == data["memory"]["transformers"]["tokens"]
+    runs = data["server_agreement"]
+    assert len(runs) == len(data["servers"]["runs"]) and all(a["agree"] for a in runs.values())
+    # the servers' tokens, video by video, are transformers' tokens one video at a time
+    seq = data["sequential"]
+    for run in data["servers"]["runs"]:
+        by_video = {r["video"]: r["tokens"] for r in seq[str(run["frames"])]["rows"]}
+        for video, tokens in zip(run["videos"], run["tokens"]):
+            assert tokens == by_video[video.split("#")[0]]
+
+
+def test_agreement_can_fail():
+    """The comparison the run's exit status rests on detects a differing token."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    assert bench.agreement([[1, 2, 3]], [[1, 2, 3]])["agree"]
+    differ = bench.agreement([[1, 2, 3], [1, 2, 3]], [[1, 2, 3], [1, 5, 3]])
+    assert not differ["agree"] and differ["first_mismatch"] == {"pair": 1, "index": 1}
+    assert not bench.agreement([[1, 2]], [[1, 2, 3]])["agree"]  # one stopped early

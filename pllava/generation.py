@@ -120,7 +120,6 @@ class Running:
         self.slot = -1
         self.position = 0  # where the next fed token is written
         self.embeds = None  # merged prompt embeddings while the prompt is being prefilled
-        self.chunks: deque | None = None  # prefill chunks still to run
         self.stats = SequenceStats(added=time.perf_counter())
 
 
@@ -176,10 +175,11 @@ class Engine:
         if none is in progress), then decode one token for every running sequence. Running
         streams therefore wait at most one chunk per token while a long prompt enters."""
         events = self._apply_cancellations()
+        running = [s for s in self._slots if s is not None and s.generated]
         if self._prefilling is None:
             self._prefilling = self._next_admission()
         if self._prefilling is not None:
-            events.extend(self._prefill_step(self._prefilling))
+            events.extend(self._prefill_step(self._prefilling, busy=bool(running)))
         running = [s for s in self._slots if s is not None and s.generated]
         if running:
             events.extend(self._decode(running))
@@ -206,16 +206,17 @@ class Engine:
         self._slots[seq.slot] = seq
         return seq
 
-    def _prefill_step(self, seq: Running) -> list[TokenEvent]:
-        """Feed the next chunk of ``seq``'s prompt; its last chunk yields the first token."""
-        if seq.chunks is None:
+    def _prefill_step(self, seq: Running, busy: bool) -> list[TokenEvent]:
+        """Feed the next chunk of ``seq``'s prompt (a short one while others are decoding,
+        ``busy``); its last chunk yields the first token."""
+        if seq.embeds is None:
             seq.stats.prefill_start = time.perf_counter()
             seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
-            seq.chunks = deque(self.language.plan.chunks(seq.embeds.shape[1]))
-        chunk = seq.chunks.popleft()
+        length = seq.embeds.shape[1]
+        chunk = self.language.plan.next_chunk(seq.position, length, busy)
         logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
         seq.position = chunk.start + chunk.length
-        if seq.chunks:
+        if seq.position < length:
             return []
         self._prefilling = None
         seq.embeds = None

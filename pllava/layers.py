@@ -42,7 +42,7 @@ def new_param(shape, dtype, name: str) -> Parameter:
 class Linear(nn.Cell):
     """y = x W^T + b. W is stored (out, in) as in HF and ``nn.Dense``, or (in, out) when
     ``in_out`` (see ``Backend.linear_in_out``); the loader transposes the checkpoint's
-    tensor for those (``transposed_weight_names``)."""
+    tensor for those (``checkpoint_placements``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, in_out: bool = False):
         super().__init__()
@@ -62,11 +62,61 @@ class Linear(nn.Cell):
         return y.reshape(lead + (self.out_features,))
 
 
-def transposed_weight_names(cell: nn.Cell) -> set[str]:
-    """Parameter names (as ``parameters_and_names`` gives them) stored transposed from the
-    checkpoint's layout."""
-    return {f"{name}.weight" for name, sub in cell.cells_and_names()
-            if isinstance(sub, Linear) and sub.in_out}
+class FusedLinear(Linear):
+    """Several projections of the same input as one matmul (q/k/v, gate/up): fewer, larger
+    kernels and fewer graph nodes to compile. ``parts`` maps each checkpoint name (a sibling
+    of this cell, e.g. ``q_proj``) to its output width, in output order; ``split`` returns
+    the parts' outputs."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool, dtype, in_out: bool = False):
+        super().__init__(in_features, sum(parts.values()), bias, dtype, in_out)
+        self.parts = dict(parts)
+        self.sizes = tuple(parts.values())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one checkpoint tensor goes: parameter ``param``, transposed or not, into rows
+    [start, stop) of the parameter's output axis (the whole of it when ``stop`` is None)."""
+
+    param: str
+    transpose: bool = False
+    start: int = 0
+    stop: int | None = None
+
+
+def checkpoint_placements(cell: nn.Cell) -> dict[str, Placement]:
+    """Checkpoint names (relative to ``cell``) that do not map one-to-one onto a parameter
+    of the same name and layout: Linear weights stored (in, out), and the parts of fused
+    projections."""
+    out: dict[str, Placement] = {}
+    for name, sub in cell.cells_and_names():
+        if isinstance(sub, FusedLinear):
+            parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
+            start = 0
+            for part, width in sub.parts.items():
+                out[f"{parent}{part}.weight"] = Placement(f"{name}.weight", sub.in_out, start, start + width)
+                if sub.bias is not None:
+                    out[f"{parent}{part}.bias"] = Placement(f"{name}.bias", False, start, start + width)
+                start += width
+        elif isinstance(sub, Linear) and sub.in_out:
+            out[f"{name}.weight"] = Placement(f"{name}.weight", True)
+    return out
+
+
+def checkpoint_tensors(cell: nn.Cell, skip=lambda name: False) -> dict[str, np.ndarray]:
+    """The cell's weights under checkpoint names and in the checkpoint's layout (the inverse
+    of what the loader does), for checks and conversions."""
+    params = {name: p.asnumpy() for name, p in cell.parameters_and_names() if not skip(name)}
+    out = {}
+    for ckpt_name, place in checkpoint_placements(cell).items():
+        value = params[place.param]
+        if place.stop is not None:
+            value = value[:, place.start:place.stop] if place.transpose else value[place.start:place.stop]
+        out[ckpt_name] = value.T if place.transpose else value
+    placed = {p.param for p in checkpoint_placements(cell).values()}
+    out.update({name: value for name, value in params.items() if name not in placed})
+    return out
 
 
 class LayerNorm(nn.Cell):
@@ -114,6 +164,16 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.nda
 def rotate_half(x):
     half = x.shape[-1] // 2
     return ops.concat((-x[..., half:], x[..., :half]), -1)
+
+
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+    """R with x @ R == rotate_half(x), exactly (one +-1 per column): one small matmul in
+    place of two slices, a negation and a concat."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), dtype=np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
 def to_tensor(array: np.ndarray, dtype=None) -> Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from .config import TextConfig
-from .layers import Backend, Linear, RMSNorm, new_param, rope_tables, rotate_half
+from .layers import Backend, FusedLinear, Linear, RMSNorm, new_param, rope_tables, rotate_half_matrix
 
 MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows stay NaN-free
 
@@ -44,13 +44,13 @@ class LlamaAttention(nn.Cell):
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim ** -0.5
         d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = Linear(d, self.num_heads * hd, bias, dtype, in_out)
-        self.k_proj = Linear(d, self.num_kv_heads * hd, bias, dtype, in_out)
-        self.v_proj = Linear(d, self.num_kv_heads * hd, bias, dtype, in_out)
+        self.qkv_proj = FusedLinear(d, {"q_proj": self.num_heads * hd, "k_proj": self.num_kv_heads * hd,
+                                        "v_proj": self.num_kv_heads * hd}, bias, dtype, in_out)
         self.o_proj = Linear(self.num_heads * hd, d, bias, dtype, in_out)
         rows = num_slots * self.num_kv_heads * max_len
         self.k_cache = Parameter(Tensor(np.zeros((rows, hd)), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros((rows, hd)), dtype), name="v_cache", requires_grad=False)
+        self.rotate = Tensor(rotate_half_matrix(hd), dtype)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
 
@@ -60,13 +60,12 @@ class LlamaAttention(nn.Cell):
         reference's eager path does."""
         b, l, _ = x.shape
         p = read_index.shape[-1]
-        q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-        q_cos, q_sin = ops.broadcast_to(cos, q.shape), ops.broadcast_to(sin, q.shape)
-        k_cos, k_sin = ops.broadcast_to(cos, k.shape), ops.broadcast_to(sin, k.shape)
-        q = q * q_cos + rotate_half(q) * q_sin
-        k = k * k_cos + rotate_half(k) * k_sin
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
+        qk, v = ops.split(qkv, (self.num_heads + self.num_kv_heads, self.num_kv_heads), 2)
+        rotated = ops.matmul(qk.reshape(-1, self.head_dim), self.rotate).reshape(qk.shape)
+        qk = qk * ops.broadcast_to(cos, qk.shape) + rotated * ops.broadcast_to(sin, qk.shape)
+        q, k = ops.split(qk, (self.num_heads, self.num_kv_heads), 2)
         k_cache = ops.scatter_update(self.k_cache, write_index, k.transpose(0, 2, 1, 3))
         v_cache = ops.scatter_update(self.v_cache, write_index, v.transpose(0, 2, 1, 3))
         rows = read_index.reshape(-1)
@@ -88,12 +87,12 @@ class LlamaMLP(nn.Cell):
         super().__init__()
         d, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         dtype, in_out = backend.dtype, backend.linear_in_out
-        self.gate_proj = Linear(d, i, bias, dtype, in_out)
-        self.up_proj = Linear(d, i, bias, dtype, in_out)
+        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias, dtype, in_out)
         self.down_proj = Linear(i, d, bias, dtype, in_out)
 
     def construct(self, x):
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
+        return self.down_proj(ops.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Cell):

@@ -1,6 +1,9 @@
 """Device and dtype selection: one place that turns user settings into a ``Backend``."""
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import mindspore as ms
 
 from .layers import Backend
@@ -33,7 +36,48 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
         if ms.get_context("device_target") != device:
             reason = str(exc).strip().splitlines()[0]
             raise ValueError(f"cannot run on {device}: {reason}") from None
+    if device == "CPU":
+        # Eager (PyNative) ops, as the vision tower runs, launch synchronously: on a CPU the
+        # asynchronous launch queue only adds hand-offs (16 frames through CLIP 512x8:
+        # 7.5 s against 13.7 s, measured); compiled graphs run at the same speed either way.
+        ms.runtime.launch_blocking()
     return Backend(device=device, dtype=DTYPES[dtype])
+
+
+def enable_compile_cache(root: str | Path, *key_parts) -> Path:
+    """Keep compiled graphs in a folder keyed by ``key_parts`` (everything that shapes the
+    graphs: the model config, the engine's shapes, dtype, device) and the MindSpore and
+    project versions, so that a restart with the same setup skips the front-end compile
+    (measured 3-4 s per graph cold, 0.3-0.7 s cached). MindSpore also checks the source
+    files' hashes and compiles again when they changed."""
+    import hashlib
+    import os
+
+    from . import __version__
+
+    key = repr((ms.__version__, __version__) + tuple(key_parts)).encode()
+    folder = Path(root).expanduser() / hashlib.sha256(key).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    os.environ["MS_COMPILER_CACHE_PATH"] = str(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def compile_cache_lock(folder: Path | None):
+    """Hold the cache folder while compiling: a second process with the same setup waits,
+    then reads what the first one wrote instead of racing it."""
+    if folder is None:
+        yield
+        return
+    import fcntl
+
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def dtype_name(dtype) -> str:

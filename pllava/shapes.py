@@ -1,10 +1,12 @@
 """The fixed shapes the language model runs at, so that every graph is compiled at warm-up.
 
 A decode step runs the live sequences padded to a *batch bucket* and reads their cache up to
-a *context bucket* that covers the longest of them; a prompt is prefilled in chunks whose
-length depends on the context bucket of the chunk's end, so that chunk x context (the size
-of one layer's attention scores) stays under ``prefill_area``. Every (batch, context) and
-(chunk, context) pair is known in advance: ``graphs()`` lists them for warm-up.
+a *context bucket* that covers the longest of them. A prompt is prefilled in chunks that
+attend over the cache up to the context bucket of the chunk's end: long chunks (up to
+``prefill_chunk``, with chunk x context under ``prefill_area``) when nothing else is
+decoding, and short ones (``prefill_small_chunk``) for a prompt's tail and whenever other sequences
+are decoding, so that they wait at most one short chunk per token. Every (batch, context)
+and (chunk, context) pair is known in advance: ``graphs()`` lists them for warm-up.
 """
 from __future__ import annotations
 
@@ -38,22 +40,26 @@ class ShapePlan:
     num_slots: int
     max_len: int
     min_context: int = 512  # the smallest context bucket; buckets double up to max_len
-    prefill_chunk: int = 256  # the longest prefill chunk (tokens)
-    prefill_area: int = 1 << 20  # chunk x context cap: bounds the attention scores of one chunk
+    prefill_chunk: int = 256  # the longest prefill chunk (tokens), used while nothing else decodes
+    prefill_small_chunk: int = 64  # prompt tails, and every chunk while other sequences are decoding
+    prefill_area: int = 256 * 1024  # chunk x context cap for long chunks (their compute and memory)
     chunk_align: int = 32  # chunk lengths are multiples of this (and at least this)
 
     def __post_init__(self):
         if self.num_slots < 1 or self.max_len < 2:
             raise ValueError(f"need at least 1 slot and 2 positions, got {self.num_slots} x {self.max_len}")
-        if self.prefill_chunk < self.chunk_align or self.prefill_chunk % self.chunk_align:
-            raise ValueError(f"prefill_chunk must be a positive multiple of {self.chunk_align}, "
-                             f"got {self.prefill_chunk}")
+        for name in ("prefill_chunk", "prefill_small_chunk"):
+            value = getattr(self, name)
+            if value < self.chunk_align or value % self.chunk_align:
+                raise ValueError(f"{name} must be a positive multiple of {self.chunk_align}, got {value}")
         if self.min_context < 1 or self.prefill_area < self.chunk_align:
             raise ValueError("min_context and prefill_area must be positive")
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
-        return powers_of_two(1, self.num_slots)
+        """1, then 4, 8, ... up to num_slots: two and three sequences run at 4, which costs
+        about what 2 does (the weights are read once either way) and saves compiles."""
+        return (1,) + powers_of_two(4, self.num_slots) if self.num_slots > 4 else tuple(sorted({1, self.num_slots}))
 
     @property
     def context_buckets(self) -> tuple[int, ...]:
@@ -66,30 +72,44 @@ class ShapePlan:
         return _smallest_at_least(self.context_buckets, n, "context")
 
     def chunk_size(self, context: int) -> int:
-        """The chunk length used with a context bucket: the longest allowed by the area cap."""
+        """The long chunk used with a context bucket: the longest the area cap allows."""
         size = min(self.prefill_chunk, self.prefill_area // context, context)
         return max(self.chunk_align, size // self.chunk_align * self.chunk_align)
 
-    def chunks(self, length: int, start: int = 0) -> list[Chunk]:
-        """Split prompt positions [start, length) into chunks, each as long as the area cap
-        allows at the smallest context bucket that holds it."""
+    def small_chunk_size(self, context: int) -> int:
+        return min(self.prefill_small_chunk, self.chunk_size(context))
+
+    def next_chunk(self, start: int, length: int, busy: bool = False) -> Chunk:
+        """The chunk that feeds prompt positions from ``start`` on: as long as allowed at the
+        smallest context bucket that holds it; short when ``busy`` or when it ends the prompt
+        and fits a short chunk."""
+        best = None
+        for context in self.context_buckets:
+            if context <= start:
+                continue
+            size = self.small_chunk_size(context) if busy else self.chunk_size(context)
+            take = min(length - start, size, context - start)
+            if best is None or take > best.length:
+                best = Chunk(start, take, size, context)
+        if best.start + best.length == length and best.length <= self.small_chunk_size(best.context):
+            best = Chunk(best.start, best.length, self.small_chunk_size(best.context), best.context)
+        return best
+
+    def chunks(self, length: int, start: int = 0, busy: bool = False) -> list[Chunk]:
+        """Split prompt positions [start, length) into chunks (as ``next_chunk`` picks them)."""
         out = []
         while start < length:
-            best = None
-            for context in self.context_buckets:
-                if context <= start:
-                    continue
-                take = min(length - start, self.chunk_size(context), context - start)
-                if best is None or take > best.length:
-                    best = Chunk(start, take, self.chunk_size(context), context)
-            out.append(best)
-            start += best.length
+            out.append(self.next_chunk(start, length, busy))
+            start += out[-1].length
         return out
 
     def graphs(self) -> list[tuple[str, int, int]]:
         """Every shape a step can take: ("decode", batch, context) and ("prefill", chunk, context)."""
         decode = [("decode", b, c) for c in self.context_buckets for b in self.batch_buckets]
-        prefill = [("prefill", self.chunk_size(c), c) for c in self.context_buckets]
+        prefill = []
+        for c in self.context_buckets:
+            for size in sorted({self.chunk_size(c), self.small_chunk_size(c)}, reverse=True):
+                prefill.append(("prefill", size, c))
         return decode + prefill
 
 

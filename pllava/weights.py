@@ -176,33 +176,60 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     import mindspore as ms
     from mindspore import Tensor
 
-    from .layers import transposed_weight_names
+    from .layers import checkpoint_placements
 
     params = {name: p for name, p in cell.parameters_and_names() if not skip(name)}
-    transposed = transposed_weight_names(cell)
+    placements = checkpoint_placements(cell)
+    fused: dict[str, np.ndarray] = {}  # parameter -> staging array while its parts arrive
+    parts_left = {}
+    for place in placements.values():
+        if place.stop is not None:
+            parts_left[place.param] = parts_left.get(place.param, 0) + 1
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    for ckpt_name, array in weights:
-        name = ckpt_name[len(prefix):] if prefix and ckpt_name.startswith(prefix) else ckpt_name
-        param = params.get(name)
-        if param is None:
-            if not ignore(ckpt_name):
-                unexpected.append(ckpt_name)
-            continue
-        if name in transposed and array.ndim == 2:
-            array = array.T
-        if tuple(array.shape) != tuple(param.shape):
-            mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(param.shape)}")
-            continue
+
+    def assign(param, array):
         if param.dtype == ms.bfloat16 or array.dtype == ml_dtypes.bfloat16:
             tensor = Tensor(array.astype(np.float32), dtype=param.dtype)
         else:
             tensor = Tensor(np.ascontiguousarray(array), dtype=param.dtype)
         param.set_data(tensor)
+
+    for ckpt_name, array in weights:
+        name = ckpt_name[len(prefix):] if prefix and ckpt_name.startswith(prefix) else ckpt_name
+        place = placements.get(name)
+        param = params.get(place.param if place else name)
+        if param is None:
+            if not ignore(ckpt_name):
+                unexpected.append(ckpt_name)
+            continue
+        if place is not None and place.transpose and array.ndim == 2:
+            array = array.T
+        if place is not None and place.stop is not None:  # one part of a fused projection
+            axis = 1 if place.transpose else 0
+            expected = list(param.shape)
+            expected[axis] = place.stop - place.start
+            if list(array.shape) != expected:
+                mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
+                continue
+            stage = fused.setdefault(place.param, np.zeros(param.shape, dtype=np.float32))
+            index = (slice(None), slice(place.start, place.stop)) if axis else slice(place.start, place.stop)
+            stage[index] = array.astype(np.float32)
+            loaded.add(name)
+            parts_left[place.param] -= 1
+            if parts_left[place.param] == 0:
+                assign(param, fused.pop(place.param))
+            continue
+        if tuple(array.shape) != tuple(param.shape):
+            mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(param.shape)}")
+            continue
+        assign(param, array)
         loaded.add(name)
-        del array, tensor
-    missing = sorted(set(params) - loaded)
+        del array
+    expected_names = (set(params) - {p.param for p in placements.values()}) | {
+        n for n in placements if placements[n].param in params}
+    missing = sorted(expected_names - loaded)
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): " + ", ".join(prefix + m for m in missing[:20])

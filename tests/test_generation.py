@@ -110,7 +110,7 @@ def test_concurrent_requests_equal_their_solo_results(language, tokenizer, cfg):
     """Continuous batching: three requests admitted on different steps share decode steps
     and each produces exactly what it produces alone (greedy and seeded sampling)."""
     requests = [
-        Request(prompt_ids(tokenizer, "What happens?"), visual(cfg, 1), SamplingParams(max_new_tokens=12)),
+        Request(prompt_ids(tokenizer, "What happens?"), visual(cfg, 1), SamplingParams(max_new_tokens=60)),
         Request(prompt_ids(tokenizer, "Describe the video in details."), visual(cfg, 2), SamplingParams(max_new_tokens=20)),
         Request(prompt_ids(tokenizer, "Who is there?"), visual(cfg, 3),
                 SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=11)),
@@ -184,7 +184,7 @@ def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(langu
         started.update(e.request_id for e in engine.step())
     newcomer = Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 9), SamplingParams(max_new_tokens=5))
     engine.add(newcomer)
-    chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens))
+    chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, busy=True))
     assert chunks >= 3
     for step in range(1, chunks + 1):
         ids = [e.request_id for e in engine.step()]

@@ -9,7 +9,7 @@ from pllava.shapes import ShapePlan, powers_of_two
 
 def test_buckets_double_up_to_the_limits():
     plan = ShapePlan(num_slots=6, max_len=3000)
-    assert plan.batch_buckets == (1, 2, 4, 6)
+    assert plan.batch_buckets == (1, 4, 6) and ShapePlan(2, 600).batch_buckets == (1, 2)
     assert plan.context_buckets == (512, 1024, 2048, 3000)
     assert plan.batch_bucket(3) == 4 and plan.context_bucket(1025) == 2048 and plan.context_bucket(3000) == 3000
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
@@ -21,9 +21,12 @@ def test_buckets_double_up_to_the_limits():
                                   ShapePlan(1, 4096, prefill_area=64 * 1024)])
 def test_chunks_tile_every_prompt_with_compiled_shapes(plan):
     compiled = {(size, context) for kind, size, context in plan.graphs() if kind == "prefill"}
-    for length in range(1, plan.max_len + 1, 7):
-        chunks = plan.chunks(length)
+    for length, busy in [(n, n % 2 == 0) for n in range(1, plan.max_len + 1, 7)]:
+        chunks = plan.chunks(length, busy=busy)
         assert chunks[0].start == 0 and sum(c.length for c in chunks) == length
+        if busy:  # others are decoding: short chunks only
+            assert all(c.size <= plan.prefill_small_chunk for c in chunks)
+        assert chunks[-1].size == plan.small_chunk_size(chunks[-1].context) or chunks[-1].length > plan.prefill_small_chunk
         for a, b in zip(chunks, chunks[1:]):
             assert b.start == a.start + a.length
         for c in chunks:
@@ -38,6 +41,12 @@ def test_decode_shapes_are_all_compiled():
     for n in range(1, 9):
         for position in (0, 511, 512, 3000, 4095):
             assert (plan.batch_bucket(n), plan.context_bucket(position + 1)) in compiled
+
+
+def test_short_prompt_tail_uses_a_short_chunk():
+    plan = ShapePlan(8, 4096)
+    assert [(c.length, c.size, c.context) for c in plan.chunks(296)] == [(256, 256, 512), (40, 64, 512)]
+    assert [(c.length, c.size) for c in plan.chunks(296, busy=True)][:2] == [(64, 64), (64, 64)]
 
 
 def test_bad_plans_are_refused():

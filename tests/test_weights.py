@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from pllava import weights as W
 from pllava.config import PllavaConfig
-from pllava.layers import transposed_weight_names
+from pllava.layers import checkpoint_tensors
 from pllava.model import PllavaLanguage, PllavaVision
 from pllava.tiny import save_sharded
 
@@ -74,9 +74,9 @@ def loaded(model_dir, cfg, **kw) -> dict[str, np.ndarray]:
     vision = PllavaVision.from_pretrained(model_dir, cfg, **kw)
     language = PllavaLanguage.from_pretrained(model_dir, cfg, max_len=64, jit=False, **kw)
     out = {n: p.asnumpy() for n, p in vision.parameters_and_names()}
-    transposed = transposed_weight_names(language.lm)  # stored (in, out): back to the checkpoint's layout
-    out.update({"language_model." + n: p.asnumpy().T if n in transposed else p.asnumpy()
-                for n, p in language.lm.parameters_and_names() if not n.endswith("_cache")})
+    # fused and (in, out) weights back under the checkpoint's names and layout
+    tensors = checkpoint_tensors(language.lm, skip=lambda n: n.endswith("_cache"))
+    out.update({"language_model." + n: v for n, v in tensors.items()})
     return out
 
 

@@ -33,7 +33,7 @@ from pllava.generation import ContextOverflowError, Engine, FinishReason, Reques
 from pllava.model import PllavaLanguage
 from pllava.pipeline import timings_from
 from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt
-from pllava.runtime import dtype_name, setup_backend
+from pllava.runtime import compile_cache_lock, dtype_name, enable_compile_cache, setup_backend
 from pllava.sampling import SamplingParams
 from pllava.tokenizer import Tokenizer
 from pllava.video import VideoError
@@ -68,6 +68,7 @@ class LanguageModel:
     model_id: str
     dtype: str
     max_context: int
+    compile_cache: Path | None = None  # where compiled graphs are kept, if anywhere
 
     @classmethod
     def load(cls, settings: DecoderSettings) -> "LanguageModel":
@@ -80,13 +81,24 @@ class LanguageModel:
             raise ValueError(f"tokenizer's <image> id {tokenizer.image_token_id} differs from config "
                              f"image_token_index {cfg.image_token_index}")
         max_context = settings.context_for(cfg.text.max_position_embeddings)
+        cache_dir = None
+        if settings.compile_cache:
+            try:
+                cache_dir = enable_compile_cache(
+                    settings.compile_cache, (folder / "config.json").read_text(), backend.device,
+                    dtype_name(backend.dtype), settings.max_batch, max_context, settings.prefill_chunk,
+                    settings.prefill_small_chunk, settings.min_context)
+                log.info("compiled graphs cached in %s", cache_dir)
+            except OSError as exc:
+                log.warning("no compile cache (%s): every start compiles all graphs", exc)
         language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha,
                                                   num_slots=settings.max_batch, max_len=max_context,
                                                   prefill_chunk=settings.prefill_chunk,
+                                                  prefill_small_chunk=settings.prefill_small_chunk,
                                                   min_context=settings.min_context)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
                    engine=Engine(language, tokenizer), model_id=model_id(path, settings.lora_alpha),
-                   dtype=dtype_name(backend.dtype), max_context=max_context)
+                   dtype=dtype_name(backend.dtype), max_context=max_context, compile_cache=cache_dir)
 
     def num_visual_tokens(self, num_frames: int) -> int:
         return self.cfg.with_frames(num_frames).num_visual_tokens
@@ -166,7 +178,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             log.info("compiled %d/%d graphs (%s %d x %d positions) in %.1f s",
                      done, total, kind, size, context, time.perf_counter() - start)
 
-        language.warm_up(progress)
+        with compile_cache_lock(self.model.compile_cache):
+            language.warm_up(progress)
 
     async def warm_up(self) -> None:
         """One dummy request end to end through the engine thread (graphs are compiled)."""
@@ -298,11 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int,
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 32)")
     p.add_argument("--prefill-chunk", type=int,
-                   help="prompt tokens per prefill step, a multiple of 32 (default 256): running streams "
-                        "wait at most one chunk per token while a prompt is admitted")
+                   help="prompt tokens per prefill step while no other stream decodes, a multiple of 32 "
+                        "(default 256)")
+    p.add_argument("--prefill-small-chunk", type=int,
+                   help="prompt tokens per prefill step while other streams decode (each waits at most "
+                        "one such chunk per token) and for a prompt's tail, a multiple of 32 (default 64)")
     p.add_argument("--min-context", type=int,
                    help="smallest context bucket (default 512); buckets double up to max context and a "
                         "decode step reads each sequence's cache up to the bucket of the longest")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="folder that keeps compiled graphs across restarts (default ~/.cache/pllava/compile; "
+                        "'' = off)")
     p.add_argument("--visual-cache-bytes", type=int, help="visual-token cache budget (default 256 MiB; 0 = off)")
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")

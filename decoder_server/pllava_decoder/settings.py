@@ -30,8 +30,10 @@ class DecoderSettings:
     max_batch: int = 8  # sequences decoded together = KV-cache slots
     max_context: int | None = None  # tokens per sequence; default: max_position_embeddings, at most 4096
     max_queue: int = 32  # requests waiting for a slot (encoding included) before RESOURCE_EXHAUSTED
-    prefill_chunk: int = 256  # prompt tokens per prefill step; running streams wait one chunk per token
+    prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
+    prefill_small_chunk: int = 64  # per step while other streams decode (they wait one per token), and tails
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
+    compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     visual_cache_bytes: int = 256 << 20  # visual tokens cached by video content; 0 disables
     encoder_timeout_s: float = 120.0  # one Encode call, the encoder's own queueing included
     encoder_retries: int = 2  # extra attempts on another replica when an encoder is UNAVAILABLE
@@ -42,12 +44,13 @@ class DecoderSettings:
     def __post_init__(self):
         problems = server_problems(self, ENV_PREFIX, {
             "max_context": 2, "num_frames": 1, "max_batch": 1, "max_queue": 1, "max_new_tokens": 1,
-            "prefill_chunk": 32, "min_context": 1,
+            "prefill_chunk": 32, "prefill_small_chunk": 32, "min_context": 1,
             "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0})
         if not self.encoder:
             problems.append("encoder must be a gRPC target such as dns:///encoder:50051")
-        if self.prefill_chunk % 32:
-            problems.append(f"prefill_chunk must be a multiple of 32, got {self.prefill_chunk}")
+        for name in ("prefill_chunk", "prefill_small_chunk"):
+            if getattr(self, name) % 32:
+                problems.append(f"{name} must be a multiple of 32, got {getattr(self, name)}")
         if self.encoder_timeout_s <= 0:
             problems.append(f"encoder_timeout_s must be > 0, got {self.encoder_timeout_s}")
         if problems:

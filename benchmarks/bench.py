@@ -882,7 +882,8 @@ def table(results: dict, plan: Plan) -> list[str]:
              f"{fmt(bud['budget_bytes'] / GIB)} (peak/budget {peak / bud['budget_bytes']:.2f})", "—", "—"))
         for key, a_ in server_agreement(results).items():
             clients, frames = key.split("x")
-            add((f"greedy tokens equal, servers ({clients} clients, {frames} frames) vs transformers per video",
+            add((f"greedy tokens equal, servers ({clients} client{'s' if clients != '1' else ''}, {frames} frames) "
+                 "vs transformers per video",
                  agree_text(a_), "reference", "—"))
     elif q:
         for frames, ref in q.items():

@@ -45,9 +45,18 @@ class PllavaVision(nn.Cell):
         self.multi_modal_projector = PllavaMultiModalProjector(
             cfg.vision.hidden_size, cfg.text.hidden_size, cfg.frame_shape, backend.dtype)
 
+    #: Frames per vision-tower call. The tower runs eagerly, so its working memory (attention
+    #: scores of every head) follows the frames of one call; a few frames per call already
+    #: keep both cores busy (16 frames of the benchmark CLIP: ~1 GB transient in one call).
+    frames_per_call = 4
+
     def encode_frames(self, pixel_values: np.ndarray) -> Tensor:
-        """(N, 3, S, S) fp32 pixels -> (N, G*G, Dv) features at ``vision_feature_layer``."""
-        return self.vision_tower(to_tensor(pixel_values).astype(self.dtype))
+        """(N, 3, S, S) fp32 pixels -> (N, G*G, Dv) features at ``vision_feature_layer``,
+        ``frames_per_call`` frames at a time."""
+        step = self.frames_per_call
+        parts = [self.vision_tower(to_tensor(pixel_values[i:i + step]).astype(self.dtype))
+                 for i in range(0, len(pixel_values), step)]
+        return parts[0] if len(parts) == 1 else ops.concat(parts, 0)
 
     def project(self, features: Tensor, cfg: PllavaConfig | None = None) -> Tensor:
         """Features of one video's frames (T, G*G, Dv) -> (num_visual_tokens, Dt) in the model

@@ -47,6 +47,8 @@ class LlamaAttention(nn.Cell):
         self.qkv_proj = FusedLinear(d, {"q_proj": self.num_heads * hd, "k_proj": self.num_kv_heads * hd,
                                         "v_proj": self.num_kv_heads * hd}, bias, dtype, in_out)
         self.o_proj = Linear(self.num_heads * hd, d, bias, dtype, in_out)
+        self.num_slots = num_slots
+        self.max_len = max_len
         rows = num_slots * self.num_kv_heads * max_len
         self.k_cache = Parameter(Tensor(np.zeros((rows, hd)), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros((rows, hd)), dtype), name="v_cache", requires_grad=False)
@@ -68,9 +70,15 @@ class LlamaAttention(nn.Cell):
         q, k = ops.split(qk, (self.num_heads, self.num_kv_heads), 2)
         k_cache = ops.scatter_update(self.k_cache, write_index, k.transpose(0, 2, 1, 3))
         v_cache = ops.scatter_update(self.v_cache, write_index, v.transpose(0, 2, 1, 3))
-        rows = read_index.reshape(-1)
-        keys = ops.gather(k_cache, rows, 0).reshape(b, self.num_kv_heads, p, self.head_dim)
-        values = ops.gather(v_cache, rows, 0).reshape(b, self.num_kv_heads, p, self.head_dim)
+        if b == self.num_slots and p == self.max_len:
+            # every slot over the whole context, in slot order (the caller's contract for
+            # this shape): the cache itself is the operand, no gathered copy
+            keys = k_cache.reshape(b, self.num_kv_heads, p, self.head_dim)
+            values = v_cache.reshape(b, self.num_kv_heads, p, self.head_dim)
+        else:
+            rows = read_index.reshape(-1)
+            keys = ops.gather(k_cache, rows, 0).reshape(b, self.num_kv_heads, p, self.head_dim)
+            values = ops.gather(v_cache, rows, 0).reshape(b, self.num_kv_heads, p, self.head_dim)
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
         scores = self.qk(q, keys).astype(ms.float32) * self.scale
         scores = scores.reshape(b, self.num_kv_heads, self.group, l, p)

@@ -183,14 +183,22 @@ class PllavaLanguage:
         """One token for each of n sequences: tokens, positions and cache slots (n,) ->
         fp32 logits (n, vocab). Runs at the batch bucket of n (padded by repeating the last
         sequence, whose duplicate write is identical) and the context bucket that covers
-        the furthest position."""
+        the furthest position. At every slot x the whole context, rows go in slot order
+        (the step then attends over the cache in place): idle slots feed a dummy token at
+        the last position, which any sequence writes before it reads it."""
         n = len(tokens)
+        tokens, positions, slots = (np.asarray(a, dtype=np.int32) for a in (tokens, positions, slots))
         batch = self.plan.batch_bucket(n)
         context = self.plan.context_bucket(int(np.max(positions)) + 1)
+        if batch == self.num_slots and context == self.max_len:
+            feed = np.zeros(batch, np.int32)
+            where = np.full(batch, self.max_len - 1, np.int32)
+            feed[slots], where[slots] = tokens, positions
+            logits = self._decode(to_tensor(feed), to_tensor(where), to_tensor(np.arange(batch, dtype=np.int32)),
+                                  self._contexts[context])
+            return logits.asnumpy()[slots]
         pick = np.minimum(np.arange(batch), n - 1)
-        logits = self._decode(to_tensor(np.asarray(tokens, dtype=np.int32)[pick]),
-                              to_tensor(np.asarray(positions, dtype=np.int32)[pick]),
-                              to_tensor(np.asarray(slots, dtype=np.int32)[pick]),
+        logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), to_tensor(slots[pick]),
                               self._contexts[context])
         return logits.asnumpy()[:n]
 

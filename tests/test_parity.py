@@ -178,11 +178,36 @@ def test_batched_decode_at_mixed_lengths_equals_each_alone(chunked, vision, pixe
     batch give the logits each gets alone."""
     visual = vision.encode_videos([pixels])[0]
     prompts = [long_prompt(n) for n in (10, 90, 200)]
+    check_batched_decode(chunked, visual, prompts, [0, 1, 2])
+
+
+def test_batched_decode_over_every_slot_and_the_whole_context_equals_each_alone(chunked, vision, pixels):
+    """All slots x max_len: the step attends over the cache in place, rows in slot order,
+    whatever order the caller gives, and with one slot idle (two sequences run at the batch
+    bucket of 3)."""
+    visual = vision.encode_videos([pixels])[0]
+    check_batched_decode(chunked, visual, [long_prompt(n) for n in (300, 40, 120)], [2, 0, 1])
+    check_batched_decode(chunked, visual, [long_prompt(n) for n in (40, 300)], [2, 0])
+
+
+def check_batched_decode(chunked, visual, prompts, slots):
     embeds = [chunked.merge_embeddings(p, visual) for p in prompts]
-    first = [int(chunked.prefill(slot, e)[0].argmax()) for slot, e in enumerate(embeds)]
+    first = [int(chunked.prefill(slot, e)[0].argmax()) for slot, e in zip(slots, embeds)]
     positions = np.array([e.shape[1] for e in embeds])
-    together = chunked.decode(np.array(first), positions, np.arange(3))
-    for slot in range(3):
-        chunked.prefill(slot, embeds[slot])  # rewrite the slot, then decode it alone
-        alone = chunked.decode(np.array([first[slot]]), positions[slot:slot + 1], np.array([slot]))[0]
-        np.testing.assert_allclose(together[slot], alone, atol=1e-5)
+    together = chunked.decode(np.array(first), positions, np.array(slots))
+    for i, slot in enumerate(slots):
+        chunked.prefill(slot, embeds[i])  # rewrite the slot, then decode it alone
+        alone = chunked.decode(np.array([first[i]]), positions[i:i + 1], np.array([slot]))[0]
+        np.testing.assert_allclose(together[i], alone, atol=1e-5)
+
+
+def test_single_slot_at_the_whole_context_matches_transformers(hf_tiny_dir, cfg, hf, vision, pixels):
+    """One slot (the in-process captioner's shape): prefill chunks and decode steps that
+    reach max_len attend over the cache in place."""
+    single = PllavaLanguage.from_pretrained(hf_tiny_dir, cfg, num_slots=1, max_len=256, prefill_chunk=32,
+                                            min_context=64)
+    visual = vision.encode_videos([pixels])[0]
+    ids = long_prompt(170)
+    embeds = single.merge_embeddings(ids, visual)
+    assert single.plan.chunks(embeds.shape[1])[-1].context == 256 == single.max_len
+    assert greedy_with_cache(single, 0, embeds, 40) == R.greedy(hf, R.merged_embeddings(hf, ids, visual), 40)

@@ -16,7 +16,7 @@ from . import weights as W
 from .config import PllavaConfig, PreprocessorConfig
 from .generation import Engine, Request, SequenceStats, TokenEvent, generate
 from .model import PllavaLanguage, PllavaVision
-from .prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, build_prompt
+from .prompt import DEFAULT_TEMPLATE, build_prompt, default_question
 from .runtime import dtype_name, setup_backend
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -110,7 +110,7 @@ class Captioner:
         return visual, frames, t1 - t0, time.perf_counter() - t1
 
     def prompt_ids(self, question: str | None = None, template: str = DEFAULT_TEMPLATE) -> tuple[str, list[int]]:
-        prompt = build_prompt(question or DEFAULT_QUESTION, template)
+        prompt = build_prompt(question or default_question(template), template)
         return prompt, self.tokenizer.encode(prompt)
 
     def caption(self, source, question: str | None = None, template: str = DEFAULT_TEMPLATE,

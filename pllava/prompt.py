@@ -184,6 +184,12 @@ def get_template(name: str) -> ConversationTemplate:
         raise ValueError(f"unknown prompt template {name!r}; known: {sorted(TEMPLATES)}") from None
 
 
+def default_question(template: str) -> str:
+    """What a request without a question asks: the recaption template's own instruction,
+    otherwise the dense-captioning question."""
+    return RECAPTION_QUERY if template == "recaption" else DEFAULT_QUESTION
+
+
 def build_prompt(question: str, template: str = DEFAULT_TEMPLATE, system: str | None = None) -> str:
     """The prompt text for one video and ``question``.
 

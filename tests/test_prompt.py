@@ -164,3 +164,9 @@ def test_expand_image_tokens_errors():
         expand_image_tokens([1, IMG, 2, IMG], IMG, 4)
     with pytest.raises(ValueError, match="num_visual_tokens"):
         expand_image_tokens([1, IMG], IMG, 0)
+
+
+def test_a_request_without_a_question_asks_what_its_template_is_for():
+    assert prompt.default_question("recaption") == prompt.RECAPTION_QUERY
+    assert prompt.default_question("plain") == prompt.default_question("simple") == prompt.DEFAULT_QUESTION
+    assert prompt.RECAPTION_QUERY in prompt.build_prompt(prompt.default_question("recaption"), "recaption")

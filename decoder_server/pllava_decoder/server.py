@@ -32,7 +32,7 @@ from pllava.config import PllavaConfig
 from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, SequenceStats
 from pllava.model import PllavaLanguage
 from pllava.pipeline import timings_from
-from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt
+from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt, default_question
 from pllava.runtime import compile_cache_lock, dtype_name, enable_compile_cache, setup_backend
 from pllava.sampling import SamplingParams
 from pllava.tokenizer import Tokenizer
@@ -201,7 +201,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         start = time.perf_counter()
         m, loop = self._ready()
         params = sampling_params(request.sampling, self.settings.max_new_tokens)
-        prompt = build_prompt(request.prompt or DEFAULT_QUESTION, request.template or DEFAULT_TEMPLATE)
+        template = request.template or DEFAULT_TEMPLATE
+        prompt = build_prompt(request.prompt or default_question(template), template)
         prompt_ids = m.tokenizer.encode(prompt)
         if not request.video:
             raise VideoError(f"{request.video_name or 'the request'}: no video (CaptionRequest.video is empty)")

@@ -161,14 +161,9 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[np.nda
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), -1)
-
-
 def rotate_half_matrix(head_dim: int) -> np.ndarray:
-    """R with x @ R == rotate_half(x), exactly (one +-1 per column): one small matmul in
-    place of two slices, a negation and a concat."""
+    """R with x @ R == concat(-x[half:], x[:half]) (HF's rotate_half), exactly: one +-1 per
+    column. One small matmul in place of two slices, a negation and a concat."""
     half = head_dim // 2
     r = np.zeros((head_dim, head_dim), dtype=np.float32)
     r[np.arange(half) + half, np.arange(half)] = -1.0

@@ -17,10 +17,10 @@ rows of one (slot, kv head) are contiguous by position, so a length-``P`` prefix
 ``ops.gather`` of ``P`` rows per head. It is written with ``ops.scatter_update`` on axis 0,
 which updates in place (scatter_nd_update and slice assignment copy the whole cache).
 
-The additive mask is broadcast explicitly (``ops.broadcast_to``) before it meets the
-scores: an implicitly broadcasting add of a graph input kept one scores-sized buffer per
-layer alive on MindSpore 2.10 CPU (measured: 1.7 GB against 0.17 GB for 12 layers at
-128 x 4096), which is what made long prompts run out of memory.
+The additive mask and the RoPE tables are broadcast explicitly (``ops.broadcast_to``)
+before they meet the scores and q/k: an implicitly broadcasting binary op on a graph input
+kept one buffer per layer alive on MindSpore 2.10 CPU (measured: 1.7 GB against 0.17 GB
+for 12 layers at 128 x 4096), which is what made long prompts run out of memory.
 """
 from __future__ import annotations
 

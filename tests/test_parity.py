@@ -211,3 +211,10 @@ def test_single_slot_at_the_whole_context_matches_transformers(hf_tiny_dir, cfg,
     embeds = single.merge_embeddings(ids, visual)
     assert single.plan.chunks(embeds.shape[1])[-1].context == 256 == single.max_len
     assert greedy_with_cache(single, 0, embeds, 40) == R.greedy(hf, R.merged_embeddings(hf, ids, visual), 40)
+
+
+def test_rotate_half_matrix_is_exact():
+    from pllava.layers import rotate_half_matrix
+
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    np.testing.assert_array_equal(x @ rotate_half_matrix(64), np.concatenate((-x[:, 32:], x[:, :32]), -1))

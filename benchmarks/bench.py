@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -511,7 +510,7 @@ def section_memory(b: Bench) -> dict:
               "--max-new-tokens", str(p.memory_tokens)]
     log(f"memory: pllava caption, {p.large_frames} frames, {p.memory_tokens} tokens, in a subprocess")
     ours = run_measured([console_script("pllava"), "caption", *common, "--json"], timeout=900)
-    log(f"memory: transformers, the same, in a subprocess")
+    log("memory: transformers, the same, in a subprocess")
     theirs = run_measured([sys.executable, str(HERE / "hf_caption.py"), *common], timeout=900)
     for name, run in (("pllava caption", ours), ("hf_caption.py", theirs)):
         if run["returncode"] != 0:
@@ -824,7 +823,7 @@ def table(results: dict, plan: Plan) -> list[str]:
                  ratio(o["batch"]["end_to_end_tok_s"], hf["batch"]["end_to_end_tok_s"], True)))
         add((f"decode, {plan.batch} streams: default cache / sized cache (same engine)",
              ratio(e["default"]["batch"]["decode_tok_s"], e["sized"]["batch"]["decode_tok_s"], True), "—", "—"))
-        add((f"engine warm-up, default cache: graphs compiled in s", f"{e['default']['graphs']} in "
+        add(("engine warm-up, default cache: graphs compiled in s", f"{e['default']['graphs']} in "
              f"{fmt(e['default']['warm_up_s'], 1)}", "—", "—"))
         agree = {"agree": e["agree"], "pairs": 2 * (1 + plan.batch),
                  "equal": sum(e[k][j]["equal"] for k in ("sized", "default") for j in ("agree_batch1", "agree_batch")),

@@ -108,13 +108,14 @@ def checkpoint_tensors(cell: nn.Cell, skip=lambda name: False) -> dict[str, np.n
     """The cell's weights under checkpoint names and in the checkpoint's layout (the inverse
     of what the loader does), for checks and conversions."""
     params = {name: p.asnumpy() for name, p in cell.parameters_and_names() if not skip(name)}
+    placements = checkpoint_placements(cell)
     out = {}
-    for ckpt_name, place in checkpoint_placements(cell).items():
+    for ckpt_name, place in placements.items():
         value = params[place.param]
         if place.stop is not None:
             value = value[:, place.start:place.stop] if place.transpose else value[place.start:place.stop]
         out[ckpt_name] = value.T if place.transpose else value
-    placed = {p.param for p in checkpoint_placements(cell).values()}
+    placed = {p.param for p in placements.values()}
     out.update({name: value for name, value in params.items() if name not in placed})
     return out
 

@@ -11,6 +11,7 @@ and (chunk, context) pair is known in advance: ``graphs()`` lists them for warm-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 def powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -55,13 +56,13 @@ class ShapePlan:
         if self.min_context < 1 or self.prefill_area < self.chunk_align:
             raise ValueError("min_context and prefill_area must be positive")
 
-    @property
+    @cached_property
     def batch_buckets(self) -> tuple[int, ...]:
         """1, then 4, 8, ... up to num_slots: two and three sequences run at 4, which costs
         about what 2 does (the weights are read once either way) and saves compiles."""
         return (1,) + powers_of_two(4, self.num_slots) if self.num_slots > 4 else tuple(sorted({1, self.num_slots}))
 
-    @property
+    @cached_property
     def context_buckets(self) -> tuple[int, ...]:
         return powers_of_two(min(self.min_context, self.max_len), self.max_len)
 

@@ -173,3 +173,12 @@ def start_encoder(model_dir: str | os.PathLike, port: int = 0, extra_args: Seque
     argv = [console_script("pllava-encoder"), "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), *extra_args]
     return start_server(argv, env=env, name="encoder", **kwargs)
+
+
+def start_decoder(model_dir: str | os.PathLike, encoder_target: str, log_dir: str | os.PathLike | None,
+                  *args: str) -> "ServerProcess":
+    """A ``pllava-decoder`` on a free loopback port talking to ``encoder_target``; extra
+    flags in ``args``."""
+    argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+            "--encoder", encoder_target, *args]
+    return start_server(argv, name="decoder", log_dir=log_dir)

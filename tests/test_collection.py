@@ -15,11 +15,8 @@ import json
 import os
 import pty
 import re
-import shutil
-import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 from concurrent import futures
@@ -32,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pllava_client import CaptionFile, Client, expand_inputs
 from pllava_client.channel import MAX_CONNECTION_AGE_MS, channel_options, grpc_target, server_count, server_options
-from servers import console_script, start_encoder, start_server
+from servers import console_script, start_decoder, start_encoder
 
 MAX_BATCH = 2
 
@@ -145,15 +142,13 @@ def encoder(tiny_model_dir, logs):
         yield server
 
 
-def start_decoder(model_dir, encoder, logs):
-    argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-            "--encoder", encoder.address, "--max-batch", str(MAX_BATCH)]
-    return start_server(argv, name="decoder", log_dir=logs)
+def start_small_decoder(model_dir, encoder, logs):
+    return start_decoder(model_dir, encoder.address, logs, "--max-batch", str(MAX_BATCH))
 
 
 @pytest.fixture(scope="module")
 def decoders(tiny_model_dir, encoder, logs):
-    with start_decoder(tiny_model_dir, encoder, logs) as first, start_decoder(tiny_model_dir, encoder, logs) as second:
+    with start_small_decoder(tiny_model_dir, encoder, logs) as first, start_small_decoder(tiny_model_dir, encoder, logs) as second:
         yield first, second
 
 
@@ -290,7 +285,7 @@ def test_caption_many_survives_a_decoder_going_away(tiny_model_dir, encoder, dec
     paths = []
     for i in range(8):
         paths.append(touch(tmp_path / f"{i}.mp4", (videos_dir / "orbit.mp4").read_bytes()))
-    doomed = start_decoder(tiny_model_dir, encoder, logs)
+    doomed = start_small_decoder(tiny_model_dir, encoder, logs)
     try:
         with Client(f"{decoders[0].address},{doomed.address}", timeout=120) as client:
             assert client.default_concurrency() == 2 * MAX_BATCH

@@ -29,15 +29,9 @@ from pllava.pipeline import Captioner, CaptionerSettings, CaptionResult as InPro
 from pllava.sampling import SamplingParams
 from pllava_client.client import CaptionError, Client
 from pllava_proto.v1 import pllava_pb2
-from servers import console_script, start_encoder, start_server
+from servers import start_decoder, start_encoder
 
 CONTEXT = 1024
-
-
-def start_decoder(model_dir, encoder_target: str, log_dir, *args: str):
-    argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-            "--encoder", encoder_target, *args]
-    return start_server(argv, name="decoder", log_dir=log_dir)
 
 
 @pytest.fixture(scope="module")

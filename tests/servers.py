@@ -182,3 +182,36 @@ def start_decoder(model_dir: str | os.PathLike, encoder_target: str, log_dir: st
     argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
             "--encoder", encoder_target, *args]
     return start_server(argv, name="decoder", log_dir=log_dir)
+
+
+def start_openai(decoder_address: str, log_dir: str | os.PathLike | None, *args: str,
+                 wait_ready: bool = True, timeout: float = 120.0) -> ServerProcess:
+    """A ``pllava-openai`` front end on a free loopback port in front of ``decoder_address``;
+    extra flags in ``args``. ``wait_ready``: until ``GET /health`` answers 200 (the decoder
+    serving)."""
+    argv = [console_script("pllava-openai"), "--decoder", decoder_address, "--host", "127.0.0.1", "--port", "0",
+            *args]
+    server = start_server(argv, name="openai", log_dir=log_dir, wait_serving=False, timeout=timeout)
+    if wait_ready:
+        deadline = time.monotonic() + timeout
+        while http_status(f"http://{server.address}/health") != 200:
+            if not server.alive() or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the front end at {server.address} did not answer /health with 200 within "
+                                   f"{timeout:g} s; log {server.log_path}:\n{server.log_tail()}")
+            time.sleep(0.2)
+    return server
+
+
+def http_status(url: str, timeout: float = 10.0) -> int | None:
+    """The HTTP status of ``GET url`` (None when nothing answers)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None

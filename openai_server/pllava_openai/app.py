@@ -1,0 +1,335 @@
+"""The FastAPI application: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
+
+Each completion is one ``Decoder.Caption`` call through :class:`pllava_client.Client`::
+
+    body -> ChatRequest (400) -> model check (404) -> media bytes (400/413) -> a free place
+    (429 beyond max_concurrent_requests) -> Caption -> the first piece of text, raced against
+    the HTTP client leaving -> one JSON answer, or server-sent events piece by piece
+
+Waiting for the first piece before answering lets the decoder's refusals (a bad video, a full
+queue, a model still loading) become HTTP statuses rather than errors inside a 200 stream.
+A client that leaves at any point cancels the gRPC call, and the decoder frees its KV slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pllava_client import CaptionError, Client
+
+from . import responses as R
+from .api_errors import ApiError, from_grpc
+from .auth import BearerTokens
+from .bridge import AsyncCaption, ClientGone, unless_disconnected
+from .chat_request import ChatRequest, parse_chat_request
+from .media import Media, MediaLoader
+from .settings import OpenAISettings
+
+log = logging.getLogger("pllava_openai")
+
+#: Room for the JSON around the base64 media in a request body.
+_BODY_OVERHEAD_BYTES = 1 << 20
+#: Deadline of the GetInfo calls behind /health and the model id.
+_INFO_TIMEOUT_S = 10.0
+_CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: What a request whose client left is answered with (nobody reads it; nginx's word for it).
+_CLIENT_CLOSED = 499
+
+
+class Slot:
+    """One of the ``max_concurrent_requests`` places; :meth:`release` may be called twice."""
+
+    def __init__(self, on_release: Callable[[], None]):
+        self._on_release = on_release
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._on_release()
+
+
+class FrontEnd:
+    """What the routes share: the decoder client and its worker threads, the media loader,
+    the accepted tokens, the model id and the count of captions in flight."""
+
+    def __init__(self, settings: OpenAISettings):
+        self.settings = settings
+        self.tokens = BearerTokens.from_file(settings.auth_token_file) if settings.auth_token_file else None
+        self.media = MediaLoader(settings)
+        self.client = Client(settings.decoder, timeout=settings.caption_timeout_s)
+        self.executor = ThreadPoolExecutor(settings.max_concurrent_requests, thread_name_prefix="caption")
+        self.max_body_bytes = settings.max_media_bytes * 4 // 3 + _BODY_OVERHEAD_BYTES
+        self.started = int(time.time())
+        self.model_id = settings.model_name
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()  # cancels calls still running, which frees the worker threads
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- checks --------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.tokens is not None and not self.tokens.allows(request.headers.get("authorization")):
+            given = "a wrong" if request.headers.get("authorization") else "no"
+            raise ApiError(401, f"this server needs an API key: {given} 'Authorization: Bearer <token>' "
+                                "header was sent", code="invalid_api_key")
+
+    async def decoder_info(self):
+        """The decoder's ModelInfo; :class:`ApiError` (503 while it loads or is unreachable)."""
+        try:
+            return await asyncio.to_thread(self.client.info, timeout=_INFO_TIMEOUT_S)
+        except CaptionError as err:
+            raise from_grpc(err.status, err.message) from None
+
+    async def model_name(self) -> str:
+        """The model id clients name: the setting, else the decoder's (asked once; /health
+        refreshes it)."""
+        if self.model_id is None:
+            self.model_id = (await self.decoder_info()).model_id
+        return self.model_id
+
+    def admit(self) -> Slot:
+        with self._lock:
+            if self._in_flight >= self.settings.max_concurrent_requests:
+                raise ApiError(429, f"{self._in_flight} captions are in flight, the most this server takes "
+                                    "(max_concurrent_requests); retry shortly")
+            self._in_flight += 1
+        return Slot(self._leave)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    # ---- captions ------------------------------------------------------------------------------
+    def start_caption(self, chat: ChatRequest, media: Media, request_id: str) -> AsyncCaption:
+        try:
+            stream = self.client.caption(media.data, video_name=media.name, request_id=request_id,
+                                         **chat.caption_kwargs())
+        except ValueError as exc:  # larger than one gRPC message
+            raise ApiError(413, str(exc), param="messages[0].content") from None
+        return AsyncCaption(stream, self.executor)
+
+
+def create_app(settings: OpenAISettings) -> FastAPI:
+    """The application for ``settings``; the decoder client lives as long as the app runs."""
+    front = FrontEnd(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        front.close()
+
+    app = FastAPI(title="PLLaVA OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.front = front
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        else:
+            log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(ApiError(500, "internal error; the server log has the details").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """200 once the decoder answers (its model loaded), 503 before. Also refreshes the
+        model id, so a decoder restarted with another checkpoint is named right."""
+        info = await front.decoder_info()
+        if settings.model_name is None:
+            front.model_id = info.model_id
+        return {"status": "ok", "decoder": settings.decoder, "model": info.model_id}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        front.authorize(request)
+        return {"object": "list", "data": [_model_object(await front.model_name(), front.started)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict:
+        front.authorize(request)
+        served = await front.model_name()
+        if model_id != served:
+            raise _unknown_model(model_id, served)
+        return _model_object(served, front.started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        front.authorize(request)
+        chat = parse_chat_request(await _read_json(request, front.max_body_bytes))
+        model = await front.model_name()
+        if chat.model != model:
+            raise _unknown_model(chat.model, model)
+        media = await front.media.load(chat.media)
+        request_id = _request_id(request)
+        slot = front.admit()
+        try:
+            call = front.start_caption(chat, media, request_id)
+        except BaseException:
+            slot.release()
+            raise
+        log.info("%s: %s (%d bytes), %s", request_id, media.name, len(media.data),
+                 "streaming" if chat.stream else "one answer")
+        answer = _Answer(call, slot, request_id, model)
+        if chat.stream:
+            return await answer.events(request, chat.include_usage)
+        return await answer.whole(request)
+
+    return app
+
+
+class _Answer:
+    """One caption call answered over HTTP; owns the call and the slot until it ends."""
+
+    def __init__(self, call: AsyncCaption, slot: Slot, request_id: str, model: str):
+        self.call = call
+        self.slot = slot
+        self.request_id = request_id
+        self.completion_id = f"chatcmpl-{request_id}"
+        self.model = model
+        self.created = int(time.time())
+        self.headers = {"x-request-id": request_id}
+        self.failed = False  # the decoder refused or failed the call
+
+    def finish(self) -> None:
+        """Cancel the call if it still runs (the client left), and give the slot back."""
+        if self.call.result is None and not self.failed:
+            log.info("%s: the client left after %d generated tokens; caption cancelled",
+                     self.request_id, self.call.token_count)
+        self.call.close()
+        self.slot.release()
+
+    async def whole(self, request: Request) -> Response:
+        try:
+            result = await unless_disconnected(self._collect(), request.receive)
+        except ClientGone:
+            return Response(status_code=_CLIENT_CLOSED)
+        except CaptionError as err:
+            self.failed = True
+            raise from_grpc(err.status, err.message) from None
+        finally:
+            self.finish()
+        self._log_done(result)
+        return JSONResponse(R.completion(self.completion_id, self.created, self.model, result), headers=self.headers)
+
+    async def _collect(self):
+        while await self.call.next_piece() is not None:
+            pass
+        return self.call.result
+
+    async def events(self, request: Request, include_usage: bool) -> Response:
+        try:
+            first = await unless_disconnected(self.call.next_piece(), request.receive)
+        except ClientGone:
+            self.finish()
+            return Response(status_code=_CLIENT_CLOSED)
+        except CaptionError as err:
+            self.failed = True
+            self.finish()
+            raise from_grpc(err.status, err.message) from None
+        except BaseException:
+            self.finish()
+            raise
+        return _EventStream(self._events(first, include_usage), self.finish, headers=self.headers)
+
+    async def _events(self, first: str | None, include_usage: bool) -> AsyncIterator[str]:
+        ids = (self.completion_id, self.created, self.model)
+        yield R.event(R.chunk(*ids, {"role": "assistant", "content": ""}))
+        piece = first
+        try:
+            while piece is not None:
+                yield R.event(R.chunk(*ids, {"content": piece}))
+                piece = await self.call.next_piece()
+        except CaptionError as err:  # after the status went out: an error event ends the stream
+            self.failed = True
+            error = from_grpc(err.status, err.message)
+            log.warning("%s: the decoder failed mid-stream: %s", self.request_id, err)
+            yield R.event(error.body())
+            yield R.DONE_EVENT
+            return
+        result = self.call.result
+        self._log_done(result)
+        yield R.event(R.chunk(*ids, {}, R.finish_reason(result)))
+        if include_usage:
+            yield R.event(R.usage_chunk(*ids, result))
+        yield R.DONE_EVENT
+
+    def _log_done(self, result) -> None:
+        u = R.usage(result)
+        log.info("%s: %d prompt + %d completion tokens (%s)", self.request_id, u["prompt_tokens"],
+                 u["completion_tokens"], result.finish_reason)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that run ``on_close`` however the response ends (finished, client
+    gone, server stopping), even if the body was never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], headers: dict):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _read_json(request: Request, limit: int):
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(int(declared), limit)
+    body, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise _body_too_large(size, limit)
+        body.append(piece)
+    try:
+        return json.loads(b"".join(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+
+
+def _body_too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body is {size}+ bytes; this server takes at most {limit} "
+                         "(max_media_bytes as base64, plus 1 MiB)")
+
+
+def _request_id(request: Request) -> str:
+    """The caller's ``x-request-id`` when it is a plain short id, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _CALLER_REQUEST_ID.match(given) else uuid.uuid4().hex[:24]
+
+
+def _model_object(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "pllava"}
+
+
+def _unknown_model(asked: str, served: str) -> ApiError:
+    return ApiError(404, f"the model {asked!r} does not exist here; this server serves {served!r} "
+                         "(GET /v1/models)", param="model", code="model_not_found")

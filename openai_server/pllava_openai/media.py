@@ -1,0 +1,152 @@
+"""A ``video_url`` / ``image_url`` URL -> the bytes of the video or image it names.
+
+- ``data:<type>/<subtype>;base64,<data>``, with a ``video/*`` or ``image/*`` media type (or
+  ``application/octet-stream``): always accepted, the way to send media to a remote server.
+- ``file://`` URLs and plain paths: only under the folder the operator allows
+  (``allowed_media_root``; off by default). Relative paths are taken from that folder, and a
+  path that leaves it (``..``, a symbolic link) is refused.
+- ``http://`` and ``https://``: downloaded only when the operator allows it
+  (``allow_remote_media``; off by default), within ``download_timeout_s``.
+
+Every media is at most ``max_media_bytes`` (413 beyond); every other refusal is a 400 whose
+message says what to send instead. Whether the bytes are a video the decoder judges.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .api_errors import ApiError, bad_request
+from .chat_request import MediaPart
+from .settings import OpenAISettings
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_MEDIA_TYPES = ("video/", "image/")
+_OPAQUE_MEDIA_TYPE = "application/octet-stream"
+_PARAM = "messages[0].content"
+
+
+@dataclass(frozen=True)
+class Media:
+    """What the decoder is sent: the file's bytes, and a name that only labels it in logs."""
+
+    data: bytes
+    name: str
+
+
+class MediaLoader:
+    """Turns media parts into bytes under the operator's rules (see the module docstring)."""
+
+    def __init__(self, settings: OpenAISettings):
+        self.max_bytes = settings.max_media_bytes
+        self.root = Path(os.path.realpath(settings.allowed_media_root)) if settings.allowed_media_root else None
+        self.allow_remote = settings.allow_remote_media
+        self.download_timeout_s = settings.download_timeout_s
+
+    async def load(self, part: MediaPart) -> Media:
+        """The bytes ``part`` names; :class:`ApiError` when they may not or cannot be had."""
+        url = part.url.strip()
+        match = _SCHEME.match(url)
+        scheme = match.group(1).lower() if match else ""
+        if scheme == "data":
+            return await asyncio.to_thread(self._data_url, url)
+        if scheme in ("", "file"):
+            return await asyncio.to_thread(self._local_file, url, scheme)
+        if scheme in ("http", "https"):
+            return await asyncio.to_thread(self._download, url)
+        raise bad_request(f"{part.kind} URLs of scheme {scheme!r} are not supported; send a data: URL "
+                          f"(data:video/mp4;base64,...)", _PARAM)
+
+    # ---- data: ---------------------------------------------------------------------------------
+    def _data_url(self, url: str) -> Media:
+        header, comma, payload = url[len("data:"):].partition(",")
+        if not comma:
+            raise bad_request("a data URL needs a comma before its data: data:video/mp4;base64,<data>", _PARAM)
+        params = [p.strip() for p in header.split(";")]
+        media_type = params[0].lower()
+        if "base64" not in (p.lower() for p in params[1:]):
+            raise bad_request("a data URL must be base64-encoded: data:video/mp4;base64,<data>", _PARAM)
+        if not (media_type.startswith(_MEDIA_TYPES) or media_type == _OPAQUE_MEDIA_TYPE):
+            raise bad_request(f"the data URL's media type is {media_type or 'missing'!s}; a video/... or image/... "
+                              "type is expected (e.g. data:video/mp4;base64,...)", _PARAM)
+        payload = "".join(payload.split())  # line breaks some encoders add
+        if len(payload) // 4 * 3 > self.max_bytes + 2:
+            raise self._too_large(len(payload) // 4 * 3, "the data URL's media")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise bad_request(f"the data URL's data is not valid base64 ({exc})", _PARAM) from None
+        if not data:
+            raise bad_request("the data URL holds no data", _PARAM)
+        self._check_size(len(data), "the data URL's media")
+        return Media(data, f"data URL ({media_type})")
+
+    # ---- files ---------------------------------------------------------------------------------
+    def _local_file(self, url: str, scheme: str) -> Media:
+        if self.root is None:
+            raise bad_request("file paths and file:// URLs are off on this server: send the video as a data URL "
+                              "(data:video/mp4;base64,...); the operator can allow a folder with "
+                              "--allowed-media-root", _PARAM)
+        if scheme == "file":
+            parsed = urlparse(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise bad_request(f"file URLs must name this machine (file:///path), not {parsed.netloc!r}", _PARAM)
+            path = unquote(parsed.path)
+        else:
+            path = url
+        try:
+            real = Path(os.path.realpath(self.root / path))  # an absolute path replaces the root
+        except ValueError:  # a NUL byte
+            raise bad_request("the file path is not a valid path", _PARAM) from None
+        if not real.is_relative_to(self.root):
+            raise bad_request(f"{path} is not under the folder this server allows media from", _PARAM)
+        try:
+            size = real.stat().st_size
+            if not real.is_file():
+                raise bad_request(f"{path} is not a file", _PARAM)
+            self._check_size(size, path)
+            return Media(real.read_bytes(), real.name)
+        except FileNotFoundError:
+            raise bad_request(f"{path}: no such file under the allowed media folder", _PARAM) from None
+        except OSError as exc:
+            raise bad_request(f"{path} cannot be read: {exc.strerror or exc}", _PARAM) from None
+
+    # ---- downloads -----------------------------------------------------------------------------
+    def _download(self, url: str) -> Media:
+        if not self.allow_remote:
+            raise bad_request("downloading media is off on this server: send the video as a data URL "
+                              "(data:video/mp4;base64,...); the operator can turn downloads on with "
+                              "--allow-remote-media", _PARAM)
+        request = urllib.request.Request(url, headers={"User-Agent": "pllava-openai"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.download_timeout_s) as response:
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit():
+                    self._check_size(int(declared), url)
+                data = response.read(self.max_bytes + 1)
+        except urllib.error.HTTPError as exc:
+            raise bad_request(f"could not download {url}: HTTP {exc.code} {exc.reason}", _PARAM) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise bad_request(f"could not download {url}: {reason}", _PARAM) from None
+        self._check_size(len(data), url)
+        if not data:
+            raise bad_request(f"{url} is empty", _PARAM)
+        return Media(data, os.path.basename(urlparse(url).path) or url)
+
+    # ---- limits --------------------------------------------------------------------------------
+    def _check_size(self, size: int, what: str) -> None:
+        if size > self.max_bytes:
+            raise self._too_large(size, what)
+
+    def _too_large(self, size: int, what: str) -> ApiError:
+        return ApiError(413, f"{what} is {size} bytes; this server takes at most {self.max_bytes} bytes "
+                             "(max_media_bytes)", param=_PARAM)

@@ -128,6 +128,7 @@ def cmd_up(args) -> int:
 
     decoder = dict(parse_setting(s) for s in args.decoder_setting)
     encoder = dict(parse_setting(s) for s in args.encoder_setting)
+    openai = dict(parse_setting(s) for s in args.openai_setting)
     for name in ("max_batch", "max_context", "max_queue"):
         if getattr(args, name) is not None:
             decoder[name] = getattr(args, name)
@@ -135,7 +136,7 @@ def cmd_up(args) -> int:
         cluster = launch(args.model, encoders=args.encoders, port=args.port, host=args.host,
                          encoder_port=args.encoder_port, device=args.device, dtype=args.dtype,
                          ready_timeout=args.ready_timeout, encoder_settings=encoder,
-                         decoder_settings=decoder)
+                         decoder_settings=decoder, openai_port=args.openai_port, openai_settings=openai)
     except LaunchError as exc:
         print(f"pllava up: {exc}", file=sys.stderr)
         return 1
@@ -144,6 +145,8 @@ def cmd_up(args) -> int:
     encoders = ", ".join(e.address for e in cluster.encoders)
     print(f"pllava up: decoder at {cluster.address} ({len(cluster.encoders)} encoder(s) at "
           f"{encoders}); Ctrl-C stops them", flush=True)
+    if cluster.openai_url is not None:
+        print(f"pllava up: OpenAI-compatible API at {cluster.openai_url}", flush=True)
     print(f"  try: pllava-caption VIDEO --server {cluster.address}", flush=True)
     return run_foreground(cluster, grace=DEFAULT_GRACE_S)
 
@@ -195,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable")
     p.add_argument("--encoder-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="any encoder setting (see pllava-encoder --help), e.g. video_workers=4; repeatable")
+    p.add_argument("--openai-port", type=int, metavar="PORT",
+                   help="also start the OpenAI-compatible HTTP API (pllava-openai) on this port, on --host "
+                        "(0 = any free port; default: not started)")
+    p.add_argument("--openai-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="any pllava-openai setting, e.g. auth_token_file=keys.txt; repeatable")
     p.set_defaults(func=cmd_up)
     return parser
 

@@ -1,4 +1,5 @@
-"""``pllava up``: N encoder servers and one decoder server as local processes, no Docker.
+"""``pllava up``: N encoder servers and one decoder server as local processes, no Docker
+(and, when asked, the OpenAI-compatible front end ``pllava-openai`` in front of the decoder).
 
 The same topology as ``docker compose up --scale encoder=N``, on 127.0.0.1: each encoder
 binds a free port (or ``encoder_port + i``) and reports it in its ``listening on HOST:PORT``
@@ -14,11 +15,13 @@ Server settings reach the children as their ``PLLAVA_ENCODER_*`` / ``PLLAVA_DECO
 environment variables (``launch(..., decoder_settings={"max_batch": 4})``), so every setting
 a server has can be given, with the server's own checks and messages.
 
-Readiness is the servers' own gRPC health service (SERVING only after warm-up). This module
+Readiness is the servers' own gRPC health service (SERVING only after warm-up), and the front
+end's ``GET /health`` (200 once the decoder answers). This module
 lives with the serving code, not in the model package ``pllava``, which never imports grpc;
 ``pllava up`` imports it when it runs. Children run in their own session (a terminal's Ctrl-C reaches only the launcher, which
 stops the decoder first so in-flight captions finish, then the encoders) and, on Linux, get
-SIGTERM if the launcher dies without stopping them.
+SIGTERM if the launcher dies without stopping them. The front end's settings reach it the same
+way, as its ``PLLAVA_OPENAI_*`` environment variables.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Mapping, TextIO
@@ -221,9 +226,11 @@ def stop_all(servers: list[ServerProcess], grace: float = DEFAULT_GRACE_S) -> No
 class Cluster:
     """Handles on the servers :func:`launch` started; a context manager that stops them."""
 
-    def __init__(self, encoders: list[ServerProcess], decoder: ServerProcess | None):
+    def __init__(self, encoders: list[ServerProcess], decoder: ServerProcess | None,
+                 openai: ServerProcess | None = None):
         self.encoders = encoders
         self.decoder = decoder
+        self.openai = openai
 
     @property
     def address(self) -> str:
@@ -231,15 +238,22 @@ class Cluster:
         return self.decoder.address
 
     @property
+    def openai_url(self) -> str | None:
+        """The base URL of the OpenAI-compatible API (``http://HOST:PORT/v1``), if started."""
+        return f"http://{self.openai.address}/v1" if self.openai is not None else None
+
+    @property
     def servers(self) -> list[ServerProcess]:
-        return ([self.decoder] if self.decoder else []) + self.encoders
+        return ([self.openai] if self.openai else []) + ([self.decoder] if self.decoder else []) + self.encoders
 
     def exited(self) -> ServerProcess | None:
         """A server that is no longer running, if any."""
         return next((s for s in self.servers if not s.alive()), None)
 
     def stop(self, grace: float = DEFAULT_GRACE_S) -> None:
-        """Stop the decoder first (its in-flight captions finish), then the encoders."""
+        """Stop the front end and the decoder first (in-flight captions finish), then the encoders."""
+        if self.openai is not None:
+            stop_all([self.openai], grace)
         if self.decoder is not None:
             stop_all([self.decoder], grace)
         stop_all(self.encoders, grace)
@@ -273,6 +287,25 @@ def _wait_healthy(servers: list[ServerProcess], timeout: float) -> None:
             names = ", ".join(s.name for s in waiting)
             raise LaunchError(f"{names} not SERVING within {timeout:g} s; the last lines of "
                               f"{server.name}:\n{server.tail()}")
+        time.sleep(0.2)
+
+
+def _wait_http_ready(server: ServerProcess, timeout: float) -> None:
+    """Return once ``GET /health`` of the front end ``server`` answers 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not server.alive():
+            raise LaunchError(f"{server.name} exited with status {server.process.poll()} before it was ready; "
+                              f"its last lines:\n{server.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://{server.address}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # 503 (HTTPError) or not answering yet
+            pass
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{server.name} did not answer /health with 200 within {timeout:g} s; its last "
+                              f"lines:\n{server.tail()}")
         time.sleep(0.2)
 
 
@@ -310,7 +343,8 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
            dtype: str | None = None, ready_timeout: float = 600.0,
            echo: TextIO | None = sys.stderr, env: dict[str, str] | None = None,
            encoder_settings: Mapping[str, object] | None = None,
-           decoder_settings: Mapping[str, object] | None = None) -> Cluster:
+           decoder_settings: Mapping[str, object] | None = None, openai_port: int | None = None,
+           openai_settings: Mapping[str, object] | None = None) -> Cluster:
     """Start ``encoders`` encoder servers and one decoder server; return once all are SERVING.
 
     ``model`` None uses the tiny random checkpoint (:func:`ensure_tiny_model`). The decoder
@@ -319,7 +353,10 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
     are passed to every server when given; ``encoder_settings`` / ``decoder_settings`` (field
     names of the servers' settings, e.g. ``{"max_batch": 4, "visual_cache_bytes": 0}``) to
     each encoder / the decoder, through their environment, over ``env`` (default: this
-    process's environment). Children's output is echoed to ``echo`` (None: kept only). On
+    process's environment). ``openai_port`` (None: none) also starts ``pllava-openai`` on
+    ``host:openai_port`` (0: any free port, see ``Cluster.openai_url``) in front of the decoder,
+    ready once its ``/health`` answers 200; ``openai_settings`` reach it as ``PLLAVA_OPENAI_*``.
+    Children's output is echoed to ``echo`` (None: kept only). On
     failure -- a bad setting included, which the server names -- every started child is
     stopped and :class:`LaunchError` raised.
     """
@@ -353,6 +390,13 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
             + ["--host", host, "--port", str(port), "--encoder", target], echo=echo, env=decoder_env)
         cluster.decoder.wait_bound(max(1.0, deadline - time.monotonic()))
         _wait_healthy(cluster.encoders + [cluster.decoder], max(1.0, deadline - time.monotonic()))
+        if openai_port is not None:
+            cluster.openai = ServerProcess(
+                "openai", server_command("pllava-openai")
+                + ["--decoder", cluster.address, "--host", host, "--port", str(openai_port)],
+                echo=echo, env={**base_env, **settings_env("PLLAVA_OPENAI_", openai_settings)})
+            cluster.openai.wait_bound(max(1.0, deadline - time.monotonic()))
+            _wait_http_ready(cluster.openai, max(1.0, deadline - time.monotonic()))
     except BaseException:
         cluster.stop(grace=5.0)
         raise

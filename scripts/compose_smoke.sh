@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# docker-compose, for real: build the image (one image, docker/Dockerfile, for both servers),
-# run 2 encoder replicas and the decoder, caption a video through the decoder's published port
-# (bound to 127.0.0.1), check that both encoder replicas served work, then take it all down.
+# docker-compose, for real: build the image (one image, docker/Dockerfile, for every server),
+# run 2 encoder replicas, the decoder and the OpenAI-compatible front end, caption a video
+# through the decoder's published port (bound to 127.0.0.1) and once through the front end's,
+# check that both encoder replicas served work, then take it all down.
 #
 #   scripts/compose_smoke.sh [VIDEO]          # default samples/orbit.mp4 (in this repository)
 #
@@ -21,7 +22,7 @@
 # cache in seconds instead of minutes; SMOKE_KEEP_DOCKERD=1 leaves a dockerd it started running.
 #
 # Environment: BASE_IMAGE, PLLAVA_IMAGE, PLLAVA_MODEL_DIR (default models/tiny, made if absent),
-# PLLAVA_PORT (default: a free port), COMPOSE (default: `docker compose` if present, else
+# PLLAVA_PORT and PLLAVA_OPENAI_PORT (default: free ports), COMPOSE (default: `docker compose` if present, else
 # docker-compose), ENCODERS (default 2), SMOKE_PROJECT (default pllava-smoke),
 # SMOKE_KEEP_IMAGES, SMOKE_KEEP_DOCKERD.
 set -euo pipefail
@@ -177,6 +178,10 @@ if [[ -z ${PLLAVA_PORT:-} ]]; then
     PLLAVA_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 export PLLAVA_PORT
+if [[ -z ${PLLAVA_OPENAI_PORT:-} ]]; then
+    PLLAVA_OPENAI_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+export PLLAVA_OPENAI_PORT
 
 # The smoke run switches the decoder's visual-token cache off, so repeated videos still go
 # to the encoders and round robin has calls to spread.
@@ -219,6 +224,30 @@ echo "captioned in $(since "$t") s"
 for i in $(seq $((2 * ENCODERS - 1))); do
     "${BIN}pllava-caption" "$VIDEO" --server "127.0.0.1:$PLLAVA_PORT" --max-new-tokens 4 --timeout 300 --json >/dev/null
 done
+
+step "caption $(basename "$VIDEO") through the OpenAI-compatible API at 127.0.0.1:$PLLAVA_OPENAI_PORT"
+t=$(now)
+"$PY" - "$VIDEO" "http://127.0.0.1:$PLLAVA_OPENAI_PORT" <<'PY'
+import base64, json, sys, time, urllib.error, urllib.request
+
+video, base = sys.argv[1], sys.argv[2]
+for _ in range(120):  # the front end answers /health with 200 once it reaches the decoder
+    try:
+        urllib.request.urlopen(base + "/health", timeout=5).close()
+        break
+    except (urllib.error.URLError, OSError):
+        time.sleep(1)
+model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=30))["data"][0]["id"]
+url = "data:video/mp4;base64," + base64.b64encode(open(video, "rb").read()).decode()
+body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": [
+    {"type": "text", "text": "What happens?"}, {"type": "video_url", "video_url": {"url": url}}]}]}
+request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+answer = json.load(urllib.request.urlopen(request, timeout=300))
+print(f"OpenAI-compatible API answered: model {answer['model']}, "
+      f"{answer['usage']['completion_tokens']} completion tokens")
+PY
+echo "captioned in $(since "$t") s"
 
 step "work done by each encoder replica"
 served=0

@@ -1,7 +1,7 @@
-"""docker-compose, for real (scripts/compose_smoke.sh): build the one image both servers run,
-run two encoder replicas and the decoder, caption a video through the decoder's port
-published on 127.0.0.1, check that both encoder replicas served work, take the stack down
-and clean up.
+"""docker-compose, for real (scripts/compose_smoke.sh): build the one image every server runs,
+run two encoder replicas, the decoder and the OpenAI-compatible front end, caption a video
+through the decoder's port published on 127.0.0.1 and through the front end's, check that
+both encoder replicas served work, take the stack down and clean up.
 
 Needs root and a Docker engine; the script installs Debian's docker.io, docker-compose and
 debootstrap and starts dockerd when they are missing, and builds the local base image when
@@ -36,6 +36,7 @@ def test_compose_two_encoder_replicas_serve_a_caption(videos_dir):
     assert done.returncode == 0, output[-6000:]
     assert "compose smoke test passed" in done.stdout
     assert re.search(r"encoder replicas that served work: 2 of 2", done.stdout)
+    assert re.search(r"OpenAI-compatible API answered: model \S+, \d+ completion tokens", done.stdout)
     assert f"images of the running containers: {IMAGE}\n" in done.stdout   # one image, both services
 
     # Cleaned up: the containers, the image it built, and the daemon if it started one.
@@ -49,3 +50,32 @@ def test_compose_two_encoder_replicas_serve_a_caption(videos_dir):
     else:
         assert "cleanup: stopped the dockerd this run started" in done.stdout
         assert _docker("info").returncode != 0
+
+
+def test_the_openai_front_end_is_wired_into_compose_and_the_image():
+    """Static checks (no Docker): the ``openai`` service runs the shared image against the
+    decoder service's port and publishes its own port on 127.0.0.1 only; the image installs
+    the package and the build context carries it."""
+    import tomllib
+
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    front, decoder = services["openai"], services["decoder"]
+    assert front["image"] == decoder["image"] and front["build"] == decoder["build"]
+
+    def flag(command: list[str], name: str) -> str:
+        return command[command.index(name) + 1]
+
+    assert front["command"][0] == "pllava-openai"
+    assert flag(front["command"], "--decoder") == f"dns:///decoder:{flag(decoder['command'], '--port')}"
+    assert flag(front["command"], "--host") == "0.0.0.0"
+    published = [p for p in front["ports"] if p.endswith(":" + flag(front["command"], "--port"))]
+    assert len(published) == 1 and published[0].startswith("127.0.0.1:")
+    assert "volumes" not in front  # it holds no model
+    assert "decoder" in front["depends_on"]
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["pllava-openai"] == "pllava_openai.server:main"
+    assert "COPY openai_server /src/openai_server" in (REPO / "docker" / "Dockerfile").read_text()
+    assert "!openai_server/" in (REPO / ".dockerignore").read_text().splitlines()

@@ -46,6 +46,14 @@ def sampling_params(args) -> SamplingParams:
 def cmd_caption(args) -> int:
     from .pipeline import Captioner, CaptionerSettings, CaptionResult
 
+    if (args.video is None) == (args.frames is None):
+        raise ValueError("give a video or --frames DIR (one of them)")
+    if args.frames is not None:
+        from pllava_client.frames import frame_files
+
+        source = [str(path) for path in frame_files(args.frames)]
+    else:
+        source = args.video
     settings = CaptionerSettings(device=args.device, device_id=args.device_id, dtype=args.dtype,
                                  lora_alpha=args.lora_alpha, num_frames=args.num_frames,
                                  max_context=args.max_context)
@@ -57,7 +65,7 @@ def cmd_caption(args) -> int:
     def run(stream: bool) -> tuple[CaptionResult, float]:
         result = CaptionResult()
         start = time.perf_counter()
-        for piece in captioner.caption(args.video, args.prompt, args.template, params, result):
+        for piece in captioner.caption(source, args.prompt, args.template, params, result):
             if stream:
                 print(piece, end="", flush=True)
         if stream:
@@ -156,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("caption", help="caption a video in this process, streaming the text")
-    p.add_argument("video", help="video file (or a still image)")
+    p.add_argument("video", nargs="?", help="video file (or a still image)")
+    p.add_argument("--frames", metavar="DIR",
+                   help="instead of a video: frames you sampled yourself, the .jpg/.jpeg/.png/.webp files in "
+                        "DIR in sorted name order, all of one size")
     add_model_args(p)
     add_request_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

@@ -1,5 +1,8 @@
 """In-process captioning: video -> frames -> visual tokens -> prompt -> streamed caption.
 
+A source is a video (or still image) file, or a list of encoded images: frames the caller
+sampled itself, decoded and counted as :mod:`pllava.frame_images` says (as the servers do).
+
 ``Captioner`` ties the parts together for the ``pllava caption`` command and for tests. The
 servers split the same steps between an encoder process and a decoder process.
 """
@@ -14,6 +17,7 @@ import numpy as np
 
 from . import weights as W
 from .config import PllavaConfig, PreprocessorConfig
+from .frame_images import frames_num_frames, load_frame_images
 from .generation import Engine, Request, SequenceStats, TokenEvent, generate
 from .model import PllavaLanguage, PllavaVision
 from .prompt import DEFAULT_TEMPLATE, build_prompt, default_question
@@ -84,7 +88,8 @@ class Captioner:
         self.settings = settings
         folder = self.model_dir.parent if self.model_dir.is_file() else self.model_dir
         self.backend = setup_backend(settings.device, settings.device_id, settings.dtype)
-        self.cfg = PllavaConfig.from_pretrained(folder).with_frames(settings.num_frames, settings.pooling_shape)
+        self.checkpoint_cfg = PllavaConfig.from_pretrained(folder)
+        self.cfg = self.checkpoint_cfg.with_frames(settings.num_frames, settings.pooling_shape)
         self.preprocessor = PreprocessorConfig.from_pretrained(folder)
         self.tokenizer = Tokenizer.from_pretrained(folder)
         if self.tokenizer.image_token_id != self.cfg.image_token_index:
@@ -101,12 +106,22 @@ class Captioner:
         return dtype_name(self.backend.dtype)
 
     def encode_video(self, source) -> tuple[np.ndarray, Frames, float, float]:
-        """-> (visual tokens (V, D) fp32, frames info, video seconds, encode seconds)."""
+        """-> (visual tokens (V, D) fp32, frames info, video seconds, encode seconds).
+
+        ``source`` is a video or image (path, bytes, binary file) or a list of encoded frame
+        images (paths or bytes), first frame first."""
         t0 = time.perf_counter()
-        frames = load_frames(source, self.cfg.num_frames)
+        cfg = self.cfg
+        if isinstance(source, (list, tuple)):
+            images = [Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image) for image in source]
+            frames = load_frame_images(images)
+            count = frames_num_frames(self.settings.num_frames or 0, len(images), self.cfg.num_frames)
+            cfg = self.checkpoint_cfg.with_frames(count, self.settings.pooling_shape)
+        else:
+            frames = load_frames(source, self.cfg.num_frames)
         pixels = preprocess(frames.frames, self.preprocessor)
         t1 = time.perf_counter()
-        visual = self.vision.encode_videos([pixels])[0]
+        visual = self.vision.encode_videos([pixels], [cfg])[0]
         return visual, frames, t1 - t0, time.perf_counter() - t1
 
     def prompt_ids(self, question: str | None = None, template: str = DEFAULT_TEMPLATE) -> tuple[str, list[int]]:

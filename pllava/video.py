@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -226,14 +226,21 @@ def _load_video(src: Path | BinaryIO, name: str, num_frames: int) -> Frames:
 
 
 def _load_image(src: Path | BinaryIO, name: str) -> Frames:
-    """Read a still image as one RGB frame.
+    """Read a still image as one RGB frame (see :func:`read_image`)."""
+    frame = read_image(src, name)
+    return Frames(frames=frame[None].copy(), indices=(0,), total_frames=1, fps=0.0, is_image=True)
+
+
+def read_image(src: Path | BinaryIO, name: str, formats: Sequence[str] | None = None) -> np.ndarray:
+    """Decode one image to an (H, W, 3) uint8 RGB array.
 
     EXIF orientation is applied so a phone photo is upright, as a person sees it. Transparency
     is composited on white, as transformers' ``convert_to_rgb`` does; 16-bit grayscale keeps
     its top 8 bits instead of being clipped at 255. Animated images give their first frame.
+    ``formats`` (PIL format names) limits the decoders PIL may try; others are refused.
     """
     try:
-        with Image.open(src) as img:
+        with Image.open(src, formats=formats) as img:
             img.load()  # decode now: truncated or corrupt data fails here, not later
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
@@ -242,7 +249,7 @@ def _load_image(src: Path | BinaryIO, name: str) -> Frames:
     frame = np.asarray(rgb, dtype=np.uint8)
     if frame.ndim != 3 or frame.shape[-1] != 3 or 0 in frame.shape:
         raise VideoError(f"{name}: image decoded to shape {frame.shape}, expected (H, W, 3)")
-    return Frames(frames=frame[None].copy(), indices=(0,), total_frames=1, fps=0.0, is_image=True)
+    return frame
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -156,6 +156,41 @@ def test_bad_video_arguments_fail_before_any_call(scripted, tmp_path):
     assert servicer.requests == []
 
 
+def test_request_carries_frames_in_order_instead_of_a_video(scripted, tmp_path):
+    servicer, client = scripted
+    servicer.events = [final(finish_reason=pllava_pb2.FINISH_REASON_STOP)]
+    folder = tmp_path / "clip42"
+    folder.mkdir()
+    (folder / "f1.png").write_bytes(b"\x89PNG one")
+    (folder / "f2.jpg").write_bytes(b"\xff\xd8\xff two")
+    with open(folder / "f2.jpg", "rb") as f:
+        client.caption_full(frames=[folder / "f1.png", f, b"three"], prompt=PROMPT, num_frames=8)
+    client.caption_full(frames=(b"a", bytearray(b"b")), video_name="cam-3")
+
+    first, second = servicer.requests
+    assert first.WhichOneof("input") == "frames" and first.video == b""
+    assert list(first.frames.images) == [b"\x89PNG one", b"\xff\xd8\xff two", b"three"]
+    assert (first.video_name, first.prompt, first.num_frames) == ("clip42", PROMPT, 8)
+    assert list(second.frames.images) == [b"a", b"b"] and second.video_name == "cam-3"
+
+
+def test_bad_frames_arguments_fail_before_any_call(scripted, tmp_path):
+    servicer, client = scripted
+    with pytest.raises(TypeError, match="either a video or frames=.*not both"):
+        client.caption(b"video", frames=[b"frame"])
+    with pytest.raises(TypeError, match="got neither"):
+        client.caption(None, PROMPT)
+    with pytest.raises(TypeError, match="frames is a list of images"):
+        client.caption(frames=str(tmp_path))
+    with pytest.raises(ValueError, match="frames is empty"):
+        client.caption(frames=[])
+    with pytest.raises(FileNotFoundError):
+        client.caption(frames=[tmp_path / "missing.png"])
+    with pytest.raises(ValueError, match=r"the 2 frames are \d+ bytes; one request carries at most"):
+        client.caption(frames=[bytes(40 << 20), bytes(30 << 20)])
+    assert servicer.requests == []
+
+
 def test_server_refusal_is_a_caption_error_with_status_and_message(scripted):
     servicer, client = scripted
     servicer.events = [token("partial", 1)]

@@ -1,12 +1,17 @@
 """``pllava-caption``: caption a video, or a whole collection, through PLLaVA decoder servers.
 
     pllava-caption video.mp4 --server localhost:50052 [--prompt TEXT] [--json]
+    pllava-caption --frames DIR_OF_IMAGES [--prompt TEXT] [--json]
     pllava-caption DIR|GLOB|LIST.txt ... --out captions.jsonl [--concurrency N] [--retries N]
 
 One video: streams the caption to stdout as it is generated, or with ``--json`` prints one
 JSON object with the keys of the in-process ``pllava caption --json``. A refused or failed
 call exits 1 and prints ``error: STATUS_NAME: message`` on stderr; a video that cannot be read
 exits 2. ``-`` reads the video from stdin.
+
+``--frames DIR``: the video was decoded and sampled already; the JPEG, PNG and WebP files in
+DIR, in sorted name order, are its frames (see :mod:`pllava_client.frames`). Output and exit
+statuses are those of one video.
 
 A collection (``--out``): folders (searched recursively for video and image files), glob
 patterns, ``.txt`` lists of paths and single files are captioned ``--concurrency`` at a time
@@ -33,6 +38,7 @@ from typing import TextIO
 
 from .client import DEFAULT_RETRIES, CaptionError, Client
 from .collection import CaptionFile, VideoResult, expand_inputs
+from .frames import frame_files
 
 DEFAULT_SERVER = "localhost:50052"
 #: Seconds between progress lines when stderr is not a terminal.
@@ -43,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pllava-caption",
                                 description="Caption a video, or a collection of videos, through PLLaVA "
                                             "decoder servers.")
-    p.add_argument("inputs", nargs="+", metavar="VIDEO",
+    p.add_argument("inputs", nargs="*", metavar="VIDEO",
                    help="a video file (or a still image; - reads stdin); with --out also folders, glob "
                         "patterns and .txt lists of paths")
+    p.add_argument("--frames", metavar="DIR",
+                   help="caption frames you sampled yourself instead of a video: the .jpg/.jpeg/.png/.webp "
+                        "files in DIR, in sorted name order (zero-pad the numbers), all of one size")
     p.add_argument("--server", default=os.environ.get("PLLAVA_SERVER", DEFAULT_SERVER),
                    metavar="TARGET",
                    help="decoder address, any gRPC target; several decoders as dns:///NAME:PORT or "
@@ -95,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_frames < 0 or args.max_new_tokens < 0:
         print("error: --num-frames and --max-new-tokens cannot be negative", file=sys.stderr)
         return 2
+    if args.frames is not None:
+        return caption_frames(args)
+    if not args.inputs:
+        print("error: give a VIDEO to caption (or --frames DIR)", file=sys.stderr)
+        return 2
     if args.out is not None:
         return caption_collection(args)
     video = args.inputs[0]
@@ -111,10 +125,29 @@ def main(argv: list[str] | None = None) -> int:
         return caption_one(client, sys.stdin.buffer if video == "-" else video, args)
 
 
-def caption_one(client: Client, video, args: argparse.Namespace) -> int:
+def caption_frames(args: argparse.Namespace) -> int:
+    """``--frames DIR``: one caption of the images in DIR, sent as frames."""
+    if args.inputs or args.out is not None:
+        print("error: --frames DIR captions one folder of frames; it takes no VIDEO and no --out", file=sys.stderr)
+        return 2
+    try:
+        frames = frame_files(args.frames)
+    except ValueError as exc:
+        print(f"error: --frames: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = Client(args.server, timeout=args.timeout)
+    except ValueError as exc:  # a malformed address list
+        print(f"error: --server: {exc}", file=sys.stderr)
+        return 2
+    with client:
+        return caption_one(client, None, args, frames=frames)
+
+
+def caption_one(client: Client, video, args: argparse.Namespace, frames=None) -> int:
     stream = None
     try:
-        stream = client.caption(video, args.prompt, **request_kwargs(args))
+        stream = client.caption(video, args.prompt, frames=frames, **request_kwargs(args))
         for piece in stream:
             if not args.json:
                 sys.stdout.write(piece)

@@ -1,6 +1,6 @@
 """The PLLaVA client: caption a video through the decoder server, streaming the text.
 
-    from pllava_client import Client
+    from pllava_client import Client, frame_files
 
     with Client("localhost:50052") as client:
         stream = client.caption("video.mp4", "What happens?", max_new_tokens=64)
@@ -9,10 +9,13 @@
         print(stream.result.finish_reason)    # the final event, once the stream has ended
 
         result = client.caption_full(open("video.mp4", "rb"))    # everything in one object
+        result = client.caption_full(frames=frame_files("clip_frames/"))   # frames you sampled
 
 A video is a path, the file's bytes, or a binary file object. The video bytes go to the
 decoder, which fetches the visual tokens from an encoder replica itself: the client needs one
-address and never sees a tensor.
+address and never sees a tensor. Callers that decoded the video themselves send the frames
+they sampled instead, ``frames=[...]``: JPEG, PNG or WebP images (paths, bytes or binary
+files), first frame first (see :mod:`pllava_client.frames` and ``Frames`` in the proto).
 
 A failed call raises :class:`CaptionError` (a ``grpc.RpcError``) carrying the status code and
 the server's message, for example ``INVALID_ARGUMENT: cannot decode the video ...``.
@@ -33,6 +36,7 @@ import grpc
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
 from .channel import MAX_MESSAGE_BYTES, channel_options, grpc_target, server_count
+from .frames import Frame, read_frames
 
 if TYPE_CHECKING:
     from .collection import VideoResult
@@ -44,6 +48,8 @@ Video = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
 #: Room for the request's other fields next to the video inside one message.
 _REQUEST_OVERHEAD_BYTES = 64 << 10
+#: Upper bound of the framing of one image inside a Frames message (tag and length).
+_FRAME_OVERHEAD_BYTES = 16
 
 
 class CaptionError(grpc.RpcError):
@@ -221,39 +227,57 @@ class Client:
         self._channel = grpc.insecure_channel(grpc_target(address), options=self._options)
         self._stub = pllava_pb2_grpc.DecoderStub(self._channel)
 
-    def caption(self, video: Video, prompt: str | None = None, *, template: str | None = None,
+    def caption(self, video: Video | None = None, prompt: str | None = None, *,
+                frames: Iterable[Frame] | None = None, template: str | None = None,
                 num_frames: int = 0, max_new_tokens: int = 0, temperature: float | None = None,
                 top_p: float | None = None, top_k: int | None = None,
                 repetition_penalty: float | None = None, seed: int | None = None,
                 stop: Sequence[str] = (), request_id: str = "", video_name: str | None = None,
                 timeout: float | None | object = ...) -> CaptionStream:
-        """Start captioning ``video``; return the stream of text pieces.
+        """Start captioning ``video``, or the ``frames`` you sampled from one; return the
+        stream of text pieces.
 
-        ``prompt`` None/empty, ``template`` None, ``num_frames`` 0 and ``max_new_tokens`` 0
-        take the server's defaults; sampling parameters left at None too (greedy decoding).
-        ``video_name`` (default: the file's name) only labels the video in the server's logs.
-        ``timeout=...`` means the client's default deadline. Raises ValueError for a video
-        larger than the channel's message limit and OSError for a path that cannot be read;
-        the server's refusals (:class:`CaptionError`) surface while iterating.
+        Give exactly one of ``video`` and ``frames`` (a list of JPEG, PNG or WebP images as
+        paths, bytes or binary files, first frame first, all of one size; the encoder uses
+        every one and repeats them if the model takes more frames, see ``Frames`` in the
+        proto). ``prompt`` None/empty, ``template`` None, ``num_frames`` 0 and
+        ``max_new_tokens`` 0 take the server's defaults; sampling parameters left at None too
+        (greedy decoding). ``video_name`` (default: the file's name, or the frames' folder)
+        only labels the video in the server's logs and messages. ``timeout=...`` means the
+        client's default deadline. Raises TypeError for both or neither of ``video`` and
+        ``frames``, ValueError for an empty frame list or a request larger than the channel's
+        message limit, and OSError for a path that cannot be read; the server's refusals
+        (:class:`CaptionError`) surface while iterating.
         """
-        data, name = read_video(video)
-        if len(data) + _REQUEST_OVERHEAD_BYTES > self._max_message:
-            raise ValueError(f"the video is {len(data)} bytes; one request carries at most "
-                             f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video")
+        if (video is None) == (frames is None):
+            raise TypeError("caption() takes either a video or frames=[images...], "
+                            + ("not both" if video is not None else "and got neither"))
+        if frames is not None:
+            images, name = read_frames(frames)
+            size = sum(len(image) + _FRAME_OVERHEAD_BYTES for image in images)
+            content = dict(frames=pllava_pb2.Frames(images=images))
+            what = f"the {len(images)} frames are"
+        else:
+            data, name = read_video(video)
+            size, content, what = len(data), dict(video=data), "the video is"
+        if size + _REQUEST_OVERHEAD_BYTES > self._max_message:
+            raise ValueError(f"{what} {size} bytes; one request carries at most "
+                             f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video or frames")
         sampling = pllava_pb2.SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop))
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                            ("repetition_penalty", repetition_penalty), ("seed", seed)):
             if value is not None:
                 setattr(sampling, key, value)
         request = pllava_pb2.CaptionRequest(
-            video=data, prompt=prompt or "", template=template or "", num_frames=num_frames,
+            prompt=prompt or "", template=template or "", num_frames=num_frames,
             sampling=sampling, request_id=request_id,
-            video_name=name if video_name is None else video_name)
+            video_name=name if video_name is None else video_name, **content)
         call = self._stub.Caption(request, timeout=self._deadline(timeout))
         return CaptionStream(call)
 
-    def caption_full(self, video: Video, prompt: str | None = None, **kwargs) -> CaptionResult:
-        """Caption ``video`` and return the whole result (same arguments as :meth:`caption`)."""
+    def caption_full(self, video: Video | None = None, prompt: str | None = None, **kwargs) -> CaptionResult:
+        """Caption ``video`` (or ``frames=[...]``) and return the whole result (same arguments
+        as :meth:`caption`)."""
         with self.caption(video, prompt, **kwargs) as stream:
             for _ in stream:
                 pass

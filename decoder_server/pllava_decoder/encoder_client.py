@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import grpc
 import numpy as np
@@ -91,13 +92,15 @@ class EncoderClient:
             await self._channel.close()
             self._channel = self._stub = None
 
-    async def encode(self, video: bytes, num_frames: int = 0, request_id: str = "", video_name: str = "",
-                     timeout_s: float | None = None) -> Encoded:
-        """Visual tokens of ``video``; ``timeout_s`` caps the whole call including retries
-        (default: the client's ``timeout_s``). Raises :class:`EncoderError`."""
+    async def encode(self, video: bytes = b"", num_frames: int = 0, request_id: str = "", video_name: str = "",
+                     timeout_s: float | None = None, *, frames: Sequence[bytes] | None = None) -> Encoded:
+        """Visual tokens of ``video``, or of ``frames`` (encoded images the caller sampled) when
+        given; ``timeout_s`` caps the whole call including retries (default: the client's
+        ``timeout_s``). Raises :class:`EncoderError`."""
         stub = self._ensure_channel()
-        request = pllava_pb2.EncodeRequest(video=video, num_frames=num_frames, request_id=request_id,
-                                           video_name=video_name)
+        content = (dict(video=video) if frames is None else dict(frames=pllava_pb2.Frames(images=frames)))
+        request = pllava_pb2.EncodeRequest(num_frames=num_frames, request_id=request_id, video_name=video_name,
+                                           **content)
         start = time.perf_counter()
         deadline = start + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
         for attempt in range(1, self.retries + 2):

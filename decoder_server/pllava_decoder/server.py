@@ -2,7 +2,9 @@
 
 One caption, end to end::
 
-    CaptionRequest -> sampling params, prompt ids (as pllava.pipeline.Captioner builds them)
+    CaptionRequest -> sampling params, prompt ids (as pllava.pipeline.Captioner builds them);
+                      the video's frame count (for frames sent as images, the rule of
+                      pllava.frame_images.frames_num_frames)
                    -> admission (RESOURCE_EXHAUSTED beyond max_queue waiting)
                    -> visual tokens: the cache, or an encoder replica (awaited here, on the
                       event loop, while the engine thread keeps decoding other requests)
@@ -29,6 +31,7 @@ import numpy as np
 
 from pllava import __version__
 from pllava.config import PllavaConfig
+from pllava.frame_images import frames_num_frames
 from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, SequenceStats
 from pllava.model import PllavaLanguage
 from pllava.pipeline import timings_from
@@ -52,7 +55,7 @@ from .visual_cache import CachedVisual, VisualCache, visual_key
 
 log = logging.getLogger("pllava_decoder")
 
-#: Videos above this size are hashed off the event loop.
+#: Videos (or all frames of a request) above this size are hashed off the event loop.
 _HASH_INLINE_BYTES = 4 << 20
 
 
@@ -204,9 +207,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         template = request.template or DEFAULT_TEMPLATE
         prompt = build_prompt(request.prompt or default_question(template), template)
         prompt_ids = m.tokenizer.encode(prompt)
-        if not request.video:
-            raise VideoError(f"{request.video_name or 'the request'}: no video (CaptionRequest.video is empty)")
-        num_frames = request.num_frames or m.num_frames
+        num_frames = self._num_frames(request)
         m.check_fits(prompt_ids, num_frames)
 
         token_ids: list[int] = []
@@ -271,6 +272,19 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             encoder_target=s.encoder, version=__version__)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _num_frames(self, request: pllava_pb2.CaptionRequest) -> int:
+        """The model's frame count for the request (sent on to the encoder); refuses a request
+        with no video and no frames."""
+        if request.WhichOneof("input") == "frames":
+            images = request.frames.images
+            if not images:
+                raise VideoError(f"{request.video_name or 'frames'}: no frames (CaptionRequest.frames.images is "
+                                 "empty); send at least one image")
+            return frames_num_frames(request.num_frames, len(images), self.model.num_frames)
+        if not request.video:
+            raise VideoError(f"{request.video_name or 'the request'}: no video (CaptionRequest.video is empty)")
+        return request.num_frames or self.model.num_frames
+
     def _ready(self) -> tuple[LanguageModel, EngineLoop]:
         if self.model is None or self.loop is None:
             raise Unavailable("the decoder is still loading its model; retry shortly")
@@ -278,17 +292,19 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
 
     async def _visual_tokens(self, request, num_frames: int, context) -> tuple[CachedVisual, Encoded | None]:
         """-> (visual tokens, the encoder's answer or None on a cache hit)."""
-        video = request.video
+        frames = list(request.frames.images) if request.WhichOneof("input") == "frames" else None
+        content = request.video if frames is None else frames
         key = None
         if self.cache.max_bytes:
-            key_args = (video, num_frames, self.model.model_id)
-            key = (visual_key(*key_args) if len(video) <= _HASH_INLINE_BYTES
+            size = len(content) if frames is None else sum(len(image) for image in frames)
+            key_args = (content, num_frames, self.model.model_id)
+            key = (visual_key(*key_args) if size <= _HASH_INLINE_BYTES
                    else await asyncio.to_thread(visual_key, *key_args))
             hit = self.cache.get(key)
             if hit is not None:
                 return hit, None
-        encoded = await self.encoder.encode(video, num_frames, current_request_id(), request.video_name,
-                                            timeout_s=context.time_remaining())
+        encoded = await self.encoder.encode(request.video, num_frames, current_request_id(), request.video_name,
+                                            timeout_s=context.time_remaining(), frames=frames)
         entry = CachedVisual(encoded.visual, encoded.num_frames)
         if key is not None:
             self.cache.put(key, entry)

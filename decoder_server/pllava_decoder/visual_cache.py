@@ -1,7 +1,9 @@
 """Visual tokens by content: the same video (same frames, same model) skips the encoder.
 
-Pure bookkeeping, no model and no gRPC: an LRU over ``(sha256 of the video bytes,
-num_frames, model id)`` bounded in bytes. A hit moves the entry to the most recently used
+Pure bookkeeping, no model and no gRPC: an LRU over ``(sha256 of the content, num_frames,
+model id)`` bounded in bytes. The content is a video file's bytes, or the list of images of
+frames sent as images (hashed image by image with their lengths, and marked so that it can
+never equal a video's digest). A hit moves the entry to the most recently used
 end; storing evicts from the least recently used end until the total fits the budget. An
 array larger than the whole budget is not stored; a budget of 0 disables the cache.
 
@@ -12,19 +14,32 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 
 class VisualKey(NamedTuple):
-    video_sha256: str
+    content_sha256: str  # a video's sha256, or "frames:" + the frames' digest
     num_frames: int
     model_id: str
 
 
-def visual_key(video: bytes, num_frames: int, model_id: str) -> VisualKey:
-    return VisualKey(hashlib.sha256(video).hexdigest(), int(num_frames), model_id)
+def visual_key(content: bytes | Sequence[bytes], num_frames: int, model_id: str) -> VisualKey:
+    """Key of a video file (``bytes``) or of frames sent as images (a sequence of ``bytes``)."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return VisualKey(hashlib.sha256(content).hexdigest(), int(num_frames), model_id)
+    return VisualKey("frames:" + frames_sha256(content), int(num_frames), model_id)
+
+
+def frames_sha256(images: Sequence[bytes]) -> str:
+    """One digest of an ordered list of images. Each image's length goes in before its bytes,
+    so the same bytes split into images differently give a different digest."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(len(image).to_bytes(8, "little"))
+        digest.update(image)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """The vision encoder engine: video bytes -> pooled visual tokens, batched across requests.
 
 No gRPC here: the servicer in :mod:`pllava_encoder.server` converts messages and calls
-:meth:`VisionEncoderEngine.encode`. What happens to one request::
+:meth:`VisionEncoderEngine.encode` (a video file) or :meth:`VisionEncoderEngine.encode_frames`
+(frames the caller sampled, as encoded images). What happens to one request::
 
-    encode(video, num_frames)                              (event loop)
+    encode(video, num_frames) / encode_frames(images, num_frames)   (event loop)
       -> admitted, or Overloaded when max_queue requests are already held
       -> decode + sample + preprocess in a video-worker process       (process pool)
+         (images: decode each, no sampling, the same preprocessing)
       -> its frames wait in the ready queue
       -> the batcher puts the frames of several ready videos into ONE vision-tower call,
          then projects and pools each video separately                (vision thread)
@@ -46,6 +48,7 @@ import ml_dtypes
 import numpy as np
 
 from pllava.config import PllavaConfig, PreprocessorConfig
+from pllava.frame_images import frames_num_frames
 from pllava.model import PllavaVision
 from pllava.runtime import default_dtype, setup_backend
 from pllava.video import VideoError
@@ -79,7 +82,7 @@ class EncodeTimings:
 @dataclass(frozen=True, eq=False)
 class EncodeResult:
     visual: np.ndarray       # (num_visual_tokens, text_hidden_size), model dtype
-    num_frames: int          # frames decoded and encoded: num_frames, or 1 for a still image
+    num_frames: int          # frames decoded and encoded: num_frames, 1 for a still image, or the images sent
     timings: EncodeTimings
 
 
@@ -205,6 +208,52 @@ class VisionEncoderEngine:
         if len(video) > self.settings.max_video_bytes:
             raise VideoError(f"{name}: the file is {len(video)} bytes, more than this encoder accepts "
                              f"(max_video_bytes={self.settings.max_video_bytes})")
+        decode = (video_worker.decode_video, bytes(video), name, num_frames, self.preprocessor)
+        return await self._encode(decode, num_frames, name, start,
+                                  crashed="the video decoder crashed twice on this input; the file is probably corrupt")
+
+    async def encode_frames(self, images: Sequence[bytes], num_frames: int = 0, name: str = "") -> EncodeResult:
+        """Pooled visual tokens of frames the caller sampled, each an encoded image (JPEG, PNG,
+        WebP), preprocessed exactly as a video's sampled frames are.
+
+        ``num_frames`` is the model's frame count for them: 0 = the larger of the default
+        and ``len(images)``, and never fewer than ``len(images)``
+        (:func:`pllava.frame_images.frames_num_frames`). Raises ``VideoError`` for an empty
+        list, too many or too large images, an image that is not a JPEG/PNG/WebP or not
+        decodable, or frames of different sizes (naming the frame index), ValueError for a
+        bad ``num_frames``, and ``Overloaded`` when ``max_queue`` requests are already held.
+        """
+        start = time.perf_counter()
+        name = name or "frames"
+        images = [bytes(image) for image in images]
+        self.check_frame_limits(images, name)
+        if num_frames:
+            self.resolve_num_frames(num_frames)  # in range
+        num_frames = frames_num_frames(num_frames, len(images), self.cfg.num_frames)
+        decode = (video_worker.decode_frames, images, name, self.preprocessor)
+        return await self._encode(decode, num_frames, name, start,
+                                  crashed="the image decoder crashed twice on these frames; an image is probably corrupt")
+
+    def check_frame_limits(self, images: Sequence[bytes], name: str) -> None:
+        """Count and size limits of frames sent as images, checked before any decoding."""
+        s = self.settings
+        if not images:
+            raise VideoError(f"{name}: no frames (the list of images is empty); send at least one image")
+        if len(images) > s.max_num_frames:
+            raise VideoError(f"{name}: {len(images)} frames were sent but this encoder takes at most "
+                             f"{s.max_num_frames} (max_num_frames)")
+        for index, image in enumerate(images):
+            if len(image) > s.max_image_bytes:
+                raise VideoError(f"{name}: frame {index} is {len(image)} bytes, more than this encoder accepts "
+                                 f"per image (max_image_bytes={s.max_image_bytes})")
+        total = sum(len(image) for image in images)
+        if total > s.max_video_bytes:
+            raise VideoError(f"{name}: the {len(images)} frames are {total} bytes together, more than this encoder "
+                             f"accepts (max_video_bytes={s.max_video_bytes})")
+
+    async def _encode(self, decode: tuple, num_frames: int, name: str, start: float, crashed: str) -> EncodeResult:
+        """Admit, run ``decode`` (a worker function and its arguments) in a worker, then wait
+        for the vision tower; ``num_frames`` is the model's frame count for the result."""
         if self._batcher is None:
             raise Unavailable("the encoder is not started")
         if self._held >= self.settings.max_queue:
@@ -214,7 +263,7 @@ class VisionEncoderEngine:
         self._decoding += 1
         decoding = True
         try:
-            pixels, decode_s = await self._decode(bytes(video), name, num_frames)
+            pixels, decode_s = await self._decode(decode, name, crashed)
             self._decoding -= 1
             decoding = False
             job = _Job(pixels, self._cfg_for(num_frames), asyncio.get_running_loop().create_future(),
@@ -239,19 +288,20 @@ class VisionEncoderEngine:
             self._cfgs[num_frames] = self.checkpoint_cfg.with_frames(num_frames)
         return self._cfgs[num_frames]
 
-    async def _decode(self, data: bytes, name: str, num_frames: int) -> tuple[np.ndarray, float]:
+    async def _decode(self, decode: tuple, name: str, crashed: str) -> tuple[np.ndarray, float]:
+        """Run ``decode`` = (worker function, *arguments) in a worker process; a worker that
+        dies is replaced and the job retried once, a second death blamed on the input."""
         loop = asyncio.get_running_loop()
         for _ in range(2):
             pool = self._pool
             try:
-                return await loop.run_in_executor(pool, video_worker.decode_video, data, name, num_frames,
-                                                  self.preprocessor)
+                return await loop.run_in_executor(pool, *decode)
             except BrokenProcessPool:
                 if self._pool is pool:  # the first request to notice replaces the pool
                     log.error("a video worker process died; starting new workers")
                     pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = self._new_pool()
-        raise VideoError(f"{name}: the video decoder crashed twice on this input; the file is probably corrupt")
+        raise VideoError(f"{name}: {crashed}")
 
     # ------------------------------------------------------------------ batching
 

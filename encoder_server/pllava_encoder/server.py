@@ -44,7 +44,10 @@ class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
 
     async def Encode(self, request: pllava_pb2.EncodeRequest, context):
         engine = self._engine()
-        result = await engine.encode(request.video, request.num_frames, request.video_name)
+        if request.WhichOneof("input") == "frames":
+            result = await engine.encode_frames(request.frames.images, request.num_frames, request.video_name)
+        else:
+            result = await engine.encode(request.video, request.num_frames, request.video_name)
         meta, chunks = encode_tensor(result.visual)
         t = result.timings
         yield pllava_pb2.EncodeResponse(header=pllava_pb2.EncodeHeader(
@@ -71,7 +74,8 @@ async def serve(settings: EncoderSettings) -> None:
     from .engine import VisionEncoderEngine
 
     servicer = EncoderServicer()
-    # A request carries the whole video: allow max_video_bytes plus room for the other fields.
+    # A request carries the whole video (or all its frames, at most max_video_bytes too): allow
+    # max_video_bytes plus room for the other fields.
     max_message = max(settings.max_video_bytes + (1 << 20), 64 << 20)
     server, port, state = await create_server(format_address(settings.host, settings.port),
                                               [Service.pllava("Encoder", servicer)], max_message_bytes=max_message)
@@ -104,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest a decoded video waits for others still decoding (default 20)")
     p.add_argument("--video-workers", type=int, help="video decoding processes (default 2)")
     p.add_argument("--max-queue", type=int, help="requests held at once; more get RESOURCE_EXHAUSTED (default 32)")
-    p.add_argument("--max-video-bytes", type=int, help="largest video file accepted (default 64 MiB)")
+    p.add_argument("--max-video-bytes", type=int,
+                   help="largest video file accepted, and all frames of a request together (default 64 MiB)")
+    p.add_argument("--max-image-bytes", type=int,
+                   help="largest single image of frames sent as images (default 16 MiB)")
     return p
 
 

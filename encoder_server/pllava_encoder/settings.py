@@ -30,14 +30,16 @@ class EncoderSettings:
     batch_wait_ms: float = 20.0        # longest a decoded video waits for others still decoding
     video_workers: int = 2             # processes decoding and preprocessing videos
     max_queue: int = 32                # requests held at once (decoding, waiting, encoding)
-    max_video_bytes: int = 64 << 20    # largest video file accepted
+    max_video_bytes: int = 64 << 20    # largest video file accepted, and all frames of a request together
+    max_image_bytes: int = 16 << 20    # largest single image of frames sent as images
     grace_s: float = 10.0              # on SIGTERM, time running requests get to finish
     log_level: str = "INFO"
 
     def __post_init__(self):
         problems = server_problems(self, ENV_PREFIX, {
             "device_id": 0, "batch_wait_ms": 0, "grace_s": 0, "max_num_frames": 1, "max_frames_per_batch": 1,
-            "video_workers": 1, "max_queue": 1, "max_video_bytes": 1})
+            "video_workers": 1, "max_queue": 1, "max_video_bytes": 1,
+            "max_image_bytes": 1})
         if self.num_frames is not None and not 1 <= self.num_frames <= self.max_num_frames:
             problems.append(f"num_frames must be in 1..max_num_frames={self.max_num_frames}, got {self.num_frames}")
         if problems:

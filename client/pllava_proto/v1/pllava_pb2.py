@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpllava_proto/v1/pllava.proto\x12\tpllava.v1\"L\n\nTensorMeta\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.pllava.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"I\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"\x10\n\x0eGetInfoRequest\"\x8e\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12#\n\x04role\x18\x04 \x01(\x0e\x32\x15.pllava.v1.ServerRole\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.pllava.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nnum_frames\x18\x07 \x01(\r\x12\x15\n\rpooling_shape\x18\x08 \x03(\r\x12\x19\n\x11num_visual_tokens\x18\t \x01(\r\x12\x1a\n\x12vision_hidden_size\x18\n \x01(\r\x12\x18\n\x10text_hidden_size\x18\x0b \x01(\r\x12\x13\n\x0bmax_context\x18\x0c \x01(\r\x12\x11\n\tmax_batch\x18\r \x01(\r\x12\x11\n\tmax_queue\x18\x0e \x01(\r\x12\x11\n\ttemplates\x18\x0f \x03(\t\x12\x16\n\x0e\x65ncoder_target\x18\x10 \x01(\t\x12\x0f\n\x07version\x18\x11 \x01(\t\"Z\n\rEncodeRequest\x12\r\n\x05video\x18\x01 \x01(\x0c\x12\x12\n\nnum_frames\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nvideo_name\x18\x04 \x01(\t\"_\n\rEncodeTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0fvideo_decode_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x8d\x01\n\x0c\x45ncodeHeader\x12,\n\rvisual_tokens\x18\x01 \x01(\x0b\x32\x15.pllava.v1.TensorMeta\x12\x12\n\nnum_frames\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.pllava.v1.EncodeTimings\"o\n\x0e\x45ncodeResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.pllava.v1.EncodeHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.pllava.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xf0\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xaa\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05video\x18\x01 \x01(\x0c\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pllava.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nvideo_name\x18\x07 \x01(\t\"-\n\nTokenEvent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xd2\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0fvideo_decode_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x11\n\tdecode_ms\x18\x07 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\"\xf0\x02\n\nFinalEvent\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.pllava.v1.FinishReason\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x19\n\x11num_visual_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x08 \x01(\r\x12\x12\n\nnum_frames\x18\t \x01(\r\x12#\n\x07timings\x18\n \x01(\x0b\x32\x12.pllava.v1.Timings\x12\x1c\n\x14visual_tokens_cached\x18\x0b \x01(\x08\x12\x13\n\x0bstop_string\x18\x0c \x01(\t\x12\x10\n\x08model_id\x18\r \x01(\t\x12\x12\n\nrequest_id\x18\x0e \x01(\t\"g\n\x0c\x43\x61ptionEvent\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x15.pllava.v1.TokenEventH\x00\x12&\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x15.pllava.v1.FinalEventH\x00\x42\x07\n\x05\x65vent*\x8b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06*[\n\nServerRole\x12\x1b\n\x17SERVER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13SERVER_ROLE_ENCODER\x10\x01\x12\x17\n\x13SERVER_ROLE_DECODER\x10\x02*\xbd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x32\x86\x01\n\x07\x45ncoder\x12?\n\x06\x45ncode\x12\x18.pllava.v1.EncodeRequest\x1a\x19.pllava.v1.EncodeResponse0\x01\x12:\n\x07GetInfo\x12\x19.pllava.v1.GetInfoRequest\x1a\x14.pllava.v1.ModelInfo2\x86\x01\n\x07\x44\x65\x63oder\x12?\n\x07\x43\x61ption\x12\x19.pllava.v1.CaptionRequest\x1a\x17.pllava.v1.CaptionEvent0\x01\x12:\n\x07GetInfo\x12\x19.pllava.v1.GetInfoRequest\x1a\x14.pllava.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpllava_proto/v1/pllava.proto\x12\tpllava.v1\"L\n\nTensorMeta\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.pllava.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"I\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"\x10\n\x0eGetInfoRequest\"\x8e\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12#\n\x04role\x18\x04 \x01(\x0e\x32\x15.pllava.v1.ServerRole\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.pllava.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nnum_frames\x18\x07 \x01(\r\x12\x15\n\rpooling_shape\x18\x08 \x03(\r\x12\x19\n\x11num_visual_tokens\x18\t \x01(\r\x12\x1a\n\x12vision_hidden_size\x18\n \x01(\r\x12\x18\n\x10text_hidden_size\x18\x0b \x01(\r\x12\x13\n\x0bmax_context\x18\x0c \x01(\r\x12\x11\n\tmax_batch\x18\r \x01(\r\x12\x11\n\tmax_queue\x18\x0e \x01(\r\x12\x11\n\ttemplates\x18\x0f \x03(\t\x12\x16\n\x0e\x65ncoder_target\x18\x10 \x01(\t\x12\x0f\n\x07version\x18\x11 \x01(\t\"\x18\n\x06\x46rames\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x8a\x01\n\rEncodeRequest\x12\x0f\n\x05video\x18\x01 \x01(\x0cH\x00\x12#\n\x06\x66rames\x18\x05 \x01(\x0b\x32\x11.pllava.v1.FramesH\x00\x12\x12\n\nnum_frames\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nvideo_name\x18\x04 \x01(\tB\x07\n\x05input\"_\n\rEncodeTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0fvideo_decode_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x8d\x01\n\x0c\x45ncodeHeader\x12,\n\rvisual_tokens\x18\x01 \x01(\x0b\x32\x15.pllava.v1.TensorMeta\x12\x12\n\nnum_frames\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.pllava.v1.EncodeTimings\"o\n\x0e\x45ncodeResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.pllava.v1.EncodeHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.pllava.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xf0\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xda\x01\n\x0e\x43\x61ptionRequest\x12\x0f\n\x05video\x18\x01 \x01(\x0cH\x00\x12#\n\x06\x66rames\x18\x08 \x01(\x0b\x32\x11.pllava.v1.FramesH\x00\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pllava.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nvideo_name\x18\x07 \x01(\tB\x07\n\x05input\"-\n\nTokenEvent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xd2\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0fvideo_decode_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x11\n\tdecode_ms\x18\x07 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\"\xf0\x02\n\nFinalEvent\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.pllava.v1.FinishReason\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x19\n\x11num_visual_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x08 \x01(\r\x12\x12\n\nnum_frames\x18\t \x01(\r\x12#\n\x07timings\x18\n \x01(\x0b\x32\x12.pllava.v1.Timings\x12\x1c\n\x14visual_tokens_cached\x18\x0b \x01(\x08\x12\x13\n\x0bstop_string\x18\x0c \x01(\t\x12\x10\n\x08model_id\x18\r \x01(\t\x12\x12\n\nrequest_id\x18\x0e \x01(\t\"g\n\x0c\x43\x61ptionEvent\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x15.pllava.v1.TokenEventH\x00\x12&\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x15.pllava.v1.FinalEventH\x00\x42\x07\n\x05\x65vent*\x8b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06*[\n\nServerRole\x12\x1b\n\x17SERVER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13SERVER_ROLE_ENCODER\x10\x01\x12\x17\n\x13SERVER_ROLE_DECODER\x10\x02*\xbd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x32\x86\x01\n\x07\x45ncoder\x12?\n\x06\x45ncode\x12\x18.pllava.v1.EncodeRequest\x1a\x19.pllava.v1.EncodeResponse0\x01\x12:\n\x07GetInfo\x12\x19.pllava.v1.GetInfoRequest\x1a\x14.pllava.v1.ModelInfo2\x86\x01\n\x07\x44\x65\x63oder\x12?\n\x07\x43\x61ption\x12\x19.pllava.v1.CaptionRequest\x1a\x17.pllava.v1.CaptionEvent0\x01\x12:\n\x07GetInfo\x12\x19.pllava.v1.GetInfoRequest\x1a\x14.pllava.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pllava_proto.v1.pllava_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2214
-  _globals['_DTYPE']._serialized_end=2353
-  _globals['_SERVERROLE']._serialized_start=2355
-  _globals['_SERVERROLE']._serialized_end=2446
-  _globals['_FINISHREASON']._serialized_start=2449
-  _globals['_FINISHREASON']._serialized_end=2638
+  _globals['_DTYPE']._serialized_start=2337
+  _globals['_DTYPE']._serialized_end=2476
+  _globals['_SERVERROLE']._serialized_start=2478
+  _globals['_SERVERROLE']._serialized_end=2569
+  _globals['_FINISHREASON']._serialized_start=2572
+  _globals['_FINISHREASON']._serialized_end=2761
   _globals['_TENSORMETA']._serialized_start=43
   _globals['_TENSORMETA']._serialized_end=119
   _globals['_TENSORCHUNK']._serialized_start=121
@@ -45,28 +45,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_end=212
   _globals['_MODELINFO']._serialized_start=215
   _globals['_MODELINFO']._serialized_end=613
-  _globals['_ENCODEREQUEST']._serialized_start=615
-  _globals['_ENCODEREQUEST']._serialized_end=705
-  _globals['_ENCODETIMINGS']._serialized_start=707
-  _globals['_ENCODETIMINGS']._serialized_end=802
-  _globals['_ENCODEHEADER']._serialized_start=805
-  _globals['_ENCODEHEADER']._serialized_end=946
-  _globals['_ENCODERESPONSE']._serialized_start=948
-  _globals['_ENCODERESPONSE']._serialized_end=1059
-  _globals['_SAMPLINGPARAMS']._serialized_start=1062
-  _globals['_SAMPLINGPARAMS']._serialized_end=1302
-  _globals['_CAPTIONREQUEST']._serialized_start=1305
-  _globals['_CAPTIONREQUEST']._serialized_end=1475
-  _globals['_TOKENEVENT']._serialized_start=1477
-  _globals['_TOKENEVENT']._serialized_end=1522
-  _globals['_TIMINGS']._serialized_start=1525
-  _globals['_TIMINGS']._serialized_end=1735
-  _globals['_FINALEVENT']._serialized_start=1738
-  _globals['_FINALEVENT']._serialized_end=2106
-  _globals['_CAPTIONEVENT']._serialized_start=2108
-  _globals['_CAPTIONEVENT']._serialized_end=2211
-  _globals['_ENCODER']._serialized_start=2641
-  _globals['_ENCODER']._serialized_end=2775
-  _globals['_DECODER']._serialized_start=2778
-  _globals['_DECODER']._serialized_end=2912
+  _globals['_FRAMES']._serialized_start=615
+  _globals['_FRAMES']._serialized_end=639
+  _globals['_ENCODEREQUEST']._serialized_start=642
+  _globals['_ENCODEREQUEST']._serialized_end=780
+  _globals['_ENCODETIMINGS']._serialized_start=782
+  _globals['_ENCODETIMINGS']._serialized_end=877
+  _globals['_ENCODEHEADER']._serialized_start=880
+  _globals['_ENCODEHEADER']._serialized_end=1021
+  _globals['_ENCODERESPONSE']._serialized_start=1023
+  _globals['_ENCODERESPONSE']._serialized_end=1134
+  _globals['_SAMPLINGPARAMS']._serialized_start=1137
+  _globals['_SAMPLINGPARAMS']._serialized_end=1377
+  _globals['_CAPTIONREQUEST']._serialized_start=1380
+  _globals['_CAPTIONREQUEST']._serialized_end=1598
+  _globals['_TOKENEVENT']._serialized_start=1600
+  _globals['_TOKENEVENT']._serialized_end=1645
+  _globals['_TIMINGS']._serialized_start=1648
+  _globals['_TIMINGS']._serialized_end=1858
+  _globals['_FINALEVENT']._serialized_start=1861
+  _globals['_FINALEVENT']._serialized_end=2229
+  _globals['_CAPTIONEVENT']._serialized_start=2231
+  _globals['_CAPTIONEVENT']._serialized_end=2334
+  _globals['_ENCODER']._serialized_start=2764
+  _globals['_ENCODER']._serialized_end=2898
+  _globals['_DECODER']._serialized_start=2901
+  _globals['_DECODER']._serialized_end=3035
 # @@protoc_insertion_point(module_scope)

@@ -110,17 +110,25 @@ class ModelInfo(_message.Message):
     version: str
     def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., num_frames: _Optional[int] = ..., pooling_shape: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., vision_hidden_size: _Optional[int] = ..., text_hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., templates: _Optional[_Iterable[str]] = ..., encoder_target: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
+class Frames(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class EncodeRequest(_message.Message):
-    __slots__ = ("video", "num_frames", "request_id", "video_name")
+    __slots__ = ("video", "frames", "num_frames", "request_id", "video_name")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VIDEO_NAME_FIELD_NUMBER: _ClassVar[int]
     video: bytes
+    frames: Frames
     num_frames: int
     request_id: str
     video_name: str
-    def __init__(self, video: _Optional[bytes] = ..., num_frames: _Optional[int] = ..., request_id: _Optional[str] = ..., video_name: _Optional[str] = ...) -> None: ...
+    def __init__(self, video: _Optional[bytes] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ..., num_frames: _Optional[int] = ..., request_id: _Optional[str] = ..., video_name: _Optional[str] = ...) -> None: ...
 
 class EncodeTimings(_message.Message):
     __slots__ = ("queue_ms", "video_decode_ms", "encode_ms", "total_ms")
@@ -173,8 +181,9 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CaptionRequest(_message.Message):
-    __slots__ = ("video", "prompt", "template", "num_frames", "sampling", "request_id", "video_name")
+    __slots__ = ("video", "frames", "prompt", "template", "num_frames", "sampling", "request_id", "video_name")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -182,13 +191,14 @@ class CaptionRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VIDEO_NAME_FIELD_NUMBER: _ClassVar[int]
     video: bytes
+    frames: Frames
     prompt: str
     template: str
     num_frames: int
     sampling: SamplingParams
     request_id: str
     video_name: str
-    def __init__(self, video: _Optional[bytes] = ..., prompt: _Optional[str] = ..., template: _Optional[str] = ..., num_frames: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., video_name: _Optional[str] = ...) -> None: ...
+    def __init__(self, video: _Optional[bytes] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ..., prompt: _Optional[str] = ..., template: _Optional[str] = ..., num_frames: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., video_name: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("text", "token_ids")

@@ -52,9 +52,10 @@ class EncoderServicer:
     """
 
     def Encode(self, request, context):
-        """Decodes a video, samples and encodes its frames and streams back the pooled visual
-        tokens: an EncodeHeader, then TensorChunk messages. Bad input fails with
-        INVALID_ARGUMENT and a message naming the problem.
+        """Decodes a video, samples and encodes its frames (or decodes and encodes the Frames
+        given) and streams back the pooled visual tokens: an EncodeHeader, then TensorChunk
+        messages. Bad input fails with INVALID_ARGUMENT and a message naming the problem (for
+        Frames, the index of the frame at fault).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,9 +175,10 @@ class DecoderServicer:
     """
 
     def Caption(self, request, context):
-        """Captions a video: gets its pooled visual tokens from an encoder (or the cache), runs
-        prefill and decode, and streams TokenEvents followed by one FinalEvent. Bad input fails
-        with INVALID_ARGUMENT, a full queue with RESOURCE_EXHAUSTED.
+        """Captions a video (or Frames sampled from one): gets its pooled visual tokens from an
+        encoder (or the cache), runs prefill and decode, and streams TokenEvents followed by
+        one FinalEvent. Bad input fails with INVALID_ARGUMENT, a full queue with
+        RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

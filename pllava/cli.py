@@ -144,8 +144,9 @@ def cmd_up(args) -> int:
         cluster = launch(args.model, encoders=args.encoders, port=args.port, host=args.host,
                          encoder_port=args.encoder_port, device=args.device, dtype=args.dtype,
                          ready_timeout=args.ready_timeout, encoder_settings=encoder,
-                         decoder_settings=decoder, openai_port=args.openai_port, openai_settings=openai)
-    except LaunchError as exc:
+                         decoder_settings=decoder, openai_port=args.openai_port, openai_settings=openai,
+                         metrics_port=args.metrics_port)
+    except (LaunchError, ValueError) as exc:
         print(f"pllava up: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -155,6 +156,9 @@ def cmd_up(args) -> int:
           f"{encoders}); Ctrl-C stops them", flush=True)
     if cluster.openai_url is not None:
         print(f"pllava up: OpenAI-compatible API at {cluster.openai_url}", flush=True)
+    for server in cluster.servers:
+        if server.metrics_url:
+            print(f"pllava up: {server.name} metrics at {server.metrics_url}", flush=True)
     print(f"  try: pllava-caption VIDEO --server {cluster.address}", flush=True)
     return run_foreground(cluster, grace=DEFAULT_GRACE_S)
 
@@ -198,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first encoder port, the others follow (default 0: free ports)")
     p.add_argument("--device", choices=["CPU", "GPU", "Ascend"], help="device of every server")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="BASE",
+                   help="serve Prometheus metrics: the decoder's at BASE, encoder i's at BASE+1+i "
+                        "(default 0 = none)")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for every server to be SERVING (default 600)")
     p.add_argument("--max-batch", type=int, help="decoder: sequences decoded together (default 8)")

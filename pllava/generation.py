@@ -76,6 +76,17 @@ class SequenceStats:
         return self.first_token - self.prefill_start
 
 
+@dataclass(frozen=True)
+class StepTimes:
+    """What one ``Engine.step()`` ran, for metrics: the prefill chunk and the batched decode
+    (seconds of each, model call and sampling included; 0 when that part did not run)."""
+
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0  # prompt positions the chunk fed
+    decode_s: float = 0.0
+    decode_batch: int = 0  # sequences the decode advanced by one token
+
+
 class StopStringFilter:
     """Holds back text that might be the start of a stop string; reports the first match."""
 
@@ -138,6 +149,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._slots: list[Running | None] = [None] * self.num_slots
         self._prefilling: Running | None = None  # holds a slot, its prompt partly in the cache
+        self.last_step = StepTimes()  # what the latest step() ran (read by the serving metrics)
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -163,6 +175,16 @@ class Engine:
         return sum(s is not None for s in self._slots)
 
     @property
+    def num_decoding(self) -> int:
+        """Sequences past their prompt, generating a token per step."""
+        return sum(s is not None and bool(s.generated) for s in self._slots)
+
+    @property
+    def kv_positions_in_use(self) -> int:
+        """Cache positions written across the held slots."""
+        return sum(s.position for s in self._slots if s is not None)
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
@@ -178,11 +200,19 @@ class Engine:
         running = [s for s in self._slots if s is not None and s.generated]
         if self._prefilling is None:
             self._prefilling = self._next_admission()
+        prefill_s = decode_s = 0.0
+        prefill_tokens = 0
         if self._prefilling is not None:
-            events.extend(self._prefill_step(self._prefilling, busy=bool(running)))
+            seq, start = self._prefilling, time.perf_counter()
+            before = seq.position
+            events.extend(self._prefill_step(seq, busy=bool(running)))
+            prefill_s, prefill_tokens = time.perf_counter() - start, seq.position - before
         running = [s for s in self._slots if s is not None and s.generated]
         if running:
+            start = time.perf_counter()
             events.extend(self._decode(running))
+            decode_s = time.perf_counter() - start
+        self.last_step = StepTimes(prefill_s, prefill_tokens, decode_s, len(running))
         return events
 
     def _apply_cancellations(self) -> list[TokenEvent]:

@@ -192,6 +192,36 @@ def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(langu
         assert (newcomer.request_id in ids) == (step == chunks)  # its first token ends its prefill
 
 
+def test_each_step_reports_what_it_ran_and_the_slots_it_holds(language, tokenizer, cfg):
+    """What the serving metrics read: the last step's prefill chunk and decode batch, and the
+    sequences and cache positions held."""
+    engine = Engine(language, tokenizer)
+    assert (engine.last_step.prefill_tokens, engine.last_step.decode_batch) == (0, 0)
+    first = Request(prompt_ids(tokenizer, "x"), visual(cfg, 0), SamplingParams(max_new_tokens=50))
+    engine.add(first)
+    length = len(first.prompt_ids) - 1 + cfg.num_visual_tokens
+    fed = 0
+    while not engine.num_decoding:
+        engine.step()
+        fed += engine.last_step.prefill_tokens
+        assert engine.last_step.prefill_s > 0 and engine.num_running == 1
+    assert fed == length  # every prompt position, chunk by chunk
+    assert engine.last_step.decode_batch == 1 and engine.last_step.decode_s > 0  # the same step decodes it
+    engine.step()
+    step = engine.last_step
+    assert (step.prefill_tokens, step.prefill_s, step.decode_batch) == (0, 0.0, 1)
+    assert engine.kv_positions_in_use == length + 2  # the prompt and two fed tokens
+    second = Request(prompt_ids(tokenizer, "y"), visual(cfg, 1), SamplingParams(max_new_tokens=50))
+    engine.add(second)
+    engine.step()
+    assert engine.num_running == 2 and engine.num_decoding == 1  # one decoding, one prefilling
+    assert engine.last_step.prefill_tokens > 0 and engine.last_step.decode_batch == 1
+    engine.cancel(first.request_id)
+    engine.cancel(second.request_id)
+    engine.step()
+    assert engine.num_running == engine.num_decoding == engine.kv_positions_in_use == 0
+
+
 def test_prompt_longer_than_context_is_refused(language, tokenizer, cfg):
     long_question = "word " * 600
     with pytest.raises(ContextOverflowError, match="context holds 1024"):

@@ -9,6 +9,7 @@ import socket
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from pllava.generation import ContextOverflowError
 from pllava.video import VideoError
@@ -49,15 +50,20 @@ class StandIn(pllava_pb2_grpc.EncoderServicer):
                 await pllava_pb2_grpc.EncoderStub(channel).GetInfo(pllava_pb2.GetInfoRequest())
         if request.video_name in RAISES:
             raise RAISES[request.video_name]
+        if request.video_name == "slow":  # streams until the client goes away
+            for _ in range(600):
+                yield pllava_pb2.EncodeResponse(header=pllava_pb2.EncodeHeader(num_frames=3))
+                await asyncio.sleep(0.05)
         yield pllava_pb2.EncodeResponse(header=pllava_pb2.EncodeHeader(num_frames=2))
 
     async def GetInfo(self, request, context):
         raise ValueError("the downstream server says no")
 
 
-async def with_server(body, downstream: str | None = None):
+async def with_server(body, downstream: str | None = None, registry: CollectorRegistry | None = None):
     servicer = StandIn(downstream)
-    server, port, state = await create_server("127.0.0.1:0", [Service.pllava("Encoder", servicer)])
+    server, port, state = await create_server("127.0.0.1:0", [Service.pllava("Encoder", servicer)],
+                                              registry=registry)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -66,8 +72,8 @@ async def with_server(body, downstream: str | None = None):
         await server.stop(0)
 
 
-async def call_encode(channel, **fields):
-    call = pllava_pb2_grpc.EncoderStub(channel).Encode(pllava_pb2.EncodeRequest(**fields))
+async def call_encode(channel, metadata=None, **fields):
+    call = pllava_pb2_grpc.EncoderStub(channel).Encode(pllava_pb2.EncodeRequest(**fields), metadata=metadata)
     try:
         return [r async for r in call], None, await call.trailing_metadata()
     except grpc.aio.AioRpcError as err:
@@ -166,6 +172,70 @@ def test_request_ids_reach_the_servicer():
 
     given, made_up = asyncio.run(with_server(body))
     assert given == "abc" and len(made_up) == 12 and made_up != "abc"
+
+
+def test_request_ids_come_from_x_request_id_metadata_when_the_field_is_empty():
+    async def body(channel, state, servicer, port):
+        await state.set_serving()
+        _, _, trailers = await call_encode(channel, metadata=(("x-request-id", "trace-9"),), video_name="fine")
+        await call_encode(channel, metadata=(("x-request-id", "trace-9"),), video_name="fine", request_id="field")
+        await call_encode(channel, metadata=(("x-request-id", "an id with spaces"),), video_name="fine")
+        await call_encode(channel, metadata=(("x-request-id", "x" * 500),), video_name="fine")
+        return servicer.seen_ids, trailers
+
+    (from_metadata, field_wins, spaces, too_long), trailers = asyncio.run(with_server(body))
+    assert from_metadata == "trace-9" and ("request-id", "trace-9") in tuple(trailers)  # OK calls carry it too
+    assert field_wins == "field"
+    assert len(spaces) == 12 and len(too_long) == 12  # unusable ids are replaced by fresh ones
+
+
+def handled(registry: CollectorRegistry, method: str, code: str) -> float:
+    value = registry.get_sample_value("pllava_grpc_server_handled_total", {
+        "grpc_service": "pllava.v1.Encoder", "grpc_method": method,
+        "grpc_type": "unary" if method == "GetInfo" else "server_stream", "grpc_code": code})
+    return value or 0.0
+
+
+def test_every_rpc_is_counted_by_its_final_status_streams_and_cancellations_included():
+    registry = CollectorRegistry()
+
+    async def body(channel, state, servicer, port):
+        await state.set_serving()
+        await call_encode(channel, video_name="fine")
+        await call_encode(channel, video_name="fine", num_frames=1)
+        await call_encode(channel, video_name="video")                 # INVALID_ARGUMENT
+        await call_encode(channel, video_name="video", num_frames=1)   # ... after the first message
+        await call_encode(channel, video_name="bug")                   # INTERNAL
+        await call_encode(channel, video_name="abort")                 # the servicer's own NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pllava_pb2_grpc.EncoderStub(channel).GetInfo(pllava_pb2.GetInfoRequest())
+        stub = pllava_pb2_grpc.EncoderStub(channel)
+        call = stub.Encode(pllava_pb2.EncodeRequest(video_name="slow"))
+        await call.read()
+        call.cancel()                                                   # CANCELLED by the client
+        expiring = stub.Encode(pllava_pb2.EncodeRequest(video_name="slow"), timeout=0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in expiring:
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await state.start_draining()
+        await call_encode(channel, video_name="fine")                   # UNAVAILABLE: shutting down
+        for _ in range(100):  # the server side of the cancelled calls ends a moment later
+            if handled(registry, "Encode", "CANCELLED") and handled(registry, "Encode", "DEADLINE_EXCEEDED"):
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(with_server(body, registry=registry))
+    assert {code: handled(registry, "Encode", code) for code in (
+        "OK", "INVALID_ARGUMENT", "INTERNAL", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE")} == {
+        "OK": 2, "INVALID_ARGUMENT": 2, "INTERNAL": 1, "NOT_FOUND": 1, "CANCELLED": 1, "DEADLINE_EXCEEDED": 1,
+        "UNAVAILABLE": 1}
+    assert handled(registry, "GetInfo", "INVALID_ARGUMENT") == 1
+    started = registry.get_sample_value("pllava_grpc_server_started_total", {
+        "grpc_service": "pllava.v1.Encoder", "grpc_method": "Encode", "grpc_type": "server_stream"})
+    assert started == 9
+    assert registry.get_sample_value("pllava_grpc_server_handling_seconds_count", {
+        "grpc_service": "pllava.v1.Encoder", "grpc_method": "Encode", "grpc_type": "server_stream"}) == 9
 
 
 def test_port_zero_picks_a_free_port_and_a_taken_port_is_an_error():

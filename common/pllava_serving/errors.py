@@ -25,10 +25,12 @@ one wrapper covers unary and streaming methods of every service (ours, health, r
 and a servicer cannot forget it. A handler that already aborted (``context.abort``) or was
 cancelled by its client passes through untouched.
 
-Every RPC also gets a request id: the request's ``request_id`` field when it has one,
-otherwise a fresh one. :func:`current_request_id` returns it anywhere inside the handler
-(logging adds it to every line, see :mod:`pllava_serving.logs`), and the caller receives it
-in the ``request-id`` trailing metadata.
+Every RPC also gets a request id: the request's ``request_id`` field when it has one, else
+the ``x-request-id`` metadata the caller sent (the decoder sends its id to the encoder both
+ways, so one caption has one id in both servers' logs), else a fresh one.
+:func:`current_request_id` returns it anywhere inside the handler (logging adds it to every
+line, see :mod:`pllava_serving.logs`), and the caller receives it in the ``request-id``
+trailing metadata of every RPC.
 """
 from __future__ import annotations
 
@@ -54,6 +56,13 @@ class Overloaded(Exception):
 class Unavailable(Exception):
     """The server cannot take the request now: still loading or shutting down (UNAVAILABLE).
     Clients and the decoder's retry policy treat this as "try another replica"."""
+
+
+#: The metadata key a caller may set to name its request (and the decoder sets on Encode).
+REQUEST_ID_METADATA = "x-request-id"
+#: An id taken from metadata is at most this long and printable ASCII without spaces, so it
+#: cannot break a log line; anything else is replaced by a fresh id.
+MAX_REQUEST_ID_CHARS = 128
 
 
 def current_request_id() -> str:
@@ -126,10 +135,24 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around, method: str) ->
     return handler._replace(**{kind: wrapper})
 
 
+def request_id_of(request, context) -> str:
+    """The id an RPC is known by (see the module docstring)."""
+    rid = getattr(request, "request_id", "") if request is not None else ""
+    if isinstance(rid, str) and rid:
+        return rid
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str):
+            if 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable() \
+                    and " " not in value:
+                return value
+            log.info("ignored an unusable %s metadata value (%d characters)", REQUEST_ID_METADATA, len(value))
+    return new_request_id()
+
+
 @contextlib.asynccontextmanager
 async def _map_errors(request, context, method: str):
-    rid = getattr(request, "request_id", "") if request is not None else ""
-    _request_id.set(rid if isinstance(rid, str) and rid else new_request_id())
+    _request_id.set(request_id_of(request, context))
+    context.set_trailing_metadata((("request-id", current_request_id()),))
     try:
         yield
     except BaseException as exc:

@@ -11,6 +11,9 @@ log line; the decoder gets all of them as one static gRPC target,
         print(cluster.address)              # the decoder, the one address a client needs
         cluster.encoders[0].logs()          # every line a server wrote, kept for inspection
 
+``launch(..., metrics_port=BASE)`` serves the decoder's Prometheus metrics at BASE and encoder
+i's at BASE+1+i; each server's ``metrics_url`` comes from its ``serving metrics on`` line.
+
 Server settings reach the children as their ``PLLAVA_ENCODER_*`` / ``PLLAVA_DECODER_*``
 environment variables (``launch(..., decoder_settings={"max_batch": 4})``), so every setting
 a server has can be given, with the server's own checks and messages.
@@ -46,6 +49,8 @@ from pllava_client.health import check_health
 
 #: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
+#: ... and this one once their metrics exporter is up (``metrics_port`` not 0).
+METRICS = re.compile(r"serving metrics on http://(?P<host>\S+):(?P<port>\d+)/metrics")
 DEFAULT_PORT = 50052
 #: Lines of each server's output kept in memory for :meth:`ServerProcess.logs`.
 MAX_LOG_LINES = 100_000
@@ -136,6 +141,8 @@ class ServerProcess:
         self.name = name
         self.argv = argv
         self.address: str | None = None
+        self.metrics_url: str | None = None  # http://HOST:PORT/metrics once the server reports it
+        self._metrics_seen = threading.Event()
         self._lines: deque[str] = deque(maxlen=MAX_LOG_LINES)
         self._lock = threading.Lock()
         self._echo = echo
@@ -161,17 +168,20 @@ class ServerProcess:
             if self.address is None:
                 m = LISTENING.search(line)
                 if m:
-                    host = m["host"].strip("[]")
-                    if host in ("0.0.0.0", "::", "*", "localhost", ""):
-                        host = "127.0.0.1"
-                    self.address = f"{host}:{m['port']}"
+                    self.address = f"{_reachable(m['host'])}:{m['port']}"
                     self._bound.set()
+            if self.metrics_url is None:
+                m = METRICS.search(line)
+                if m:
+                    self.metrics_url = f"http://{_reachable(m['host'])}:{m['port']}/metrics"
+                    self._metrics_seen.set()
             if self._echo is not None:
                 try:
                     print(f"{self.name} | {line}", file=self._echo, flush=True)
                 except (OSError, ValueError):  # the echo stream went away
                     self._echo = None
         self._bound.set()  # end of output: wake waiters, who then see the exit
+        self._metrics_seen.set()
 
     def logs(self) -> list[str]:
         """The lines the server has written so far (the last MAX_LOG_LINES)."""
@@ -195,6 +205,14 @@ class ServerProcess:
             raise LaunchError(f"{self.name} {what}; its last lines:\n{self.tail()}")
         return self.address
 
+    def wait_metrics(self, timeout: float) -> str:
+        """Wait for the ``serving metrics on`` line; return the metrics URL."""
+        self._metrics_seen.wait(timeout)
+        if self.metrics_url is None:
+            raise LaunchError(f"{self.name} did not report 'serving metrics on http://HOST:PORT/metrics' "
+                              f"within {timeout:g} s; its last lines:\n{self.tail()}")
+        return self.metrics_url
+
     def signal(self, sig: int) -> None:
         if self.alive():
             try:
@@ -210,6 +228,12 @@ class ServerProcess:
             return None
         self._reader.join(5)
         return code
+
+
+def _reachable(host: str) -> str:
+    """The host to connect to for a server bound to ``host`` (a wildcard is reached on loopback)."""
+    host = host.strip("[]")
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "*", "localhost", "") else host
 
 
 def stop_all(servers: list[ServerProcess], grace: float = DEFAULT_GRACE_S) -> None:
@@ -344,7 +368,7 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
            echo: TextIO | None = sys.stderr, env: dict[str, str] | None = None,
            encoder_settings: Mapping[str, object] | None = None,
            decoder_settings: Mapping[str, object] | None = None, openai_port: int | None = None,
-           openai_settings: Mapping[str, object] | None = None) -> Cluster:
+           openai_settings: Mapping[str, object] | None = None, metrics_port: int = 0) -> Cluster:
     """Start ``encoders`` encoder servers and one decoder server; return once all are SERVING.
 
     ``model`` None uses the tiny random checkpoint (:func:`ensure_tiny_model`). The decoder
@@ -356,12 +380,15 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
     process's environment). ``openai_port`` (None: none) also starts ``pllava-openai`` on
     ``host:openai_port`` (0: any free port, see ``Cluster.openai_url``) in front of the decoder,
     ready once its ``/health`` answers 200; ``openai_settings`` reach it as ``PLLAVA_OPENAI_*``.
-    Children's output is echoed to ``echo`` (None: kept only). On
-    failure -- a bad setting included, which the server names -- every started child is
-    stopped and :class:`LaunchError` raised.
+    ``metrics_port`` (0 = off) serves the decoder's Prometheus metrics at that port on
+    ``host`` and encoder ``i``'s at ``metrics_port + 1 + i`` on 127.0.0.1 (each server's
+    ``metrics_url``). Children's output is echoed to ``echo`` (None: kept only). On failure
+    -- a bad setting included, which the server names -- every started child is stopped and
+    :class:`LaunchError` raised.
     """
     if encoders < 1:
         raise ValueError(f"at least one encoder is needed, got {encoders}")
+    check_metrics_ports(metrics_port, encoders, port, encoder_port, openai_port)
     model_dir = Path(model) if model is not None else ensure_tiny_model()
     if not model_dir.exists():
         raise FileNotFoundError(f"model {model_dir} does not exist")
@@ -373,15 +400,20 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
     base_env = dict(os.environ if env is None else env)
     encoder_env = {**base_env, **settings_env("PLLAVA_ENCODER_", encoder_settings)}
     decoder_env = {**base_env, **settings_env("PLLAVA_DECODER_", decoder_settings)}
+    if metrics_port:
+        decoder_env["PLLAVA_DECODER_METRICS_PORT"] = str(metrics_port)
 
     cluster = Cluster([], None)
     try:
         encoder_cmd = server_command("pllava-encoder")
         for i in range(encoders):
             p = encoder_port + i if encoder_port else 0
+            env_i = dict(encoder_env)
+            if metrics_port:
+                env_i["PLLAVA_ENCODER_METRICS_PORT"] = str(metrics_port + 1 + i)
             cluster.encoders.append(ServerProcess(
                 f"encoder-{i}", encoder_cmd + common + ["--host", "127.0.0.1", "--port", str(p)],
-                echo=echo, env=encoder_env))
+                echo=echo, env=env_i))
         deadline = time.monotonic() + ready_timeout
         addresses = [e.wait_bound(max(1.0, deadline - time.monotonic())) for e in cluster.encoders]
         target = "ipv4:" + ",".join(addresses)
@@ -390,6 +422,9 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
             + ["--host", host, "--port", str(port), "--encoder", target], echo=echo, env=decoder_env)
         cluster.decoder.wait_bound(max(1.0, deadline - time.monotonic()))
         _wait_healthy(cluster.encoders + [cluster.decoder], max(1.0, deadline - time.monotonic()))
+        if metrics_port:  # logged before warm-up, so already read
+            for server in [cluster.decoder] + cluster.encoders:
+                server.wait_metrics(10.0)
         if openai_port is not None:
             cluster.openai = ServerProcess(
                 "openai", server_command("pllava-openai")
@@ -401,6 +436,28 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
         cluster.stop(grace=5.0)
         raise
     return cluster
+
+
+def check_metrics_ports(metrics_port: int, encoders: int, port: int, encoder_port: int,
+                        openai_port: int | None = None) -> None:
+    """ValueError unless ``metrics_port .. metrics_port + encoders`` are valid ports that no
+    gRPC port of the launch, nor the OpenAI-compatible API's, uses."""
+    if not metrics_port:
+        return
+    last = metrics_port + encoders
+    if metrics_port < 0 or last > 65535:
+        raise ValueError(f"--metrics-port {metrics_port} with {encoders} encoder(s) needs ports "
+                         f"{metrics_port}..{last}, which must lie in 1..65535")
+    grpc_ports = {port} | {encoder_port + i for i in range(encoders) if encoder_port}
+    clash = sorted(p for p in grpc_ports if p and metrics_port <= p <= last)
+    if clash:
+        raise ValueError(f"--metrics-port {metrics_port} with {encoders} encoder(s) uses ports "
+                         f"{metrics_port}..{last}, which include the gRPC port(s) {', '.join(map(str, clash))}; "
+                         "pick a metrics port outside them")
+    if openai_port and metrics_port <= openai_port <= last:
+        raise ValueError(f"--metrics-port {metrics_port} with {encoders} encoder(s) uses ports "
+                         f"{metrics_port}..{last}, which include the OpenAI-compatible API's port "
+                         f"{openai_port}; pick a metrics port outside them")
 
 
 def run_foreground(cluster: Cluster, out: TextIO = sys.stdout,

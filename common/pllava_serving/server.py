@@ -12,7 +12,8 @@
 :func:`create_server` adds the standard health service (every service NOT_SERVING until
 :meth:`ServingState.set_serving`), server reflection, the message-size and keepalive options
 of :func:`pllava_client.channel.server_options`, the error interceptor and the drain
-interceptor. Binding port 0 picks a free port, which the caller logs.
+interceptor, and (given a registry) the RPC metrics interceptor. Binding port 0 picks a free
+port, which the caller logs.
 
 Shutdown (:func:`serve_forever`, on SIGTERM or SIGINT):
 
@@ -40,12 +41,14 @@ from typing import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from pllava_client.channel import MAX_MESSAGE_BYTES, server_options
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
 from .errors import ErrorInterceptor, Unavailable, wrap_handler
 from .logs import setup_logging
+from .metrics import RpcMetricsInterceptor
 from .settings import given_flags, load_settings
 
 log = logging.getLogger(__name__)
@@ -144,20 +147,25 @@ def format_address(host: str, port: int) -> str:
 
 
 async def create_server(address: str, services: Sequence[Service], *,
-                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int, ServingState]:
+                        max_message_bytes: int = MAX_MESSAGE_BYTES,
+                        registry: CollectorRegistry | None = None) -> tuple[grpc.aio.Server, int, ServingState]:
     """A bound, not yet started server for ``services`` at ``address`` ("host:port"; port 0
     picks a free one). Returns ``(server, bound_port, state)``; every service reports
-    NOT_SERVING until ``await state.set_serving()``.
+    NOT_SERVING until ``await state.set_serving()``. With a ``registry``, every RPC's final
+    status is counted there (:class:`pllava_serving.metrics.RpcMetricsInterceptor`).
 
     A coroutine because the aio server and the health servicer belong to the running loop.
     """
     state = ServingState([s.name for s in services])
     # Error mapping sits inside the drain check, so a refused RPC's Unavailable also becomes
-    # a status code through the one mapping.
+    # a status code through the one mapping; the metrics sit outside both and count the
+    # status the mapping chose.
     # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
     options = server_options(max_message_bytes) + [("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options,
-                             interceptors=[ErrorInterceptor(), _DrainInterceptor(state)])
+    interceptors = [ErrorInterceptor(), _DrainInterceptor(state)]
+    if registry is not None:
+        interceptors.insert(0, RpcMetricsInterceptor(registry))
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     for service in services:
         service.add_to_server(service.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)

@@ -211,7 +211,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = MappingProxyType({})) -> list[str]:
-    """What is wrong with the fields every server has (model, port, device, dtype, log level),
+    """What is wrong with the fields every server has (model, port, metrics port, device,
+    dtype, log level),
     plus each field named in ``minimums`` that is set and below its minimum."""
     from .logs import LOG_LEVELS
 
@@ -221,6 +222,10 @@ def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = M
         problems.append(f"model is required (--model DIR, {env_prefix}MODEL or 'model:' in the YAML)")
     if not 0 <= s.port <= 65535:
         problems.append(f"port must be in 0..65535, got {s.port}")
+    if not 0 <= s.metrics_port <= 65535:
+        problems.append(f"metrics_port must be in 0..65535 (0 = no metrics), got {s.metrics_port}")
+    elif s.metrics_port and s.metrics_port == s.port:
+        problems.append(f"metrics_port must differ from port ({s.port}): gRPC and the metrics need a port each")
     if s.device not in DEVICES:
         problems.append(f"device must be one of {', '.join(DEVICES)}, got {s.device!r}")
     if s.dtype is not None and s.dtype not in DTYPES:
@@ -244,6 +249,9 @@ def add_server_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
     parser.add_argument("--model", metavar="DIR", help="checkpoint folder (HF layout) or converted .ckpt file")
     parser.add_argument("--host", help=f"interface to listen on (default {d['host']}; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, help=f"port (default {d['port']}; 0 = any free port)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="port of the Prometheus metrics at http://HOST:PORT/metrics, on the same interface "
+                             "as gRPC (default 0 = no metrics)")
     parser.add_argument("--device", choices=DEVICES, help="CPU (default), GPU or Ascend")
     parser.add_argument("--device-id", type=int, help="device index (default 0)")
     parser.add_argument("--dtype", choices=DTYPES,

@@ -6,5 +6,6 @@
   (continuous batching), streaming each request's tokens to its asyncio handler;
 - :mod:`.encoder_client`: round-robin calls to the encoder replicas, with retries;
 - :mod:`.visual_cache`: visual tokens by video content, LRU, bounded in bytes;
+- :mod:`.metrics`: ``DecoderMetrics``, the Prometheus metrics in the server's own registry;
 - :mod:`.settings`: ``DecoderSettings`` (defaults < YAML < ``PLLAVA_DECODER_*`` < flags).
 """

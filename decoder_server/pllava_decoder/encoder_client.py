@@ -26,7 +26,7 @@ import numpy as np
 from pllava_client.channel import channel_options
 from pllava_client.codec import TensorAssembler, bf16_bits_to_float32
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
-from pllava_serving.errors import Overloaded, Unavailable
+from pllava_serving.errors import REQUEST_ID_METADATA, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Encoded:
     encode_ms: float
     transfer_ms: float  # the whole call minus the encoder's decode and encode: network + its queue
     attempts: int
+    wire_bytes: int = 0  # bytes of the tensor as the encoder sent it (before conversion to float32)
 
 
 class EncoderClient:
@@ -120,7 +121,9 @@ class EncoderClient:
         left = deadline - time.perf_counter()
         if left <= 0:
             raise EncoderTimeout(f"no encoder at {self.target} answered in time")
-        call = stub.Encode(request, timeout=left)
+        # The id goes in the request and as metadata, so the encoder logs under the same id.
+        call = stub.Encode(request, timeout=left, metadata=((REQUEST_ID_METADATA, request.request_id),)
+                           if request.request_id else None)
         header, assembler = None, None
         async for response in call:
             which = response.WhichOneof("payload")
@@ -151,7 +154,8 @@ class EncoderClient:
         t = header.timings
         return Encoded(visual=visual, num_frames=header.num_frames, model_id=header.model_id,
                        video_decode_ms=t.video_decode_ms, encode_ms=t.encode_ms,
-                       transfer_ms=max(total_ms - t.video_decode_ms - t.encode_ms, 0.0), attempts=attempt)
+                       transfer_ms=max(total_ms - t.video_decode_ms - t.encode_ms, 0.0), attempts=attempt,
+                       wire_bytes=int(raw.nbytes))
 
     def _check(self, header: pllava_pb2.EncodeHeader, visual: np.ndarray) -> None:
         if self.model_id is not None and header.model_id != self.model_id:

@@ -16,6 +16,10 @@ idle server uses no CPU. Encoder calls never happen on the engine thread: a requ
 the engine only once its visual tokens are in hand, so running sequences keep decoding
 while new videos are being encoded (the two stages pipeline).
 
+Metrics: after each step the thread records the step's prefill and decode seconds
+(``Engine.last_step``) in :class:`DecoderMetrics`, whose gauges read the waiting count and the
+engine's slots when Prometheus scrapes.
+
 Admission control: a request counts as *waiting* from ``admit()`` (before its video is
 encoded) until it holds a KV slot (its first token) or ends. When ``max_queue`` requests
 are already waiting, ``admit()`` raises :class:`Overloaded` (RESOURCE_EXHAUSTED on the wire)
@@ -30,6 +34,8 @@ from typing import Callable
 
 from pllava.generation import Engine, FinishReason, Request, TokenEvent
 from pllava_serving.errors import Overloaded
+
+from .metrics import DecoderMetrics
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +115,12 @@ class EngineLoop:
     """Runs ``engine.step()`` on a dedicated thread and streams each request's tokens to the
     asyncio task that submitted it."""
 
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int, metrics: DecoderMetrics | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.engine = engine
         self.max_queue = max_queue
+        self.metrics = metrics if metrics is not None else DecoderMetrics()
         self._wake = threading.Condition()
         self._lock = threading.Lock()  # guards _streams and _waiting
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -121,6 +128,7 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.steps = 0
+        self.metrics.watch(self)  # its gauges read the queue and the slots from here on
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -210,6 +218,7 @@ class EngineLoop:
                 self._fail_all(exc)
                 continue
             self.steps += 1
+            self.metrics.record_step(self.engine.last_step, sum(e.token_id is not None for e in events))
             for event in events:
                 if event.finish_reason == FinishReason.CANCELLED:
                     log.info("%s cancelled after %d generated tokens; its KV slot is free",

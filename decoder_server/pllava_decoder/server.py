@@ -43,11 +43,13 @@ from pllava.video import VideoError
 from pllava_client.codec import to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable, current_request_id
+from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO, new_registry, start_metrics_server
 from pllava_serving.model_id import model_id
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
 from .encoder_client import Encoded, EncoderClient
 from .engine_loop import EngineLoop
+from .metrics import DecoderMetrics
 from pllava_serving.settings import add_server_flags
 
 from .settings import ENV_PREFIX, DecoderSettings
@@ -152,6 +154,9 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         self.encoder: EncoderClient | None = None
         self.cache = VisualCache(settings.visual_cache_bytes)
         self._serial = itertools.count(1)
+        # This server's own registry: RPC statuses (create_server), engine loop, cache.
+        self.metrics = DecoderMetrics(new_registry())
+        self.metrics.watch_cache(self.cache)
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
@@ -162,7 +167,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         t0 = time.perf_counter()
         self.model = await asyncio.to_thread(LanguageModel.load, s)
         await asyncio.to_thread(self._compile_graphs)
-        self.loop = EngineLoop(self.model.engine, s.max_queue).start()
+        self.loop = EngineLoop(self.model.engine, s.max_queue, self.metrics).start()
         self.encoder = EncoderClient(s.encoder, timeout_s=s.encoder_timeout_s, retries=s.encoder_retries,
                                      hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id)
         t1 = time.perf_counter()
@@ -228,6 +233,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
                             log.info("stopped after %d generated tokens: the client cancelled", len(token_ids))
                             return
                         if event.token_id is not None:
+                            if not token_ids:
+                                self.metrics.record_first_token(time.perf_counter() - start)
                             token_ids.append(event.token_id)
                         caption += event.text
                         last = event
@@ -242,6 +249,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             return
 
         stats: SequenceStats = last.stats
+        self.metrics.record_caption(last.finish_reason.value, len(token_ids), stats.finished - stats.first_token)
         video_s, encode_s = ((encoded.video_decode_ms / 1e3, encoded.encode_ms / 1e3) if encoded else (0.0, 0.0))
         timings = timings_from(stats, video_s, encode_s, start, transfer_s=encoded.transfer_ms / 1e3 if encoded else 0.0)
         reason = FINISH_REASONS[last.finish_reason]
@@ -256,7 +264,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             token_ids=token_ids, num_visual_tokens=len(visual.visual), num_prompt_tokens=len(prompt_ids),
             num_generated_tokens=len(token_ids), num_frames=visual.num_frames,
             timings=pllava_pb2.Timings(**timings), visual_tokens_cached=encoded is None, stop_string=stop,
-            model_id=m.model_id, request_id=request.request_id))
+            model_id=m.model_id, request_id=current_request_id()))
 
     async def GetInfo(self, request: pllava_pb2.GetInfoRequest, context) -> pllava_pb2.ModelInfo:
         m, _ = self._ready()
@@ -294,6 +302,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         """-> (visual tokens, the encoder's answer or None on a cache hit)."""
         frames = list(request.frames.images) if request.WhichOneof("input") == "frames" else None
         content = request.video if frames is None else frames
+        input_kind = INPUT_VIDEO if frames is None else INPUT_FRAMES
         key = None
         if self.cache.max_bytes:
             size = len(content) if frames is None else sum(len(image) for image in frames)
@@ -301,10 +310,12 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             key = (visual_key(*key_args) if size <= _HASH_INLINE_BYTES
                    else await asyncio.to_thread(visual_key, *key_args))
             hit = self.cache.get(key)
+            self.metrics.record_cache_lookup(input_kind, hit is not None)
             if hit is not None:
                 return hit, None
         encoded = await self.encoder.encode(request.video, num_frames, current_request_id(), request.video_name,
                                             timeout_s=context.time_remaining(), frames=frames)
+        self.metrics.visual_token_bytes_received.inc(encoded.wire_bytes)
         entry = CachedVisual(encoded.visual, encoded.num_frames)
         if key is not None:
             self.cache.put(key, entry)
@@ -349,18 +360,29 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(settings: DecoderSettings) -> None:
     servicer = DecoderServicer(settings)
     server, port, state = await create_server(format_address(settings.host, settings.port),
-                                              [Service.pllava("Decoder", servicer)])
+                                              [Service.pllava("Decoder", servicer)],
+                                              registry=servicer.metrics.registry)
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
+    exporter = None
     try:
+        exporter = start_metrics_server(servicer.metrics.registry, settings.host, settings.metrics_port)
         await servicer.load()
     except BaseException:
         await server.stop(0)
         await servicer.close()
+        if exporter is not None:
+            exporter.close()
         raise
+
+    async def shut_down() -> None:
+        await servicer.close()
+        if exporter is not None:
+            exporter.close()
+
     await state.set_serving()
     log.info("serving; encoders at %s", settings.encoder)
-    await serve_forever(server, state, settings.grace_s, on_shutdown=servicer.close)
+    await serve_forever(server, state, settings.grace_s, on_shutdown=shut_down)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ class DecoderSettings:
     model: str | None = None  # checkpoint folder (HF layout) or converted .ckpt file; required
     host: str = "127.0.0.1"  # "0.0.0.0" in a container
     port: int = 50052  # 0 = any free port (logged as "listening on HOST:PORT")
+    metrics_port: int = 0  # Prometheus metrics at http://HOST:PORT/metrics; 0 = off
     encoder: str = "dns:///127.0.0.1:50051"  # gRPC target of the encoder replicas (round robin)
     device: str = "CPU"  # CPU, GPU or Ascend
     device_id: int = 0

@@ -5,5 +5,6 @@ out, over ``pllava.v1.Encoder``.
 ``engine``: :class:`VisionEncoderEngine`, the work without gRPC (worker processes decode
 videos, one thread runs the vision tower over batched frames of concurrent requests).
 ``video_worker``: what a decoding process runs (imports no MindSpore).
+``metrics``: :class:`EncoderMetrics`, the Prometheus metrics in the server's own registry.
 ``server``: the thin servicer and ``main``.
 """

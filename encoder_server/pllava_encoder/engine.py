@@ -53,9 +53,11 @@ from pllava.model import PllavaVision
 from pllava.runtime import default_dtype, setup_backend
 from pllava.video import VideoError
 from pllava_serving.errors import Overloaded, Unavailable
+from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO
 from pllava_serving.model_id import model_id
 
 from . import video_worker
+from .metrics import EncoderMetrics
 from .settings import EncoderSettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class _Job:
     cfg: PllavaConfig        # this request's num_frames and pooling_shape
     future: asyncio.Future   # -> (visual, batch start, batch end)
     ready_at: float
+    input_kind: str          # INPUT_VIDEO or INPUT_FRAMES, for the metrics
 
 
 class VisionEncoderEngine:
@@ -104,8 +107,9 @@ class VisionEncoderEngine:
     context manager doing both.
     """
 
-    def __init__(self, settings: EncoderSettings):
+    def __init__(self, settings: EncoderSettings, metrics: EncoderMetrics | None = None):
         self.settings = settings
+        self.metrics = metrics if metrics is not None else EncoderMetrics()
         self.model_path = Path(settings.model)
         folder = self.model_path.parent if self.model_path.is_file() else self.model_path
         # Per-request frame counts derive from the checkpoint's own config, exactly as the
@@ -126,6 +130,8 @@ class VisionEncoderEngine:
         self._vision_thread: ThreadPoolExecutor | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._batcher: asyncio.Task | None = None
+        self.workers_restarted = 0            # worker processes replaced after one died
+        self.metrics.watch(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,6 +185,16 @@ class VisionEncoderEngine:
         self._encode_batch([dummy], [self.cfg])
 
     @property
+    def requests_in_progress(self) -> int:
+        """Requests admitted and not finished (``max_queue`` at most)."""
+        return self._held
+
+    @property
+    def videos_decoding(self) -> int:
+        """Admitted requests whose frames are not ready yet."""
+        return self._decoding
+
+    @property
     def max_videos_per_batch(self) -> int:
         """Videos of the default frame count that fit one vision-tower call."""
         return max(1, self.settings.max_frames_per_batch // self.cfg.num_frames)
@@ -209,7 +225,7 @@ class VisionEncoderEngine:
             raise VideoError(f"{name}: the file is {len(video)} bytes, more than this encoder accepts "
                              f"(max_video_bytes={self.settings.max_video_bytes})")
         decode = (video_worker.decode_video, bytes(video), name, num_frames, self.preprocessor)
-        return await self._encode(decode, num_frames, name, start,
+        return await self._encode(decode, num_frames, name, start, INPUT_VIDEO,
                                   crashed="the video decoder crashed twice on this input; the file is probably corrupt")
 
     async def encode_frames(self, images: Sequence[bytes], num_frames: int = 0, name: str = "") -> EncodeResult:
@@ -231,7 +247,7 @@ class VisionEncoderEngine:
             self.resolve_num_frames(num_frames)  # in range
         num_frames = frames_num_frames(num_frames, len(images), self.cfg.num_frames)
         decode = (video_worker.decode_frames, images, name, self.preprocessor)
-        return await self._encode(decode, num_frames, name, start,
+        return await self._encode(decode, num_frames, name, start, INPUT_FRAMES,
                                   crashed="the image decoder crashed twice on these frames; an image is probably corrupt")
 
     def check_frame_limits(self, images: Sequence[bytes], name: str) -> None:
@@ -251,9 +267,12 @@ class VisionEncoderEngine:
             raise VideoError(f"{name}: the {len(images)} frames are {total} bytes together, more than this encoder "
                              f"accepts (max_video_bytes={s.max_video_bytes})")
 
-    async def _encode(self, decode: tuple, num_frames: int, name: str, start: float, crashed: str) -> EncodeResult:
+    async def _encode(self, decode: tuple, num_frames: int, name: str, start: float, input_kind: str,
+                      crashed: str) -> EncodeResult:
         """Admit, run ``decode`` (a worker function and its arguments) in a worker, then wait
-        for the vision tower; ``num_frames`` is the model's frame count for the result."""
+        for the vision tower; ``num_frames`` is the model's frame count for the result,
+        ``input_kind`` what the request carried (:data:`INPUT_VIDEO` or :data:`INPUT_FRAMES`, a
+        metrics label)."""
         if self._batcher is None:
             raise Unavailable("the encoder is not started")
         if self._held >= self.settings.max_queue:
@@ -264,10 +283,11 @@ class VisionEncoderEngine:
         decoding = True
         try:
             pixels, decode_s = await self._decode(decode, name, crashed)
+            self.metrics.video_decode_seconds.labels(input_kind).observe(decode_s)
             self._decoding -= 1
             decoding = False
             job = _Job(pixels, self._cfg_for(num_frames), asyncio.get_running_loop().create_future(),
-                       time.perf_counter())
+                       time.perf_counter(), input_kind)
             self._ready.append(job)
             self._wake.set()
             visual, batch_start, batch_end = await job.future
@@ -277,6 +297,7 @@ class VisionEncoderEngine:
                 self._wake.set()  # the batcher may be holding a batch open for this one
             self._held -= 1
         end = time.perf_counter()
+        self.metrics.queue_seconds.observe(max(batch_start - job.ready_at, 0.0))
         timings = EncodeTimings(queue_ms=(batch_start - job.ready_at) * 1e3, video_decode_ms=decode_s * 1e3,
                                 encode_ms=(batch_end - batch_start) * 1e3, total_ms=(end - start) * 1e3)
         log.info("%s: %d frames -> %s visual tokens (decode %.0f ms, queue %.0f ms, encode %.0f ms)",
@@ -301,6 +322,7 @@ class VisionEncoderEngine:
                     log.error("a video worker process died; starting new workers")
                     pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = self._new_pool()
+                    self.workers_restarted += self.settings.video_workers
         raise VideoError(f"{name}: {crashed}")
 
     # ------------------------------------------------------------------ batching
@@ -329,6 +351,7 @@ class VisionEncoderEngine:
                         job.future.set_exception(error)
                 continue
             finished = time.perf_counter()
+            self.metrics.record_batch([j.input_kind for j in batch], sum(len(j.pixels) for j in batch), finished - started)
             for job, visual in zip(batch, outputs):
                 if not job.future.done():  # its caller may have gone away meanwhile
                     job.future.set_result((visual, started, finished))

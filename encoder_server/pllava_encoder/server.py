@@ -27,6 +27,7 @@ from .settings import ENV_PREFIX, EncoderSettings
 
 if TYPE_CHECKING:  # the engine (and MindSpore) is imported only when serving: video-worker
     from .engine import VisionEncoderEngine  # processes re-import this module as __mp_main__
+    from .metrics import EncoderMetrics
 
 log = logging.getLogger("pllava_encoder")
 
@@ -34,8 +35,9 @@ log = logging.getLogger("pllava_encoder")
 class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
     """``pllava.v1.Encoder``: messages in, engine call, messages out."""
 
-    def __init__(self, engine: "VisionEncoderEngine | None" = None):
+    def __init__(self, engine: "VisionEncoderEngine | None" = None, metrics: "EncoderMetrics | None" = None):
         self.engine = engine  # None while the model is loading
+        self.metrics = metrics  # where the bytes sent are counted, if anywhere
 
     def _engine(self) -> "VisionEncoderEngine":
         if self.engine is None:
@@ -56,6 +58,8 @@ class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
                                              encode_ms=t.encode_ms, total_ms=t.total_ms)))
         for chunk in chunks:
             yield pllava_pb2.EncodeResponse(chunk=chunk)
+            if self.metrics is not None:
+                self.metrics.visual_token_bytes_sent.inc(len(chunk.data))
 
     async def GetInfo(self, request: pllava_pb2.GetInfoRequest, context) -> pllava_pb2.ModelInfo:
         engine = self._engine()
@@ -71,27 +75,42 @@ class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
 
 async def serve(settings: EncoderSettings) -> None:
     """Run the server until SIGTERM/SIGINT (then drain and return)."""
-    from .engine import VisionEncoderEngine
+    from pllava_serving.metrics import new_registry, start_metrics_server
 
-    servicer = EncoderServicer()
+    from .engine import VisionEncoderEngine
+    from .metrics import EncoderMetrics
+
+    metrics = EncoderMetrics(new_registry())  # this server's own registry
+    servicer = EncoderServicer(metrics=metrics)
     # A request carries the whole video (or all its frames, at most max_video_bytes too): allow
     # max_video_bytes plus room for the other fields.
     max_message = max(settings.max_video_bytes + (1 << 20), 64 << 20)
     server, port, state = await create_server(format_address(settings.host, settings.port),
-                                              [Service.pllava("Encoder", servicer)], max_message_bytes=max_message)
+                                              [Service.pllava("Encoder", servicer)], max_message_bytes=max_message,
+                                              registry=metrics.registry)
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
-    engine = VisionEncoderEngine(settings)
+    engine = VisionEncoderEngine(settings, metrics)
+    exporter = None
     try:
+        exporter = start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
         await engine.start()
     except BaseException:
         await server.stop(0)
         await engine.close()
+        if exporter is not None:
+            exporter.close()
         raise
+
+    async def shut_down() -> None:
+        await engine.close()
+        if exporter is not None:
+            exporter.close()
+
     servicer.engine = engine
     await state.set_serving()
     log.info("SERVING")
-    await serve_forever(server, state, settings.grace_s, on_shutdown=engine.close)
+    await serve_forever(server, state, settings.grace_s, on_shutdown=shut_down)
 
 
 def build_parser() -> argparse.ArgumentParser:

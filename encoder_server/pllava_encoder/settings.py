@@ -20,6 +20,7 @@ class EncoderSettings:
     model: str | None = None           # checkpoint folder (HF layout) or converted .ckpt; required
     host: str = "127.0.0.1"            # interface to listen on; containers use 0.0.0.0
     port: int = 50051                  # 0 = any free port (logged as "listening on HOST:PORT")
+    metrics_port: int = 0              # Prometheus metrics at http://HOST:PORT/metrics; 0 = off
     device: str = "CPU"                # CPU, GPU or Ascend
     device_id: int = 0                 # which device of that kind
     dtype: str | None = None           # compute and output dtype; None = by device (float32 on CPU)

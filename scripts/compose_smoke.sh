@@ -2,7 +2,8 @@
 # docker-compose, for real: build the image (one image, docker/Dockerfile, for every server),
 # run 2 encoder replicas, the decoder and the OpenAI-compatible front end, caption a video
 # through the decoder's published port (bound to 127.0.0.1) and once through the front end's,
-# check that both encoder replicas served work, then take it all down.
+# check that both encoder replicas served work and that the decoder's published metrics
+# counted every caption, then take it all down.
 #
 #   scripts/compose_smoke.sh [VIDEO]          # default samples/orbit.mp4 (in this repository)
 #
@@ -22,8 +23,9 @@
 # cache in seconds instead of minutes; SMOKE_KEEP_DOCKERD=1 leaves a dockerd it started running.
 #
 # Environment: BASE_IMAGE, PLLAVA_IMAGE, PLLAVA_MODEL_DIR (default models/tiny, made if absent),
-# PLLAVA_PORT and PLLAVA_OPENAI_PORT (default: free ports), COMPOSE (default: `docker compose` if present, else
-# docker-compose), ENCODERS (default 2), SMOKE_PROJECT (default pllava-smoke),
+# PLLAVA_PORT, PLLAVA_OPENAI_PORT and PLLAVA_METRICS_PORT (default: free ports), COMPOSE
+# (default: `docker compose` if present, else docker-compose), ENCODERS (default 2),
+# SMOKE_PROJECT (default pllava-smoke),
 # SMOKE_KEEP_IMAGES, SMOKE_KEEP_DOCKERD.
 set -euo pipefail
 
@@ -182,6 +184,10 @@ if [[ -z ${PLLAVA_OPENAI_PORT:-} ]]; then
     PLLAVA_OPENAI_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 export PLLAVA_OPENAI_PORT
+if [[ -z ${PLLAVA_METRICS_PORT:-} ]]; then
+    PLLAVA_METRICS_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+export PLLAVA_METRICS_PORT
 
 # The smoke run switches the decoder's visual-token cache off, so repeated videos still go
 # to the encoders and round robin has calls to spread.
@@ -248,6 +254,21 @@ print(f"OpenAI-compatible API answered: model {answer['model']}, "
       f"{answer['usage']['completion_tokens']} completion tokens")
 PY
 echo "captioned in $(since "$t") s"
+
+step "the decoder's metrics at http://127.0.0.1:$PLLAVA_METRICS_PORT/metrics"
+# Every caption above counted: 2 x ENCODERS through the decoder's port, one through the front end.
+"$PY" - "$PLLAVA_METRICS_PORT" "$((2 * ENCODERS + 1))" <<'PY'
+import re, sys, urllib.request
+port, captions = sys.argv[1], int(sys.argv[2])
+text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def value(pattern):
+    m = re.search(r"^" + pattern + r" (\S+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+ok = value(r'pllava_grpc_server_handled_total\{(?=[^}]*grpc_code="OK")(?=[^}]*grpc_method="Caption")[^}]*\}')
+ttft = value("pllava_decoder_time_to_first_token_seconds_count")
+print(f"captions OK: {ok:g}, first tokens: {ttft:g} (expected {captions})")
+sys.exit(0 if ok == ttft == captions else 1)
+PY
 
 step "work done by each encoder replica"
 served=0

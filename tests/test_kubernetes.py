@@ -98,7 +98,12 @@ def test_the_pieces_fit_together(overlay, tmp_path):
         (container,) = spec["containers"]
         assert container["command"] == [f"pllava-{stage}"]
         assert container["args"] == ["--config", f"/etc/pllava/{stage}.yaml"]
-        assert container["ports"] == [{"name": "grpc", "containerPort": settings.port}]
+        assert container["ports"] == [{"name": "grpc", "containerPort": settings.port},
+                                      {"name": "metrics", "containerPort": settings.metrics_port}]
+        assert settings.metrics_port != 0
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port),
+                               "prometheus.io/path": "/metrics"}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"] == {"port": settings.port}, probe  # the health service
         # SIGTERM drains for grace_s; Kubernetes must wait longer before it kills the pod.

@@ -1,12 +1,15 @@
-"""Prometheus metrics and request ids, for real: ``pllava up --metrics-port BASE`` runs an
-encoder and a decoder as processes on 127.0.0.1, captions go through the public client, and
-``/metrics`` is scraped over HTTP and parsed with ``prometheus_client.parser``.
+"""Prometheus metrics and request ids, for real: ``pllava up --metrics-port BASE
+--openai-port 0`` runs an encoder, a decoder and the OpenAI-compatible front end as processes
+on 127.0.0.1, captions go through the public client (videos and frames sent as images) and
+the front end, and ``/metrics`` is scraped over HTTP and parsed with ``prometheus_client.parser``.
 
 Counters only ever grow and the module's tests share one cluster, so each test compares a
 scrape after its requests with one before them.
 """
 from __future__ import annotations
 
+import base64
+import json
 import os
 import queue
 import random
@@ -37,6 +40,7 @@ from servers import console_script
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"^pllava up: decoder at (\S+) \(")
 METRICS_AT = re.compile(r"^pllava up: (\S+) metrics at (\S+)$")
+OPENAI_AT = re.compile(r"^pllava up: OpenAI-compatible API at (\S+)$")
 MAX_BATCH = 2
 
 
@@ -68,6 +72,7 @@ class Up:
         self.stdout: queue.Queue = queue.Queue()
         self.lines: list[str] = []  # stdout and stderr (the servers' logs, "NAME | line")
         self.address = ""
+        self.openai_url = ""
         self.metrics: dict[str, str] = {}
         for stream, into in ((proc.stdout, self.stdout), (proc.stderr, None)):
             threading.Thread(target=self._pump, args=(stream, into), daemon=True).start()
@@ -89,6 +94,8 @@ class Up:
                 self.address = m.group(1)
             elif m := METRICS_AT.match(line):
                 self.metrics[m.group(1)] = m.group(2)
+            elif m := OPENAI_AT.match(line):
+                self.openai_url = m.group(1)
             elif line.startswith("  try:"):  # the last line of the banner
                 return
 
@@ -102,7 +109,7 @@ def up(tiny_model_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pllava.cli", "up", "--model", str(tiny_model_dir), "--encoders", "1", "--port", "0",
          "--metrics-port", str(base), "--max-batch", str(MAX_BATCH), "--max-context", "4096",
-         "--encoder-setting", "video_workers=1"],
+         "--encoder-setting", "video_workers=1", "--openai-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     cluster = Up(proc)
     try:
@@ -166,6 +173,7 @@ def wait_for(condition, timeout: float = 30.0) -> None:
 def test_pllava_up_prints_each_servers_metrics_address(up):
     assert up.metrics == {"decoder": f"http://127.0.0.1:{up.base}/metrics",
                           "encoder-0": f"http://127.0.0.1:{up.base + 1}/metrics"}
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", up.openai_url), up.openai_url  # no metrics of its own
 
 
 NAME = re.compile(r"^(pllava_(decoder|encoder|grpc_server)|process)_[a-z0-9_]+$")
@@ -309,6 +317,45 @@ def test_gauges_show_a_running_caption_and_cancel_and_deadline_are_counted(up, v
     wait_for(lambda: value(scrape(up.metrics["decoder"]), "pllava_decoder_kv_slots_in_use") == 0)
 
 
+def test_frames_sent_as_images_are_counted_and_cached_under_their_own_label(up, tmp_path):
+    images = [new_image(tmp_path, seed=10 + i).read_bytes() for i in range(3)]  # one size, never sent before
+    dec0, enc0 = both(up)
+    with Client(up.address, timeout=120) as client:
+        info = client.info()
+        first = client.caption_full(frames=images, max_new_tokens=3)
+        dec1, enc1 = both(up)
+        again = client.caption_full(frames=images, prompt="What moves?", max_new_tokens=3)
+    dec2, enc2 = both(up)
+
+    # The first: a frames miss, one Encode, the frames sent through the vision tower.
+    assert not first.visual_tokens_cached and first.num_frames >= len(images)
+    assert rpc(enc1, "Encoder", "Encode", "OK") - rpc(enc0, "Encoder", "Encode", "OK") == 1
+    assert delta(dec0, dec1, "pllava_decoder_visual_cache_misses_total", input="frames") == 1
+    assert delta(dec0, dec1, "pllava_decoder_visual_cache_misses_total", input="video") == 0
+    assert delta(enc0, enc1, "pllava_encoder_videos_total", input="frames") == 1
+    assert delta(enc0, enc1, "pllava_encoder_videos_total", input="video") == 0
+    assert delta(enc0, enc1, "pllava_encoder_video_decode_seconds_count", input="frames") == 1
+    assert delta(enc0, enc1, "pllava_encoder_video_decode_seconds_count", input="video") == 0
+    assert delta(enc0, enc1, "pllava_encoder_frames_total") == first.num_frames
+    sent = delta(enc0, enc1, "pllava_encoder_visual_token_bytes_sent_total")
+    assert sent == delta(dec0, dec1, "pllava_decoder_visual_token_bytes_received_total")
+    assert sent == first.num_visual_tokens * info.text_hidden_size * 4  # float32 on CPU
+    assert delta(dec0, dec1, "pllava_decoder_time_to_first_token_seconds_count") == 1
+
+    # The same frames again: a frames hit, no Encode, no bytes.
+    assert again.visual_tokens_cached
+    assert delta(dec1, dec2, "pllava_decoder_visual_cache_hits_total", input="frames") == 1
+    assert delta(dec1, dec2, "pllava_decoder_visual_cache_hits_total", input="video") == 0
+    assert rpc(enc2, "Encoder", "Encode", "OK") == rpc(enc1, "Encoder", "Encode", "OK")
+    assert delta(dec1, dec2, "pllava_decoder_visual_token_bytes_received_total") == 0
+    assert rpc(dec2, "Decoder", "Caption", "OK") - rpc(dec0, "Decoder", "Caption", "OK") == 2
+
+    # The frames caption has one request id in both servers' logs, as a video's has.
+    rid = first.request_id
+    wait_for(lambda: logged_with(up.log_of("decoder"), rid) and logged_with(up.log_of("encoder-0"), rid), timeout=10)
+    assert any("visual tokens" in line for line in logged_with(up.log_of("encoder-0"), rid))
+
+
 # ---- one request id in both servers' logs ----------------------------------------------------------
 
 def logged_with(lines: list[str], request_id: str) -> list[str]:
@@ -341,6 +388,33 @@ def test_a_client_supplied_x_request_id_names_the_caption_in_both_logs(up, tmp_p
                                                                                        "trace-4711"), timeout=10)
 
 
+def test_the_openai_front_ends_request_id_names_the_caption_in_every_log(up, tmp_path):
+    image = new_image(tmp_path, seed=4).read_bytes()
+    with urllib.request.urlopen(f"{up.openai_url}/models", timeout=30) as response:
+        model = json.load(response)["data"][0]["id"]
+    body = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}]}]}
+    dec0 = scrape(up.metrics["decoder"])
+    request = urllib.request.Request(f"{up.openai_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json", "x-request-id": "oa-trace-17"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200 and response.headers["x-request-id"] == "oa-trace-17"
+        answer = json.load(response)
+    assert answer["usage"]["completion_tokens"] >= 1
+    dec1 = scrape(up.metrics["decoder"])
+    assert rpc(dec1, "Decoder", "Caption", "OK") - rpc(dec0, "Decoder", "Caption", "OK") == 1
+    assert delta(dec0, dec1, "pllava_decoder_visual_cache_misses_total", input="video") == 1
+
+    def in_every_log() -> bool:
+        return (bool(logged_with(up.log_of("decoder"), "oa-trace-17"))
+                and bool(logged_with(up.log_of("encoder-0"), "oa-trace-17"))
+                and any("oa-trace-17" in line for line in up.log_of("openai")))
+
+    wait_for(in_every_log, timeout=10)
+    assert any("captioned" in line for line in logged_with(up.log_of("decoder"), "oa-trace-17"))
+
+
 # ---- settings and start-up ---------------------------------------------------------------------
 
 def test_metrics_port_zero_is_off_and_a_port_serves_the_registry():
@@ -368,6 +442,9 @@ def test_metrics_port_settings_are_checked():
         check_metrics_ports(50051, encoders=2, port=50052, encoder_port=0)
     with pytest.raises(ValueError, match="must lie in 1..65535"):
         check_metrics_ports(65535, encoders=1, port=0, encoder_port=0)
+    with pytest.raises(ValueError, match="include the OpenAI-compatible API's port 9465"):
+        check_metrics_ports(9464, encoders=2, port=50052, encoder_port=0, openai_port=9465)
+    check_metrics_ports(9464, encoders=2, port=50052, encoder_port=0, openai_port=8000)
     check_metrics_ports(9464, encoders=3, port=50052, encoder_port=50060)
 
 

@@ -1,21 +1,27 @@
-"""LLaMA decoder over a preallocated KV cache that is read by length bucket.
+"""LLaMA decoder over a preallocated KV cache in position blocks, read by length bucket.
 
 One compiled entry point serves prefill and decode alike: ``B`` sequences feed ``L`` new
 tokens each, write their keys/values into their cache slots, and attend over the first
-``P`` cached positions of their slot (``context`` = arange(P)). Shapes are chosen from small
-fixed sets by the caller (``PllavaLanguage``), so ``mindspore.jit`` compiles each
-(B, L, P) once:
+``P`` cached positions of their slot. Shapes are chosen from small fixed sets by the caller
+(``PllavaLanguage``), so ``mindspore.jit`` compiles each (B, L, P) once:
 
-* decode: ``L = 1``, ``B`` a batch bucket (the live sequences, padded by repeating one),
-  ``P`` a context bucket covering the longest live sequence, so a step costs what the live
-  tokens need, not ``slots x max_len``;
+* decode: ``L = 1``, ``B`` a batch bucket (the live sequences), ``P`` a context bucket
+  covering the longest of them, so a step costs what the live tokens need, not
+  ``slots x max_len``;
 * chunked prefill: ``B = 1``, ``L`` a chunk of the prompt, ``P`` covering the chunk's end.
   Memory grows with ``L x P`` per chunk, never with the square of the prompt.
 
-The cache of each layer is one Parameter of shape (slots * kv_heads * max_len, head_dim):
-rows of one (slot, kv head) are contiguous by position, so a length-``P`` prefix is one
-``ops.gather`` of ``P`` rows per head. It is written with ``ops.scatter_update`` on axis 0,
-which updates in place (scatter_nd_update and slice assignment copy the whole cache).
+The cache of each layer is split by position into *blocks* whose ends are the context
+buckets ([0, 512), [512, 1024), [1024, 2048), ...), one Parameter per block of shape
+(slots * kv_heads * (block + 1), head_dim): rows of one (slot, kv head) are contiguous by
+position, followed by one *spare row* that takes every write aimed outside the block (and
+the writes of rows that feed nothing). A step at context bucket ``P`` reads exactly the
+blocks below ``P``: when its rows are every slot in slot order, each block *is* the operand
+of attention (no copy at any bucket); otherwise one ``ops.gather`` per block picks the
+slots' rows. Scores of the blocks are concatenated before one softmax (they are small:
+``L`` queries per head), and the spare rows are always masked. Blocks are written with
+``ops.scatter_update`` on axis 0, which updates in place (scatter_nd_update and slice
+assignment copy the whole cache).
 
 The additive mask and the RoPE tables are broadcast explicitly (``ops.broadcast_to``)
 before they meet the scores and q/k: an implicitly broadcasting binary op on a graph input
@@ -35,7 +41,7 @@ MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows s
 
 
 class LlamaAttention(nn.Cell):
-    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, max_len: int):
+    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, blocks: tuple[int, ...]):
         super().__init__()
         dtype, in_out = backend.dtype, backend.linear_in_out
         self.num_heads = cfg.num_attention_heads
@@ -48,44 +54,72 @@ class LlamaAttention(nn.Cell):
                                         "v_proj": self.num_kv_heads * hd}, bias, dtype, in_out)
         self.o_proj = Linear(self.num_heads * hd, d, bias, dtype, in_out)
         self.num_slots = num_slots
-        self.max_len = max_len
-        rows = num_slots * self.num_kv_heads * max_len
-        self.k_cache = Parameter(Tensor(np.zeros((rows, hd)), dtype), name="k_cache", requires_grad=False)
-        self.v_cache = Parameter(Tensor(np.zeros((rows, hd)), dtype), name="v_cache", requires_grad=False)
+        self.blocks = cache_blocks(blocks)
+        self.k_cache = ms.ParameterTuple(self._block_params("k_cache", backend.dtype))
+        self.v_cache = ms.ParameterTuple(self._block_params("v_cache", backend.dtype))
         self.rotate = Tensor(rotate_half_matrix(hd), dtype)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
 
+    def _block_params(self, name: str, dtype) -> list[Parameter]:
+        shapes = [(self.num_slots * self.num_kv_heads * (size + 1), self.head_dim) for _, size in self.blocks]
+        return [Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"{name}.{j}", requires_grad=False)
+                for j, shape in enumerate(shapes)]
+
     def construct(self, x, cos, sin, write_index, read_index, mask):
-        """x (B, L, D); cos/sin (B, L, 1, hd); write_index (B, kvh, L) and read_index
-        (B, kvh, P) are cache rows; mask (B, 1, 1, L, P) additive. Softmax in fp32 as the
-        reference's eager path does."""
+        """x (B, L, D); cos/sin (B, L, 1, hd); per block read: write_index[j] (B, kvh, L)
+        and read_index[j] (B, kvh, block + 1) cache rows; mask (B, 1, 1, L, P') additive
+        over the read blocks' rows. Softmax in fp32 as the reference's eager path does."""
         b, l, _ = x.shape
-        p = read_index.shape[-1]
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
         qk, v = ops.split(qkv, (self.num_heads + self.num_kv_heads, self.num_kv_heads), 2)
         rotated = ops.matmul(qk.reshape(-1, self.head_dim), self.rotate).reshape(qk.shape)
         qk = qk * ops.broadcast_to(cos, qk.shape) + rotated * ops.broadcast_to(sin, qk.shape)
         q, k = ops.split(qk, (self.num_heads, self.num_kv_heads), 2)
-        k_cache = ops.scatter_update(self.k_cache, write_index, k.transpose(0, 2, 1, 3))
-        v_cache = ops.scatter_update(self.v_cache, write_index, v.transpose(0, 2, 1, 3))
-        if b == self.num_slots and p == self.max_len:
-            # every slot over the whole context, in slot order (the caller's contract for
-            # this shape): the cache itself is the operand, no gathered copy
-            keys = k_cache.reshape(b, self.num_kv_heads, p, self.head_dim)
-            values = v_cache.reshape(b, self.num_kv_heads, p, self.head_dim)
-        else:
-            rows = read_index.reshape(-1)
-            keys = ops.gather(k_cache, rows, 0).reshape(b, self.num_kv_heads, p, self.head_dim)
-            values = ops.gather(v_cache, rows, 0).reshape(b, self.num_kv_heads, p, self.head_dim)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
-        scores = self.qk(q, keys).astype(ms.float32) * self.scale
-        scores = scores.reshape(b, self.num_kv_heads, self.group, l, p)
-        scores = scores + ops.broadcast_to(mask, scores.shape)
-        probs = ops.softmax(scores, -1).astype(values.dtype).reshape(b, self.num_kv_heads, self.group * l, p)
-        out = self.av(probs, values).reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
+        in_place = b == self.num_slots  # every slot, in slot order: the caller's contract
+        scores, values, sizes = [], [], []
+        for j in range(len(write_index)):
+            size = self.blocks[j][1] + 1
+            k_block = ops.scatter_update(self.k_cache[j], write_index[j], k)
+            v_block = ops.scatter_update(self.v_cache[j], write_index[j], v)
+            if in_place:
+                keys = k_block.reshape(b, self.num_kv_heads, size, self.head_dim)
+                vals = v_block.reshape(b, self.num_kv_heads, size, self.head_dim)
+            else:
+                rows = read_index[j].reshape(-1)
+                keys = ops.gather(k_block, rows, 0).reshape(b, self.num_kv_heads, size, self.head_dim)
+                vals = ops.gather(v_block, rows, 0).reshape(b, self.num_kv_heads, size, self.head_dim)
+            scores.append(self.qk(q, keys))
+            values.append(vals)
+            sizes.append(size)
+        score = scores[0] if len(scores) == 1 else ops.concat(scores, -1)
+        p = score.shape[-1]
+        score = score.astype(ms.float32).reshape(b, self.num_kv_heads, self.group, l, p) * self.scale
+        score = score + ops.broadcast_to(mask, score.shape)
+        probs = ops.softmax(score, -1).astype(values[0].dtype).reshape(b, self.num_kv_heads, self.group * l, p)
+        if len(values) == 1:
+            out = self.av(probs, values[0])
+        else:
+            parts = ops.split(probs, tuple(sizes), -1)
+            out = self.av(parts[0], values[0])
+            for j in range(1, len(values)):
+                out = out + self.av(parts[j], values[j])
+        out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
         return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+
+
+def cache_blocks(ends) -> tuple[tuple[int, int], ...]:
+    """Block ends (ascending context buckets) -> ((start, size), ...)."""
+    out, start = [], 0
+    for end in ends:
+        if end <= start:
+            raise ValueError(f"cache block ends must ascend, got {tuple(ends)}")
+        out.append((start, end - start))
+        start = end
+    return tuple(out)
 
 
 class LlamaMLP(nn.Cell):
@@ -104,10 +138,10 @@ class LlamaMLP(nn.Cell):
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, max_len: int):
+    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, blocks: tuple[int, ...]):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
-        self.self_attn = LlamaAttention(cfg, backend, num_slots, max_len)
+        self.self_attn = LlamaAttention(cfg, backend, num_slots, blocks)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.mlp = LlamaMLP(cfg, backend)
 
@@ -126,31 +160,39 @@ class Embedding(nn.Cell):
 
 
 class LlamaModel(nn.Cell):
-    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, max_len: int):
+    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, blocks: tuple[int, ...]):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, backend.dtype)
-        self.layers = nn.CellList([LlamaDecoderLayer(cfg, backend, num_slots, max_len)
+        self.layers = nn.CellList([LlamaDecoderLayer(cfg, backend, num_slots, blocks)
                                    for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
 
 
 class LlamaForCausalLM(nn.Cell):
-    """HF ``LlamaForCausalLM`` names (``model.*``, ``lm_head``) plus the static KV cache."""
+    """HF ``LlamaForCausalLM`` names (``model.*``, ``lm_head``) plus the static KV cache of
+    ``num_slots`` sequences of ``max_len`` positions, in blocks ending at ``blocks``
+    (ascending, the last = ``max_len``; default one block)."""
 
-    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int = 1, max_len: int | None = None):
+    def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int = 1, max_len: int | None = None,
+                 blocks: tuple[int, ...] | None = None):
         super().__init__()
         max_len = max_len or cfg.max_position_embeddings
+        blocks = tuple(blocks or (max_len,))
+        if blocks[-1] != max_len:
+            raise ValueError(f"the last cache block must end at max_len {max_len}, got {blocks}")
         self.cfg = cfg
         self.num_slots = num_slots
         self.max_len = max_len
+        self.blocks = cache_blocks(blocks)
         self.dtype = backend.dtype
-        self.model = LlamaModel(cfg, backend, num_slots, max_len)
+        self.model = LlamaModel(cfg, backend, num_slots, blocks)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Linear(cfg.hidden_size, cfg.vocab_size, False, backend.dtype, backend.linear_in_out))
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)
         self.kv_head_offsets = Tensor(np.arange(cfg.num_key_value_heads, dtype=np.int32))
+        self.block_rows = tuple(Tensor(np.arange(size + 1, dtype=np.int32)) for _, size in self.blocks)
         self.tied_logits = ops.MatMul(transpose_b=True)
 
     def embed(self, ids):
@@ -162,32 +204,57 @@ class LlamaForCausalLM(nn.Cell):
             return self.tied_logits(h, self.model.embed_tokens.weight).astype(ms.float32)
         return self.lm_head(h).astype(ms.float32)
 
-    def _run(self, h, positions, slots, context):
-        """h (B, L, D) at positions (B, L) in cache slots (B,), attending over cached
-        positions ``context`` (P,) -> hidden states (B, L, D)."""
+    def _run(self, h, positions, slots, key_positions):
+        """h (B, L, D) at positions (B, L) in cache slots (B,), attending over the blocks
+        whose rows ``key_positions`` (P',) lists (``block_key_positions``) -> hidden
+        states (B, L, D). A position of -1 feeds nothing: its keys/values go to spare rows."""
         b, l = positions.shape
-        p = context.shape[0]
-        cos = ops.expand_dims(ops.gather(self.rope_cos, positions, 0).astype(self.dtype), 2)
-        sin = ops.expand_dims(ops.gather(self.rope_sin, positions, 0).astype(self.dtype), 2)
-        base = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads
-                + self.kv_head_offsets.reshape(1, -1, 1)) * self.max_len
-        write_index = base + positions.reshape(b, 1, l)
-        read_index = base + context.reshape(1, 1, p)
-        future = context.reshape(1, 1, p) > positions.reshape(b, l, 1)
+        p = key_positions.shape[0]
+        clamped = ops.maximum(positions, 0)
+        cos = ops.expand_dims(ops.gather(self.rope_cos, clamped, 0).astype(self.dtype), 2)
+        sin = ops.expand_dims(ops.gather(self.rope_sin, clamped, 0).astype(self.dtype), 2)
+        heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
+        at = positions.reshape(b, 1, l)
+        write_index, read_index, covered = [], [], 0
+        for j in range(len(self.blocks)):
+            if covered < p:
+                start, size = self.blocks[j]
+                inside = ops.logical_and(at >= start, at < start + size)
+                offset = ops.select(inside, at - start, ops.zeros_like(at) + size)
+                write_index.append(heads * (size + 1) + offset)
+                read_index.append(heads * (size + 1) + self.block_rows[j].reshape(1, 1, -1))
+                covered += size + 1
+        future = key_positions.reshape(1, 1, p) > positions.reshape(b, l, 1)
         mask = (future.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, l, p)
+        write_index, read_index = tuple(write_index), tuple(read_index)
         for layer in self.model.layers:
             h = layer(h, cos, sin, write_index, read_index, mask)
         return h
 
-    def prefill(self, embeds, positions, slots, context, logit_index):
+    def prefill(self, embeds, positions, slots, key_positions, logit_index):
         """A chunk of prompt embeddings (B, L, D) -> fp32 logits (n, vocab) at the flat
         (B * L) indices ``logit_index`` (n,)."""
         b, l, d = embeds.shape
-        h = self._run(embeds, positions, slots, context)
+        h = self._run(embeds, positions, slots, key_positions)
         return self._logits(ops.gather(h.reshape(b * l, d), logit_index, 0))
 
-    def decode(self, tokens, positions, slots, context):
+    def decode(self, tokens, positions, slots, key_positions):
         """One token per sequence: tokens, positions, slots (B,) -> fp32 logits (B, vocab)."""
         b = tokens.shape[0]
-        h = self._run(self.embed(tokens).reshape(b, 1, -1), positions.reshape(b, 1), slots, context)
+        h = self._run(self.embed(tokens).reshape(b, 1, -1), positions.reshape(b, 1), slots, key_positions)
         return self._logits(h.reshape(b, -1))
+
+
+#: the key position of a spare row: after every query, so the causal mask always hides it
+SPARE_POSITION = 2 ** 30
+
+
+def block_key_positions(blocks: tuple[tuple[int, int], ...], context: int) -> np.ndarray:
+    """The position of every row a step at context bucket ``context`` reads: each block
+    below it, then its spare row (int32, the ``key_positions`` input of ``_run``)."""
+    parts = []
+    for start, size in blocks:
+        if start < context:
+            parts.append(np.arange(start, start + size))
+            parts.append(np.array([SPARE_POSITION]))
+    return np.concatenate(parts).astype(np.int32)

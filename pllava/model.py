@@ -16,9 +16,9 @@ from mindspore import Tensor, nn, ops
 from . import weights as W
 from .config import PllavaConfig
 from .layers import Backend, to_tensor
-from .llama import LlamaForCausalLM
+from .llama import LlamaForCausalLM, block_key_positions
 from .projector import PllavaMultiModalProjector
-from .shapes import Chunk, ShapePlan
+from .shapes import Chunk, DecodeCost, ShapePlan
 from .vision import CLIPVisionTower
 
 _CLIP_LAYER = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
@@ -110,15 +110,17 @@ class PllavaLanguage:
         self.num_slots = num_slots
         self.max_len = max_len
         self.plan = ShapePlan(num_slots, max_len, **plan)
-        self.lm = build_no_init(lambda: LlamaForCausalLM(cfg.text, backend, num_slots, max_len))
+        self.lm = build_no_init(lambda: LlamaForCausalLM(cfg.text, backend, num_slots, max_len,
+                                                         blocks=self.plan.context_buckets))
         self._prefill = ms.jit(self.lm.prefill) if jit else self.lm.prefill
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
-        self._contexts = {c: to_tensor(np.arange(c, dtype=np.int32)) for c in self.plan.context_buckets}
+        self._contexts = {c: to_tensor(block_key_positions(self.lm.blocks, c)) for c in self.plan.context_buckets}
+        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend)
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
         tied = self.cfg.text.tie_word_embeddings
         W.load_into(self.lm, W.iter_weights(source, [W.LANGUAGE], lora_alpha), prefix="language_model.",
-                    skip=lambda name: name.endswith(("k_cache", "v_cache")),
+                    skip=lambda name: ".k_cache." in name or ".v_cache." in name,
                     ignore=lambda name: tied and name == "language_model.lm_head.weight")
         return self
 
@@ -155,9 +157,9 @@ class PllavaLanguage:
         if chunk.size > chunk.length:
             pad = ops.zeros((1, chunk.size - chunk.length, embeds.shape[2]), embeds.dtype)
             piece = ops.concat((piece, pad), 1)
-        # padding rows sit past the prompt; clamped into the slot, they write only positions
-        # that a real token overwrites before anyone attends to them
-        positions = np.minimum(np.arange(chunk.start, chunk.start + chunk.size), self.max_len - 1)
+        # padding rows feed nothing (position -1: their keys/values go to the spare rows)
+        positions = np.arange(chunk.start, chunk.start + chunk.size)
+        positions[chunk.length:] = -1
         index = np.arange(chunk.size) if all_logits else np.array([chunk.length - 1])
         logits = self._prefill(piece, to_tensor(positions.astype(np.int32).reshape(1, -1)),
                                to_tensor(np.array([slot], dtype=np.int32)), self._contexts[chunk.context],
@@ -181,25 +183,35 @@ class PllavaLanguage:
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """One token for each of n sequences: tokens, positions and cache slots (n,) ->
-        fp32 logits (n, vocab). Runs at the batch bucket of n (padded by repeating the last
-        sequence, whose duplicate write is identical) and the context bucket that covers
-        the furthest position. At every slot x the whole context, rows go in slot order
-        (the step then attends over the cache in place): idle slots feed a dummy token at
-        the last position, which any sequence writes before it reads it."""
-        n = len(tokens)
+        fp32 logits (n, vocab). The sequences run in at most two groups (short ones and
+        long ones, when ``decode_cost`` says two steps cost less than one at the longest
+        context), each at its batch bucket and the context bucket of its furthest position."""
         tokens, positions, slots = (np.asarray(a, dtype=np.int32) for a in (tokens, positions, slots))
+        order = np.argsort(positions, kind="stable")
+        split = self.decode_cost.best_split(positions[order] + 1)
+        logits = np.empty((len(tokens), self.vocab_size), np.float32)
+        for group in (order[:split], order[split:]):
+            if len(group):
+                logits[group] = self._decode_group(tokens[group], positions[group], slots[group])
+        return logits
+
+    def _decode_group(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """One step at the group's batch and context buckets. At the batch of every slot,
+        rows go in slot order (the step then attends over the cache blocks in place) and
+        slots outside the group feed a dummy row at position -1, which writes only spare
+        rows; a smaller batch is padded by repeating the last sequence (an identical write)."""
+        n = len(tokens)
         batch = self.plan.batch_bucket(n)
-        context = self.plan.context_bucket(int(np.max(positions)) + 1)
-        if batch == self.num_slots and context == self.max_len:
+        context = self._contexts[self.plan.context_bucket(int(np.max(positions)) + 1)]
+        if batch == self.num_slots:
             feed = np.zeros(batch, np.int32)
-            where = np.full(batch, self.max_len - 1, np.int32)
+            where = np.full(batch, -1, np.int32)
             feed[slots], where[slots] = tokens, positions
             logits = self._decode(to_tensor(feed), to_tensor(where), to_tensor(np.arange(batch, dtype=np.int32)),
-                                  self._contexts[context])
+                                  context)
             return logits.asnumpy()[slots]
         pick = np.minimum(np.arange(batch), n - 1)
-        logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), to_tensor(slots[pick]),
-                              self._contexts[context])
+        logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), to_tensor(slots[pick]), context)
         return logits.asnumpy()[:n]
 
     def warm_up(self, progress=None) -> int:
@@ -210,11 +222,22 @@ class PllavaLanguage:
         width = self.cfg.text.hidden_size
         for done, (kind, size, context) in enumerate(graphs, 1):
             if kind == "decode":
-                self.decode(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
-                            np.zeros(size, np.int32))
+                self._decode_group(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
+                                   np.zeros(size, np.int32))
             else:
                 embeds = ops.zeros((1, context, width), self.lm.dtype)
                 self.prefill_chunk(0, embeds, Chunk(context - size, size, size, context))
             if progress is not None:
                 progress(done, len(graphs), kind, size, context)
         return len(graphs)
+
+
+def estimate_decode_cost(plan: ShapePlan, cfg: PllavaConfig, backend: Backend) -> DecodeCost:
+    """Bytes a decode step reads: the language weights, then the KV rows it attends over."""
+    t = cfg.text
+    item = np.dtype(np.float32).itemsize if backend.dtype == ms.float32 else 2
+    layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+             + t.num_attention_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    weights = (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size) * item
+    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * item
+    return DecodeCost.estimate(plan, weights, kv)

@@ -114,6 +114,50 @@ class ShapePlan:
         return decode + prefill
 
 
+@dataclass(frozen=True)
+class DecodeCost:
+    """What one decode step costs at each (batch bucket, context bucket) of a plan, so the
+    engine can run a step as two groups (short sequences at a short context, long ones at
+    theirs) when that costs less than one step at the longest context. The estimate is the
+    bytes a step reads: the weights once, then the KV rows it attends over; at the batch of
+    every slot it attends over the cache in place (every slot's rows), at a smaller batch it
+    gathers its slots' rows first (read, written and read again: counted twice). A fixed
+    estimate, not a timing: steps timed at warm-up on a busy machine ordered buckets wrongly."""
+
+    plan: ShapePlan
+    table: dict[tuple[int, int], float]
+    margin: float = 0.9  # split only when two steps cost under this share of one
+
+    @classmethod
+    def estimate(cls, plan: ShapePlan, weight_bytes: float, kv_bytes_per_position: float) -> "DecodeCost":
+        def rows(batch: int) -> int:
+            return plan.num_slots if batch == plan.num_slots else 2 * batch
+
+        table = {(b, c): weight_bytes + rows(b) * c * kv_bytes_per_position
+                 for b in plan.batch_buckets for c in plan.context_buckets}
+        return cls(plan, table)
+
+    def step(self, n: int, longest: int) -> float:
+        """One step of ``n`` sequences whose furthest needs ``longest`` positions."""
+        return self.table[(self.plan.batch_bucket(n), self.plan.context_bucket(longest))]
+
+    def best_split(self, lengths) -> int:
+        """``lengths``: positions each sequence needs, ascending. Returns k: run the first k
+        as one step and the rest as another (0 = one step for all)."""
+        n = len(lengths)
+        if n < 2:
+            return 0
+        whole = self.step(n, lengths[-1])
+        best, best_cost = 0, whole * self.margin
+        for k in range(1, n):
+            if self.plan.context_bucket(lengths[k - 1]) == self.plan.context_bucket(lengths[-1]):
+                break
+            cost = self.step(k, lengths[k - 1]) + self.step(n - k, lengths[-1])
+            if cost < best_cost:
+                best, best_cost = k, cost
+        return best
+
+
 def _smallest_at_least(buckets: tuple[int, ...], n: int, what: str) -> int:
     for b in buckets:
         if b >= n:

@@ -190,6 +190,25 @@ def test_batched_decode_over_every_slot_and_the_whole_context_equals_each_alone(
     check_batched_decode(chunked, visual, [long_prompt(n) for n in (40, 300)], [2, 0])
 
 
+def test_decode_split_into_short_and_long_groups_equals_each_alone(chunked, vision, pixels):
+    """When two steps cost less than one (here: forced through the cost table), the short
+    sequences run at their context bucket and the long one at its own; in the step of every
+    slot, the long sequence's slot feeds a dummy row that must not touch its cache."""
+    visual = vision.encode_videos([pixels])[0]
+    table = dict(chunked.decode_cost.table)
+    try:
+        prompts = [long_prompt(n) for n in (4, 5, 204)]
+        lengths = sorted(chunked.merge_embeddings(p, visual).shape[1] + 1 for p in prompts)
+        chunked.decode_cost.table = {(b, c): float(b * c) for (b, c) in table}
+        assert chunked.decode_cost.best_split(lengths) == 2
+        check_batched_decode(chunked, visual, prompts, [1, 2, 0])
+        chunked.decode_cost.table = {key: 1.0 for key in table}  # one step always wins
+        assert chunked.decode_cost.best_split(lengths) == 0
+        check_batched_decode(chunked, visual, prompts, [1, 2, 0])
+    finally:
+        chunked.decode_cost.table = table
+
+
 def check_batched_decode(chunked, visual, prompts, slots):
     embeds = [chunked.merge_embeddings(p, visual) for p in prompts]
     first = [int(chunked.prefill(slot, e)[0].argmax()) for slot, e in zip(slots, embeds)]

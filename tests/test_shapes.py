@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pllava.shapes import ShapePlan, powers_of_two
+from pllava.shapes import DecodeCost, ShapePlan, powers_of_two
 
 
 def test_buckets_double_up_to_the_limits():
@@ -54,3 +54,26 @@ def test_bad_plans_are_refused():
         ShapePlan(1, 512, prefill_chunk=100)
     with pytest.raises(ValueError, match="at least 1 slot"):
         ShapePlan(0, 512)
+
+
+def test_decode_splits_long_and_short_sequences_only_when_it_costs_less():
+    plan = ShapePlan(8, 4096)
+    # bytes read: 1 GB of weights, 0.1 MB per cached position attended over
+    cost = DecodeCost.estimate(plan, 1e9, 1e5)
+    assert cost.step(7, 300) == 1e9 + 8 * 512 * 1e5  # every slot, in place
+    assert cost.step(3, 300) == 1e9 + 2 * 4 * 512 * 1e5  # gathered: counted twice
+    # seven short streams and one 16-frame prompt: two steps read far less than one at 4096
+    assert cost.best_split([300] * 7 + [2600]) == 7
+    # all at one bucket, or a single sequence: nothing to split
+    assert cost.best_split([300, 400, 500]) == 0 and cost.best_split([2600]) == 0
+    # when the weights dominate, a second pass over them is not worth it
+    assert DecodeCost.estimate(plan, 1e12, 1e5).best_split([300] * 7 + [2600]) == 0
+    # among several splits the cheapest wins: the lone 16-frame sequence alone (gathered),
+    # the rest in place at the 1024 bucket of their longest
+    light = DecodeCost.estimate(plan, 1e8, 1e5)
+    lengths = [300, 300, 300, 300, 300, 300, 1000, 3000]
+    costs = {k: light.step(k, lengths[k - 1]) + light.step(8 - k, lengths[-1]) for k in range(1, 8)}
+    assert min(costs, key=costs.get) == 7 and costs[7] < 0.9 * light.step(8, 3000)
+    assert light.best_split(lengths) == 7
+    # six long ones already read every slot in place: a split cannot read less
+    assert light.best_split([300, 300] + [3000] * 6) == 0

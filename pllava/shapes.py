@@ -43,7 +43,7 @@ class ShapePlan:
     min_context: int = 512  # the smallest context bucket; buckets double up to max_len
     prefill_chunk: int = 256  # the longest prefill chunk (tokens), used while nothing else decodes
     prefill_small_chunk: int = 64  # prompt tails, and every chunk while other sequences are decoding
-    prefill_area: int = 256 * 1024  # chunk x context cap for long chunks (their compute and memory)
+    prefill_area: int = 128 * 1024  # chunk x context cap for long chunks (their compute and memory)
     chunk_align: int = 32  # chunk lengths are multiples of this (and at least this)
 
     def __post_init__(self):
@@ -58,9 +58,11 @@ class ShapePlan:
 
     @cached_property
     def batch_buckets(self) -> tuple[int, ...]:
-        """1, then 4, 8, ... up to num_slots: two and three sequences run at 4, which costs
-        about what 2 does (the weights are read once either way) and saves compiles."""
-        return (1,) + powers_of_two(4, self.num_slots) if self.num_slots > 4 else tuple(sorted({1, self.num_slots}))
+        """1 (a lone stream gathers its own rows) and every slot (in slot order, attending
+        over the cache in place). A bucket between them would read about what the full one
+        does (gathering n slots' rows costs about what reading 2n in place does) and would
+        cost its compiles and their memory: each graph keeps ~30-80 MB on CPU."""
+        return tuple(sorted({1, self.num_slots}))
 
     @cached_property
     def context_buckets(self) -> tuple[int, ...]:

@@ -9,9 +9,10 @@ from pllava.shapes import DecodeCost, ShapePlan, powers_of_two
 
 def test_buckets_double_up_to_the_limits():
     plan = ShapePlan(num_slots=6, max_len=3000)
-    assert plan.batch_buckets == (1, 4, 6) and ShapePlan(2, 600).batch_buckets == (1, 2)
+    assert plan.batch_buckets == (1, 6) and ShapePlan(2, 600).batch_buckets == (1, 2)
+    assert ShapePlan(1, 600).batch_buckets == (1,)
     assert plan.context_buckets == (512, 1024, 2048, 3000)
-    assert plan.batch_bucket(3) == 4 and plan.context_bucket(1025) == 2048 and plan.context_bucket(3000) == 3000
+    assert plan.batch_bucket(3) == 6 and plan.context_bucket(1025) == 2048 and plan.context_bucket(3000) == 3000
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         plan.context_bucket(3001)
     assert powers_of_two(64, 64) == (64,)
@@ -61,7 +62,7 @@ def test_decode_splits_long_and_short_sequences_only_when_it_costs_less():
     # bytes read: 1 GB of weights, 0.1 MB per cached position attended over
     cost = DecodeCost.estimate(plan, 1e9, 1e5)
     assert cost.step(7, 300) == 1e9 + 8 * 512 * 1e5  # every slot, in place
-    assert cost.step(3, 300) == 1e9 + 2 * 4 * 512 * 1e5  # gathered: counted twice
+    assert cost.step(1, 300) == 1e9 + 2 * 1 * 512 * 1e5  # gathered: counted twice
     # seven short streams and one 16-frame prompt: two steps read far less than one at 4096
     assert cost.best_split([300] * 7 + [2600]) == 7
     # all at one bucket, or a single sequence: nothing to split

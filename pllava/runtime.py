@@ -44,18 +44,25 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
     return Backend(device=device, dtype=DTYPES[dtype])
 
 
+#: the modules whose code becomes the decoder's compiled graphs
+GRAPH_SOURCES = ("llama.py", "layers.py", "model.py", "shapes.py", "config.py")
+
+
 def enable_compile_cache(root: str | Path, *key_parts) -> Path:
     """Keep compiled graphs in a folder keyed by ``key_parts`` (everything that shapes the
     graphs: the model config, the engine's shapes, dtype, device) and the MindSpore and
     project versions, so that a restart with the same setup skips the front-end compile
-    (measured 3-4 s per graph cold, 0.3-0.7 s cached). MindSpore also checks the source
-    files' hashes and compiles again when they changed."""
+    (measured 3-4 s per graph cold, 0.3-0.7 s cached). The key also covers the source of the
+    modules that define the graphs: MindSpore's own check of source files let a graph of an
+    earlier cache layout load after the layout changed (a Reshape size error at warm-up)."""
     import hashlib
     import os
 
     from . import __version__
 
-    key = repr((ms.__version__, __version__) + tuple(key_parts)).encode()
+    here = Path(__file__).parent
+    sources = b"".join((here / name).read_bytes() for name in GRAPH_SOURCES)
+    key = repr((ms.__version__, __version__, hashlib.sha256(sources).hexdigest()) + tuple(key_parts)).encode()
     folder = Path(root).expanduser() / hashlib.sha256(key).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"

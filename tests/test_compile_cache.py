@@ -1,0 +1,15 @@
+"""The compile cache folder is keyed by everything that shapes the graphs, the graphs' own
+source included, so a changed engine never loads graphs compiled from an older one."""
+from __future__ import annotations
+
+from pllava import runtime
+
+
+def test_folder_follows_the_setup_and_the_graph_sources(tmp_path, monkeypatch):
+    for name in ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"):
+        monkeypatch.setenv(name, "")  # restored after the test
+    first = runtime.enable_compile_cache(tmp_path, "config", 8, 4096)
+    assert runtime.enable_compile_cache(tmp_path, "config", 8, 4096) == first and first.is_dir()
+    assert runtime.enable_compile_cache(tmp_path, "config", 8, 2048) != first
+    monkeypatch.setattr(runtime, "GRAPH_SOURCES", runtime.GRAPH_SOURCES[:-1])
+    assert runtime.enable_compile_cache(tmp_path, "config", 8, 4096) != first

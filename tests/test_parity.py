@@ -2,6 +2,8 @@
 transformers itself saved: CLIP features, projector + pooling, logits, greedy tokens."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -195,18 +197,18 @@ def test_decode_split_into_short_and_long_groups_equals_each_alone(chunked, visi
     sequences run at their context bucket and the long one at its own; in the step of every
     slot, the long sequence's slot feeds a dummy row that must not touch its cache."""
     visual = vision.encode_videos([pixels])[0]
-    table = dict(chunked.decode_cost.table)
+    original = chunked.decode_cost
     try:
         prompts = [long_prompt(n) for n in (4, 5, 204)]
         lengths = sorted(chunked.merge_embeddings(p, visual).shape[1] + 1 for p in prompts)
-        chunked.decode_cost.table = {(b, c): float(b * c) for (b, c) in table}
+        chunked.decode_cost = replace(original, table={(b, c): float(b * c) for (b, c) in original.table})
         assert chunked.decode_cost.best_split(lengths) == 2
         check_batched_decode(chunked, visual, prompts, [1, 2, 0])
-        chunked.decode_cost.table = {key: 1.0 for key in table}  # one step always wins
+        chunked.decode_cost = replace(original, table={key: 1.0 for key in original.table})  # one step wins
         assert chunked.decode_cost.best_split(lengths) == 0
         check_batched_decode(chunked, visual, prompts, [1, 2, 0])
     finally:
-        chunked.decode_cost.table = table
+        chunked.decode_cost = original
 
 
 def check_batched_decode(chunked, visual, prompts, slots):

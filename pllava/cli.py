@@ -226,12 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .generation import SequenceError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
         print(f"pllava: error: {exc}", file=sys.stderr)
         return 2
+    except SequenceError as exc:  # the model failed on this request (NaN logits, ...)
+        print(f"pllava: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

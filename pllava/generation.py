@@ -8,21 +8,36 @@ whole prefill). Each step returns the tokens it produced as
 ``TokenEvent``s, so a caller can stream them. ``generate()`` drives one request alone.
 
 ``add`` and ``cancel`` may be called from other threads; ``step`` runs on one thread only.
+
+Failures stay with the sequences they belong to. A step is shared device work (a prefill
+chunk of one prompt, one decode call for the running batch) followed by each sequence's own
+host-side work (choosing its token, detokenising, matching its stop strings). An exception in
+one sequence's own work, or in the prefill of its prompt, finishes that sequence alone with
+``FinishReason.ERROR`` and a :class:`SequenceError` naming what failed; a failed decode call
+finishes the sequences that were in it. Either way their slots are freed and the next step
+serves everyone else as before.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+#: Makes each request's token chooser: ``(params) -> chooser(logits, seen_ids) -> token id``.
+SamplerFactory = Callable[[SamplingParams], Callable[[np.ndarray, np.ndarray], int]]
 
 
 class FinishReason(str, enum.Enum):
@@ -31,10 +46,35 @@ class FinishReason(str, enum.Enum):
     CONTEXT_LENGTH = "context_length"  # the KV cache (max context) is full
     STOP_STRING = "stop_string"  # a requested stop string appeared in the text
     CANCELLED = "cancelled"      # the caller went away or gave up
+    ERROR = "error"              # this sequence failed; the event's ``error`` says why
 
 
 class ContextOverflowError(ValueError):
     """The prompt (with its visual tokens) does not fit the context window."""
+
+
+class SequenceError(RuntimeError):
+    """Why one sequence ended with ``FinishReason.ERROR``: the stage that failed and the
+    exception it raised (also its ``__cause__``). Not the request's fault: validation
+    refuses bad requests before they reach the engine."""
+
+    def __init__(self, stage: str, cause: BaseException, batch_size: int = 1):
+        self.stage = stage
+        self.cause = cause
+        shared = f" (shared by the {batch_size} sequences decoded together)" if batch_size > 1 else ""
+        super().__init__(f"generation failed while {stage}{shared}: {type(cause).__name__}: {cause}")
+        self.__cause__ = cause
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    """Re-raise any exception of the block as a SequenceError naming ``name``."""
+    try:
+        yield
+    except SequenceError:
+        raise
+    except Exception as exc:
+        raise SequenceError(name, exc) from exc
 
 
 @dataclass
@@ -54,6 +94,7 @@ class TokenEvent:
     text: str
     finish_reason: FinishReason | None = None
     stats: "SequenceStats | None" = None  # set on the final event
+    error: SequenceError | None = None  # set when finish_reason is ERROR
 
 
 @dataclass
@@ -121,9 +162,9 @@ class StopStringFilter:
 class Running:
     """A request in flight: its slot, position, generated ids and text state."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer):
+    def __init__(self, request: Request, tokenizer: Tokenizer, sampler: SamplerFactory = Sampler):
         self.request = request
-        self.sampler = Sampler(request.params)
+        self.sampler = sampler(request.params)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stop_filter = StopStringFilter(request.params.stop)
         self.generated: list[int] = []
@@ -135,11 +176,16 @@ class Running:
 
 
 class Engine:
-    """Owns a ``PllavaLanguage`` (its KV-cache slots) and schedules requests onto it."""
+    """Owns a ``PllavaLanguage`` (its KV-cache slots) and schedules requests onto it.
 
-    def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None):
+    ``sampler`` makes each request's token chooser from its ``SamplingParams`` (default
+    :class:`pllava.sampling.Sampler`); the engine calls it once per generated token."""
+
+    def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
+                 sampler: SamplerFactory = Sampler):
         self.language = language
         self.tokenizer = tokenizer
+        self.sampler = sampler
         self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.num_slots = language.num_slots
         self.max_len = language.max_len
@@ -160,7 +206,7 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt is {prompt_len} tokens ({len(request.prompt_ids)} text + {visual_len} visual) "
                 f"but the context holds {self.max_len}: shorten the prompt or raise the max context")
-        seq = Running(request, self.tokenizer)
+        seq = Running(request, self.tokenizer, self.sampler)
         seq.stats.prompt_tokens = prompt_len
         with self._lock:
             self._waiting.append(seq)
@@ -238,13 +284,19 @@ class Engine:
 
     def _prefill_step(self, seq: Running, busy: bool) -> list[TokenEvent]:
         """Feed the next chunk of ``seq``'s prompt (a short one while others are decoding,
-        ``busy``); its last chunk yields the first token."""
-        if seq.embeds is None:
-            seq.stats.prefill_start = time.perf_counter()
-            seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
-        length = seq.embeds.shape[1]
-        chunk = self.language.plan.next_chunk(seq.position, length, busy)
-        logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
+        ``busy``); its last chunk yields the first token. A failure here is ``seq``'s alone:
+        the chunk is its own device call and writes only its own slot."""
+        try:
+            if seq.embeds is None:
+                seq.stats.prefill_start = time.perf_counter()
+                with _stage("merging the prompt with its visual tokens"):
+                    seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
+            length = seq.embeds.shape[1]
+            with _stage("prefilling the prompt"):
+                chunk = self.language.plan.next_chunk(seq.position, length, busy)
+                logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
+        except SequenceError as error:
+            return [self._fail(seq, error)]
         seq.position = chunk.start + chunk.length
         if seq.position < length:
             return []
@@ -258,7 +310,11 @@ class Engine:
         tokens = np.array([seq.generated[-1] for seq in running], dtype=np.int32)
         positions = np.array([seq.position for seq in running], dtype=np.int32)
         slots = np.array([seq.slot for seq in running], dtype=np.int32)
-        logits = self.language.decode(tokens, positions, slots)
+        try:
+            logits = self.language.decode(tokens, positions, slots)
+        except Exception as exc:  # the shared device step: every sequence in it has no token
+            error = SequenceError("decoding the next token", exc, batch_size=len(running))
+            return [self._fail(seq, error) for seq in running]
         events = []
         for seq, row in zip(running, logits):
             seq.position += 1
@@ -266,13 +322,26 @@ class Engine:
         return events
 
     def _accept(self, seq: Running, logits: np.ndarray) -> TokenEvent:
-        """Sample a token for ``seq``, update its text, finish it if a stop condition holds."""
-        token = seq.sampler(logits, seq.seen)
+        """Sample a token for ``seq``, update its text, finish it if a stop condition holds;
+        a failure in any of that finishes ``seq`` alone with ``FinishReason.ERROR``."""
+        try:
+            return self._advance(seq, logits)
+        except SequenceError as error:
+            return self._fail(seq, error)
+
+    def _advance(self, seq: Running, logits: np.ndarray) -> TokenEvent:
+        with _stage("choosing the next token"):
+            token = int(seq.sampler(logits, seq.seen))
+            if not 0 <= token < len(logits):
+                raise ValueError(f"the sampler chose token id {token}, outside the vocabulary of {len(logits)}")
         seq.generated.append(token)
         seq.seen = np.append(seq.seen, token)
         if token == self.eos_token_id:
             return self._finish(seq, token, "", FinishReason.STOP)
-        text, hit = seq.stop_filter.feed(seq.detok.push(token))
+        with _stage("detokenising"):
+            piece = seq.detok.push(token)
+        with _stage("matching stop strings"):
+            text, hit = seq.stop_filter.feed(piece)
         if hit:
             return self._finish(seq, token, text, FinishReason.STOP_STRING, flush=False)
         if len(seq.generated) >= seq.request.params.max_new_tokens:
@@ -284,23 +353,42 @@ class Engine:
     def _finish(self, seq: Running, token: int | None, text: str, reason: FinishReason,
                 flush: bool = True) -> TokenEvent:
         if flush:
-            tail, hit = seq.stop_filter.feed(seq.detok.flush())
-            text += tail if hit else tail + seq.stop_filter.flush()
+            try:
+                with _stage("detokenising the last text"):
+                    tail, hit = seq.stop_filter.feed(seq.detok.flush())
+                    text += tail if hit else tail + seq.stop_filter.flush()
+            except SequenceError as error:
+                if reason != FinishReason.CANCELLED:  # nobody reads a cancelled request's text
+                    return self._fail(seq, error)
+        self._release(seq)
+        return TokenEvent(seq.request.request_id, token, text, reason, seq.stats)
+
+    def _fail(self, seq: Running, error: SequenceError) -> TokenEvent:
+        """End ``seq`` with ``FinishReason.ERROR``; the rest of the batch carries on."""
+        log.error("request %s failed after %d generated tokens: %s", seq.request.request_id,
+                  len(seq.generated), error, exc_info=error.cause)
+        self._release(seq)
+        return TokenEvent(seq.request.request_id, None, "", FinishReason.ERROR, seq.stats, error=error)
+
+    def _release(self, seq: Running) -> None:
+        """Free ``seq``'s slot (and its place in prefill) and stamp its final stats."""
         if seq.slot >= 0 and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
         if self._prefilling is seq:
             self._prefilling, seq.embeds = None, None
         seq.stats.finished = time.perf_counter()
         seq.stats.generated_tokens = len(seq.generated)
-        return TokenEvent(seq.request.request_id, token, text, reason, seq.stats)
 
 
 def generate(engine: Engine, request: Request) -> Iterator[TokenEvent]:
-    """Run one request to completion on an otherwise idle engine, yielding each token."""
+    """Run one request to completion on an otherwise idle engine, yielding each token;
+    raises the :class:`SequenceError` of a request that fails."""
     engine.add(request)
     while True:
         for event in engine.step():
             if event.request_id == request.request_id:
+                if event.error is not None:
+                    raise event.error
                 yield event
                 if event.finish_reason is not None:
                     return

@@ -1,8 +1,15 @@
 """Choosing the next token from logits: greedy by default, or sampling with temperature,
 top-k, top-p and HF-style repetition penalty. Host-side numpy, one RNG per request (no
-global random state), so a seeded request is reproducible whatever else runs beside it."""
+global random state), so a seeded request is reproducible whatever else runs beside it.
+
+Every finite parameter that passes validation samples without overflow: logits are shifted by
+their maximum before the temperature divides them, so a tiny temperature tends to greedy
+instead of turning the probabilities into NaN, and tokens whose logit a huge repetition
+penalty pushed to +inf are the only ones drawn. What is left to fail is the model itself:
+NaN logits raise :class:`BadLogits` for that one request."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +30,10 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -39,6 +50,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
+class BadLogits(RuntimeError):
+    """The model gave logits no token can be chosen from (NaN, or all -inf): the model's
+    fault, not the request's."""
+
+
 class Sampler:
     """Per-request token chooser holding that request's RNG."""
 
@@ -49,11 +65,12 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen_ids: np.ndarray) -> int:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
+        check_logits(logits)
         if p.repetition_penalty != 1.0 and len(seen_ids):
             logits = apply_repetition_penalty(logits, seen_ids, p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))
-        logits = logits / p.temperature
+        logits = apply_temperature(logits, p.temperature)
         if p.top_k:
             logits = top_k_filter(logits, p.top_k)
         if p.top_p < 1.0:
@@ -63,13 +80,35 @@ class Sampler:
         return int(self.rng.choice(len(probs), p=probs))
 
 
+def check_logits(logits: np.ndarray) -> None:
+    """Raise :class:`BadLogits` unless some token has a finite or +inf logit and none is NaN."""
+    if np.isnan(logits).any():
+        raise BadLogits(f"the model produced NaN logits ({int(np.isnan(logits).sum())} of {logits.size})")
+    if not (logits > -np.inf).any():
+        raise BadLogits("the model gave every token a logit of -inf")
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` shifted so that the largest is 0, in float64: the same
+    distribution, and no overflow (nor a temperature rounded to 0) however small the
+    temperature. Logits of +inf (a huge repetition penalty divided a positive logit) stand
+    for certainty: only those tokens keep a chance."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max()
+    if np.isposinf(top):
+        return np.where(np.isposinf(logits), 0.0, -np.inf)
+    with np.errstate(over="ignore"):  # overflow gives -inf: a token with no chance, as meant
+        return (logits - top) / temperature
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen_ids: np.ndarray, penalty: float) -> np.ndarray:
     """HF semantics: a seen token's logit is divided by the penalty if positive, else multiplied."""
     logits = logits.copy()
     ids = np.unique(np.asarray(seen_ids, dtype=np.int64))
     ids = ids[(ids >= 0) & (ids < len(logits))]
     vals = logits[ids]
-    logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    with np.errstate(over="ignore"):  # +-inf for extreme penalties: see apply_temperature
+        logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
     return logits
 
 

@@ -4,6 +4,7 @@ bounded, settings layer YAML < environment < flags."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,12 +14,12 @@ from pllava.generation import ContextOverflowError, Engine, FinishReason, Reques
 from pllava.model import PllavaLanguage
 from pllava.prompt import build_prompt
 from pllava.runtime import setup_backend
-from pllava.sampling import SamplingParams
+from pllava.sampling import Sampler, SamplingParams
 from pllava.tokenizer import Tokenizer
 from pllava_decoder.engine_loop import EngineLoop
 from pllava_decoder.settings import ENV_PREFIX, DecoderSettings
 from pllava_decoder.visual_cache import CachedVisual, VisualCache, visual_key
-from pllava_serving.errors import Overloaded
+from pllava_serving.errors import InternalError, Overloaded
 from pllava_serving.settings import load_settings
 
 MAX_LEN = 1024
@@ -33,10 +34,10 @@ class Model:
         self.cfg = PllavaConfig.from_pretrained(model_dir)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
 
-    def loop(self, slots: int, max_queue: int = 8, max_len: int = MAX_LEN) -> EngineLoop:
+    def loop(self, slots: int, max_queue: int = 8, max_len: int = MAX_LEN, sampler=Sampler) -> EngineLoop:
         language = PllavaLanguage.from_pretrained(self.dir, self.cfg, self.backend, num_slots=slots,
                                                   max_len=max_len)
-        return EngineLoop(Engine(language, self.tokenizer), max_queue=max_queue).start()
+        return EngineLoop(Engine(language, self.tokenizer, sampler=sampler), max_queue=max_queue).start()
 
     def request(self, question: str, seed: int, max_new_tokens: int, rid: str) -> Request:
         ids = self.tokenizer.encode(build_prompt(question))
@@ -131,6 +132,53 @@ def test_cancel_frees_the_slot(model):
     # not been cancelled, each would have held it for about 3000 steps.
     assert steps < 1000, steps
     assert loop.engine.num_running == 0 and loop.engine.num_waiting == 0 and loop.num_waiting == 0
+
+
+def failing_on_seed_666(params: SamplingParams):
+    """The real sampler, except that a request seeded 666 fails on its 4th token."""
+    sampler, calls = Sampler(params), [0]
+
+    def choose(logits, seen):
+        calls[0] += 1
+        if params.seed == 666 and calls[0] == 4:
+            raise FloatingPointError("probabilities contain NaN")
+        return sampler(logits, seen)
+    return choose
+
+
+def test_a_failing_sequence_fails_its_own_stream_only(model):
+    """Three captions decode together; one's sampling fails: its stream raises
+    InternalError naming the cause, the other two finish with their usual tokens, and the
+    loop serves the next request."""
+    specs = [("Describe the video in details.", 1, 20), ("What is the man cooking?", 2, 16), ("Who?", 3, 12)]
+    def requests(tag, marked):
+        made = [model.request(q, seed, n, f"{tag}-{i}") for i, (q, seed, n) in enumerate(specs)]
+        return [dataclasses.replace(r, params=dataclasses.replace(r.params, seed=666 if i == marked else None))
+                for i, r in enumerate(made)]
+
+    loop = model.loop(slots=4, sampler=failing_on_seed_666)
+
+    async def outcome(request):
+        try:
+            return await collect(loop, request)
+        except InternalError as exc:
+            return exc
+
+    async def run(tag, marked):
+        return await asyncio.gather(*(outcome(r) for r in requests(tag, marked)))
+
+    try:
+        clean = asyncio.run(run("clean", None))
+        mixed = asyncio.run(run("mixed", 1))
+        after = asyncio.run(run("after", None))
+    finally:
+        loop.stop()
+    assert isinstance(mixed[1], InternalError)
+    assert str(mixed[1]) == ("generation failed while choosing the next token: "
+                             "FloatingPointError: probabilities contain NaN")
+    assert mixed[0] == clean[0] and mixed[2] == clean[2] and after == clean
+    assert [r[2] for r in clean] == [FinishReason.LENGTH] * 3
+    assert loop.engine.num_running == 0 and loop.num_waiting == 0
 
 
 def test_full_queue_is_refused_and_context_overflow_raises(model):

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from pllava.config import PllavaConfig
-from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, StopStringFilter, generate
+from pllava.generation import (ContextOverflowError, Engine, FinishReason, Request, SequenceError,
+                               StopStringFilter, generate)
 from pllava.model import PllavaLanguage
 from pllava.prompt import build_prompt
-from pllava.sampling import Sampler, SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
+from pllava.sampling import (BadLogits, Sampler, SamplingParams, apply_repetition_penalty, top_k_filter,
+                             top_p_filter)
 from pllava.tokenizer import Tokenizer
 
 
@@ -45,13 +47,45 @@ def test_sampler_greedy_seeded_and_reproducible():
     assert draw(1) is not None
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+    *[(dict(temperature=v), "temperature must be a finite number") for v in (NAN, INF)],
+    *[(dict(top_p=v), "top_p must be a finite number") for v in (NAN, INF, -INF)],
+    *[(dict(repetition_penalty=v), "repetition_penalty must be a finite number") for v in (NAN, INF, -INF)],
 ])
 def test_sampling_params_validate(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_extreme_but_finite_parameters_still_sample():
+    """A temperature so small that logits / temperature overflows float32 (and float64)
+    samples the argmax; a repetition penalty so small that a seen logit becomes +inf makes
+    that token certain. Neither turns the probabilities into NaN."""
+    logits = np.random.default_rng(3).standard_normal(50).astype(np.float32)
+    for temperature in (1e-30, 1e-45, 1e-300, 5e-324):
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=1))
+        assert [sampler(logits, np.array([])) for _ in range(5)] == [int(logits.argmax())] * 5
+    seen = np.array([7, 9])
+    logits[[7, 9]] = [2.0, 3.0]
+    sampler = Sampler(SamplingParams(temperature=1.0, repetition_penalty=1e-45, seed=2))
+    assert {sampler(logits, seen) for _ in range(20)} <= {7, 9}
+    sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=1e30, top_p=0.5, seed=2))
+    assert all(0 <= sampler(logits, seen) < 50 for _ in range(20))
+
+
+def test_logits_no_token_can_come_from_are_the_models_fault():
+    logits = np.zeros(10, np.float32)
+    logits[3] = np.nan
+    for params in (SamplingParams(), SamplingParams(temperature=1.0)):
+        with pytest.raises(BadLogits, match="NaN logits"):
+            Sampler(params)(logits, np.array([]))
+    with pytest.raises(BadLogits, match="-inf"):
+        Sampler(SamplingParams())(np.full(10, -np.inf, np.float32), np.array([]))
 
 
 def test_stop_string_filter_holds_back_partial_matches():
@@ -235,3 +269,129 @@ def test_generation_stops_at_the_context_limit(tiny_model_dir, cfg, tokenizer):
     tokens, _, final = run_alone(small, tokenizer, Request(ids, visual(cfg, 0), SamplingParams(max_new_tokens=500)))
     assert final.finish_reason == FinishReason.CONTEXT_LENGTH
     assert prompt_len + len(tokens) == 896
+
+
+# ---- one sequence's failure is its own -----------------------------------------------------------
+class FailingSampler:
+    """Wraps the real sampler of a request; raises on the ``fail_at``-th token of one marked
+    request (seed 666), as a bug or a bad logit row in one sequence's sampling would."""
+
+    MARK = 666
+
+    def __init__(self, params: SamplingParams, fail_at: int = 5):
+        self.inner = Sampler(params)
+        self.fail = params.seed == self.MARK
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def __call__(self, logits, seen):
+        self.calls += 1
+        if self.fail and self.calls == self.fail_at:
+            raise ValueError("probabilities contain NaN")
+        return self.inner(logits, seen)
+
+
+class FlakyLanguage:
+    """The real language model, failing as a device would: the first decode call of
+    ``fail_batch`` sequences raises, and so do the prefill calls listed in ``fail_prefill``
+    (1-based)."""
+
+    def __init__(self, language, fail_batch: int | None = None, fail_prefill=()):
+        self._language = language
+        self.fail_batch, self.fail_prefill = fail_batch, set(fail_prefill)
+        self.prefill_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._language, name)
+
+    def decode(self, tokens, positions, slots):
+        if len(tokens) == self.fail_batch:
+            self.fail_batch = None
+            raise RuntimeError("device lost during decode")
+        return self._language.decode(tokens, positions, slots)
+
+    def prefill_chunk(self, *args):
+        self.prefill_calls += 1
+        if self.prefill_calls in self.fail_prefill:
+            raise RuntimeError("device lost during prefill")
+        return self._language.prefill_chunk(*args)
+
+
+def drive(engine: Engine, requests, add_at=None) -> dict:
+    """Step ``engine`` until idle; -> request id -> (token ids, text, final event)."""
+    add_at = add_at or {0: requests}
+    got = {r.request_id: ([], [], None) for r in requests}
+    step = 0
+    while step in add_at or engine.has_work():
+        for r in add_at.get(step, ()):
+            engine.add(r)
+        for event in engine.step():
+            tokens, text, _ = got[event.request_id]
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+            text.append(event.text)
+            if event.finish_reason is not None:
+                got[event.request_id] = (tokens, text, event)
+        step += 1
+    return {rid: (tokens, "".join(text), final) for rid, (tokens, text, final) in got.items()}
+
+
+def three_requests(tokenizer, cfg, marked: int | None):
+    seeds = [FailingSampler.MARK if i == marked else 100 + i for i in range(3)]
+    return [Request(prompt_ids(tokenizer, q), visual(cfg, 20 + i),
+                    SamplingParams(max_new_tokens=n, temperature=0.8, seed=seed), f"r{i}")
+            for i, (q, n, seed) in enumerate(zip(["What happens?", "Describe it.", "Who is there?"],
+                                                 [30, 24, 18], seeds))]
+
+
+def test_a_failing_sequence_ends_alone_and_the_others_are_unchanged(language, tokenizer, cfg):
+    """The middle request's sampler raises on its 5th token: it ends with ERROR naming the
+    stage and the cause, its slot is freed, and the other two produce exactly the tokens
+    they produce when nothing fails."""
+    clean = drive(Engine(language, tokenizer), three_requests(tokenizer, cfg, marked=None))
+    engine = Engine(language, tokenizer, sampler=FailingSampler)
+    got = drive(engine, three_requests(tokenizer, cfg, marked=1))
+    tokens, text, final = got["r1"]
+    assert final.finish_reason == FinishReason.ERROR and len(tokens) == 4 and final.token_id is None
+    assert isinstance(final.error, SequenceError) and final.error.stage == "choosing the next token"
+    assert str(final.error) == ("generation failed while choosing the next token: "
+                                "ValueError: probabilities contain NaN")
+    assert final.stats.generated_tokens == 4
+    for rid in ("r0", "r2"):
+        assert got[rid][0] == clean[rid][0] and got[rid][2].finish_reason == FinishReason.LENGTH
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    with pytest.raises(SequenceError, match="probabilities contain NaN"):  # generate() raises it
+        list(generate(engine, three_requests(tokenizer, cfg, marked=0)[0]))
+    after = drive(engine, three_requests(tokenizer, cfg, marked=None))  # the engine serves on
+    assert {rid: v[0] for rid, v in after.items()} == {rid: v[0] for rid, v in clean.items()}
+
+
+def test_a_failed_decode_step_fails_its_batch_and_the_engine_keeps_serving(language, tokenizer, cfg):
+    clean = drive(Engine(language, tokenizer), three_requests(tokenizer, cfg, marked=None))
+    engine = Engine(FlakyLanguage(language, fail_batch=3), tokenizer)
+    got = drive(engine, three_requests(tokenizer, cfg, marked=None))
+    for rid, (tokens, _, final) in got.items():
+        assert final.finish_reason == FinishReason.ERROR and tokens
+        assert tokens == clean[rid][0][:len(tokens)]  # what came before the failure was right
+        assert str(final.error).startswith("generation failed while decoding the next token (shared by the 3 "
+                                           "sequences decoded together): RuntimeError: device lost during decode")
+    assert engine.num_running == 0
+    after = drive(engine, three_requests(tokenizer, cfg, marked=None))
+    assert {rid: v[0] for rid, v in after.items()} == {rid: v[0] for rid, v in clean.items()}
+
+
+def test_a_failed_prefill_fails_only_its_own_prompt(language, tokenizer, cfg):
+    """Two requests decode; a third's prefill chunk fails: the third ends with ERROR, the two
+    running ones finish unchanged."""
+    requests = three_requests(tokenizer, cfg, marked=None)
+    clean = drive(Engine(language, tokenizer), requests)
+    flaky = FlakyLanguage(language)
+    engine = Engine(flaky, tokenizer)
+    first = drive(engine, requests[:2])  # count the prefill chunks two prompts take
+    flaky.fail_prefill = {flaky.prefill_calls * 2 + 1}  # the third prompt's first chunk in the next run
+    got = drive(engine, requests, add_at={0: requests[:2], 8: requests[2:]})
+    assert got["r2"][2].finish_reason == FinishReason.ERROR and got["r2"][0] == []
+    assert "while prefilling the prompt: RuntimeError: device lost during prefill" in str(got["r2"][2].error)
+    for rid in ("r0", "r1"):
+        assert got[rid][0] == clean[rid][0] == first[rid][0]
+    assert engine.num_running == 0

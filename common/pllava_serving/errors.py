@@ -13,12 +13,14 @@ of one request, malformed tensors)
 :class:`Unavailable` (loading, shutting down)               ``UNAVAILABLE``
 ``TimeoutError`` (a deadline ran out while waiting)         ``DEADLINE_EXCEEDED``
 ``grpc.aio.AioRpcError`` from a call to another server      that call's status
+:class:`InternalError` (a failure the server can name)      ``INTERNAL``
 anything else                                               ``INTERNAL``
 ==========================================================  =====================
 
-The message of the first four is the exception's own text, written for a person (``cooking.mp4:
-the file is truncated ...``). ``INTERNAL`` logs the traceback and tells the caller only that
-an internal error happened and the request id to look for in the server log.
+The message of the first five is the exception's own text, written for a person (``cooking.mp4:
+the file is truncated ...``); :class:`InternalError` adds the request id. Anything else logs
+the traceback and tells the caller only that an internal error happened and the request id
+to look for in the server log.
 
 Why an interceptor and not a decorator: ``grpc.aio`` interceptors see the handler itself, so
 one wrapper covers unary and streaming methods of every service (ours, health, reflection)
@@ -65,6 +67,12 @@ REQUEST_ID_METADATA = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 
 
+class InternalError(Exception):
+    """The server failed on this request in a way it can describe (INTERNAL, with this
+    message and the request id): e.g. one sequence's sampling failed in the decoding engine.
+    Its message must not leak anything the caller should not see."""
+
+
 def current_request_id() -> str:
     """The id of the RPC being handled ("" outside one)."""
     return _request_id.get()
@@ -87,6 +95,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__
     rid = current_request_id()
+    if isinstance(exc, InternalError):
+        return grpc.StatusCode.INTERNAL, f"{exc} (request {rid}; the server log has the details)"
     return grpc.StatusCode.INTERNAL, (f"internal error while handling request {rid}; "
                                       "the server log has the details under that id")
 

@@ -24,6 +24,12 @@ Admission control: a request counts as *waiting* from ``admit()`` (before its vi
 encoded) until it holds a KV slot (its first token) or ends. When ``max_queue`` requests
 are already waiting, ``admit()`` raises :class:`Overloaded` (RESOURCE_EXHAUSTED on the wire)
 instead of letting the queue grow without bound.
+
+Failures: a sequence the engine ends with ``FinishReason.ERROR`` (its sampling or text
+failed, or the decode call it was part of) raises :class:`InternalError` from its stream
+alone; the engine has already freed its slot and goes on with the others. Should
+``engine.step()`` itself raise (a bug outside any one sequence's work), every request in the
+engine fails and is cancelled, and the loop keeps serving new ones.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import threading
 from typing import Callable
 
 from pllava.generation import Engine, FinishReason, Request, TokenEvent
-from pllava_serving.errors import Overloaded
+from pllava_serving.errors import InternalError, Overloaded
 
 from .metrics import DecoderMetrics
 
@@ -223,7 +229,10 @@ class EngineLoop:
                 if event.finish_reason == FinishReason.CANCELLED:
                     log.info("%s cancelled after %d generated tokens; its KV slot is free",
                              event.request_id, event.stats.generated_tokens)
-                self._deliver(event.request_id, event)
+                if event.error is not None:
+                    self._deliver(event.request_id, InternalError(str(event.error)))
+                else:
+                    self._deliver(event.request_id, event)
 
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
@@ -241,4 +250,4 @@ class EngineLoop:
             ids = list(self._streams)
         for rid in ids:
             self.engine.cancel(rid)
-            self._deliver(rid, RuntimeError(f"the decoding engine failed: {exc}"))
+            self._deliver(rid, InternalError(f"the decoding engine failed: {type(exc).__name__}: {exc}"))

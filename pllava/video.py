@@ -12,7 +12,10 @@ Two stages, kept apart so each can be tested against its reference:
 
 Bad input raises :class:`VideoError` naming the input and the reason. Inputs are checked
 cheaply before decord sees them, because decord echoes the raw bytes of unreadable in-memory
-data to stderr and gives messages that do not say what is wrong.
+data to stderr and gives messages that do not say what is wrong. A video's streams are read
+from its container header with PyAV first (no frame is decoded for that): a file without a
+video stream is named as such, and ``max_frame_pixels`` refuses frames too large to decode
+safely (a decompression bomb: a small file declaring huge frames) before any are decoded.
 
 This module is CPU and numpy only: no MindSpore, no torch.
 """
@@ -41,6 +44,11 @@ PLLAVA_RESAMPLE = Image.BICUBIC
 
 class VideoError(ValueError):
     """The input cannot be used as a video or image; the message names it and says why."""
+
+
+#: decord returns garbled rows (its channel count is the padded row size over the width) for
+#: some frames this narrow; the widest seen failing was 72 pixels.
+NARROW_VIDEO_WIDTH = 128
 
 
 # --------------------------------------------------------------------------- sampling
@@ -74,12 +82,13 @@ class Frames:
     is_image: bool              # True when the input was a still image
 
 
-def load_frames(source: Source, num_frames: int) -> Frames:
+def load_frames(source: Source, num_frames: int, max_frame_pixels: int | None = None) -> Frames:
     """Read ``source`` and return ``num_frames`` sampled RGB frames (one frame for an image).
 
     ``source`` is a path (str or ``os.PathLike``), ``bytes``-like data, or a binary file object
     (read to its end). Raises :class:`VideoError` for input that is missing, empty, truncated,
-    not a video or image, or not decodable, and for ``num_frames < 1``.
+    not a video or image, without a video stream, not decodable, or whose frames (as its
+    header declares them) have more than ``max_frame_pixels`` pixels, and for ``num_frames < 1``.
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
         raise VideoError(f"num_frames must be a positive integer, got {num_frames!r}")
@@ -95,8 +104,14 @@ def load_frames(source: Source, num_frames: int) -> Frames:
     except OSError as exc:  # permission denied, I/O error, ...
         raise VideoError(f"{name}: could not be read ({exc.strerror or exc})") from exc
     if kind == "image":
-        return _load_image(path if path is not None else io.BytesIO(data), name)
-    return _load_video(path if path is not None else io.BytesIO(data), name, int(num_frames))
+        return _load_image(path if path is not None else io.BytesIO(data), name, max_frame_pixels)
+    return _load_video(path if path is not None else io.BytesIO(data), name, int(num_frames), max_frame_pixels)
+
+
+def _check_frame_size(name: str, what: str, width: int, height: int, max_frame_pixels: int | None) -> None:
+    if max_frame_pixels is not None and width * height > max_frame_pixels:
+        raise VideoError(f"{name}: the {what} {width}x{height} = {width * height:,} pixels, over the limit of "
+                         f"{max_frame_pixels:,} pixels per frame (max_frame_pixels); scale it down first")
 
 
 def _open_source(source: Source) -> tuple[str, Path | None, bytes | None]:
@@ -195,8 +210,44 @@ def _check_isobmff(f: BinaryIO, size: int, name: str) -> None:
                          "it was probably truncated or is still being written")
 
 
-def _load_video(src: Path | BinaryIO, name: str, num_frames: int) -> Frames:
+@dataclass(frozen=True)
+class VideoHeader:
+    """What a video's container says about its largest video stream, before any decoding."""
+
+    width: int
+    height: int
+
+
+def probe_video(src: Path | BinaryIO, name: str) -> VideoHeader:
+    """Read the container header with PyAV; raise :class:`VideoError` for a file FFmpeg cannot
+    open or one without a video stream. A file object is left at its start."""
+    import av
+
+    try:
+        with av.open(str(src) if isinstance(src, Path) else src, metadata_errors="ignore") as container:
+            kinds = sorted({stream.type for stream in container.streams})
+            sizes = [(s.codec_context.width, s.codec_context.height) for s in container.streams.video
+                     if s.codec_context is not None]
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(f"{name}: could not be decoded as a video; the file may be corrupt or truncated "
+                         f"(FFmpeg: {exc})") from exc
+    finally:
+        if not isinstance(src, Path):
+            src.seek(0)
+    if not kinds:
+        raise VideoError(f"{name}: could not be decoded as a video: it has no streams at all (no video, no audio); "
+                         "the file holds no media or is corrupt")
+    if not sizes:
+        raise VideoError(f"{name}: the file has no video stream (it holds only {' and '.join(kinds)}); "
+                         "send a video or an image")
+    width, height = max(sizes, key=lambda wh: wh[0] * wh[1])
+    return VideoHeader(width, height)
+
+
+def _load_video(src: Path | BinaryIO, name: str, num_frames: int, max_frame_pixels: int | None = None) -> Frames:
     """Decode ``num_frames`` frames sampled with :func:`get_index`, as PLLaVA's demo does."""
+    header = probe_video(src, name)
+    _check_frame_size(name, "video's frames are", header.width, header.height, max_frame_pixels)
     try:
         # Imported here so that preprocessing (and servers that only preprocess) work where
         # decord has no wheel; only decoding a video needs it.
@@ -215,36 +266,53 @@ def _load_video(src: Path | BinaryIO, name: str, num_frames: int) -> Frames:
     except AssertionError as exc:  # decord asserts a positive frame count
         raise VideoError(f"{name}: the video has no decodable frames ({exc})") from exc
     except (RuntimeError, ValueError, IndexError, decord.DECORDError) as exc:
+        if "DECORDArrayCopyFromTo" in str(exc) and header.width < NARROW_VIDEO_WIDTH:
+            raise _too_narrow(name, header) from exc
         # decord prefixes "[time] /its/source.cc:line: "; keep only what FFmpeg/decord said.
         reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip().splitlines() or [type(exc).__name__]
         raise VideoError(f"{name}: could not be decoded as a video; the file may be corrupt or truncated "
                          f"(decord: {reason[-1][:300]})") from exc
+    if frames.ndim == 4 and frames.shape[-1] != 3 and header.width < NARROW_VIDEO_WIDTH:
+        raise _too_narrow(name, header)
     if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise VideoError(f"{name}: decoder returned frames of shape {frames.shape} and dtype {frames.dtype}, "
                          f"expected ({num_frames}, H, W, 3) uint8")
     return Frames(frames=frames, indices=tuple(indices), total_frames=total, fps=fps, is_image=False)
 
 
-def _load_image(src: Path | BinaryIO, name: str) -> Frames:
+def _too_narrow(name: str, header: VideoHeader) -> VideoError:
+    return VideoError(f"{name}: the video is only {header.width}x{header.height} pixels, too small: the video "
+                      "decoder cannot return frames this narrow; send a larger video, or a frame of it as an "
+                      "image (images have no lower size limit)")
+
+
+def _load_image(src: Path | BinaryIO, name: str, max_frame_pixels: int | None = None) -> Frames:
     """Read a still image as one RGB frame (see :func:`read_image`)."""
-    frame = read_image(src, name)
+    frame = read_image(src, name, max_frame_pixels=max_frame_pixels)
     return Frames(frames=frame[None].copy(), indices=(0,), total_frames=1, fps=0.0, is_image=True)
 
 
-def read_image(src: Path | BinaryIO, name: str, formats: Sequence[str] | None = None) -> np.ndarray:
+def read_image(src: Path | BinaryIO, name: str, formats: Sequence[str] | None = None,
+               max_frame_pixels: int | None = None) -> np.ndarray:
     """Decode one image to an (H, W, 3) uint8 RGB array.
 
     EXIF orientation is applied so a phone photo is upright, as a person sees it. Transparency
     is composited on white, as transformers' ``convert_to_rgb`` does; 16-bit grayscale keeps
     its top 8 bits instead of being clipped at 255. Animated images give their first frame.
     ``formats`` (PIL format names) limits the decoders PIL may try; others are refused.
+    Larger than ``max_frame_pixels`` (from the header, before decoding) is refused too.
     """
     try:
         with Image.open(src, formats=formats) as img:
+            _check_frame_size(name, "image is", *img.size, max_frame_pixels)  # from the header, before decoding
             img.load()  # decode now: truncated or corrupt data fails here, not later
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise VideoError(f"{name}: refused as a possible decompression bomb: {exc}") from exc
+    except VideoError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
         raise VideoError(f"{name}: could not be read as an image; it may be corrupt or truncated ({exc})") from exc
     frame = np.asarray(rgb, dtype=np.uint8)
     if frame.ndim != 3 or frame.shape[-1] != 3 or 0 in frame.shape:
@@ -360,12 +428,12 @@ def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None) -> np.
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (T, 3, H, W)
 
 
-def load_video(source: Source, num_frames: int,
-               cfg: PreprocessorConfig | None = None) -> tuple[np.ndarray, Frames]:
+def load_video(source: Source, num_frames: int, cfg: PreprocessorConfig | None = None,
+               max_frame_pixels: int | None = None) -> tuple[np.ndarray, Frames]:
     """:func:`load_frames` then :func:`preprocess`: (pixel_values, frames metadata).
 
     pixel_values is (num_frames, 3, crop_h, crop_w) for a video and (1, 3, crop_h, crop_w)
     for a still image; repeating an image to ``num_frames`` is the model's job.
     """
-    frames = load_frames(source, num_frames)
+    frames = load_frames(source, num_frames, max_frame_pixels)
     return preprocess(frames.frames, cfg), frames

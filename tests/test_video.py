@@ -17,6 +17,7 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_transforms import resize as hf_resize
 from transformers.image_utils import ChannelDimension, PILImageResampling
 
+import odd_media
 from pllava.config import PreprocessorConfig
 from pllava.video import (
     Frames,
@@ -303,6 +304,58 @@ def test_process_survives_bad_inputs_then_decodes():
             with pytest.raises(VideoError):
                 load_frames(source, 4)
     assert load_frames(data, 2).frames.shape == (2, 182, 322, 3)
+
+
+@pytest.mark.parametrize("container", ["mp4", "matroska"])
+def test_a_file_without_a_video_stream_says_so(container):
+    with pytest.raises(VideoError, match=r"^<bytes>: the file has no video stream \(it holds only audio\)"):
+        load_frames(odd_media.audio_only(container), 4)
+
+
+def test_a_file_without_any_stream_says_so():
+    with pytest.raises(VideoError, match=r"it has no streams at all \(no video, no audio\)"):
+        load_frames(odd_media.no_streams_mp4(), 4)
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (2, 2), (16, 16), (48, 64)])
+def test_a_video_too_narrow_to_decode_is_refused_as_too_small(width, height):
+    """decord garbles frames this narrow (and PLLaVA's reference with it); they are refused
+    by name instead of "corrupt or truncated"."""
+    with pytest.raises(VideoError, match=rf"the video is only {width}x{height} pixels, too small"):
+        load_frames(odd_media.tiny_video(width, height), 4)
+
+
+@pytest.mark.parametrize("width, height", [(18, 18), (64, 64), (130, 2)])
+def test_small_videos_the_decoder_handles_are_loaded(width, height):
+    frames = load_frames(odd_media.tiny_video(width, height), 4)
+    assert frames.frames.shape == (4, height, width, 3) and not frames.is_image
+    assert load_video(odd_media.tiny_video(width, height), 4)[0].shape == (4, 3, 336, 336)
+
+
+def test_a_one_pixel_image_is_loaded():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(buf, "PNG")
+    assert load_video(buf.getvalue(), 4)[0].shape == (1, 3, 336, 336)
+
+
+def test_frames_over_max_frame_pixels_are_refused_from_the_header():
+    """Decompression bombs: a few KB declaring 10000x10000 frames are refused before decoding."""
+    bomb = odd_media.mkv_declaring(10_000, 10_000)
+    assert len(bomb) < 10_000
+    with pytest.raises(VideoError, match=r"the video's frames are 10000x10000 = 100,000,000 pixels, over the limit "
+                                         r"of 16,777,216 pixels per frame \(max_frame_pixels\)"):
+        load_frames(bomb, 4, max_frame_pixels=4096 * 4096)
+    png = odd_media.png_declaring(5000, 5000)
+    with pytest.raises(VideoError, match=r"the image is 5000x5000 = 25,000,000 pixels, over the limit"):
+        load_frames(png, 4, max_frame_pixels=4096 * 4096)
+    with pytest.raises(VideoError, match="refused as a possible decompression bomb"):  # Pillow's own limit
+        load_frames(odd_media.png_declaring(30_000, 30_000), 4)
+    # The limit is per frame: orbit.mp4 (322x182 = 58,604 pixels) passes at exactly its size.
+    assert load_frames(ORBIT, 2, max_frame_pixels=322 * 182).frames.shape == (2, 182, 322, 3)
+    with pytest.raises(VideoError, match=r"orbit\.mp4: the video's frames are 322x182 = 58,604 pixels"):
+        load_frames(ORBIT, 2, max_frame_pixels=322 * 182 - 1)
+    with pytest.raises(VideoError, match=r"still\.jpg: the image is 333x241"):
+        load_frames(STILL, 2, max_frame_pixels=333 * 241 - 1)
 
 
 # --------------------------------------------------------------------------- preprocessing sizes

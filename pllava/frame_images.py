@@ -33,8 +33,9 @@ def image_format(data: bytes) -> str | None:
     return next((fmt for fmt, magics in _MAGIC.items() if data.startswith(magics)), None)
 
 
-def decode_frame_image(data: bytes, name: str) -> np.ndarray:
-    """One encoded frame -> (H, W, 3) uint8 RGB; VideoError naming ``name`` if unusable."""
+def decode_frame_image(data: bytes, name: str, max_frame_pixels: int | None = None) -> np.ndarray:
+    """One encoded frame -> (H, W, 3) uint8 RGB; VideoError naming ``name`` if unusable or
+    (from its header, before decoding) larger than ``max_frame_pixels``."""
     if not data:
         raise VideoError(f"{name}: the image is empty (0 bytes)")
     fmt = image_format(data)
@@ -43,10 +44,10 @@ def decode_frame_image(data: bytes, name: str) -> np.ndarray:
                          "frames are sent as JPEG, PNG or WebP files")
     # Only the announced format's decoder may run: bytes that merely look like a PNG never
     # reach another of PIL's decoders.
-    return read_image(io.BytesIO(data), name, formats=(fmt,))
+    return read_image(io.BytesIO(data), name, formats=(fmt,), max_frame_pixels=max_frame_pixels)
 
 
-def load_frame_images(images: Sequence[bytes], name: str = "frames") -> Frames:
+def load_frame_images(images: Sequence[bytes], name: str = "frames", max_frame_pixels: int | None = None) -> Frames:
     """Decode a caller's frames, first to last, into one ``(T, H, W, 3)`` uint8 array.
 
     Every image must decode to the same width and height, as a video's frames do: the
@@ -57,7 +58,7 @@ def load_frame_images(images: Sequence[bytes], name: str = "frames") -> Frames:
         raise VideoError(f"{name}: no frames (the list of images is empty); send at least one image")
     frames: list[np.ndarray] = []
     for index, data in enumerate(images):
-        frame = decode_frame_image(bytes(data), f"{name}: frame {index}")
+        frame = decode_frame_image(bytes(data), f"{name}: frame {index}", max_frame_pixels)
         if frames and frame.shape != frames[0].shape:
             (h0, w0), (h, w) = frames[0].shape[:2], frame.shape[:2]
             raise VideoError(f"{name}: frame {index} is {w}x{h} but frame 0 is {w0}x{h0}; all frames must have "

@@ -7,6 +7,8 @@ import io
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,10 @@ from pllava.runtime import setup_backend
 from pllava.video import VideoError, load_frames, preprocess
 from pllava_encoder.engine import VisionEncoderEngine
 from pllava_encoder.settings import EncoderSettings
+from pllava_encoder.video_workers import DecodeTimeout
 from pllava_serving.errors import Overloaded
+
+import odd_media
 
 
 class LoopThread:
@@ -176,18 +181,110 @@ def test_beyond_max_queue_requests_are_overloaded(loop, tiny_model_dir, videos_d
 
 
 def test_a_crashed_video_worker_is_replaced(loop, engine, videos_dir, caplog):
+    """Workers killed while idle are replaced before they get a job; a worker killed in the
+    middle of a job costs that job one retry on a fresh worker, nothing more."""
     data = (videos_dir / "orbit.mp4").read_bytes()
-    before = loop.run(engine.encode(data))
-    workers = list(engine._pool._processes.values())
-    assert workers
-    for proc in workers:
-        os.kill(proc.pid, signal.SIGKILL)
-    for proc in workers:
-        proc.join(30)
-    after = loop.run(engine.encode(data))
+    before = loop.run(engine.encode(data, 64))
+    workers = engine.video_workers.pids
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    for pid in workers:
+        wait_until(lambda: is_dead(pid))
+    np.testing.assert_array_equal(loop.run(engine.encode(data, 64)).visual, before.visual)
+    assert "died while idle (killed by signal 9)" in caplog.text
+
+    async def killed_mid_job():
+        task = asyncio.create_task(engine.encode(data, 64))
+        while not engine.video_workers.busy_pids:
+            await asyncio.sleep(0.01)
+        busy = engine.video_workers.busy_pids
+        for pid in busy:
+            os.kill(pid, signal.SIGKILL)
+        return busy, await task
+
+    busy, after = loop.run(killed_mid_job())
     np.testing.assert_array_equal(after.visual, before.visual)
-    assert "a video worker process died; starting new workers" in caplog.text
-    assert all(p.pid not in {w.pid for w in workers} for p in engine._pool._processes.values())
+    assert f"video worker died while decoding video (killed by signal 9) (attempt 1 of 2)" in caplog.text
+    wait_until(lambda: len(engine.video_workers.pids) == 2
+               and not set(engine.video_workers.pids) & (set(workers) | set(busy)))
+
+
+def is_dead(pid: int) -> bool:
+    """Gone, or a zombie until the pool reaps it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_video_over_the_decode_budget_fails_alone_and_its_worker_is_replaced(loop, tiny_model_dir, videos_dir,
+                                                                               caplog):
+    """A 2 s budget: 256 frames of orbit.mp4 (about 15 s of decoding here) are stopped and
+    that request fails with DecodeTimeout; still images decoded meanwhile on the other
+    worker, and afterwards on the replacement, are unaffected."""
+    eng = start_engine(loop, tiny_model_dir, decode_timeout_s=2.0, video_workers=2)
+    orbit, still = (videos_dir / "orbit.mp4").read_bytes(), (videos_dir / "still.jpg").read_bytes()
+
+    async def scenario():
+        slow = asyncio.create_task(eng.encode(orbit, 256, "long.mp4"))
+        while not eng.video_workers.busy_pids:
+            await asyncio.sleep(0.01)
+        overrunning = eng.video_workers.busy_pids
+        meanwhile = [await eng.encode(still, 0, f"still-{i}") for i in range(3)]
+        with pytest.raises(DecodeTimeout) as err:
+            await slow
+        afterwards = [await eng.encode(still, 0, f"after-{i}") for i in range(3)]
+        return overrunning, meanwhile, err.value, afterwards
+
+    try:
+        before = eng.video_workers.pids
+        overrunning, meanwhile, error, afterwards = loop.run(scenario())
+        wait_until(lambda: len(eng.video_workers.pids) == 2)
+        now = eng.video_workers.pids
+    finally:
+        loop.run(eng.close())
+    assert str(error).startswith("long.mp4: decoding took longer than this encoder's budget of 2 s per video "
+                                 "(decode_timeout_s), so its worker was stopped and replaced")
+    assert isinstance(error, TimeoutError)  # -> DEADLINE_EXCEEDED
+    for result in meanwhile + afterwards:
+        np.testing.assert_array_equal(result.visual, meanwhile[0].visual)
+    assert eng.video_workers.replaced == 1
+    assert set(before) - set(now) == set(overrunning) and len(set(now) - set(before)) == 1  # only it was replaced
+    assert "it overran the 2 s budget on long.mp4" in caplog.text
+
+
+def test_frames_over_max_frame_pixels_are_refused_before_decoding(loop, tiny_model_dir, videos_dir):
+    """orbit.mp4 is 322x182 = 58,604 pixels a frame, short.mp4 250x142 = 35,500; a 10000x10000
+    bomb of 3 KB and a 5000x5000 PNG of 67 bytes are refused by the default limit too."""
+    eng = start_engine(loop, tiny_model_dir, max_frame_pixels=50_000, video_workers=1)
+    try:
+        with pytest.raises(VideoError, match=r"orbit\.mp4: the video's frames are 322x182 = 58,604 pixels, over the "
+                                             r"limit of 50,000 pixels per frame \(max_frame_pixels\)"):
+            loop.run(eng.encode((videos_dir / "orbit.mp4").read_bytes(), 0, "orbit.mp4"))
+        assert loop.run(eng.encode((videos_dir / "short.mp4").read_bytes())).visual.shape == (576, 64)
+        assert eng.video_workers.replaced == 0
+    finally:
+        loop.run(eng.close())
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("bomb.mkv", odd_media.mkv_declaring(10_000, 10_000), "the video's frames are 10000x10000 = 100,000,000 pixels"),
+    ("bomb.png", odd_media.png_declaring(5000, 5000), "the image is 5000x5000 = 25,000,000 pixels"),
+    ("audio.mp4", odd_media.audio_only(), "has no video stream (it holds only audio)"),
+    ("dot.mp4", odd_media.tiny_video(1, 1), "the video is only 1x1 pixels, too small"),
+])
+def test_unusual_files_are_refused_by_name(loop, engine, name, data, message):
+    with pytest.raises(VideoError) as err:
+        loop.run(engine.encode(data, 0, name))
+    assert str(err.value).startswith(f"{name}: ") and message in str(err.value)
 
 
 def test_tokens_come_in_the_model_dtype(loop, engine, tiny_model_dir, videos_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -20,6 +21,8 @@ from pllava_client.codec import TensorAssembler
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.model_id import model_id
 from servers import start_encoder
+
+import odd_media
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -127,10 +130,20 @@ def bad_requests(videos_dir):
                             "num_frames must be between 1 and 256 (0 = the model's default, 4), got 4294967295"),
         "257 frames": (pllava_pb2.EncodeRequest(video=orbit, num_frames=257),
                        "num_frames must be between 1 and 256"),
+        "audio only": (pllava_pb2.EncodeRequest(video=odd_media.audio_only(), video_name="talk.m4a"),
+                       "talk.m4a: the file has no video stream (it holds only audio)"),
+        "1x1 video": (pllava_pb2.EncodeRequest(video=odd_media.tiny_video(1, 1), video_name="dot.mp4"),
+                      "dot.mp4: the video is only 1x1 pixels, too small"),
+        "video bomb": (pllava_pb2.EncodeRequest(video=odd_media.mkv_declaring(10_000, 10_000), video_name="b.mkv"),
+                       "b.mkv: the video's frames are 10000x10000 = 100,000,000 pixels, over the limit of "
+                       "16,777,216 pixels per frame (max_frame_pixels)"),
+        "image bomb": (pllava_pb2.EncodeRequest(video=odd_media.png_declaring(5000, 5000), video_name="b.png"),
+                       "b.png: the image is 5000x5000 = 25,000,000 pixels, over the limit"),
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "random", "truncated", "text", "huge num_frames", "257 frames"])
+@pytest.mark.parametrize("case", ["empty", "random", "truncated", "text", "huge num_frames", "257 frames",
+                                  "audio only", "1x1 video", "video bomb", "image bomb"])
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, encoder, videos_dir, case):
     request, message = bad_requests(videos_dir)[case]
     with pytest.raises(grpc.RpcError) as err:
@@ -162,6 +175,39 @@ def test_negative_num_frames_from_a_raw_client_is_invalid_argument(encoder, vide
             list(call(raw, timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "num_frames must be between 1 and 256" in err.value.details()
+
+
+def test_operator_limits_frame_pixels_and_decode_time(tiny_model_dir, videos_dir, tmp_path):
+    """--max-frame-pixels 60000 refuses portrait.mp4 (190x338 = 64,220 pixels a frame) from
+    its header; --decode-timeout-s 2 stops 256 frames of orbit.mp4 (322x182; 15 s of
+    decoding or more here) with DEADLINE_EXCEEDED and replaces that worker; short.mp4
+    (250x142) encodes before, meanwhile and after."""
+    with start_encoder(tiny_model_dir, log_dir=tmp_path, extra_args=[
+            "--max-frame-pixels", "60000", "--decode-timeout-s", "2", "--video-workers", "2"]) as server, \
+            grpc.insecure_channel(server.address, options=channel_options()) as channel:
+        stub = pllava_pb2_grpc.EncoderStub(channel)
+        short = (videos_dir / "short.mp4").read_bytes()
+        _, expected = encode(stub, short)
+        with pytest.raises(grpc.RpcError) as err:
+            encode(stub, (videos_dir / "portrait.mp4").read_bytes(), video_name="portrait.mp4")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "portrait.mp4: the video's frames are 190x338 = 64,220 pixels, over the limit of 60,000" \
+            in err.value.details()
+
+        with ThreadPoolExecutor(1) as pool:  # Encode streams its answer: the long one runs on a thread
+            overrun = pool.submit(encode, stub, (videos_dir / "orbit.mp4").read_bytes(), 256,
+                                  video_name="long.mp4")
+            meanwhile = encode(stub, short)[1]
+            with pytest.raises(grpc.RpcError) as err:
+                overrun.result(timeout=120)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+        assert err.value.details().startswith("long.mp4: decoding took longer than this encoder's budget of 2 s "
+                                              "per video (decode_timeout_s)")
+        server.wait_for_log(r"replacing video worker video-worker-\d+ \(pid \d+\): it overran the 2 s budget "
+                            r"on long\.mp4")
+        np.testing.assert_array_equal(meanwhile, expected)
+        np.testing.assert_array_equal(encode(stub, short)[1], expected)
+        assert server.alive()
 
 
 def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path):

@@ -125,6 +125,34 @@ def test_bad_flag_values_name_the_flag():
         load_settings(Demo, overrides={"nope": 1})
 
 
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_floats_must_be_finite_in_every_layer(tmp_path, text):
+    with pytest.raises(ValueError, match="environment variable DEMO_RATIO: must be a finite number"):
+        load_settings(Demo, env_prefix="DEMO_", environ={"DEMO_RATIO": text})
+    with pytest.raises(ValueError, match="key 'ratio': must be a finite number"):
+        load_settings(Demo, yaml_path=write(tmp_path, f"ratio: {text}\n"))  # a YAML string, parsed like env
+    with pytest.raises(ValueError, match="flag --ratio: must be a finite number"):
+        load_settings(Demo, overrides={"ratio": float(text)})
+    with pytest.raises(ValueError, match="key 'ratio': must be a finite number"):
+        load_settings(Demo, yaml_path=write(tmp_path, "ratio: .nan\n"))  # YAML's own NaN float
+
+
+def test_encoder_limits_from_flags_and_environment():
+    args = build_parser().parse_args(["--max-frame-pixels", "2073600", "--decode-timeout-s", "7.5"])
+    s = load_settings(EncoderSettings, env_prefix=ENV_PREFIX, environ={"PLLAVA_ENCODER_MODEL": "m"},
+                      overrides=given_flags(args, EncoderSettings))
+    assert (s.max_frame_pixels, s.decode_timeout_s) == (1920 * 1080, 7.5)
+    defaults = EncoderSettings(model="m")
+    assert (defaults.max_frame_pixels, defaults.decode_timeout_s, defaults.max_video_bytes) == (4096 * 4096, 60.0,
+                                                                                                 64 << 20)
+    with pytest.raises(ValueError, match="max_frame_pixels must be >= 1, got 0; decode_timeout_s must be > 0, got 0"):
+        EncoderSettings(model="m", decode_timeout_s=0, max_frame_pixels=0)
+    with pytest.raises(ValueError, match="decode_timeout_s must be > 0, got nan"):
+        EncoderSettings(model="m", decode_timeout_s=float("nan"))
+    with pytest.raises(ValueError, match="batch_wait_ms must be >= 0, got nan"):
+        EncoderSettings(model="m", batch_wait_ms=float("nan"))
+
+
 def test_encoder_settings_are_validated():
     with pytest.raises(ValueError, match="port must be in 0..65535"):
         EncoderSettings(model="m", port=70000)

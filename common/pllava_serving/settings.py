@@ -6,8 +6,8 @@ layers, each overriding the one before::
     dataclass defaults  <  YAML file (--config)  <  {PREFIX}{FIELD} env vars  <  flags
 
 Values are checked against the field's annotated type (``int``, ``float``, ``bool``,
-``str``, ``tuple[int, ...]`` and ``X | None``); a bad value raises ValueError naming where it
-came from, so a person knows which line, variable or flag to fix. Flags are declared
+``str``, ``tuple[int, ...]`` and ``X | None``; a float must be finite: ``nan`` and ``inf``
+are refused); a bad value raises ValueError naming where it came from, so a person knows which line, variable or flag to fix. Flags are declared
 explicitly by each server (``--port`` etc., default ``None`` = not given) and passed in as
 ``overrides``; :func:`given_flags` collects them from an ``argparse.Namespace``.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -127,7 +128,7 @@ def _type_name(tp) -> str:
         else:
             name = f"a comma-separated list of {len(args)} {items.get(args[0], 'values') if args else 'values'}"
     else:
-        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+        name = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
                 Path: "a path"}.get(tp, getattr(tp, "__name__", str(tp)))
     return f"{name} (or none)" if optional else name
 
@@ -147,7 +148,7 @@ def _coerce(value: Any, tp, source: str) -> Any:
     elif inner is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif inner is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif inner is str:
         ok = isinstance(value, str)
@@ -189,7 +190,10 @@ def _parse_string(text: str, tp, source: str) -> Any:
         if inner is int:
             return int(stripped)
         if inner is float:
-            return float(stripped)
+            value = float(stripped)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
     except ValueError:
         raise ValueError(f"{source}: must be {_type_name(tp)}, got {text!r}") from None
     raise TypeError(f"unsupported settings type {tp!r}")
@@ -234,7 +238,7 @@ def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = M
         problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
     for name, low in minimums.items():
         value = getattr(s, name)
-        if value is not None and value < low:
+        if value is not None and not value >= low:  # NaN too
             problems.append(f"{name} must be >= {low}, got {value}")
     return problems
 

@@ -6,21 +6,24 @@ No gRPC here: the servicer in :mod:`pllava_encoder.server` converts messages and
 
     encode(video, num_frames) / encode_frames(images, num_frames)   (event loop)
       -> admitted, or Overloaded when max_queue requests are already held
-      -> decode + sample + preprocess in a video-worker process       (process pool)
+      -> decode + sample + preprocess in a video-worker process       (worker processes)
          (images: decode each, no sampling, the same preprocessing)
       -> its frames wait in the ready queue
       -> the batcher puts the frames of several ready videos into ONE vision-tower call,
          then projects and pools each video separately                (vision thread)
       -> EncodeResult: (num_visual_tokens, text_hidden_size) in the model dtype
 
-Why a process pool for videos. Measured on the 2-core CI machine, decoding and preprocessing
-4 videos of 16 frames: 0.65-1.2 s serially, 0.48-0.62 s with 2 threads, 0.42-0.46 s with 2
-processes. decord and PIL release the GIL, so threads would nearly do; processes were a
-little faster, keep the GIL free for the event loop and the vision thread, and above all
-isolate FFmpeg: a malformed upload that crashes the native decoder kills a worker, not the
-server. The pool is then rebuilt and the request retried once; a second crash is blamed on
-the input (INVALID_ARGUMENT). Workers are started with "spawn" (forking a process that runs
-MindSpore's threads is unsafe) and import only ``pllava.video``.
+Why worker processes for videos. Measured on the 2-core CI machine, decoding and
+preprocessing 4 videos of 16 frames: 0.65-1.2 s serially, 0.48-0.62 s with 2 threads,
+0.42-0.46 s with 2 processes. decord and PIL release the GIL, so threads would nearly do;
+processes were a little faster, keep the GIL free for the event loop and the vision thread,
+and above all isolate FFmpeg: a malformed upload that crashes the native decoder kills a
+worker, not the server, and a video that takes longer than ``decode_timeout_s`` has its
+worker killed (DEADLINE_EXCEEDED). Either way only that worker is replaced
+(:mod:`pllava_encoder.video_workers`); a crashed request is retried once on a fresh worker,
+and a second crash is blamed on the input (INVALID_ARGUMENT). Workers import only
+``pllava.video``. Frames larger than ``max_frame_pixels`` are refused from the container
+header, before any is decoded.
 
 Why one vision thread. MindSpore is not re-entrant: every MindSpore call (loading, warm-up,
 encoding) runs on one dedicated thread, one batch at a time.
@@ -36,10 +39,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +60,7 @@ from pllava_serving.model_id import model_id
 from . import video_worker
 from .metrics import EncoderMetrics
 from .settings import EncoderSettings
+from .video_workers import VideoWorkerPool, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +130,8 @@ class VisionEncoderEngine:
         self._ready: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
         self._vision_thread: ThreadPoolExecutor | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self.video_workers: VideoWorkerPool | None = None
         self._batcher: asyncio.Task | None = None
-        self.workers_restarted = 0            # worker processes replaced after one died
         self.metrics.watch(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,9 +142,8 @@ class VisionEncoderEngine:
         t0 = time.perf_counter()
         self._vision_thread = ThreadPoolExecutor(1, thread_name_prefix="vision")
         await loop.run_in_executor(self._vision_thread, self._load_and_warm_up)
-        self._pool = self._new_pool()
-        await asyncio.gather(*(loop.run_in_executor(self._pool, video_worker.ready)
-                               for _ in range(self.settings.video_workers)))
+        self.video_workers = await VideoWorkerPool(self.settings.video_workers,
+                                                   self.settings.decode_timeout_s).start()
         self._batcher = asyncio.create_task(self._batch_loop(), name="encoder-batcher")
         log.info("vision encoder ready in %.1f s: %s on %s, %s, %d frames -> %d visual tokens of width %d",
                  time.perf_counter() - t0, self.model_path, self.device, self.dtype, self.cfg.num_frames,
@@ -163,8 +163,8 @@ class VisionEncoderEngine:
             job = self._ready.popleft()
             if not job.future.done():
                 job.future.set_exception(Unavailable("the encoder is shutting down"))
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.video_workers is not None:
+            await self.video_workers.close()
         if self._vision_thread is not None:
             self._vision_thread.shutdown(wait=True)
 
@@ -174,15 +174,17 @@ class VisionEncoderEngine:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.settings.video_workers, mp_context=multiprocessing.get_context("spawn"))
-
     def _load_and_warm_up(self) -> None:
         backend = setup_backend(self.settings.device, self.settings.device_id, self.dtype)
         self.vision = PllavaVision.from_pretrained(self.model_path, self.cfg, backend, self.settings.lora_alpha)
         crop_h, crop_w = self.preprocessor.crop_size
         dummy = np.zeros((self.cfg.num_frames, 3, crop_h, crop_w), dtype=np.float32)
         self._encode_batch([dummy], [self.cfg])
+
+    @property
+    def workers_restarted(self) -> int:
+        """Worker processes replaced after one died or overran its time budget."""
+        return self.video_workers.replaced if self.video_workers is not None else 0
 
     @property
     def requests_in_progress(self) -> int:
@@ -215,8 +217,9 @@ class VisionEncoderEngine:
         """Pooled visual tokens of one video (or still image) given as its file's bytes.
 
         Raises ValueError for a bad ``num_frames``, ``VideoError`` for a video that is empty,
-        too large, truncated, not a video or not decodable, and ``Overloaded`` when
-        ``max_queue`` requests are already held.
+        too large (bytes or frame pixels), truncated, not a video or not decodable,
+        ``DecodeTimeout`` when decoding overran ``decode_timeout_s``, and ``Overloaded``
+        when ``max_queue`` requests are already held.
         """
         start = time.perf_counter()
         name = name or "video"
@@ -224,7 +227,8 @@ class VisionEncoderEngine:
         if len(video) > self.settings.max_video_bytes:
             raise VideoError(f"{name}: the file is {len(video)} bytes, more than this encoder accepts "
                              f"(max_video_bytes={self.settings.max_video_bytes})")
-        decode = (video_worker.decode_video, bytes(video), name, num_frames, self.preprocessor)
+        decode = (video_worker.decode_video, bytes(video), name, num_frames, self.preprocessor,
+                  self.settings.max_frame_pixels)
         return await self._encode(decode, num_frames, name, start, INPUT_VIDEO,
                                   crashed="the video decoder crashed twice on this input; the file is probably corrupt")
 
@@ -246,7 +250,7 @@ class VisionEncoderEngine:
         if num_frames:
             self.resolve_num_frames(num_frames)  # in range
         num_frames = frames_num_frames(num_frames, len(images), self.cfg.num_frames)
-        decode = (video_worker.decode_frames, images, name, self.preprocessor)
+        decode = (video_worker.decode_frames, images, name, self.preprocessor, self.settings.max_frame_pixels)
         return await self._encode(decode, num_frames, name, start, INPUT_FRAMES,
                                   crashed="the image decoder crashed twice on these frames; an image is probably corrupt")
 
@@ -310,19 +314,14 @@ class VisionEncoderEngine:
         return self._cfgs[num_frames]
 
     async def _decode(self, decode: tuple, name: str, crashed: str) -> tuple[np.ndarray, float]:
-        """Run ``decode`` = (worker function, *arguments) in a worker process; a worker that
-        dies is replaced and the job retried once, a second death blamed on the input."""
-        loop = asyncio.get_running_loop()
-        for _ in range(2):
-            pool = self._pool
+        """Run ``decode`` = (worker function, *arguments) in a worker process within the time
+        budget; a worker that dies is replaced and the job retried once on a fresh one, a
+        second death blamed on the input."""
+        for attempt in (1, 2):
             try:
-                return await loop.run_in_executor(pool, *decode)
-            except BrokenProcessPool:
-                if self._pool is pool:  # the first request to notice replaces the pool
-                    log.error("a video worker process died; starting new workers")
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._new_pool()
-                    self.workers_restarted += self.settings.video_workers
+                return await self.video_workers.run(decode, name)
+            except WorkerDied as exc:
+                log.error("%s (attempt %d of 2)", exc, attempt)
         raise VideoError(f"{name}: {crashed}")
 
     # ------------------------------------------------------------------ batching

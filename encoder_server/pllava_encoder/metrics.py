@@ -66,7 +66,8 @@ class EncoderMetrics:
         self.videos_decoding.set_function(lambda: engine.videos_decoding)
         self._reader.add("counter", "pllava_encoder_video_workers_restarted",
                          "Video worker processes started again after one died (a crash in FFmpeg on a bad "
-                         "upload kills a worker, not the server)", lambda: engine.workers_restarted)
+                         "upload kills a worker, not the server) or overran decode_timeout_s",
+                         lambda: engine.workers_restarted)
 
     def record_batch(self, inputs: list[str], frames: int, seconds: float) -> None:
         """One vision-tower call over ``frames`` frames of videos whose inputs were ``inputs``."""

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest video file accepted, and all frames of a request together (default 64 MiB)")
     p.add_argument("--max-image-bytes", type=int,
                    help="largest single image of frames sent as images (default 16 MiB)")
+    p.add_argument("--max-frame-pixels", type=int,
+                   help="largest frame, width x height as the file's header declares it, decoded; larger ones "
+                        "are refused before decoding (default 16777216 = 4096x4096)")
+    p.add_argument("--decode-timeout-s", type=float,
+                   help="time one video may take to decode and preprocess in a worker; past it the worker is "
+                        "killed and replaced and the request gets DEADLINE_EXCEEDED (default 60)")
     return p
 
 

@@ -33,6 +33,8 @@ class EncoderSettings:
     max_queue: int = 32                # requests held at once (decoding, waiting, encoding)
     max_video_bytes: int = 64 << 20    # largest video file accepted, and all frames of a request together
     max_image_bytes: int = 16 << 20    # largest single image of frames sent as images
+    max_frame_pixels: int = 4096 * 4096  # largest frame (width x height, from the file's header) decoded
+    decode_timeout_s: float = 60.0     # one video's decoding + preprocessing in a worker; then it is killed
     grace_s: float = 10.0              # on SIGTERM, time running requests get to finish
     log_level: str = "INFO"
 
@@ -40,7 +42,9 @@ class EncoderSettings:
         problems = server_problems(self, ENV_PREFIX, {
             "device_id": 0, "batch_wait_ms": 0, "grace_s": 0, "max_num_frames": 1, "max_frames_per_batch": 1,
             "video_workers": 1, "max_queue": 1, "max_video_bytes": 1,
-            "max_image_bytes": 1})
+            "max_image_bytes": 1, "max_frame_pixels": 1})
+        if not self.decode_timeout_s > 0:
+            problems.append(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.num_frames is not None and not 1 <= self.num_frames <= self.max_num_frames:
             problems.append(f"num_frames must be in 1..max_num_frames={self.max_num_frames}, got {self.num_frames}")
         if problems:

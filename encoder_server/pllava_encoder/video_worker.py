@@ -4,41 +4,76 @@ Frames sent as images are decoded here too, never in the server process, so that
 image can at worst take down a worker.
 
 Kept apart from :mod:`pllava_encoder.engine` so that a worker process imports only
-``pllava.video`` (numpy, PIL, decord), never MindSpore.
+``pllava.video`` (numpy, PIL, decord, PyAV), never MindSpore. :func:`serve` is the process's
+whole life: jobs arrive on its end of a pipe, answers go back the same way, and it ends when
+the pipe closes (its server went away) or says stop.
 """
 from __future__ import annotations
 
 import io
+import sys
 import time
+import traceback
 
 import numpy as np
 
 from pllava.config import PreprocessorConfig
 from pllava.frame_images import load_frame_images
-from pllava.video import load_frames, preprocess
+from pllava.video import VideoError, load_frames, preprocess
+
+#: The first message a worker sends: it has imported everything and takes jobs.
+READY = "ready"
 
 
-def decode_video(data: bytes, name: str, num_frames: int,
-                 preprocessor: PreprocessorConfig) -> tuple[np.ndarray, float]:
+def decode_video(data: bytes, name: str, num_frames: int, preprocessor: PreprocessorConfig,
+                 max_frame_pixels: int | None = None) -> tuple[np.ndarray, float]:
     """-> (float32 pixels (T, 3, S, S), seconds spent). T is ``num_frames`` for a video and 1
     for a still image. Raises ``pllava.video.VideoError`` naming ``name`` for bad input."""
     start = time.perf_counter()
     source = io.BytesIO(data)
     source.name = name  # load_frames names a file object by its .name in error messages
-    frames = load_frames(source, num_frames)
+    frames = load_frames(source, num_frames, max_frame_pixels)
     pixels = preprocess(frames.frames, preprocessor)
     return pixels, time.perf_counter() - start
 
 
-def decode_frames(images: list[bytes], name: str, preprocessor: PreprocessorConfig) -> tuple[np.ndarray, float]:
+def decode_frames(images: list[bytes], name: str, preprocessor: PreprocessorConfig,
+                  max_frame_pixels: int | None = None) -> tuple[np.ndarray, float]:
     """-> (float32 pixels (len(images), 3, S, S), seconds spent): the caller's frames through
     the same preprocessing as a video's. Raises ``pllava.video.VideoError`` naming ``name``
     and the frame index for bad input."""
     start = time.perf_counter()
-    pixels = preprocess(load_frame_images(images, name).frames, preprocessor)
+    pixels = preprocess(load_frame_images(images, name, max_frame_pixels).frames, preprocessor)
     return pixels, time.perf_counter() - start
 
 
-def ready() -> bool:
-    """A no-op job: makes the pool start a worker and import this module."""
-    return True
+def serve(conn) -> None:
+    """Answer ``(ok, value)`` to each job, ``(function, *arguments)`` with a function of this
+    module; ``None`` stops.
+
+    ``value`` is the result, a ``VideoError`` (the input's fault), or a ``RuntimeError``
+    describing any other failure (its traceback goes to stderr, the server's log).
+    """
+    import av  # noqa: F401  imported now, so a job's time budget is spent on the video only
+    import decord  # noqa: F401
+
+    conn.send(READY)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            return
+        if job is None:
+            return
+        function, *arguments = job
+        try:
+            reply = (True, function(*arguments))
+        except VideoError as exc:
+            reply = (False, exc)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            reply = (False, RuntimeError(f"the video worker failed: {type(exc).__name__}: {exc}"))
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return

@@ -101,6 +101,9 @@ def test_caption_from_converted_ckpt(tiny_model_dir, videos_dir, caption_json, t
     (lambda m, v, t: ("caption", v, "--model", t / "nowhere"), "config.json does not exist"),
     (lambda m, v, t: ("caption", t / "notes.txt", "--model", m), "notes.txt"),
     (lambda m, v, t: ("caption", v, "--model", m, "--top-p", "0"), "top_p"),
+    (lambda m, v, t: ("caption", v, "--model", m, "--temperature", "nan"), "temperature must be a finite number"),
+    (lambda m, v, t: ("caption", v, "--model", m, "--repetition-penalty", "inf"),
+     "repetition_penalty must be a finite number, got inf"),
     (lambda m, v, t: ("caption", v, "--model", m, "--max-context", "600"), "context holds 600"),
 ])
 def test_user_errors_are_one_clear_line(tiny_model_dir, videos_dir, tmp_path, make_args, message):

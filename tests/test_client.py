@@ -191,6 +191,27 @@ def test_bad_frames_arguments_fail_before_any_call(scripted, tmp_path):
     assert servicer.requests == []
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=-3), "top_k must be an integer from 0 to 4294967295, got -3"),
+    (dict(num_frames=-1), "num_frames must be an integer from 0 to 4294967295, got -1"),
+    (dict(max_new_tokens=2**32), "max_new_tokens must be an integer from 0 to 4294967295, got 4294967296"),
+    (dict(seed=-7), "seed must be an integer from 0 to 18446744073709551615, got -7"),
+    (dict(temperature="hot"), "temperature must be a number, got 'hot'"),
+    (dict(stop="END"), "stop must be a list of strings, got the string 'END'"),
+])
+def test_arguments_a_request_cannot_carry_name_their_field(scripted, kwargs, message):
+    """Protobuf alone would say ``Value out of range: -3``, naming nothing."""
+    servicer, client = scripted
+    with pytest.raises(ValueError) as err:
+        client.caption(b"video", **kwargs)
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=message.split(",")[0]):
+        client.caption(frames=[b"\x89PNG frame"], **kwargs)
+    with pytest.raises(ValueError, match=message.split(",")[0]):  # checked before any video is read
+        client.caption_many(["/nowhere/at/all.mp4"], concurrency=1, **kwargs)
+    assert servicer.requests == []
+
+
 def test_server_refusal_is_a_caption_error_with_status_and_message(scripted):
     servicer, client = scripted
     servicer.events = [token("partial", 1)]
@@ -366,6 +387,17 @@ def test_cli_unreachable_server_and_missing_file(tmp_path, videos_dir):
     assert done.returncode == 1 and done.stderr.startswith("error: UNAVAILABLE: ")
     done = caption_cli(tmp_path / "missing.mp4", "--server", "127.0.0.1:1")
     assert done.returncode == 2 and "missing.mp4" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--top-k", "-3"), "error: top_k must be an integer from 0 to 4294967295, got -3"),
+    (("--seed", "-1"), "error: seed must be an integer from 0 to 18446744073709551615, got -1"),
+    (("--top-k", "-3", "--out", "out.jsonl"), "error: top_k must be an integer from 0 to 4294967295, got -3"),
+])
+def test_cli_names_an_option_the_request_cannot_carry(tmp_path, videos_dir, args, message):
+    args = [str(tmp_path / a) if a == "out.jsonl" else a for a in args]
+    done = caption_cli(videos_dir / "short.mp4", "--server", "127.0.0.1:1", *args)
+    assert done.returncode == 2 and not (tmp_path / "out.jsonl").exists() and done.stderr.strip() == message, done.stderr
 
 
 def test_cli_reads_the_video_from_stdin(stack, in_process, videos_dir):

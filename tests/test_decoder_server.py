@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,8 @@ from pllava.sampling import SamplingParams
 from pllava_client.client import CaptionError, Client
 from pllava_proto.v1 import pllava_pb2
 from servers import start_decoder, start_encoder
+
+import odd_media
 
 CONTEXT = 1024
 
@@ -172,6 +175,15 @@ def test_same_video_new_prompt_skips_the_encoder(decoder, encoder, captioner, me
     ("prompt longer than the context", f"context holds {CONTEXT}"),
     ("top_p 0", r"invalid sampling parameters: top_p must be in \(0, 1\]"),
     ("negative temperature", "temperature must be >= 0"),
+    ("NaN temperature", "invalid sampling parameters: temperature must be a finite number, got nan"),
+    ("infinite temperature", "invalid sampling parameters: temperature must be a finite number, got inf"),
+    ("NaN top_p", "invalid sampling parameters: top_p must be a finite number, got nan"),
+    ("NaN repetition penalty", "invalid sampling parameters: repetition_penalty must be a finite number, got nan"),
+    ("infinite repetition penalty", "repetition_penalty must be a finite number, got inf"),
+    ("prompt over max_prompt_chars", r"the prompt is 16385 characters, more than this decoder accepts "
+                                     r"\(max_prompt_chars=16384\)"),
+    ("audio only", r"talk\.m4a: the file has no video stream \(it holds only audio\)"),
+    ("1x1 video", r"dot\.mp4: the video is only 1x1 pixels, too small"),
     ("unknown template", "unknown prompt template 'chat'"),
     ("<image> in the prompt", "must not contain '<image>'"),
 ])
@@ -194,6 +206,22 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, med
         kwargs = dict(top_p=0.0)
     elif case == "negative temperature":
         kwargs = dict(temperature=-1.0)
+    elif case == "NaN temperature":
+        kwargs = dict(temperature=float("nan"))
+    elif case == "infinite temperature":
+        kwargs = dict(temperature=float("inf"))
+    elif case == "NaN top_p":
+        kwargs = dict(top_p=float("nan"))
+    elif case == "NaN repetition penalty":
+        kwargs = dict(repetition_penalty=float("nan"))
+    elif case == "infinite repetition penalty":
+        kwargs = dict(repetition_penalty=1e39)  # a float32 field: it arrives as inf
+    elif case == "prompt over max_prompt_chars":
+        kwargs = dict(prompt="x" * 16385)
+    elif case == "audio only":
+        video, kwargs = odd_media.audio_only(), dict(video_name="talk.m4a")
+    elif case == "1x1 video":
+        video, kwargs = odd_media.tiny_video(1, 1), dict(video_name="dot.mp4")
     elif case == "unknown template":
         kwargs = dict(template="chat")
     elif case == "<image> in the prompt":
@@ -205,6 +233,58 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, med
         assert re.search(message, refused.value.message), refused.value.message
         after = client.caption_full(media["still0"], max_new_tokens=2)  # still serving
     assert len(after.token_ids) == 2
+
+
+def test_nan_temperature_is_refused_while_other_captions_keep_streaming(decoder, media):
+    """Three captions are streaming; requests with NaN or infinite sampling parameters are
+    refused at once with INVALID_ARGUMENT, and the three run to their full length."""
+    def caption(i):
+        with Client(decoder.address, timeout=300) as client:
+            stream = client.caption(media[f"still{i}"], max_new_tokens=150, request_id=f"steady-{i}")
+            pieces = [next(stream)]  # streaming now
+            started[i].set()
+            pieces.extend(stream)
+            return stream
+
+    started = [threading.Event() for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(caption, i) for i in range(3)]
+        for event in started:
+            assert event.wait(120), decoder.log_tail()
+        with Client(decoder.address, timeout=60) as client:
+            for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")),
+                        dict(repetition_penalty=float("nan"))):
+                with pytest.raises(CaptionError) as refused:
+                    client.caption_full(media["orbit"], max_new_tokens=400, **bad)
+                assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"{next(iter(bad))} must be a finite number" in refused.value.message
+        assert not any(f.done() for f in futures), "a caption ended early: raise max_new_tokens"
+        streams = [f.result(timeout=300) for f in futures]
+    for stream in streams:  # 150: fewer than the context leaves after these prompts
+        assert stream.result.finish_reason == "length" and len(stream.token_ids) == 150
+
+
+def test_operator_limits_on_video_bytes_and_prompt_characters(tiny_model_dir, encoder, logs, media, videos_dir):
+    """--max-video-bytes 50000 refuses orbit.mp4 (102,748 bytes) before any encoder sees it;
+    --max-prompt-chars 40 refuses a 41-character question; short.mp4 (19,950 bytes) with a
+    short question is captioned."""
+    with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs, "--max-context", str(CONTEXT),
+                       "--max-video-bytes", "50000", "--max-prompt-chars", "40") as dec, \
+            Client(dec.address, timeout=60) as client:
+        with pytest.raises(CaptionError) as refused:
+            client.caption_full(media["orbit"], max_new_tokens=2, request_id="too-big")
+        assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.message == ("orbit.mp4: the file is 102748 bytes, more than this decoder accepts "
+                                         "(max_video_bytes=50000)")
+        with pytest.raises(CaptionError) as refused:
+            client.caption_full(videos_dir / "short.mp4", "x" * 41, max_new_tokens=2)
+        assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the prompt is 41 characters, more than this decoder accepts (max_prompt_chars=40)" \
+            in refused.value.message
+        ok = client.caption_full(videos_dir / "short.mp4", "x" * 40, max_new_tokens=3, request_id="fits")
+    assert len(ok.token_ids) == 3
+    seen = encoded_ids(encoder)
+    assert "fits" in seen and "too-big" not in seen
 
 
 # ---- one slot: cancellation and deadlines free it ----------------------------------------------

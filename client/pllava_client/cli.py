@@ -36,7 +36,7 @@ import threading
 import time
 from typing import TextIO
 
-from .client import DEFAULT_RETRIES, CaptionError, Client
+from .client import DEFAULT_RETRIES, CaptionError, Client, caption_request
 from .collection import CaptionFile, VideoResult, expand_inputs
 from .frames import frame_files
 
@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_frames < 0 or args.max_new_tokens < 0:
         print("error: --num-frames and --max-new-tokens cannot be negative", file=sys.stderr)
+        return 2
+    try:  # an option no request can carry (a negative --top-k, ...) is named before anything runs
+        caption_request(prompt=args.prompt, **request_kwargs(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.frames is not None:
         return caption_frames(args)

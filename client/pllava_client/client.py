@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
@@ -205,6 +206,61 @@ def read_video(video: Video) -> tuple[bytes, str]:
     raise TypeError(f"a video is a path, bytes or a binary file object, not {type(video).__name__}")
 
 
+def caption_request(video: bytes | None = None, *, frames: Sequence[bytes] | None = None,
+                    prompt: str | None = None, template: str | None = None,
+                    num_frames: int = 0, max_new_tokens: int = 0, temperature: float | None = None,
+                    top_p: float | None = None, top_k: int | None = None,
+                    repetition_penalty: float | None = None, seed: int | None = None,
+                    stop: Sequence[str] = (), request_id: str = "", video_name: str = "") -> pllava_pb2.CaptionRequest:
+    """The ``CaptionRequest`` for these arguments: a ``video`` file's bytes or ``frames``
+    (encoded images), or neither to check the other arguments alone; ``None`` leaves a
+    sampling field unset (the server's default). Raises ValueError naming the argument a
+    field cannot hold, e.g. ``top_k must be an integer from 0 to 4294967295, got -3``."""
+    request = pllava_pb2.CaptionRequest()
+    if frames is not None:
+        request.frames.images.extend(frames)
+    elif video is not None:
+        _set_field(request, "video", video)
+    for field, value in (("prompt", prompt or ""), ("template", template or ""), ("num_frames", num_frames),
+                         ("request_id", request_id), ("video_name", video_name)):
+        _set_field(request, field, value)
+    for field, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                         ("top_k", top_k), ("repetition_penalty", repetition_penalty), ("seed", seed)):
+        if value is not None:
+            _set_field(request.sampling, field, value)
+    if isinstance(stop, str):
+        raise ValueError(f"stop must be a list of strings, got the string {stop!r}")
+    for i, text in enumerate(stop):
+        if not isinstance(text, str):
+            raise ValueError(f"stop[{i}] must be a string, got {text!r}")
+        request.sampling.stop.append(text)
+    return request
+
+
+#: Words for what a field of each protobuf type holds, for error messages.
+_FIELD_KINDS = {
+    FieldDescriptor.CPPTYPE_UINT32: "an integer from 0 to 4294967295",
+    FieldDescriptor.CPPTYPE_UINT64: "an integer from 0 to 18446744073709551615",
+    FieldDescriptor.CPPTYPE_INT32: "an integer from -2147483648 to 2147483647",
+    FieldDescriptor.CPPTYPE_INT64: "an integer from -9223372036854775808 to 9223372036854775807",
+    FieldDescriptor.CPPTYPE_FLOAT: "a number", FieldDescriptor.CPPTYPE_DOUBLE: "a number",
+    FieldDescriptor.CPPTYPE_STRING: "a string", FieldDescriptor.CPPTYPE_BOOL: "true or false",
+}
+
+
+def _set_field(message, field: str, value) -> None:
+    """``message.field = value``, or a ValueError that names the field (protobuf's own says
+    only ``Value out of range: -3``)."""
+    try:
+        setattr(message, field, value)
+    except (ValueError, TypeError):
+        descriptor = message.DESCRIPTOR.fields_by_name[field]
+        kind = _FIELD_KINDS.get(descriptor.cpp_type, f"a {descriptor.type} value")
+        if descriptor.type == FieldDescriptor.TYPE_BYTES:
+            kind = "bytes"
+        raise ValueError(f"{field} must be {kind}, got {value!r}") from None
+
+
 class Client:
     """A connection to a PLLaVA decoder server (the one address a client needs).
 
@@ -245,8 +301,9 @@ class Client:
         (greedy decoding). ``video_name`` (default: the file's name, or the frames' folder)
         only labels the video in the server's logs and messages. ``timeout=...`` means the
         client's default deadline. Raises TypeError for both or neither of ``video`` and
-        ``frames``, ValueError for an empty frame list or a request larger than the channel's
-        message limit, and OSError for a path that cannot be read; the server's refusals
+        ``frames``, ValueError for an empty frame list, a request larger than the channel's
+        message limit or an argument the request cannot carry (a negative ``top_k``, ...; the
+        message names it), and OSError for a path that cannot be read; the server's refusals
         (:class:`CaptionError`) surface while iterating.
         """
         if (video is None) == (frames is None):
@@ -255,7 +312,7 @@ class Client:
         if frames is not None:
             images, name = read_frames(frames)
             size = sum(len(image) + _FRAME_OVERHEAD_BYTES for image in images)
-            content = dict(frames=pllava_pb2.Frames(images=images))
+            content = dict(frames=images)
             what = f"the {len(images)} frames are"
         else:
             data, name = read_video(video)
@@ -263,15 +320,11 @@ class Client:
         if size + _REQUEST_OVERHEAD_BYTES > self._max_message:
             raise ValueError(f"{what} {size} bytes; one request carries at most "
                              f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video or frames")
-        sampling = pllava_pb2.SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop))
-        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                           ("repetition_penalty", repetition_penalty), ("seed", seed)):
-            if value is not None:
-                setattr(sampling, key, value)
-        request = pllava_pb2.CaptionRequest(
-            prompt=prompt or "", template=template or "", num_frames=num_frames,
-            sampling=sampling, request_id=request_id,
-            video_name=name if video_name is None else video_name, **content)
+        request = caption_request(
+            prompt=prompt, template=template, num_frames=num_frames, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            seed=seed, stop=stop, request_id=request_id, video_name=name if video_name is None else video_name,
+            **content)
         call = self._stub.Caption(request, timeout=self._deadline(timeout))
         return CaptionStream(call)
 
@@ -297,11 +350,13 @@ class Client:
         (INVALID_ARGUMENT: not a video) and unreadable files give a result with status
         ``"error"``, and the run goes on. ``skip(path, sha256)`` True yields a result with
         status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes).
-        Other keyword arguments are :meth:`caption`'s. Closing the iterator cancels the calls
-        in progress.
+        Other keyword arguments are :meth:`caption`'s; one a request cannot carry raises
+        ValueError here, before any video is read. Closing the iterator cancels the calls in
+        progress.
         """
         from .collection import caption_many
 
+        caption_request(prompt=prompt, **{k: v for k, v in kwargs.items() if k != "timeout"})
         if concurrency is None:
             concurrency = self.default_concurrency()
         return caption_many(self, videos, prompt, concurrency=concurrency, retries=retries, skip=skip,

@@ -23,7 +23,7 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from pllava_client.channel import channel_options
+from pllava_client.channel import MAX_MESSAGE_BYTES, channel_options
 from pllava_client.codec import TensorAssembler, bf16_bits_to_float32
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import REQUEST_ID_METADATA, Overloaded, Unavailable
@@ -72,8 +72,10 @@ class EncoderClient:
     """``await client.encode(video, num_frames, request_id)`` against ``target``."""
 
     def __init__(self, target: str, *, timeout_s: float = 120.0, retries: int = 2,
-                 hidden_size: int | None = None, model_id: str | None = None):
+                 hidden_size: int | None = None, model_id: str | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.target = target
+        self.max_message_bytes = max_message_bytes  # the largest Encode request it may send
         self.timeout_s = timeout_s
         self.retries = retries
         self.hidden_size = hidden_size  # width the decoder expects; None = do not check
@@ -84,7 +86,8 @@ class EncoderClient:
     def _ensure_channel(self) -> pllava_pb2_grpc.EncoderStub:
         # grpc.aio channels belong to the event loop they are created on: create lazily there.
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=channel_options(round_robin=True))
+            self._channel = grpc.aio.insecure_channel(
+                self.target, options=channel_options(self.max_message_bytes, round_robin=True))
             self._stub = pllava_pb2_grpc.EncoderStub(self._channel)
         return self._stub
 

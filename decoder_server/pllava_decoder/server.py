@@ -2,7 +2,8 @@
 
 One caption, end to end::
 
-    CaptionRequest -> sampling params, prompt ids (as pllava.pipeline.Captioner builds them);
+    CaptionRequest -> limits (max_prompt_chars, max_video_bytes: INVALID_ARGUMENT)
+                   -> sampling params, prompt ids (as pllava.pipeline.Captioner builds them);
                       the video's frame count (for frames sent as images, the rule of
                       pllava.frame_images.frames_num_frames)
                    -> admission (RESOURCE_EXHAUSTED beyond max_queue waiting)
@@ -40,6 +41,7 @@ from pllava.runtime import compile_cache_lock, dtype_name, enable_compile_cache,
 from pllava.sampling import SamplingParams
 from pllava.tokenizer import Tokenizer
 from pllava.video import VideoError
+from pllava_client.channel import MAX_MESSAGE_BYTES
 from pllava_client.codec import to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable, current_request_id
@@ -59,6 +61,14 @@ log = logging.getLogger("pllava_decoder")
 
 #: Videos (or all frames of a request) above this size are hashed off the event loop.
 _HASH_INLINE_BYTES = 4 << 20
+#: Room for a CaptionRequest's other fields beside the largest video it may carry.
+_REQUEST_OVERHEAD_BYTES = 1 << 20
+
+
+def max_message_bytes(max_video_bytes: int) -> int:
+    """gRPC message limit for a decoder that accepts videos up to ``max_video_bytes``: its
+    Caption requests in, and its Encode calls out."""
+    return max(max_video_bytes + _REQUEST_OVERHEAD_BYTES, MAX_MESSAGE_BYTES)
 
 
 @dataclass
@@ -169,7 +179,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         await asyncio.to_thread(self._compile_graphs)
         self.loop = EngineLoop(self.model.engine, s.max_queue, self.metrics).start()
         self.encoder = EncoderClient(s.encoder, timeout_s=s.encoder_timeout_s, retries=s.encoder_retries,
-                                     hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id)
+                                     hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id,
+                                     max_message_bytes=max_message_bytes(s.max_video_bytes))
         t1 = time.perf_counter()
         await self.warm_up()
         log.info("model %s loaded in %.1f s, warmed up in %.1f s: %d slots x %d tokens, %s on %s",
@@ -208,6 +219,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
     async def Caption(self, request: pllava_pb2.CaptionRequest, context):
         start = time.perf_counter()
         m, loop = self._ready()
+        self._check_limits(request)
         params = sampling_params(request.sampling, self.settings.max_new_tokens)
         template = request.template or DEFAULT_TEMPLATE
         prompt = build_prompt(request.prompt or default_question(template), template)
@@ -280,6 +292,22 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             encoder_target=s.encoder, version=__version__)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _check_limits(self, request: pllava_pb2.CaptionRequest) -> None:
+        """The operator's limits, checked before any work (INVALID_ARGUMENT: the same request
+        would be refused again, so clients must not retry it)."""
+        s = self.settings
+        if len(request.prompt) > s.max_prompt_chars:
+            raise ValueError(f"the prompt is {len(request.prompt)} characters, more than this decoder accepts "
+                             f"(max_prompt_chars={s.max_prompt_chars}); shorten the question")
+        if len(request.video) > s.max_video_bytes:
+            raise VideoError(f"{request.video_name or 'the video'}: the file is {len(request.video)} bytes, more than "
+                             f"this decoder accepts (max_video_bytes={s.max_video_bytes})")
+        frames_bytes = sum(len(image) for image in request.frames.images)
+        if frames_bytes > s.max_video_bytes:
+            raise VideoError(f"{request.video_name or 'frames'}: the {len(request.frames.images)} frames are "
+                             f"{frames_bytes} bytes together, more than this decoder accepts "
+                             f"(max_video_bytes={s.max_video_bytes})")
+
     def _num_frames(self, request: pllava_pb2.CaptionRequest) -> int:
         """The model's frame count for the request (sent on to the encoder); refuses a request
         with no video and no frames."""
@@ -354,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")
     p.add_argument("--max-new-tokens", type=int, help="when a request leaves it at 0 (default 256)")
+    p.add_argument("--max-video-bytes", type=int,
+                   help="largest video a Caption may carry; larger ones get INVALID_ARGUMENT before any encoder "
+                        "sees them (default 64 MiB)")
+    p.add_argument("--max-prompt-chars", type=int,
+                   help="longest question a Caption may ask, in characters; longer ones get INVALID_ARGUMENT "
+                        "(default 16384)")
     return p
 
 
@@ -361,7 +395,8 @@ async def serve(settings: DecoderSettings) -> None:
     servicer = DecoderServicer(settings)
     server, port, state = await create_server(format_address(settings.host, settings.port),
                                               [Service.pllava("Decoder", servicer)],
-                                              registry=servicer.metrics.registry)
+                                              registry=servicer.metrics.registry,
+                                              max_message_bytes=max_message_bytes(settings.max_video_bytes))
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
     exporter = None

@@ -39,6 +39,8 @@ class DecoderSettings:
     encoder_timeout_s: float = 120.0  # one Encode call, the encoder's own queueing included
     encoder_retries: int = 2  # extra attempts on another replica when an encoder is UNAVAILABLE
     max_new_tokens: int = 256  # when a request leaves it at 0
+    max_video_bytes: int = 64 << 20  # largest video a Caption may carry; refused before any encoder sees it
+    max_prompt_chars: int = 16384  # longest question a Caption may ask, in characters (before tokenising)
     grace_s: float = 10.0  # on SIGTERM: time running streams get to finish
     log_level: str = "INFO"
 
@@ -46,13 +48,14 @@ class DecoderSettings:
         problems = server_problems(self, ENV_PREFIX, {
             "max_context": 2, "num_frames": 1, "max_batch": 1, "max_queue": 1, "max_new_tokens": 1,
             "prefill_chunk": 32, "prefill_small_chunk": 32, "min_context": 1,
-            "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0})
+            "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0,
+            "max_video_bytes": 1, "max_prompt_chars": 1})
         if not self.encoder:
             problems.append("encoder must be a gRPC target such as dns:///encoder:50051")
         for name in ("prefill_chunk", "prefill_small_chunk"):
             if getattr(self, name) % 32:
                 problems.append(f"{name} must be a multiple of 32, got {getattr(self, name)}")
-        if self.encoder_timeout_s <= 0:
+        if not self.encoder_timeout_s > 0:
             problems.append(f"encoder_timeout_s must be > 0, got {self.encoder_timeout_s}")
         if problems:
             raise ValueError("invalid decoder settings: " + "; ".join(problems))

@@ -261,3 +261,12 @@ def test_decoder_settings_layers_and_checks(tmp_path):
         DecoderSettings()
     with pytest.raises(ValueError, match="device must be one of.*max_batch must be >= 1"):
         DecoderSettings(model="m", max_batch=0, device="TPU")
+    limits = load_settings(DecoderSettings, env_prefix=ENV_PREFIX, environ={
+        f"{ENV_PREFIX}MODEL": "m", f"{ENV_PREFIX}MAX_VIDEO_BYTES": "1000", f"{ENV_PREFIX}MAX_PROMPT_CHARS": "80"})
+    assert (limits.max_video_bytes, limits.max_prompt_chars) == (1000, 80)
+    assert (DecoderSettings(model="m").max_video_bytes, DecoderSettings(model="m").max_prompt_chars) == (64 << 20,
+                                                                                                       16384)
+    with pytest.raises(ValueError, match="max_video_bytes must be >= 1.*max_prompt_chars must be >= 1"):
+        DecoderSettings(model="m", max_video_bytes=0, max_prompt_chars=0)
+    with pytest.raises(ValueError, match="encoder_timeout_s must be > 0, got nan"):
+        DecoderSettings(model="m", encoder_timeout_s=float("nan"))

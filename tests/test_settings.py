@@ -168,3 +168,19 @@ def test_the_command_reports_bad_settings_and_exits_2(tmp_path, capsys):
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pllava-encoder: config file") and "unknown setting(s) prot" in err
+
+
+def test_the_readme_lists_every_setting_of_both_servers():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from pllava_decoder.settings import DecoderSettings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line.split("|")[1:4] for line in readme.splitlines() if re.match(r"\| `\w+`", line)]
+    listed = {(name, server.strip()) for names, server, _ in rows for name in re.findall(r"`(\w+)`", names)}
+    for cls, server in ((EncoderSettings, "encoder"), (DecoderSettings, "decoder")):
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if (f.name, server) not in listed and (f.name, "both") not in listed]
+        assert not missing, f"README's settings table lacks {server} settings {missing}"

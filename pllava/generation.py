@@ -62,7 +62,9 @@ class SequenceError(RuntimeError):
         self.stage = stage
         self.cause = cause
         shared = f" (shared by the {batch_size} sequences decoded together)" if batch_size > 1 else ""
-        super().__init__(f"generation failed while {stage}{shared}: {type(cause).__name__}: {cause}")
+        lines = str(cause).strip().splitlines()  # the first line only: device errors run to pages
+        reason = lines[0][:300] if lines else ""
+        super().__init__(f"generation failed while {stage}{shared}: {type(cause).__name__}: {reason}")
         self.__cause__ = cause
 
 

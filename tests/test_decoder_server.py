@@ -235,33 +235,36 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, med
     assert len(after.token_ids) == 2
 
 
-def test_nan_temperature_is_refused_while_other_captions_keep_streaming(decoder, media):
+def test_nan_temperature_is_refused_while_other_captions_keep_streaming(tiny_model_dir, encoder, logs, media):
     """Three captions are streaming; requests with NaN or infinite sampling parameters are
-    refused at once with INVALID_ARGUMENT, and the three run to their full length."""
-    def caption(i):
-        with Client(decoder.address, timeout=300) as client:
-            stream = client.caption(media[f"still{i}"], max_new_tokens=150, request_id=f"steady-{i}")
-            pieces = [next(stream)]  # streaming now
+    refused at once with INVALID_ARGUMENT, and the three run to their full length. (Before,
+    a NaN temperature passed validation and its sampling failed every caption in flight.)"""
+    def caption(address, i):
+        with Client(address, timeout=300) as client:
+            stream = client.caption(media[f"still{i}"], max_new_tokens=600, request_id=f"steady-{i}")
+            next(stream)  # streaming now
             started[i].set()
-            pieces.extend(stream)
+            for _ in stream:
+                pass
             return stream
 
     started = [threading.Event() for _ in range(3)]
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(caption, i) for i in range(3)]
+    with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs, "--max-context", "2048",
+                       "--max-batch", "4") as dec, ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(caption, dec.address, i) for i in range(3)]
         for event in started:
-            assert event.wait(120), decoder.log_tail()
-        with Client(decoder.address, timeout=60) as client:
+            assert event.wait(120), dec.log_tail()
+        with Client(dec.address, timeout=60) as client:
             for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")),
                         dict(repetition_penalty=float("nan"))):
                 with pytest.raises(CaptionError) as refused:
                     client.caption_full(media["orbit"], max_new_tokens=400, **bad)
                 assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
                 assert f"{next(iter(bad))} must be a finite number" in refused.value.message
-        assert not any(f.done() for f in futures), "a caption ended early: raise max_new_tokens"
+        assert not any(f.done() for f in futures), "a caption ended before the refusals: raise max_new_tokens"
         streams = [f.result(timeout=300) for f in futures]
-    for stream in streams:  # 150: fewer than the context leaves after these prompts
-        assert stream.result.finish_reason == "length" and len(stream.token_ids) == 150
+    for stream in streams:
+        assert stream.result.finish_reason == "length" and len(stream.token_ids) == 600
 
 
 def test_operator_limits_on_video_bytes_and_prompt_characters(tiny_model_dir, encoder, logs, media, videos_dir):

@@ -17,6 +17,7 @@ What is accepted (the subset of the OpenAI API a video captioner can honour):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +193,8 @@ def _number(body: dict, name: str, *, low: float, high: float | None = None, low
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request(f"'{name}' must be a number, got {_json_type(value)}", name)
+    if not math.isfinite(value):  # Python's JSON reads NaN and Infinity
+        raise bad_request(f"'{name}' must be a finite number, got {value}", name)
     if value < low or (low_open and value == low) or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
         raise bad_request(f"'{name}' must be in {bounds}, got {value}", name)

@@ -284,6 +284,11 @@ def test_operator_limits_on_video_bytes_and_prompt_characters(tiny_model_dir, en
         assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
         assert "the prompt is 41 characters, more than this decoder accepts (max_prompt_chars=40)" \
             in refused.value.message
+        with pytest.raises(CaptionError) as refused:
+            client.caption_full(frames=[bytes(30_000), bytes(30_000)], video_name="cam", max_new_tokens=2)
+        assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.message == ("cam: the 2 frames are 60000 bytes together, more than this decoder "
+                                         "accepts (max_video_bytes=50000)")
         ok = client.caption_full(videos_dir / "short.mp4", "x" * 40, max_new_tokens=3, request_id="fits")
     assert len(ok.token_ids) == 3
     seen = encoded_ids(encoder)

@@ -287,6 +287,13 @@ def test_unusual_files_are_refused_by_name(loop, engine, name, data, message):
     assert str(err.value).startswith(f"{name}: ") and message in str(err.value)
 
 
+def test_frames_sent_as_images_obey_max_frame_pixels(loop, engine, videos_dir):
+    still = (videos_dir / "still.jpg").read_bytes()
+    with pytest.raises(VideoError) as err:
+        loop.run(engine.encode_frames([still, odd_media.png_declaring(5000, 5000)], 0, "cam"))
+    assert str(err.value).startswith("cam: frame 1: the image is 5000x5000 = 25,000,000 pixels, over the limit")
+
+
 def test_tokens_come_in_the_model_dtype(loop, engine, tiny_model_dir, videos_dir):
     """A float16 model hands out float16 tokens (what goes over the wire), close to float32's.
     (bfloat16 has no CPU matmul in MindSpore; its float32 -> bfloat16 step is exact too.)"""

@@ -106,6 +106,31 @@ def grpc_target(address: str) -> str:
     return ("ipv4:" if v4 else "ipv6:") + ",".join(dict.fromkeys(v4 or v6))
 
 
+def tls_server_name(address: str) -> str | None:
+    """The name a TLS channel to ``address`` must check the servers' certificates against,
+    when gRPC would not find it itself; None when it does.
+
+    gRPC checks a certificate against the target's host, which a static list
+    (``host:p1,host:p2`` or ``ipv4:127.0.0.1:p1,127.0.0.1:p2``) does not have: there it is the
+    list's one host. One channel checks every server against one name, so a TLS list must name
+    one host; for several hosts use a DNS name that resolves to all of them and that their
+    certificates list. ValueError for a list of several hosts.
+    """
+    address = address.strip()
+    if address.startswith(("ipv4:", "ipv6:")):
+        items = address.split(":", 1)[1]
+    elif "," in address and not address.startswith(SCHEMES):
+        items = address
+    else:
+        return None
+    hosts = {host.lower() for host, _ in _host_ports(items)}
+    if len(hosts) != 1:
+        raise ValueError(f"{address!r} names several hosts ({', '.join(sorted(hosts))}); over TLS a list "
+                         "must name one host, the one the certificates are for. For several hosts use a "
+                         "dns:/// name that resolves to all of them and that their certificates list")
+    return hosts.pop()
+
+
 def server_count(address: str) -> int | None:
     """How many servers ``address`` names now: the items of a static list, or the addresses
     a ``dns:`` target or host name resolves to here; None when that cannot be known."""

@@ -12,8 +12,10 @@
 :func:`create_server` adds the standard health service (every service NOT_SERVING until
 :meth:`ServingState.set_serving`), server reflection, the message-size and keepalive options
 of :func:`pllava_client.channel.server_options`, the error interceptor and the drain
-interceptor, and (given a registry) the RPC metrics interceptor. Binding port 0 picks a free
-port, which the caller logs.
+interceptor, (given a registry) the RPC metrics interceptor, and with a
+:class:`~pllava_serving.security.ServerSecurity` TLS and the token check (outermost, so a
+refused call costs nothing else; refusals are counted on their own). Binding port 0 picks a
+free port, which the caller logs.
 
 Shutdown (:func:`serve_forever`, on SIGTERM or SIGINT):
 
@@ -49,6 +51,7 @@ from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from .errors import ErrorInterceptor, Unavailable, wrap_handler
 from .logs import setup_logging
 from .metrics import RpcMetricsInterceptor
+from .security import ServerSecurity
 from .settings import given_flags, load_settings
 
 log = logging.getLogger(__name__)
@@ -148,15 +151,18 @@ def format_address(host: str, port: int) -> str:
 
 async def create_server(address: str, services: Sequence[Service], *,
                         max_message_bytes: int = MAX_MESSAGE_BYTES,
-                        registry: CollectorRegistry | None = None) -> tuple[grpc.aio.Server, int, ServingState]:
+                        registry: CollectorRegistry | None = None,
+                        security: ServerSecurity | None = None) -> tuple[grpc.aio.Server, int, ServingState]:
     """A bound, not yet started server for ``services`` at ``address`` ("host:port"; port 0
     picks a free one). Returns ``(server, bound_port, state)``; every service reports
     NOT_SERVING until ``await state.set_serving()``. With a ``registry``, every RPC's final
     status is counted there (:class:`pllava_serving.metrics.RpcMetricsInterceptor`).
+    ``security`` None: plaintext, no tokens.
 
     A coroutine because the aio server and the health servicer belong to the running loop.
     """
     state = ServingState([s.name for s in services])
+    security = security or ServerSecurity()
     # Error mapping sits inside the drain check, so a refused RPC's Unavailable also becomes
     # a status code through the one mapping; the metrics sit outside both and count the
     # status the mapping chose.
@@ -165,14 +171,16 @@ async def create_server(address: str, services: Sequence[Service], *,
     interceptors = [ErrorInterceptor(), _DrainInterceptor(state)]
     if registry is not None:
         interceptors.insert(0, RpcMetricsInterceptor(registry))
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    # The token check is outermost: a refused call reaches nothing else, and an unknown method
+    # name of a caller without a token never becomes a metrics label.
+    server = grpc.aio.server(options=options, interceptors=[*security.interceptors(registry), *interceptors])
     for service in services:
         service.add_to_server(service.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
     reflection.enable_server_reflection([s.name for s in services] + [HEALTH_SERVICE, reflection.SERVICE_NAME],
                                         server)
     try:
-        port = server.add_insecure_port(address)
+        port = security.add_port(server, address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:

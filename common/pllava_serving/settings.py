@@ -240,6 +240,27 @@ def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = M
         value = getattr(s, name)
         if value is not None and not value >= low:  # NaN too
             problems.append(f"{name} must be >= {low}, got {value}")
+    problems += tls_problems(s.tls_cert, s.tls_key, s.tls_client_ca, "tls_cert", "tls_key", "tls_client_ca")
+    if s.auth_token_file == "":
+        problems.append("auth_token_file must name a file (or be left unset for no tokens)")
+    return problems
+
+
+def tls_problems(cert: str | None, key: str | None, ca: str | None,
+                 cert_name: str, key_name: str, ca_name: str) -> list[str]:
+    """What is wrong with TLS settings: a certificate goes with its key; a server's client CA
+    (``ca_name`` "tls_client_ca") needs the server's certificate; a client's certificate needs
+    the CA of the server's certificate (any other ``ca_name``)."""
+    problems = []
+    if bool(cert) != bool(key):
+        problems.append(f"{cert_name} and {key_name} go together: give both or neither")
+    if ca_name == "tls_client_ca" and ca and not cert:
+        problems.append(f"{ca_name} (require client certificates) needs TLS: set {cert_name} and {key_name} too")
+    if ca_name != "tls_client_ca" and cert and not ca:
+        problems.append(f"{cert_name} (a client certificate) needs {ca_name}, the CA of the server's certificate")
+    for name, value in ((cert_name, cert), (key_name, key), (ca_name, ca)):
+        if value == "":
+            problems.append(f"{name} must name a file (or be left unset)")
     return problems
 
 
@@ -266,3 +287,12 @@ def add_server_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
     parser.add_argument("--grace-s", type=float,
                         help=f"on SIGTERM, seconds running requests get to finish (default {d['grace_s']:g})")
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
+    tls = parser.add_argument_group("TLS and tokens")
+    tls.add_argument("--tls-cert", metavar="FILE",
+                     help="serve TLS with this PEM certificate chain (with --tls-key; default: plaintext)")
+    tls.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert (unencrypted)")
+    tls.add_argument("--tls-client-ca", metavar="FILE",
+                     help="require client certificates signed by this CA (mutual TLS)")
+    tls.add_argument("--auth-token-file", metavar="FILE",
+                     help="require 'authorization: Bearer TOKEN' on every RPC but health; the file holds "
+                          "the accepted tokens, one a line (read again when it changes)")

@@ -7,6 +7,11 @@ that fails with UNAVAILABLE (the replica died or is shutting down) is retried, a
 robin sends the retry to another ready replica. INVALID_ARGUMENT (a bad video) is the
 caller's problem and is not retried: it propagates with the encoder's own message.
 
+Over TLS (``tls``) the channel checks the encoders' certificates against the target's host
+(the one host of a static list); with ``token`` every call carries ``authorization: Bearer``.
+A transport mismatch (a plaintext decoder against TLS encoders, a missing client
+certificate, an unknown CA) is reported with its likely cause and the setting to change.
+
 Failures are raised as :class:`EncoderError` subclasses that are also the exception types
 :mod:`pllava_serving.errors` maps to the matching status code (a rejected video is a
 ``ValueError`` -> INVALID_ARGUMENT, an unreachable encoder ``Unavailable`` -> UNAVAILABLE,
@@ -18,13 +23,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
 
-from pllava_client.channel import MAX_MESSAGE_BYTES, channel_options
+from pllava_client.channel import MAX_MESSAGE_BYTES, channel_options, tls_server_name
 from pllava_client.codec import TensorAssembler, bf16_bits_to_float32
+from pllava_client.security import ClientTls, bearer_metadata, explain_unavailable
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import REQUEST_ID_METADATA, Overloaded, Unavailable
 
@@ -69,25 +75,39 @@ class Encoded:
 
 
 class EncoderClient:
-    """``await client.encode(video, num_frames, request_id)`` against ``target``."""
+    """``await client.encode(video, num_frames, request_id)`` against ``target``.
+
+    ``tls``: reach the encoders over TLS (None: plaintext). ``token``: returns the bearer token
+    to send, asked on every call so a token file that changes is followed (None: no token).
+    """
 
     def __init__(self, target: str, *, timeout_s: float = 120.0, retries: int = 2,
                  hidden_size: int | None = None, model_id: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 tls: ClientTls | None = None, token: Callable[[], str] | None = None):
         self.target = target
         self.max_message_bytes = max_message_bytes  # the largest Encode request it may send
         self.timeout_s = timeout_s
         self.retries = retries
         self.hidden_size = hidden_size  # width the decoder expects; None = do not check
         self.model_id = model_id  # identity the decoder expects; None = do not check
+        self.tls = tls
+        self.token = token
+        # Checked now: a TLS target listing several hosts is a settings error, not a call's.
+        self._server_name = tls_server_name(target) if tls is not None else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pllava_pb2_grpc.EncoderStub | None = None
 
     def _ensure_channel(self) -> pllava_pb2_grpc.EncoderStub:
         # grpc.aio channels belong to the event loop they are created on: create lazily there.
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.target, options=channel_options(self.max_message_bytes, round_robin=True))
+            options = channel_options(self.max_message_bytes, round_robin=True)
+            if self.tls is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                if self._server_name:
+                    options.append(("grpc.ssl_target_name_override", self._server_name))
+                self._channel = grpc.aio.secure_channel(self.target, self.tls.credentials(), options=options)
             self._stub = pllava_pb2_grpc.EncoderStub(self._channel)
         return self._stub
 
@@ -117,6 +137,9 @@ class EncoderClient:
                                 request_id or "request", self.target, details, attempt, self.retries)
                     await asyncio.sleep(RETRY_BACKOFF_S)
                     continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    details = explain_unavailable(details, self.tls, plaintext_hint="encoder_tls_ca (--encoder-tls-ca)",
+                                                  server="the encoder")
                 raise _as_encoder_error(code, details, self.target, attempt) from None
         raise AssertionError("unreachable")
 
@@ -125,8 +148,10 @@ class EncoderClient:
         if left <= 0:
             raise EncoderTimeout(f"no encoder at {self.target} answered in time")
         # The id goes in the request and as metadata, so the encoder logs under the same id.
-        call = stub.Encode(request, timeout=left, metadata=((REQUEST_ID_METADATA, request.request_id),)
-                           if request.request_id else None)
+        metadata = [(REQUEST_ID_METADATA, request.request_id)] if request.request_id else []
+        if self.token is not None:
+            metadata += bearer_metadata(self.token())
+        call = stub.Encode(request, timeout=left, metadata=metadata or None)
         header, assembler = None, None
         async for response in call:
             which = response.WhichOneof("payload")
@@ -188,6 +213,10 @@ def _as_encoder_error(code: grpc.StatusCode, details: str, target: str, attempts
         return EncoderUnavailable(f"no encoder reachable at {target} after {attempts} attempt(s): {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return EncoderTimeout(f"the encoder at {target} did not finish in time: {details}")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return EncoderError(f"the encoder at {target} refused this decoder ({code.name}: {details}): set "
+                            "encoder_token_file (--encoder-token-file) to a file holding a token the "
+                            "encoders accept")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return EncoderOverloaded(f"the encoders at {target} are overloaded: {details}")
     return EncoderError(f"the encoder at {target} failed with {code.name}: {details}")

@@ -41,12 +41,14 @@ from pllava.runtime import compile_cache_lock, dtype_name, enable_compile_cache,
 from pllava.sampling import SamplingParams
 from pllava.tokenizer import Tokenizer
 from pllava.video import VideoError
-from pllava_client.channel import MAX_MESSAGE_BYTES
+from pllava_client.channel import MAX_MESSAGE_BYTES, tls_server_name
 from pllava_client.codec import to_wire_dtype
+from pllava_client.security import ClientTls
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable, current_request_id
 from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO, new_registry, start_metrics_server
 from pllava_serving.model_id import model_id
+from pllava_serving.security import ServerSecurity, TokenFile
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
 from .encoder_client import Encoded, EncoderClient
@@ -162,6 +164,14 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         self.model: LanguageModel | None = None
         self.loop: EngineLoop | None = None
         self.encoder: EncoderClient | None = None
+        # Read now, so a missing certificate or token file stops the start before the model loads.
+        self.encoder_tls = ClientTls.from_files(settings.encoder_tls_ca, settings.encoder_tls_cert,
+                                                settings.encoder_tls_key,
+                                                names=("encoder_tls_ca", "encoder_tls_cert", "encoder_tls_key"))
+        self.encoder_token = (TokenFile(settings.encoder_token_file, "encoder_token_file")
+                              if settings.encoder_token_file else None)
+        if self.encoder_tls is not None:
+            tls_server_name(settings.encoder)  # ValueError now for a TLS list of several hosts
         self.cache = VisualCache(settings.visual_cache_bytes)
         self._serial = itertools.count(1)
         # This server's own registry: RPC statuses (create_server), engine loop, cache.
@@ -180,7 +190,9 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         self.loop = EngineLoop(self.model.engine, s.max_queue, self.metrics).start()
         self.encoder = EncoderClient(s.encoder, timeout_s=s.encoder_timeout_s, retries=s.encoder_retries,
                                      hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id,
-                                     max_message_bytes=max_message_bytes(s.max_video_bytes))
+                                     max_message_bytes=max_message_bytes(s.max_video_bytes),
+                                     tls=self.encoder_tls,
+                                     token=self.encoder_token.first if self.encoder_token else None)
         t1 = time.perf_counter()
         await self.warm_up()
         log.info("model %s loaded in %.1f s, warmed up in %.1f s: %d slots x %d tokens, %s on %s",
@@ -388,17 +400,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int,
                    help="longest question a Caption may ask, in characters; longer ones get INVALID_ARGUMENT "
                         "(default 16384)")
+    e = p.add_argument_group("TLS and tokens towards the encoders")
+    e.add_argument("--encoder-tls-ca", metavar="FILE",
+                   help="reach the encoders over TLS, trusting this CA (default: plaintext)")
+    e.add_argument("--encoder-tls-cert", metavar="FILE",
+                   help="client certificate for encoders that require one (with --encoder-tls-key)")
+    e.add_argument("--encoder-tls-key", metavar="FILE", help="the PEM private key of --encoder-tls-cert")
+    e.add_argument("--encoder-token-file", metavar="FILE",
+                   help="send the first token in this file to the encoders (read again when it changes)")
     return p
 
 
 async def serve(settings: DecoderSettings) -> None:
     servicer = DecoderServicer(settings)
+    security = ServerSecurity.from_settings(settings)
     server, port, state = await create_server(format_address(settings.host, settings.port),
                                               [Service.pllava("Decoder", servicer)],
                                               registry=servicer.metrics.registry,
-                                              max_message_bytes=max_message_bytes(settings.max_video_bytes))
+                                              max_message_bytes=max_message_bytes(settings.max_video_bytes),
+                                              security=security)
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
+    log_security(security, servicer)
     exporter = None
     try:
         exporter = start_metrics_server(servicer.metrics.registry, settings.host, settings.metrics_port)
@@ -418,6 +441,20 @@ async def serve(settings: DecoderSettings) -> None:
     await state.set_serving()
     log.info("serving; encoders at %s", settings.encoder)
     await serve_forever(server, state, settings.grace_s, on_shutdown=shut_down)
+
+
+def log_security(security: ServerSecurity, servicer: DecoderServicer) -> None:
+    """Say how clients reach this decoder and how it reaches the encoders."""
+    log.info("clients: %s", security.describe())
+    for warning in security.warnings():
+        log.warning(warning)
+    tls, token = servicer.encoder_tls, servicer.encoder_token
+    log.info("encoders: %s, %s", "plaintext (no TLS)" if tls is None else
+             "TLS" + (" with a client certificate" if tls.cert is not None else ""),
+             f"bearer token from {token.path}" if token is not None else "no token")
+    if token is not None and tls is None:
+        log.warning("the encoder token travels unencrypted without TLS: set encoder_tls_ca unless the "
+                    "network between the decoder and the encoders is private")
 
 
 def main(argv: list[str] | None = None) -> int:

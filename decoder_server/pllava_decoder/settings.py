@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pllava_serving.settings import server_problems
+from pllava_serving.settings import server_problems, tls_problems
 
 ENV_PREFIX = "PLLAVA_DECODER_"
 
@@ -42,6 +42,14 @@ class DecoderSettings:
     max_video_bytes: int = 64 << 20  # largest video a Caption may carry; refused before any encoder sees it
     max_prompt_chars: int = 16384  # longest question a Caption may ask, in characters (before tokenising)
     grace_s: float = 10.0  # on SIGTERM: time running streams get to finish
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS (with tls_key); None = plaintext
+    tls_key: str | None = None  # its PEM private key, unencrypted
+    tls_client_ca: str | None = None  # require client certificates signed by this CA (mutual TLS)
+    auth_token_file: str | None = None  # accepted bearer tokens, one a line; None = no tokens needed
+    encoder_tls_ca: str | None = None  # reach the encoders over TLS, trusting this CA; None = plaintext
+    encoder_tls_cert: str | None = None  # client certificate for encoders that require one (with the key)
+    encoder_tls_key: str | None = None
+    encoder_token_file: str | None = None  # the encoders' bearer token: the file's first one
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -55,6 +63,10 @@ class DecoderSettings:
         for name in ("prefill_chunk", "prefill_small_chunk"):
             if getattr(self, name) % 32:
                 problems.append(f"{name} must be a multiple of 32, got {getattr(self, name)}")
+        problems += tls_problems(self.encoder_tls_cert, self.encoder_tls_key, self.encoder_tls_ca,
+                                 "encoder_tls_cert", "encoder_tls_key", "encoder_tls_ca")
+        if self.encoder_token_file == "":
+            problems.append("encoder_token_file must name a file (or be left unset)")
         if not self.encoder_timeout_s > 0:
             problems.append(f"encoder_timeout_s must be > 0, got {self.encoder_timeout_s}")
         if problems:

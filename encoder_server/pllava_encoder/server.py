@@ -19,6 +19,7 @@ from pllava import __version__
 from pllava_client.codec import encode_tensor, to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable
+from pllava_serving.security import ServerSecurity
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
 from pllava_serving.settings import add_server_flags
@@ -75,6 +76,7 @@ class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
 
 async def serve(settings: EncoderSettings) -> None:
     """Run the server until SIGTERM/SIGINT (then drain and return)."""
+    security = ServerSecurity.from_settings(settings)  # bad TLS or token files: stop before MindSpore loads
     from pllava_serving.metrics import new_registry, start_metrics_server
 
     from .engine import VisionEncoderEngine
@@ -87,9 +89,12 @@ async def serve(settings: EncoderSettings) -> None:
     max_message = max(settings.max_video_bytes + (1 << 20), 64 << 20)
     server, port, state = await create_server(format_address(settings.host, settings.port),
                                               [Service.pllava("Encoder", servicer)], max_message_bytes=max_message,
-                                              registry=metrics.registry)
+                                              registry=metrics.registry, security=security)
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
+    log.info("clients: %s", security.describe())
+    for warning in security.warnings():
+        log.warning(warning)
     engine = VisionEncoderEngine(settings, metrics)
     exporter = None
     try:

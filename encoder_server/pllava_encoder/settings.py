@@ -36,6 +36,10 @@ class EncoderSettings:
     max_frame_pixels: int = 4096 * 4096  # largest frame (width x height, from the file's header) decoded
     decode_timeout_s: float = 60.0     # one video's decoding + preprocessing in a worker; then it is killed
     grace_s: float = 10.0              # on SIGTERM, time running requests get to finish
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS (with tls_key); None = plaintext
+    tls_key: str | None = None  # its PEM private key, unencrypted
+    tls_client_ca: str | None = None  # require client certificates signed by this CA (mutual TLS)
+    auth_token_file: str | None = None  # accepted bearer tokens, one a line; None = no tokens needed
     log_level: str = "INFO"
 
     def __post_init__(self):

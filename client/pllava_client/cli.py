@@ -24,6 +24,9 @@ the end. Exits 0 only when every input has a caption.
 
 The server address defaults to ``$PLLAVA_SERVER`` or ``localhost:50052``; it may name several
 decoders (``dns:///decoders:50052`` or ``host:50052,host:50053``), balanced round robin.
+``--tls-ca`` connects over TLS (``--tls-cert``/``--tls-key`` add a client certificate), and
+``--token`` (default ``$PLLAVA_TOKEN``, which keeps the token out of the process list) is
+sent with every call.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from typing import TextIO
 from .client import DEFAULT_RETRIES, CaptionError, Client, caption_request
 from .collection import CaptionFile, VideoResult, expand_inputs
 from .frames import frame_files
+from .security import ClientTls, check_token
 
 DEFAULT_SERVER = "localhost:50052"
 #: Seconds between progress lines when stderr is not a terminal.
@@ -59,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="TARGET",
                    help="decoder address, any gRPC target; several decoders as dns:///NAME:PORT or "
                         f"HOST:PORT,HOST:PORT (default: $PLLAVA_SERVER or {DEFAULT_SERVER})")
+    s = p.add_argument_group("TLS and tokens")
+    s.add_argument("--tls-ca", metavar="FILE",
+                   help="connect over TLS, trusting this CA certificate (PEM) for the decoder's certificate")
+    s.add_argument("--tls-cert", metavar="FILE",
+                   help="client certificate (PEM) for decoders that require one (mutual TLS; with --tls-key)")
+    s.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    s.add_argument("--token", default=os.environ.get("PLLAVA_TOKEN") or None, metavar="T",
+                   help="bearer token sent with every call (default: $PLLAVA_TOKEN; the variable keeps it "
+                        "out of the process list)")
     p.add_argument("--prompt", help="the question (default: the server's)")
     p.add_argument("--template", help="conversation template, e.g. recaption (default: the server's; "
                                       "GetInfo lists the names)")
@@ -122,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        client = Client(args.server, timeout=args.timeout)
-    except ValueError as exc:  # a malformed address list
-        print(f"error: --server: {exc}", file=sys.stderr)
+        client = make_client(args)
+    except ValueError as exc:  # a malformed address list, unreadable TLS files
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     with client:
         return caption_one(client, sys.stdin.buffer if video == "-" else video, args)
@@ -141,12 +154,25 @@ def caption_frames(args: argparse.Namespace) -> int:
         print(f"error: --frames: {exc}", file=sys.stderr)
         return 2
     try:
-        client = Client(args.server, timeout=args.timeout)
-    except ValueError as exc:  # a malformed address list
-        print(f"error: --server: {exc}", file=sys.stderr)
+        client = make_client(args)
+    except ValueError as exc:  # a malformed address list, unreadable TLS files
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     with client:
         return caption_one(client, None, args, frames=frames)
+
+
+def make_client(args: argparse.Namespace) -> Client:
+    """The client the flags describe; ValueError naming the flag that is wrong."""
+    # Checked first with the flags' names, so a message says which flag to fix.
+    ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, names=("--tls-ca", "--tls-cert", "--tls-key"))
+    if args.token is not None:
+        check_token(args.token, "--token (or $PLLAVA_TOKEN)")
+    try:
+        return Client(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                      token=args.token, timeout=args.timeout)
+    except ValueError as exc:  # what is left is the address
+        raise ValueError(f"--server: {exc}") from None
 
 
 def caption_one(client: Client, video, args: argparse.Namespace, frames=None) -> int:
@@ -188,7 +214,7 @@ def caption_collection(args: argparse.Namespace) -> int:
         return 2
     try:
         paths = expand_inputs(args.inputs, exclude=[args.out])
-        client = Client(args.server, timeout=args.timeout)
+        client = make_client(args)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

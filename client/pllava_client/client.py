@@ -36,8 +36,9 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
-from .channel import MAX_MESSAGE_BYTES, channel_options, grpc_target, server_count
+from .channel import MAX_MESSAGE_BYTES, channel_options, grpc_target, server_count, tls_server_name
 from .frames import Frame, read_frames
+from .security import BearerToken, ClientTls, check_token, explain_unavailable, secure_or_insecure_channel
 
 if TYPE_CHECKING:
     from .collection import VideoResult
@@ -73,12 +74,18 @@ class CaptionError(grpc.RpcError):
         return self.message
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> "CaptionError":
+    def from_rpc_error(cls, error: grpc.RpcError,
+                       explain: Callable[[str], str] | None = None) -> "CaptionError":
+        """``error`` as a CaptionError; ``explain`` rewrites the message of an UNAVAILABLE
+        error (the client adds the likely TLS mismatch there)."""
         if isinstance(error, CaptionError):
             return error
         code = error.code() if callable(getattr(error, "code", None)) else None
         details = error.details() if callable(getattr(error, "details", None)) else None
-        return cls(code or grpc.StatusCode.UNKNOWN, details or str(error))
+        message = details or str(error)
+        if code == grpc.StatusCode.UNAVAILABLE and explain is not None:
+            message = explain(message)
+        return cls(code or grpc.StatusCode.UNKNOWN, message)
 
 
 @dataclass
@@ -133,8 +140,9 @@ class CaptionStream:
     a ``with`` block or on garbage collection) cancels the call if it is still running.
     """
 
-    def __init__(self, call):
+    def __init__(self, call, explain: Callable[[str], str] | None = None):
         self._call = call  # grpc's response iterator, which is also the call object
+        self._explain = explain
         self.token_ids: list[int] = []
         self.text = ""
         self.result: CaptionResult | None = None
@@ -156,7 +164,7 @@ class CaptionStream:
                 break
             except grpc.RpcError as err:
                 self._done = True
-                raise CaptionError.from_rpc_error(err) from None
+                raise CaptionError.from_rpc_error(err, self._explain) from None
             kind = event.WhichOneof("event")
             if kind == "token":
                 self.token_ids.extend(event.token.token_ids)
@@ -271,17 +279,36 @@ class Client:
     ``address`` may name several decoders: ``dns:///decoders:50052`` (every address the name
     resolves to) or a comma list ``host:50052,host:50053``; calls are balanced round robin
     over the decoders that are up.
+
+    TLS: ``tls_ca`` (a PEM file, the CA that signed the decoder's certificate) connects over
+    TLS, checking the certificate against the address's host; ``tls_cert`` and ``tls_key``
+    add a client certificate for decoders that require one (mutual TLS). ``token`` is sent as
+    ``authorization: Bearer TOKEN`` with every call. A connection that fails because the
+    transport does not match the decoder's (it wants TLS, a client certificate, another CA)
+    raises UNAVAILABLE with the likely cause in the message. ValueError for files that cannot
+    be read or options that do not go together.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None,
+    def __init__(self, address: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, token: str | None = None, timeout: float | None = None,
                  options: Sequence[tuple[str, object]] | None = None):
         self.address = address
         self.timeout = timeout
         self._options = list(options) if options is not None else channel_options(round_robin=True)
         self._max_message = dict(self._options).get("grpc.max_send_message_length",
                                                      MAX_MESSAGE_BYTES)
-        self._channel = grpc.insecure_channel(grpc_target(address), options=self._options)
-        self._stub = pllava_pb2_grpc.DecoderStub(self._channel)
+        self._tls = ClientTls.from_files(tls_ca, tls_cert, tls_key)
+        if self._tls is not None:
+            name = tls_server_name(address)
+            if name and "grpc.ssl_target_name_override" not in dict(self._options):
+                self._options.append(("grpc.ssl_target_name_override", name))
+        interceptor = BearerToken(check_token(token, "token")) if token is not None else None
+        self._channel = secure_or_insecure_channel(grpc_target(address), self._tls, self._options)
+        self._calls = grpc.intercept_channel(self._channel, interceptor) if interceptor else self._channel
+        self._stub = pllava_pb2_grpc.DecoderStub(self._calls)
+
+    def _explain(self, details: str) -> str:
+        return explain_unavailable(details, self._tls, server=f"the decoder at {self.address}")
 
     def caption(self, video: Video | None = None, prompt: str | None = None, *,
                 frames: Iterable[Frame] | None = None, template: str | None = None,
@@ -326,7 +353,7 @@ class Client:
             seed=seed, stop=stop, request_id=request_id, video_name=name if video_name is None else video_name,
             **content)
         call = self._stub.Caption(request, timeout=self._deadline(timeout))
-        return CaptionStream(call)
+        return CaptionStream(call, self._explain)
 
     def caption_full(self, video: Video | None = None, prompt: str | None = None, **kwargs) -> CaptionResult:
         """Caption ``video`` (or ``frames=[...]``) and return the whole result (same arguments
@@ -372,7 +399,7 @@ class Client:
         try:
             return self._stub.GetInfo(pllava_pb2.GetInfoRequest(), timeout=self._deadline(timeout))
         except grpc.RpcError as err:
-            raise CaptionError.from_rpc_error(err) from None
+            raise CaptionError.from_rpc_error(err, self._explain) from None
 
     def close(self) -> None:
         """Close the channel (cancels calls still running)."""

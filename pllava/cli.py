@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,8 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_up(args) -> int:
     # The launcher is serving code (it talks gRPC health); the model package only calls it.
-    from pllava_serving.launcher import DEFAULT_GRACE_S, LaunchError, launch, parse_setting, run_foreground
+    from pllava_serving.launcher import (DEFAULT_GRACE_S, LaunchError, default_certs_dir, launch, parse_setting,
+                                         run_foreground)
 
     decoder = dict(parse_setting(s) for s in args.decoder_setting)
     encoder = dict(parse_setting(s) for s in args.encoder_setting)
@@ -145,8 +147,9 @@ def cmd_up(args) -> int:
                          encoder_port=args.encoder_port, device=args.device, dtype=args.dtype,
                          ready_timeout=args.ready_timeout, encoder_settings=encoder,
                          decoder_settings=decoder, openai_port=args.openai_port, openai_settings=openai,
-                         metrics_port=args.metrics_port)
-    except (LaunchError, ValueError) as exc:
+                         metrics_port=args.metrics_port,
+                         secure=default_certs_dir() if args.secure == "" else args.secure)
+    except (LaunchError, ValueError, FileExistsError) as exc:
         print(f"pllava up: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -159,8 +162,31 @@ def cmd_up(args) -> int:
     for server in cluster.servers:
         if server.metrics_url:
             print(f"pllava up: {server.name} metrics at {server.metrics_url}", flush=True)
-    print(f"  try: pllava-caption VIDEO --server {cluster.address}", flush=True)
+    if cluster.certs is None:
+        print(f"  try: pllava-caption VIDEO --server {cluster.address}", flush=True)
+    else:
+        c = cluster.certs
+
+        def q(path: Path) -> str:
+            return shlex.quote(str(path.resolve()))
+        print(f"  both hops use TLS with client certificates and the bearer token in {q(c.token)}", flush=True)
+        print(f"  try: PLLAVA_TOKEN=$(cat {q(c.token)}) pllava-caption VIDEO --server {cluster.address} "
+              f"--tls-ca {q(c.ca)} --tls-cert {q(c.client_cert)} --tls-key {q(c.client_key)}", flush=True)
     return run_foreground(cluster, grace=DEFAULT_GRACE_S)
+
+
+def cmd_make_certs(args) -> int:
+    from pllava_serving.certs import DEFAULT_HOSTS, make_certs
+
+    try:
+        certs = make_certs(args.folder, [*DEFAULT_HOSTS, *args.host], days=args.days, overwrite=args.force)
+    except FileExistsError as exc:
+        print(f"pllava make-certs: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a CA, a server certificate for {', '.join([*DEFAULT_HOSTS, *args.host])}, a client "
+          f"certificate and a token to {certs.folder} (keys readable only by you; ca-key.pem is needed "
+          "only to sign more certificates)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = any free port; default: not started)")
     p.add_argument("--openai-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="any pllava-openai setting, e.g. auth_token_file=keys.txt; repeatable")
+    p.add_argument("--secure", nargs="?", const="", metavar="DIR",
+                   help="TLS with client certificates and a bearer token on both hops, from the files "
+                        "of `pllava make-certs` in DIR (made there if it holds none; default DIR "
+                        "~/.config/pllava/certs)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("make-certs", help="write a CA, server and client certificates and a token for TLS")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="another DNS name or IP address the server certificate is valid for (repeatable; "
+                        "always: localhost, 127.0.0.1, ::1, encoder, decoder)")
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p.add_argument("--force", action="store_true", help="overwrite the files if DIR already holds them")
+    p.set_defaults(func=cmd_make_certs)
     return parser
 
 

@@ -18,6 +18,12 @@ Server settings reach the children as their ``PLLAVA_ENCODER_*`` / ``PLLAVA_DECO
 environment variables (``launch(..., decoder_settings={"max_batch": 4})``), so every setting
 a server has can be given, with the server's own checks and messages.
 
+``launch(..., secure=DIR)`` (``pllava up --secure``) turns on everything
+:mod:`pllava_serving.security` offers, on both hops, from the files of
+:mod:`pllava_serving.certs` in DIR (made there first if DIR does not hold them): TLS with
+client certificates required and a bearer token, on the decoder for clients and on the
+encoders for the decoder. :meth:`Cluster.client_options` is what a client then needs.
+
 Readiness is the servers' own gRPC health service (SERVING only after warm-up), and the front
 end's ``GET /health`` (200 once the decoder answers). This module
 lives with the serving code, not in the model package ``pllava``, which never imports grpc;
@@ -32,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +53,9 @@ from typing import Mapping, TextIO
 import grpc
 
 from pllava_client.health import check_health
+from pllava_client.security import ClientTls
+
+from .certs import DEFAULT_HOSTS, CertFiles, make_certs
 
 #: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
@@ -95,6 +105,35 @@ def ensure_tiny_model(path: str | Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def default_certs_dir() -> Path:
+    """Where ``pllava up --secure`` keeps its certificates and token without a folder named."""
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config / "pllava" / "certs"
+
+
+def ensure_certs(folder: str | Path, decoder_host: str = "127.0.0.1") -> CertFiles:
+    """The certificates and token in ``folder``, made there if it holds none (valid for this
+    machine's names, ``decoder_host`` and the compose service names). FileExistsError when it
+    holds only some of them."""
+    certs = CertFiles(Path(folder))
+    if certs.complete():
+        return certs
+    hosts = [*DEFAULT_HOSTS, socket.gethostname()]
+    if decoder_host not in ("0.0.0.0", "::", ""):
+        hosts.append(decoder_host)
+    return make_certs(folder, hosts)
+
+
+def secure_settings(certs: CertFiles) -> tuple[dict[str, str], dict[str, str]]:
+    """(encoder settings, decoder settings) that turn on TLS, client certificates and the
+    token on both hops with the files of ``certs``."""
+    server = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key),
+              "tls_client_ca": str(certs.ca), "auth_token_file": str(certs.token)}
+    decoder = {**server, "encoder_tls_ca": str(certs.ca), "encoder_tls_cert": str(certs.client_cert),
+               "encoder_tls_key": str(certs.client_key), "encoder_token_file": str(certs.token)}
+    return server, decoder
 
 
 def server_command(name: str) -> list[str]:
@@ -251,15 +290,30 @@ class Cluster:
     """Handles on the servers :func:`launch` started; a context manager that stops them."""
 
     def __init__(self, encoders: list[ServerProcess], decoder: ServerProcess | None,
-                 openai: ServerProcess | None = None):
+                 openai: ServerProcess | None = None, certs: CertFiles | None = None):
         self.encoders = encoders
         self.decoder = decoder
         self.openai = openai
+        self.certs = certs  # the TLS files and token of a secured cluster
 
     @property
     def address(self) -> str:
         """The decoder's address, the one a client needs."""
         return self.decoder.address
+
+    def client_options(self) -> dict[str, str]:
+        """Keyword arguments of ``pllava_client.Client`` for this cluster: ``{}``, or the CA,
+        client certificate, key and token of a secured one."""
+        if self.certs is None:
+            return {}
+        return dict(tls_ca=str(self.certs.ca), tls_cert=str(self.certs.client_cert),
+                    tls_key=str(self.certs.client_key), token=self.certs.token.read_text().split()[0])
+
+    def client_tls(self) -> ClientTls | None:
+        """What a health check needs to reach these servers."""
+        if self.certs is None:
+            return None
+        return ClientTls.from_files(str(self.certs.ca), str(self.certs.client_cert), str(self.certs.client_key))
 
     @property
     def openai_url(self) -> str | None:
@@ -289,7 +343,7 @@ class Cluster:
         self.stop()
 
 
-def _wait_healthy(servers: list[ServerProcess], timeout: float) -> None:
+def _wait_healthy(servers: list[ServerProcess], timeout: float, tls: ClientTls | None = None) -> None:
     """Return once every server's health service answers SERVING; LaunchError if one exits
     first or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -301,7 +355,7 @@ def _wait_healthy(servers: list[ServerProcess], timeout: float) -> None:
                                   f"before it was ready; its last lines:\n{server.tail()}")
         server = waiting[0]
         try:
-            serving = check_health(server.address, timeout=1.0) == "SERVING"
+            serving = check_health(server.address, timeout=1.0, tls=tls) == "SERVING"
         except grpc.RpcError:  # not answering yet
             serving = False
         if serving:
@@ -368,7 +422,8 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
            echo: TextIO | None = sys.stderr, env: dict[str, str] | None = None,
            encoder_settings: Mapping[str, object] | None = None,
            decoder_settings: Mapping[str, object] | None = None, openai_port: int | None = None,
-           openai_settings: Mapping[str, object] | None = None, metrics_port: int = 0) -> Cluster:
+           openai_settings: Mapping[str, object] | None = None, metrics_port: int = 0,
+           secure: str | Path | None = None) -> Cluster:
     """Start ``encoders`` encoder servers and one decoder server; return once all are SERVING.
 
     ``model`` None uses the tiny random checkpoint (:func:`ensure_tiny_model`). The decoder
@@ -385,6 +440,10 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
     ``metrics_url``). Children's output is echoed to ``echo`` (None: kept only). On failure
     -- a bad setting included, which the server names -- every started child is stopped and
     :class:`LaunchError` raised.
+
+    ``secure`` (a folder): TLS with client certificates and a bearer token on both hops,
+    from the files in the folder, made there when it holds none (:func:`ensure_certs`);
+    ``encoder_settings``/``decoder_settings`` still override single settings.
     """
     if encoders < 1:
         raise ValueError(f"at least one encoder is needed, got {encoders}")
@@ -397,13 +456,18 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
         common += ["--device", device]
     if dtype is not None:
         common += ["--dtype", dtype]
+    certs = ensure_certs(secure, host) if secure is not None else None
+    if certs is not None:
+        secure_encoder, secure_decoder = secure_settings(certs)
+        encoder_settings = {**secure_encoder, **(encoder_settings or {})}
+        decoder_settings = {**secure_decoder, **(decoder_settings or {})}
     base_env = dict(os.environ if env is None else env)
     encoder_env = {**base_env, **settings_env("PLLAVA_ENCODER_", encoder_settings)}
     decoder_env = {**base_env, **settings_env("PLLAVA_DECODER_", decoder_settings)}
     if metrics_port:
         decoder_env["PLLAVA_DECODER_METRICS_PORT"] = str(metrics_port)
 
-    cluster = Cluster([], None)
+    cluster = Cluster([], None, certs=certs)
     try:
         encoder_cmd = server_command("pllava-encoder")
         for i in range(encoders):
@@ -421,7 +485,8 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
             "decoder", server_command("pllava-decoder") + common
             + ["--host", host, "--port", str(port), "--encoder", target], echo=echo, env=decoder_env)
         cluster.decoder.wait_bound(max(1.0, deadline - time.monotonic()))
-        _wait_healthy(cluster.encoders + [cluster.decoder], max(1.0, deadline - time.monotonic()))
+        _wait_healthy(cluster.encoders + [cluster.decoder], max(1.0, deadline - time.monotonic()),
+                      cluster.client_tls())
         if metrics_port:  # logged before warm-up, so already read
             for server in [cluster.decoder] + cluster.encoders:
                 server.wait_metrics(10.0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from pllava_client.health import wait_until_serving
+from pllava_client.security import ClientTls
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$", re.MULTILINE)
 
@@ -119,9 +120,9 @@ def _wait_for_log(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, t
         time.sleep(0.05)
 
 
-def _wait_serving(server: ServerProcess, timeout: float) -> None:
+def _wait_serving(server: ServerProcess, timeout: float, tls: ClientTls | None = None) -> None:
     deadline = time.monotonic() + timeout
-    while not wait_until_serving(server.address, timeout=1.0):
+    while not wait_until_serving(server.address, timeout=1.0, tls=tls):
         if not server.alive():
             raise RuntimeError(f"server exited with status {server.proc.returncode} before SERVING; "
                                f"log {server.log_path}:\n{server.log_tail()}")
@@ -136,9 +137,11 @@ def _tail(text: str, lines: int = 60) -> str:
 
 def start_server(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  log_dir: str | os.PathLike | None = None, name: str | None = None,
-                 wait_serving: bool = True, timeout: float = 180.0) -> ServerProcess:
+                 wait_serving: bool = True, timeout: float = 180.0,
+                 tls: ClientTls | None = None) -> ServerProcess:
     """Start ``argv`` (a command that binds the port it is given and logs ``listening on
-    HOST:PORT``), find its port, and (``wait_serving``) wait for health SERVING.
+    HOST:PORT``), find its port, and (``wait_serving``) wait for health SERVING, over TLS
+    with ``tls`` (a server started with ``--tls-cert``).
 
     ``env`` entries are added to this process's environment. The log goes to
     ``log_dir/<name>-<n>.log`` (a fresh temporary folder when ``log_dir`` is None).
@@ -160,7 +163,7 @@ def start_server(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         server = ServerProcess(proc, log_path, host if host not in ("0.0.0.0", "::") else "127.0.0.1",
                                int(match.group(2)))
         if wait_serving:
-            _wait_serving(server, timeout)
+            _wait_serving(server, timeout, tls)
     except BaseException:
         ServerProcess(proc, log_path, "", 0).kill()
         raise
@@ -176,12 +179,12 @@ def start_encoder(model_dir: str | os.PathLike, port: int = 0, extra_args: Seque
 
 
 def start_decoder(model_dir: str | os.PathLike, encoder_target: str, log_dir: str | os.PathLike | None,
-                  *args: str) -> "ServerProcess":
+                  *args: str, **kwargs) -> "ServerProcess":
     """A ``pllava-decoder`` on a free loopback port talking to ``encoder_target``; extra
-    flags in ``args``."""
+    flags in ``args``, :func:`start_server`'s options (``env``, ``tls``, ...) in ``kwargs``."""
     argv = [console_script("pllava-decoder"), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
             "--encoder", encoder_target, *args]
-    return start_server(argv, name="decoder", log_dir=log_dir)
+    return start_server(argv, name="decoder", log_dir=log_dir, **kwargs)
 
 
 def start_openai(decoder_address: str, log_dir: str | os.PathLike | None, *args: str,

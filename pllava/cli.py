@@ -158,7 +158,9 @@ def cmd_up(args) -> int:
     print(f"pllava up: decoder at {cluster.address} ({len(cluster.encoders)} encoder(s) at "
           f"{encoders}); Ctrl-C stops them", flush=True)
     if cluster.openai_url is not None:
-        print(f"pllava up: OpenAI-compatible API at {cluster.openai_url}", flush=True)
+        key = (f" (plain HTTP; API key: the token in {cluster.certs.token.resolve()})"
+               if cluster.certs is not None else "")
+        print(f"pllava up: OpenAI-compatible API at {cluster.openai_url}{key}", flush=True)
     for server in cluster.servers:
         if server.metrics_url:
             print(f"pllava up: {server.name} metrics at {server.metrics_url}", flush=True)

@@ -8,6 +8,7 @@ own. Nothing here is a mock: every refusal is the real server's answer over real
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from pllava_client.security import ClientTls, explain_unavailable
 from pllava_decoder.encoder_client import EncoderClient, EncoderError, EncoderUnavailable
 from pllava_decoder.settings import DecoderSettings
 from pllava_encoder.settings import EncoderSettings
+from pllava_openai.settings import OpenAISettings
 from pllava_serving.certs import FILES, CertFiles, make_certs
 from pllava_serving.security import (ServerSecurity, ServerTls, TokenChecker, TokenFile, bearer_token,
                                      load_tls_files, read_tokens)
@@ -53,6 +57,7 @@ class SecureCluster:
 
     address: str
     encoder: str
+    openai_url: str
     certs: CertFiles
     printed: str
 
@@ -71,7 +76,7 @@ class SecureCluster:
 def cluster(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("secure") / "certs"  # does not exist: pllava up makes it
     up = pllava_up("--model", tiny_model_dir, "--port", 0, "--max-context", CONTEXT, "--secure", folder,
-                   "--encoder-setting", "video_workers=1")
+                   "--encoder-setting", "video_workers=1", "--openai-port", 0)
     lines: queue.Queue = queue.Queue()
     stdout, stderr = [], []
     read_lines(up.stdout, lines, stdout)
@@ -84,7 +89,9 @@ def cluster(tiny_model_dir, tmp_path_factory):
             ready = ready or READY.match(line)
             if ready and "try:" in line:
                 break
-        yield SecureCluster(ready.group(1), ready.group(2), CertFiles(folder), "".join(stdout))
+        printed = "".join(stdout)
+        openai_url = re.search(r"OpenAI-compatible API at (http://\S+/v1) \(plain HTTP", printed).group(1)
+        yield SecureCluster(ready.group(1), ready.group(2), openai_url, CertFiles(folder), printed)
     finally:
         up.send_signal(signal.SIGTERM)
         try:
@@ -145,6 +152,27 @@ def test_pllava_up_secure_captions_over_mutual_tls_with_a_token(cluster, videos_
     # The encoder did the work (not the visual cache), so the decoder -> encoder hop worked too.
     assert result.num_visual_tokens == 576 and not result.visual_tokens_cached
     assert len(result.token_ids) == 4
+
+
+def test_the_openai_front_end_reaches_the_secured_decoder_and_asks_for_the_token(cluster):
+    def get(path, token=None):
+        request = urllib.request.Request(cluster.openai_url.removesuffix("/v1") + path)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    # /health is 200 only when the front end's GetInfo reached the decoder (TLS, client
+    # certificate, token); the API itself wants the token as its key.
+    status, body = get("/health")
+    assert status == 200 and body["status"] == "ok"
+    assert get("/v1/models")[0] == 401
+    assert get("/v1/models", "not-the-token")[0] == 401
+    status, body = get("/v1/models", cluster.token)
+    assert status == 200 and body["data"][0]["id"]
 
 
 def test_the_printed_command_captions(cluster, videos_dir):
@@ -536,18 +564,25 @@ def test_a_renewed_server_certificate_is_served_without_a_restart(tmp_path):
 def test_compose_tls_override_names_real_settings_and_files():
     base = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     override = yaml.safe_load((REPO / "docker-compose.tls.yml").read_text())
-    assert set(override["services"]) == {"encoder", "decoder"} <= set(base["services"])
+    assert set(override["services"]) == set(base["services"]) == {"encoder", "decoder", "openai"}
     cert_files = set(FILES) - {"ca-key.pem"}  # the CA key never goes into a container
     for name, cls, prefix in (("encoder", EncoderSettings, "PLLAVA_ENCODER_"),
-                              ("decoder", DecoderSettings, "PLLAVA_DECODER_")):
+                              ("decoder", DecoderSettings, "PLLAVA_DECODER_"),
+                              ("openai", OpenAISettings, "PLLAVA_OPENAI_")):
         service = override["services"][name]
         env = service["environment"]
         assert any(v.endswith(":/certs:ro") for v in service["volumes"])
         for value in env.values():
             assert Path(value).parent == Path("/certs") and Path(value).name in cert_files, value
-        # The servers' own loader accepts every variable, and TLS, client CAs and tokens are on.
-        settings = load_settings(cls, env_prefix=prefix, environ={**env, prefix + "MODEL": "/model"})
-        assert settings.tls_cert and settings.tls_key and settings.tls_client_ca and settings.auth_token_file
+        # The servers' own loader accepts every variable; client CAs and tokens are on everywhere.
+        settings = load_settings(cls, env_prefix=prefix,
+                                 environ={**env, **({} if cls is OpenAISettings else {prefix + "MODEL": "/model"})})
+        assert settings.auth_token_file == "/certs/token"
+        if cls is OpenAISettings:  # plain HTTP itself, a TLS client of the decoder
+            assert settings.decoder_tls_ca and settings.decoder_tls_cert and settings.decoder_token_file
+            assert "healthcheck" not in service  # /health over HTTP, as in the base file
+            continue
+        assert settings.tls_cert and settings.tls_key and settings.tls_client_ca
         if cls is DecoderSettings:
             assert settings.encoder_tls_ca and settings.encoder_tls_cert and settings.encoder_token_file
         # The health check speaks TLS with a client certificate, to a name the certificate has.

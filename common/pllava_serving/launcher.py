@@ -126,14 +126,18 @@ def ensure_certs(folder: str | Path, decoder_host: str = "127.0.0.1") -> CertFil
     return make_certs(folder, hosts)
 
 
-def secure_settings(certs: CertFiles) -> tuple[dict[str, str], dict[str, str]]:
-    """(encoder settings, decoder settings) that turn on TLS, client certificates and the
-    token on both hops with the files of ``certs``."""
+def secure_settings(certs: CertFiles) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(encoder, decoder, front-end settings) that turn on TLS, client certificates and the
+    token on both hops with the files of ``certs``; the OpenAI front end reaches the decoder
+    the same way and asks its own HTTP clients for the token."""
     server = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key),
               "tls_client_ca": str(certs.ca), "auth_token_file": str(certs.token)}
     decoder = {**server, "encoder_tls_ca": str(certs.ca), "encoder_tls_cert": str(certs.client_cert),
                "encoder_tls_key": str(certs.client_key), "encoder_token_file": str(certs.token)}
-    return server, decoder
+    openai = {"auth_token_file": str(certs.token), "decoder_tls_ca": str(certs.ca),
+              "decoder_tls_cert": str(certs.client_cert), "decoder_tls_key": str(certs.client_key),
+              "decoder_token_file": str(certs.token)}
+    return server, decoder, openai
 
 
 def server_command(name: str) -> list[str]:
@@ -442,8 +446,9 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
     :class:`LaunchError` raised.
 
     ``secure`` (a folder): TLS with client certificates and a bearer token on both hops,
-    from the files in the folder, made there when it holds none (:func:`ensure_certs`);
-    ``encoder_settings``/``decoder_settings`` still override single settings.
+    from the files in the folder, made there when it holds none (:func:`ensure_certs`); the
+    front end, if started, reaches the decoder that way and requires the token as its API
+    key. ``*_settings`` still override single settings.
     """
     if encoders < 1:
         raise ValueError(f"at least one encoder is needed, got {encoders}")
@@ -458,9 +463,10 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
         common += ["--dtype", dtype]
     certs = ensure_certs(secure, host) if secure is not None else None
     if certs is not None:
-        secure_encoder, secure_decoder = secure_settings(certs)
+        secure_encoder, secure_decoder, secure_openai = secure_settings(certs)
         encoder_settings = {**secure_encoder, **(encoder_settings or {})}
         decoder_settings = {**secure_decoder, **(decoder_settings or {})}
+        openai_settings = {**secure_openai, **(openai_settings or {})}
     base_env = dict(os.environ if env is None else env)
     encoder_env = {**base_env, **settings_env("PLLAVA_ENCODER_", encoder_settings)}
     decoder_env = {**base_env, **settings_env("PLLAVA_DECODER_", decoder_settings)}

@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllava_client import CaptionError, Client
+from pllava_client.security import ClientTls
+from pllava_serving.security import read_tokens
 
 from . import responses as R
 from .api_errors import ApiError, from_grpc
@@ -69,7 +71,14 @@ class FrontEnd:
         self.settings = settings
         self.tokens = BearerTokens.from_file(settings.auth_token_file) if settings.auth_token_file else None
         self.media = MediaLoader(settings)
-        self.client = Client(settings.decoder, timeout=settings.caption_timeout_s)
+        # Checked with the settings' names first, so a message names the setting to fix.
+        ClientTls.from_files(settings.decoder_tls_ca, settings.decoder_tls_cert, settings.decoder_tls_key,
+                             names=("decoder_tls_ca", "decoder_tls_cert", "decoder_tls_key"))
+        self.client = Client(settings.decoder, timeout=settings.caption_timeout_s,
+                             tls_ca=settings.decoder_tls_ca, tls_cert=settings.decoder_tls_cert,
+                             tls_key=settings.decoder_tls_key,
+                             token=(read_tokens(settings.decoder_token_file, "decoder_token_file")[0]
+                                    if settings.decoder_token_file else None))
         self.executor = ThreadPoolExecutor(settings.max_concurrent_requests, thread_name_prefix="caption")
         self.max_body_bytes = settings.max_media_bytes * 4 // 3 + _BODY_OVERHEAD_BYTES
         self.started = int(time.time())

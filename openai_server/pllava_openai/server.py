@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captions in flight before 429 (default 64)")
     p.add_argument("--grace-s", type=float, help="on SIGTERM, seconds running requests get to finish (default 10)")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
+    d = p.add_argument_group("TLS and tokens towards the decoder")
+    d.add_argument("--decoder-tls-ca", metavar="FILE",
+                   help="reach the decoder over TLS, trusting this CA (default: plaintext)")
+    d.add_argument("--decoder-tls-cert", metavar="FILE",
+                   help="client certificate for a decoder that requires one (with --decoder-tls-key)")
+    d.add_argument("--decoder-tls-key", metavar="FILE", help="the PEM private key of --decoder-tls-cert")
+    d.add_argument("--decoder-token-file", metavar="FILE",
+                   help="send the first token in this file to the decoder (read at start-up)")
     return p
 
 
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("settings: %s", settings)
     try:
         app = create_app(settings)
-    except ValueError as exc:  # an unreadable or empty token file
+    except ValueError as exc:  # an unreadable or empty token file, unusable TLS files
         log.error("pllava-openai failed: %s", exc)
         return 2
     try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pllava_client.channel import MAX_MESSAGE_BYTES
 
 from pllava_serving.logs import LOG_LEVELS
+from pllava_serving.settings import tls_problems
 
 ENV_PREFIX = "PLLAVA_OPENAI_"
 
@@ -25,6 +26,10 @@ class OpenAISettings:
     port: int = 8000  # 0 = any free port (logged as "listening on HOST:PORT")
     model_name: str | None = None  # the model id clients name; None = the decoder's model_id
     auth_token_file: str | None = None  # accepted bearer tokens, one a line; None = no auth
+    decoder_tls_ca: str | None = None  # reach the decoder over TLS, trusting this CA; None = plaintext
+    decoder_tls_cert: str | None = None  # client certificate for a decoder that requires one (with the key)
+    decoder_tls_key: str | None = None
+    decoder_token_file: str | None = None  # the decoder's bearer token: the file's first one
     allowed_media_root: str | None = None  # file:// URLs and paths allowed under this folder; None = off
     allow_remote_media: bool = False  # download http(s) video URLs
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES  # largest video or image a request may carry
@@ -49,6 +54,10 @@ class OpenAISettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be > 0, got {value}")
+        problems += tls_problems(self.decoder_tls_cert, self.decoder_tls_key, self.decoder_tls_ca,
+                                 "decoder_tls_cert", "decoder_tls_key", "decoder_tls_ca")
+        if self.decoder_token_file == "":
+            problems.append("decoder_token_file must name a file (or be left unset)")
         if self.grace_s < 0:
             problems.append(f"grace_s must be >= 0, got {self.grace_s}")
         if self.log_level.upper() not in LOG_LEVELS:

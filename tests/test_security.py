@@ -8,6 +8,7 @@ own. Nothing here is a mock: every refusal is the real server's answer over real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -27,6 +28,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pllava_client import CaptionError, Client
@@ -38,6 +40,7 @@ from pllava_decoder.settings import DecoderSettings
 from pllava_encoder.settings import EncoderSettings
 from pllava_openai.settings import OpenAISettings
 from pllava_serving.certs import FILES, CertFiles, make_certs
+from pllava_serving.metrics import new_registry
 from pllava_serving.security import (ServerSecurity, ServerTls, TokenChecker, TokenFile, bearer_token,
                                      load_tls_files, read_tokens)
 from pllava_serving.server import create_server
@@ -505,6 +508,34 @@ def test_make_certs_names_the_hosts_and_refuses_to_overwrite(tmp_path):
 
 # ---- certificate renewal, on a real server in this process --------------------------------------
 
+@contextlib.contextmanager
+def server_in_thread(security: ServerSecurity, registry=None):
+    """A real server (health and reflection only) from :func:`create_server` on 127.0.0.1, run
+    on an event loop in a thread; yields its address."""
+    started, box = threading.Event(), {}
+
+    async def serve():
+        box["stop"] = asyncio.Event()
+        server, port, state = await create_server("127.0.0.1:0", [], security=security, registry=registry)
+        await server.start()
+        await state.set_serving()
+        box["port"] = port
+        started.set()
+        await box["stop"].wait()
+        await server.stop(0)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        yield f"127.0.0.1:{box['port']}"
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
+        loop.close()
+
+
 def test_a_renewed_server_certificate_is_served_without_a_restart(tmp_path):
     first = make_certs(tmp_path / "first")
     second = make_certs(tmp_path / "second")
@@ -514,34 +545,14 @@ def test_a_renewed_server_certificate_is_served_without_a_restart(tmp_path):
         shutil.copy(first.folder / name, live / name)
     tls = ServerTls(str(live / "server.pem"), str(live / "server-key.pem"))
 
-    started, stop = threading.Event(), None
-    port_box: list[int] = []
+    with server_in_thread(ServerSecurity(tls=tls)) as target:
+        def healthy_with(certs: CertFiles) -> bool:
+            try:
+                return check_health(target, timeout=5, tls=ClientTls.from_files(str(certs.ca)),
+                                    wait_for_ready=False) == "SERVING"
+            except grpc.RpcError:
+                return False
 
-    async def serve():
-        nonlocal stop
-        stop = asyncio.Event()
-        server, port, state = await create_server("127.0.0.1:0", [], security=ServerSecurity(tls=tls))
-        await server.start()
-        await state.set_serving()
-        port_box.append(port)
-        started.set()
-        await stop.wait()
-        await server.stop(0)
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(30)
-    target = f"127.0.0.1:{port_box[0]}"
-
-    def healthy_with(certs: CertFiles) -> bool:
-        try:
-            return check_health(target, timeout=5, tls=ClientTls.from_files(str(certs.ca)),
-                                wait_for_ready=False) == "SERVING"
-        except grpc.RpcError:
-            return False
-
-    try:
         assert healthy_with(first) and not healthy_with(second)
         # A half-done renewal (a new key with the old certificate) is not served ...
         shutil.copy(second.server_key, live / "server-key.pem")
@@ -554,9 +565,30 @@ def test_a_renewed_server_certificate_is_served_without_a_restart(tmp_path):
             assert time.monotonic() < deadline, "the renewed certificate was never served"
             time.sleep(0.3)
         assert not healthy_with(first)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
+
+
+def test_refusals_are_counted_by_reason_with_no_method_labels(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(CLIENT_TOKEN + "\n")
+    registry = new_registry()
+    security = ServerSecurity(tokens=TokenChecker(TokenFile(str(tokens))))
+    with server_in_thread(security, registry) as target, grpc.insecure_channel(target) as channel:
+        for method, metadata in (("/grpc.reflection.v1alpha.ServerReflection/X", None),
+                                 ("/made.up.Service/Method", None),
+                                 ("/made.up.Service/Other", (("authorization", "Bearer nope-nope-nope"),)),
+                                 ("/made.up.Service/Other", (("authorization", "Basic x"),))):
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(method)(b"", timeout=10, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:  # with the token: the server's own answer
+            channel.unary_unary("/made.up.Service/Method")(b"", timeout=10,
+                                                           metadata=(("authorization", f"Bearer {CLIENT_TOKEN}"),))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    counts = [registry.get_sample_value("pllava_grpc_server_unauthenticated_total", {"reason": reason})
+              for reason in ("missing", "rejected", "malformed")]
+    assert counts == [2, 1, 1]
+    exposition = generate_latest(registry).decode()
+    assert "made.up" not in exposition  # a caller without a token never names a metrics label
 
 
 # ---- docker-compose: the TLS override file -------------------------------------------------------

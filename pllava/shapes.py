@@ -42,7 +42,7 @@ class ShapePlan:
     max_len: int
     min_context: int = 512  # the smallest context bucket; buckets double up to max_len
     prefill_chunk: int = 256  # the longest prefill chunk (tokens), used while nothing else decodes
-    prefill_small_chunk: int = 64  # prompt tails, and every chunk while other sequences are decoding
+    prefill_small_chunk: int = 32  # prompt tails, and every chunk while other sequences are decoding
     prefill_area: int = 128 * 1024  # chunk x context cap for long chunks (their compute and memory)
     chunk_align: int = 32  # chunk lengths are multiples of this (and at least this)
 
@@ -84,8 +84,9 @@ class ShapePlan:
 
     def next_chunk(self, start: int, length: int, busy: bool = False) -> Chunk:
         """The chunk that feeds prompt positions from ``start`` on: as long as allowed at the
-        smallest context bucket that holds it; short when ``busy`` or when it ends the prompt
-        and fits a short chunk."""
+        smallest context bucket that holds it; short when ``busy``, or when the positions left
+        for a long chunk cost less as short ones (a chunk costs about a pass over the weights,
+        counted as one short chunk of tokens, plus its padded size)."""
         best = None
         for context in self.context_buckets:
             if context <= start:
@@ -94,8 +95,9 @@ class ShapePlan:
             take = min(length - start, size, context - start)
             if best is None or take > best.length:
                 best = Chunk(start, take, size, context)
-        if best.start + best.length == length and best.length <= self.small_chunk_size(best.context):
-            best = Chunk(best.start, best.length, self.small_chunk_size(best.context), best.context)
+        small = self.small_chunk_size(best.context)
+        if best.size > small and -(-best.length // small) * 2 * small < small + best.size:
+            best = Chunk(best.start, min(best.length, small), small, best.context)
         return best
 
     def chunks(self, length: int, start: int = 0, busy: bool = False) -> list[Chunk]:

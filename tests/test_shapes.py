@@ -46,8 +46,11 @@ def test_decode_shapes_are_all_compiled():
 
 def test_short_prompt_tail_uses_a_short_chunk():
     plan = ShapePlan(8, 4096)
-    assert [(c.length, c.size, c.context) for c in plan.chunks(296)] == [(256, 256, 512), (40, 64, 512)]
-    assert [(c.length, c.size) for c in plan.chunks(296, busy=True)][:2] == [(64, 64), (64, 64)]
+    assert [(c.length, c.size, c.context) for c in plan.chunks(296)] == [(256, 256, 512), (32, 32, 512),
+                                                                          (8, 32, 512)]
+    assert [(c.length, c.size) for c in plan.chunks(296, busy=True)][:2] == [(32, 32), (32, 32)]
+    # a rest that short chunks would not feed for less goes in one long chunk
+    assert [(c.length, c.size) for c in plan.chunks(400)] == [(256, 256), (144, 256)]
 
 
 def test_bad_plans_are_refused():

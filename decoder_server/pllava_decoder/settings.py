@@ -32,7 +32,7 @@ class DecoderSettings:
     max_context: int | None = None  # tokens per sequence; default: max_position_embeddings, at most 4096
     max_queue: int = 32  # requests waiting for a slot (encoding included) before RESOURCE_EXHAUSTED
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
-    prefill_small_chunk: int = 64  # per step while other streams decode (they wait one per token), and tails
+    prefill_small_chunk: int = 32  # per step while other streams decode (they wait one per token), and tails
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     visual_cache_bytes: int = 256 << 20  # visual tokens cached by video content; 0 disables

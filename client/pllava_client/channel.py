@@ -79,7 +79,7 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
     return options
 
 
-#: Attempts of a ``Decoder`` call in all (gRPC's upper limit is 5) ...
+#: Attempts of a ``Caption`` call in all (gRPC's upper limit is 5) ...
 CAPTION_MAX_ATTEMPTS = 5
 #: ... the pause before a retry is random, below 0.2 s, then below 0.4, 0.8 and 1.6 s: at most
 #: 3 s in all, so an unreachable decoder is still reported as UNAVAILABLE within seconds.
@@ -87,9 +87,10 @@ CAPTION_RETRY_BACKOFF = ("0.2s", "1.6s", 2)
 
 
 def caption_service_config() -> dict:
-    """The client's service config: a ``Decoder`` call that fails with UNAVAILABLE (the
+    """The client's service config: a ``Caption`` call that fails with UNAVAILABLE (the
     decoder is loading, shutting down, restarting, unreachable) is retried, on another
-    decoder when the address names several.
+    decoder when the address names several. ``GetInfo`` is not: health checks and probes
+    want the answer of the moment.
 
     gRPC retries a call only until the first response arrives, so a ``Caption`` is retried
     before its first token, never after tokens were streamed (the decoder sends nothing
@@ -97,7 +98,7 @@ def caption_service_config() -> dict:
     """
     initial, maximum, multiplier = CAPTION_RETRY_BACKOFF
     return {"methodConfig": [{
-        "name": [{"service": "pllava.v1.Decoder"}],
+        "name": [{"service": "pllava.v1.Decoder", "method": "Caption"}],
         "retryPolicy": {"maxAttempts": CAPTION_MAX_ATTEMPTS, "initialBackoff": initial,
                         "maxBackoff": maximum, "backoffMultiplier": multiplier,
                         "retryableStatusCodes": ["UNAVAILABLE"]},

@@ -278,7 +278,7 @@ class Client:
     (default: :func:`pllava_client.channel.channel_options` with round robin, 64 MiB messages
     and the retry policy of :func:`~pllava_client.channel.caption_service_config`).
 
-    A call that fails with UNAVAILABLE before its first token (the decoder is loading, shutting
+    A caption that fails with UNAVAILABLE before its first token (the decoder is loading, shutting
     down or restarting, or was not reachable) is retried by gRPC itself, up to 5 attempts within
     3 s; once tokens have streamed, a failure is the caller's to see. The channel
     reconnects within 2 s of losing its decoder, so a client made before a decoder restart

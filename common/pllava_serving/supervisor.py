@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
 import grpc
@@ -38,7 +38,6 @@ class _Watch:
     backoff_s: float
     restart_at: float | None = None  # set while the server is dead and waiting to be restarted
     awaiting_serving: bool = False  # restarted, not SERVING yet
-    exits: list[int | None] = field(default_factory=list)
 
 
 class Supervisor:
@@ -85,7 +84,6 @@ class Supervisor:
                           "after its restart")
             return
         status = server.process.poll()
-        w.exits.append(status)
         if now - w.started_at >= self.stable_after_s:
             w.backoff_s = self.initial_backoff_s
         w.restart_at = now + w.backoff_s

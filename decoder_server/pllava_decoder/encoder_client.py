@@ -7,7 +7,7 @@ client-side health checking: a replica gets calls only while its health service 
 ``pllava.v1.Encoder`` SERVING, so one that is loading or draining is skipped, and one that was
 restarted gets calls the moment it serves (the channel reconnects within 2 s of losing it).
 
-Before each attempt the client waits for a ready replica, at most ``ready_timeout_s``: a call
+Before each retry the client waits for a ready replica, at most ``ready_timeout_s``: a call
 that failed with UNAVAILABLE (its replica died or is shutting down) is retried on another
 replica as soon as one is ready -- not after a fixed pause that may be shorter than the time
 a replica needs to come back -- and with none ready in time the call fails with UNAVAILABLE
@@ -145,7 +145,8 @@ class EncoderClient:
         deadline = start + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
         last_error = ""
         for attempt in range(1, self.retries + 2):
-            await self._wait_for_ready_replica(deadline, attempt, last_error)
+            if attempt > 1:  # the first goes at once: it fails fast, with gRPC's reason, if none is ready
+                await self._wait_for_ready_replica(deadline, attempt, last_error)
             try:
                 return await self._encode_once(stub, request, deadline, start, attempt)
             except grpc.aio.AioRpcError as err:
@@ -187,9 +188,11 @@ class EncoderClient:
             return
         if until >= deadline:
             raise EncoderTimeout(f"no encoder replica at {self.target} was ready before the deadline")
-        failed = f"; {attempt - 1} attempt(s) failed, the last with: {last_error}" if attempt > 1 else ""
+        last = explain_unavailable(last_error, self.tls, plaintext_hint="encoder_tls_ca (--encoder-tls-ca)",
+                                   server="the encoder")
         raise NoReadyEncoder(f"no encoder replica at {self.target} was ready (connected and SERVING) within "
-                             f"{self.ready_timeout_s:g} s (encoder_ready_timeout_s){failed}")
+                             f"{self.ready_timeout_s:g} s (encoder_ready_timeout_s); {attempt - 1} attempt(s) "
+                             f"failed, the last with: {last}")
 
     async def _encode_once(self, stub, request, deadline: float, start: float, attempt: int) -> Encoded:
         left = deadline - time.perf_counter()

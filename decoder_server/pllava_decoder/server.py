@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")
     p.add_argument("--encoder-ready-timeout-s", type=float,
-                   help="longest a call waits for an encoder replica to be SERVING before each attempt; then "
+                   help="longest a call waits for an encoder replica to be SERVING before each retry; then "
                         "UNAVAILABLE (default 30)")
     p.add_argument("--max-new-tokens", type=int, help="when a request leaves it at 0 (default 256)")
     p.add_argument("--max-video-bytes", type=int,

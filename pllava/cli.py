@@ -174,7 +174,7 @@ def cmd_up(args) -> int:
         print(f"  both hops use TLS with client certificates and the bearer token in {q(c.token)}", flush=True)
         print(f"  try: PLLAVA_TOKEN=$(cat {q(c.token)}) pllava-caption VIDEO --server {cluster.address} "
               f"--tls-ca {q(c.ca)} --tls-cert {q(c.client_cert)} --tls-key {q(c.client_key)}", flush=True)
-    return run_foreground(cluster, grace=DEFAULT_GRACE_S)
+    return run_foreground(cluster, grace=DEFAULT_GRACE_S, restart=not args.no_restart)
 
 
 def cmd_make_certs(args) -> int:
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0 = none)")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for every server to be SERVING (default 600)")
+    p.add_argument("--no-restart", action="store_true",
+                   help="stop every server when one exits (default: start it again on its port, after a "
+                        "back-off of 1 s doubling to 30 s, and keep the others running)")
     p.add_argument("--max-batch", type=int, help="decoder: sequences decoded together (default 8)")
     p.add_argument("--max-context", type=int, help="decoder: tokens per sequence (default: the model's, "
                                                    "at most 4096)")

@@ -218,3 +218,151 @@ def http_status(url: str, timeout: float = 10.0) -> int | None:
         return exc.code
     except OSError:
         return None
+
+
+def live_processes(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in process group ``pgid``. A server started
+    here leads its own group, so its pid is the group of everything it started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry.name))
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def free_ports(count: int) -> int:
+    """A port P such that P .. P+count-1 are free on 127.0.0.1 now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randint(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+class PllavaUp:
+    """``pllava up`` as a subprocess: its output lines (each server's prefixed with its name),
+    the decoder and encoder addresses from its ready line, and the pids of its servers.
+
+        with PllavaUp(model, "--encoders", 2, "--port", 0) as up:
+            up.wait_ready()
+            up.server_pid("encoder-0"); up.wait_for(r"encoder-0 is SERVING again")
+    """
+
+    READY = re.compile(r"^pllava up: decoder at (\S+) \(\d+ encoder\(s\) at (.*)\);")
+
+    def __init__(self, model_dir: str | os.PathLike, *args, env: Mapping[str, str] | None = None):
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "pllava.cli", "up", "--model", str(model_dir),
+                                      *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.address: str | None = None
+        self.encoders: list[str] = []
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def text(self, server: str | None = None, since: int = 0) -> str:
+        """Every line so far (from line ``since``), or only those of ``server`` ("decoder", "encoder-0")."""
+        with self._lock:
+            lines = self.lines[since:]
+        if server is not None:
+            prefix = f"{server} | "
+            lines = [line[len(prefix):] for line in lines if line.startswith(prefix)]
+        return "\n".join(lines)
+
+    def mark(self) -> int:
+        """The number of lines so far: pass as ``since`` to look only at later ones."""
+        with self._lock:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 120.0, since: int = 0) -> re.Match:
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.text(since=since))
+            if match:
+                return match
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise RuntimeError(f"pllava up exited ({self.proc.returncode}) before {pattern!r}:\n"
+                                   + self.text()[-4000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} from pllava up within {timeout:g} s:\n" + self.text()[-4000:])
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = 600.0) -> "PllavaUp":
+        match = self.wait_for(self.READY.pattern, timeout)
+        self.address, self.encoders = match.group(1), match.group(2).split(", ")
+        return self
+
+    def server_pid(self, name: str) -> int:
+        """Pid of the running server ``name`` ("decoder" or "encoder-N", started with
+        ``--encoder-port`` so that each encoder's command line names its port)."""
+        if name == "decoder":
+            want = ["pllava-decoder"]
+        else:
+            port = self.encoders[int(name.rsplit("-", 1)[1])].rpartition(":")[2]
+            want = ["pllava-encoder", f"--port {port}"]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[1]) == self.proc.pid and all(w in cmdline for w in want):
+                return int(entry.name)
+        raise LookupError(f"no running {name} under pllava up:\n{self.text()[-3000:]}")
+
+    def stop(self, timeout: float = 120.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        code = self.proc.wait()
+        self._reader.join(10)
+        return code
+
+    def __enter__(self) -> "PllavaUp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

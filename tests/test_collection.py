@@ -300,8 +300,10 @@ def test_caption_many_survives_a_decoder_going_away(tiny_model_dir, encoder, dec
     assert sorted(r.path for r in everything) == sorted(map(str, paths))
     assert all(r.ok and r.num_generated_tokens == 60 for r in everything), [(r.path, r.code, r.message)
                                                                            for r in everything]
-    # The calls that broke off with it were tried again on the decoder that is left.
-    assert any(r.attempts > 1 for r in everything)
+    # The calls that broke off with it were tried again on the decoder that is left (the
+    # assertion above): those that had streamed tokens by caption_many (attempts > 1), those
+    # that had not by the client's retry policy (attempts 1); which kinds there were depends on
+    # the moment of the kill.
 
 
 def test_progress_bar_on_a_terminal(both, videos_dir, tmp_path):

@@ -10,6 +10,11 @@ answer them with GOAWAY "too_many_pings".
     grpc.insecure_channel("dns:///encoder:50051", options=channel_options(round_robin=True))
     grpc.server(executor, options=server_options())
 
+A channel that lost its server reconnects at most :data:`MAX_RECONNECT_BACKOFF_MS` apart
+(gRPC's default grows to 120 s), so a server restarted on the same address is connected again
+while it is still loading, long before it serves: a client or decoder made before the restart
+works after it.
+
 A target may name several servers: :func:`grpc_target` turns the comma list
 ``host:p1,host:p2`` into gRPC's static ``ipv4:``/``ipv6:`` form, and with round robin a channel
 spreads its calls over every address. Servers close each connection after
@@ -19,6 +24,7 @@ the name again and finds replicas added since it connected.
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 
 #: Largest message either side sends or accepts (a whole video file in one request).
@@ -34,6 +40,11 @@ MIN_CLIENT_PING_INTERVAL_MS = 10_000
 #: (no grace limit). Reconnecting re-resolves ``dns:///`` names, so scaled-up replicas get work.
 MAX_CONNECTION_AGE_MS = 300_000
 
+#: A channel whose server went away tries to reconnect after this long at first ...
+INITIAL_RECONNECT_BACKOFF_MS = 500
+#: ... and never waits longer than this between two tries.
+MAX_RECONNECT_BACKOFF_MS = 2_000
+
 #: Target schemes gRPC Python resolves itself; any other target is a host:port (list).
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
 
@@ -43,18 +54,63 @@ Options = list[tuple[str, object]]
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
                     round_robin: bool = False,
                     keepalive_time_ms: int = KEEPALIVE_TIME_MS,
-                    keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> Options:
+                    keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS,
+                    service_config: dict | None = None) -> Options:
     """Options for ``grpc.insecure_channel`` / ``grpc.aio.insecure_channel``.
 
     ``round_robin=True`` spreads calls over every address the target resolves to (for
     example ``dns:///encoder:50051`` with scaled encoder replicas) instead of gRPC's default
-    pick-first, which sends every call to one of them.
+    pick-first, which sends every call to one of them. ``service_config`` is a gRPC service
+    config (retry policies, health checking), e.g. :func:`caption_service_config`.
     """
     options = _shared_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms)
-    options.append(("grpc.enable_retries", 1))
+    options += [
+        ("grpc.enable_retries", 1),
+        # A retried call resends its request, which carries a whole video: keep all of it
+        # (gRPC keeps 256 KiB by default and never retries a call whose request was larger).
+        ("grpc.per_rpc_retry_buffer_size", int(max_message_bytes)),
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
+    if service_config is not None:
+        options.append(("grpc.service_config", json.dumps(service_config)))
     return options
+
+
+#: Attempts of a ``Caption`` call in all (gRPC's upper limit is 5) ...
+CAPTION_MAX_ATTEMPTS = 5
+#: ... the pause before a retry is random, below 0.2 s, then below 0.4, 0.8 and 1.6 s: at most
+#: 3 s in all, so an unreachable decoder is still reported as UNAVAILABLE within seconds.
+CAPTION_RETRY_BACKOFF = ("0.2s", "1.6s", 2)
+
+
+def caption_service_config() -> dict:
+    """The client's service config: a ``Caption`` call that fails with UNAVAILABLE (the
+    decoder is loading, shutting down, restarting, unreachable) is retried, on another
+    decoder when the address names several. ``GetInfo`` is not: health checks and probes
+    want the answer of the moment.
+
+    gRPC retries a call only until the first response arrives, so a ``Caption`` is retried
+    before its first token, never after tokens were streamed (the decoder sends nothing
+    earlier): no caption is ever started twice as far as the caller can see.
+    """
+    initial, maximum, multiplier = CAPTION_RETRY_BACKOFF
+    return {"methodConfig": [{
+        "name": [{"service": "pllava.v1.Decoder", "method": "Caption"}],
+        "retryPolicy": {"maxAttempts": CAPTION_MAX_ATTEMPTS, "initialBackoff": initial,
+                        "maxBackoff": maximum, "backoffMultiplier": multiplier,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]}
+
+
+def health_checked(service: str) -> dict:
+    """A service config that makes a round-robin channel send calls only to servers whose
+    health service reports ``service`` SERVING: a replica that is still loading or draining
+    is skipped instead of answering UNAVAILABLE, and one that turns SERVING gets calls at
+    once."""
+    return {"healthCheckConfig": {"serviceName": service}}
 
 
 def _shared_options(max_message_bytes: int, keepalive_time_ms: int, keepalive_timeout_ms: int) -> Options:

@@ -36,7 +36,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
-from .channel import MAX_MESSAGE_BYTES, channel_options, grpc_target, server_count, tls_server_name
+from .channel import (MAX_MESSAGE_BYTES, caption_service_config, channel_options, grpc_target, server_count,
+                      tls_server_name)
 from .frames import Frame, read_frames
 from .security import BearerToken, ClientTls, check_token, explain_unavailable, secure_or_insecure_channel
 
@@ -274,7 +275,14 @@ class Client:
 
     ``timeout`` is the default deadline in seconds of every call (``None``: no deadline);
     each method takes its own ``timeout`` too. ``options`` replaces the gRPC channel options
-    (default: :func:`pllava_client.channel.channel_options` with round robin, 64 MiB messages).
+    (default: :func:`pllava_client.channel.channel_options` with round robin, 64 MiB messages
+    and the retry policy of :func:`~pllava_client.channel.caption_service_config`).
+
+    A caption that fails with UNAVAILABLE before its first token (the decoder is loading, shutting
+    down or restarting, or was not reachable) is retried by gRPC itself, up to 5 attempts within
+    3 s; once tokens have streamed, a failure is the caller's to see. The channel
+    reconnects within 2 s of losing its decoder, so a client made before a decoder restart
+    works after it.
 
     ``address`` may name several decoders: ``dns:///decoders:50052`` (every address the name
     resolves to) or a comma list ``host:50052,host:50053``; calls are balanced round robin
@@ -294,7 +302,8 @@ class Client:
                  options: Sequence[tuple[str, object]] | None = None):
         self.address = address
         self.timeout = timeout
-        self._options = list(options) if options is not None else channel_options(round_robin=True)
+        self._options = (list(options) if options is not None
+                         else channel_options(round_robin=True, service_config=caption_service_config()))
         self._max_message = dict(self._options).get("grpc.max_send_message_length",
                                                      MAX_MESSAGE_BYTES)
         self._tls = ClientTls.from_files(tls_ca, tls_cert, tls_key)

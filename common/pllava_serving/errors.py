@@ -59,6 +59,11 @@ class Unavailable(Exception):
     """The server cannot take the request now: still loading or shutting down (UNAVAILABLE).
     Clients and the decoder's retry policy treat this as "try another replica"."""
 
+    #: False when an immediate retry cannot help (the server already waited for what was
+    #: missing): the answer then carries gRPC's ``grpc-retry-pushback-ms`` = -1, which tells
+    #: a client's retry policy not to retry.
+    retry: bool = True
+
 
 #: The metadata key a caller may set to name its request (and the decoder sets on Encode).
 REQUEST_ID_METADATA = "x-request-id"
@@ -107,7 +112,10 @@ async def _abort_with(exc: Exception, context, method: str) -> None:
         log.error("%s failed with an internal error", method, exc_info=exc)
     else:
         log.info("%s -> %s: %s", method, code.name, message)
-    context.set_trailing_metadata((("request-id", current_request_id()),))
+    trailing = [("request-id", current_request_id())]
+    if isinstance(exc, Unavailable) and not exc.retry:
+        trailing.append(("grpc-retry-pushback-ms", "-1"))
+    context.set_trailing_metadata(tuple(trailing))
     await context.abort(code, message)
 
 

@@ -27,10 +27,12 @@ encoders for the decoder. :meth:`Cluster.client_options` is what a client then n
 Readiness is the servers' own gRPC health service (SERVING only after warm-up), and the front
 end's ``GET /health`` (200 once the decoder answers). This module
 lives with the serving code, not in the model package ``pllava``, which never imports grpc;
-``pllava up`` imports it when it runs. Children run in their own session (a terminal's Ctrl-C reaches only the launcher, which
-stops the decoder first so in-flight captions finish, then the encoders) and, on Linux, get
-SIGTERM if the launcher dies without stopping them. The front end's settings reach it the same
-way, as its ``PLLAVA_OPENAI_*`` environment variables.
+``pllava up`` imports it when it runs. While it runs, a server that exits is restarted on its
+port with a back-off, the others untouched (:mod:`.supervisor`). Children run in their own
+session (a terminal's Ctrl-C reaches only the launcher, which stops the decoder first so
+in-flight captions finish, then the encoders) and, on Linux, get SIGTERM if the launcher dies
+without stopping them. The front end's settings reach it the same way, as its
+``PLLAVA_OPENAI_*`` environment variables.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Mapping, TextIO
+from typing import Callable, Mapping, TextIO
 
 import grpc
 
@@ -56,6 +58,9 @@ from pllava_client.health import check_health
 from pllava_client.security import ClientTls
 
 from .certs import DEFAULT_HOSTS, CertFiles, make_certs
+
+from .parent_death import preexec_parent_death
+from .supervisor import Supervisor, grpc_serving
 
 #: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
@@ -152,31 +157,14 @@ def server_command(name: str) -> list[str]:
                       "install the project (pip install -e .)")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _load_prctl():
-    # Resolved once in the parent: the child may only call it, not import or look it up.
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
 class ServerProcess:
     """One server child: its process, its address once bound, and every line it wrote.
 
     A thread reads the child's merged stdout/stderr, keeps the lines (:meth:`logs`), echoes
     them to ``echo`` prefixed with the server's name, and notes the ``listening on`` line.
+    :meth:`restart` starts the same command again on the port the server had bound, so
+    whoever knows its address (the decoder, for an encoder; clients, for the decoder) reaches
+    the new process there.
     """
 
     def __init__(self, name: str, argv: list[str], *, echo: TextIO | None = None,
@@ -186,25 +174,43 @@ class ServerProcess:
         self.address: str | None = None
         self.metrics_url: str | None = None  # http://HOST:PORT/metrics once the server reports it
         self._metrics_seen = threading.Event()
+        self.restarts = 0
         self._lines: deque[str] = deque(maxlen=MAX_LOG_LINES)
         self._lock = threading.Lock()
         self._echo = echo
         self._bound = threading.Event()
-        child_env = dict(os.environ if env is None else env)
-        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        self._env = dict(os.environ if env is None else env)
+        self._env.setdefault("PYTHONUNBUFFERED", "1")
+        self._start(argv)
+
+    def _start(self, argv: list[str]) -> None:
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=child_env, text=True, errors="replace", bufsize=1, start_new_session=True,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None)
-        self._reader = threading.Thread(target=self._read, name=f"{name}-log", daemon=True)
+            env=self._env, text=True, errors="replace", bufsize=1, start_new_session=True,
+            preexec_fn=preexec_parent_death(signal.SIGTERM))
+        self._reader = threading.Thread(target=self._read, args=(self.process,), name=f"{self.name}-log",
+                                        daemon=True)
         self._reader.start()
+
+    def restart(self) -> None:
+        """Start the server again (after it exited) on the port it had bound."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} is still running")
+        self._reader.join(5)
+        argv = list(self.argv)
+        if self.address is not None:
+            argv = _with_port(argv, self.address.rpartition(":")[2])
+        self.address = None
+        self._bound.clear()
+        self.restarts += 1
+        self._start(argv)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
             line = line.rstrip("\n")
             with self._lock:
                 self._lines.append(line)
@@ -223,8 +229,9 @@ class ServerProcess:
                     print(f"{self.name} | {line}", file=self._echo, flush=True)
                 except (OSError, ValueError):  # the echo stream went away
                     self._echo = None
-        self._bound.set()  # end of output: wake waiters, who then see the exit
-        self._metrics_seen.set()
+        if process is self.process:  # not an earlier run's reader finishing late
+            self._bound.set()  # end of output: wake waiters, who then see the exit
+            self._metrics_seen.set()
 
     def logs(self) -> list[str]:
         """The lines the server has written so far (the last MAX_LOG_LINES)."""
@@ -288,6 +295,16 @@ def stop_all(servers: list[ServerProcess], grace: float = DEFAULT_GRACE_S) -> No
         if server.wait(max(0.0, deadline - time.monotonic())) is None:
             server.signal(signal.SIGKILL)
             server.wait()
+
+
+def _with_port(argv: list[str], port: str) -> list[str]:
+    """``argv`` with its ``--port`` value (the last one given) replaced, or ``--port`` added."""
+    out = list(argv)
+    at = max((i for i, a in enumerate(out[:-1]) if a == "--port"), default=None)
+    if at is None:
+        return out + ["--port", port]
+    out[at + 1] = port
+    return out
 
 
 class Cluster:
@@ -389,6 +406,23 @@ def _wait_http_ready(server: ServerProcess, timeout: float) -> None:
             raise LaunchError(f"{server.name} did not answer /health with 200 within {timeout:g} s; its last "
                               f"lines:\n{server.tail()}")
         time.sleep(0.2)
+
+
+def _readiness(cluster: Cluster) -> Callable[[ServerProcess], bool]:
+    """Whether a server of ``cluster`` serves now: the front end's ``/health`` answers 200, a
+    gRPC server's health service SERVING (over the cluster's TLS when it is secured)."""
+    tls = cluster.client_tls()
+
+    def serving(server: ServerProcess) -> bool:
+        if server.name != "openai":
+            return grpc_serving(server, tls)
+        try:
+            with urllib.request.urlopen(f"http://{server.address}/health", timeout=0.5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return serving
 
 
 def settings_env(prefix: str, settings: Mapping[str, object] | None) -> dict[str, str]:
@@ -532,8 +566,10 @@ def check_metrics_ports(metrics_port: int, encoders: int, port: int, encoder_por
 
 
 def run_foreground(cluster: Cluster, out: TextIO = sys.stdout,
-                   grace: float = DEFAULT_GRACE_S) -> int:
-    """Block until SIGINT/SIGTERM (exit 0) or until a server dies (exit 1); stop the rest."""
+                   grace: float = DEFAULT_GRACE_S, restart: bool = True) -> int:
+    """Block until SIGINT/SIGTERM, then stop the servers (exit 0). A server that exits
+    meanwhile is started again on its port (:mod:`.supervisor`); with ``restart=False`` its
+    exit stops the others instead (exit 1)."""
     stop = threading.Event()
     received: list[int] = []
 
@@ -542,9 +578,13 @@ def run_foreground(cluster: Cluster, out: TextIO = sys.stdout,
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = Supervisor(cluster.servers, ready=_readiness(cluster)) if restart else None
     try:
         died = None
         while not stop.wait(0.5):
+            if supervisor is not None:
+                supervisor.tick()
+                continue
             died = cluster.exited()
             if died is not None:
                 break

@@ -2,10 +2,17 @@
 
 The channel uses gRPC round-robin load balancing over all the addresses the target
 resolves to (``dns:///encoder:50051`` with ``docker compose --scale encoder=N``, or a static
-list ``ipv4:127.0.0.1:50051,127.0.0.1:50061``), so calls spread over the replicas. A call
-that fails with UNAVAILABLE (the replica died or is shutting down) is retried, and round
-robin sends the retry to another ready replica. INVALID_ARGUMENT (a bad video) is the
-caller's problem and is not retried: it propagates with the encoder's own message.
+list ``ipv4:127.0.0.1:50051,127.0.0.1:50061``), so calls spread over the replicas, and
+client-side health checking: a replica gets calls only while its health service reports
+``pllava.v1.Encoder`` SERVING, so one that is loading or draining is skipped, and one that was
+restarted gets calls the moment it serves (the channel reconnects within 2 s of losing it).
+
+Before each retry the client waits for a ready replica, at most ``ready_timeout_s``: a call
+that failed with UNAVAILABLE (its replica died or is shutting down) is retried on another
+replica as soon as one is ready -- not after a fixed pause that may be shorter than the time
+a replica needs to come back -- and with none ready in time the call fails with UNAVAILABLE
+saying so, instead of waiting for the whole encoder deadline. INVALID_ARGUMENT (a bad video)
+is the caller's problem and is not retried: it propagates with the encoder's own message.
 
 Over TLS (``tls``) the channel checks the encoders' certificates against the target's host
 (the one host of a static list); with ``token`` every call carries ``authorization: Bearer``.
@@ -28,7 +35,7 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
-from pllava_client.channel import MAX_MESSAGE_BYTES, channel_options, tls_server_name
+from pllava_client.channel import MAX_MESSAGE_BYTES, channel_options, health_checked, tls_server_name
 from pllava_client.codec import TensorAssembler, bf16_bits_to_float32
 from pllava_client.security import ClientTls, bearer_metadata, explain_unavailable
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
@@ -36,8 +43,8 @@ from pllava_serving.errors import REQUEST_ID_METADATA, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
-#: Pause before retrying an UNAVAILABLE call, so round robin can notice the dead replica.
-RETRY_BACKOFF_S = 0.1
+#: The health-service name an encoder reports SERVING once it has loaded and warmed up.
+ENCODER_SERVICE = pllava_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 
 
 class EncoderError(Exception):
@@ -50,6 +57,13 @@ class EncoderRejected(EncoderError, ValueError):
 
 class EncoderUnavailable(EncoderError, Unavailable):
     """No encoder replica could take the call, retries included (UNAVAILABLE)."""
+
+
+class NoReadyEncoder(EncoderUnavailable):
+    """No encoder replica was ready within ``ready_timeout_s`` (UNAVAILABLE). The decoder has
+    waited already: a client retrying at once would wait again for the same replicas."""
+
+    retry = False
 
 
 class EncoderTimeout(EncoderError, TimeoutError):
@@ -82,13 +96,14 @@ class EncoderClient:
     """
 
     def __init__(self, target: str, *, timeout_s: float = 120.0, retries: int = 2,
-                 hidden_size: int | None = None, model_id: str | None = None,
+                 ready_timeout_s: float = 30.0, hidden_size: int | None = None, model_id: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  tls: ClientTls | None = None, token: Callable[[], str] | None = None):
         self.target = target
         self.max_message_bytes = max_message_bytes  # the largest Encode request it may send
         self.timeout_s = timeout_s
         self.retries = retries
+        self.ready_timeout_s = ready_timeout_s
         self.hidden_size = hidden_size  # width the decoder expects; None = do not check
         self.model_id = model_id  # identity the decoder expects; None = do not check
         self.tls = tls
@@ -101,7 +116,8 @@ class EncoderClient:
     def _ensure_channel(self) -> pllava_pb2_grpc.EncoderStub:
         # grpc.aio channels belong to the event loop they are created on: create lazily there.
         if self._stub is None:
-            options = channel_options(self.max_message_bytes, round_robin=True)
+            options = channel_options(self.max_message_bytes, round_robin=True,
+                                      service_config=health_checked(ENCODER_SERVICE))
             if self.tls is None:
                 self._channel = grpc.aio.insecure_channel(self.target, options=options)
             else:
@@ -127,21 +143,56 @@ class EncoderClient:
                                            **content)
         start = time.perf_counter()
         deadline = start + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
+        last_error = ""
         for attempt in range(1, self.retries + 2):
+            if attempt > 1:  # the first goes at once: it fails fast, with gRPC's reason, if none is ready
+                await self._wait_for_ready_replica(deadline, attempt, last_error)
             try:
                 return await self._encode_once(stub, request, deadline, start, attempt)
             except grpc.aio.AioRpcError as err:
                 code, details = err.code(), err.details() or ""
                 if code == grpc.StatusCode.UNAVAILABLE and attempt <= self.retries:
-                    log.warning("%s: encoder at %s unavailable (%s); retrying on another replica (%d of %d)",
-                                request_id or "request", self.target, details, attempt, self.retries)
-                    await asyncio.sleep(RETRY_BACKOFF_S)
+                    log.warning("%s: encoder at %s unavailable (%s); retrying on another replica once one is "
+                                "ready (%d of %d)", request_id or "request", self.target, details, attempt,
+                                self.retries)
+                    last_error = details
                     continue
                 if code == grpc.StatusCode.UNAVAILABLE:
                     details = explain_unavailable(details, self.tls, plaintext_hint="encoder_tls_ca (--encoder-tls-ca)",
                                                   server="the encoder")
                 raise _as_encoder_error(code, details, self.target, attempt) from None
         raise AssertionError("unreachable")
+
+    async def _wait_for_ready_replica(self, deadline: float, attempt: int, last_error: str) -> None:
+        """Return once some replica is connected and SERVING (at once, usually); raise
+        NoReadyEncoder after ``ready_timeout_s``, EncoderTimeout at the call's deadline."""
+        channel = self._channel
+        state = channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.READY:
+            return
+        started = time.perf_counter()
+        until = min(deadline, started + self.ready_timeout_s)
+        log.info("waiting up to %.0f s for an encoder replica at %s to be ready (%s)",
+                 until - started, self.target, state.name)
+        while state != grpc.ChannelConnectivity.READY:
+            left = until - time.perf_counter()
+            if state == grpc.ChannelConnectivity.SHUTDOWN or left <= 0:
+                break
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except asyncio.TimeoutError:
+                break
+            state = channel.get_state(try_to_connect=True)
+        else:
+            log.info("an encoder replica at %s is ready after %.1f s", self.target, time.perf_counter() - started)
+            return
+        if until >= deadline:
+            raise EncoderTimeout(f"no encoder replica at {self.target} was ready before the deadline")
+        last = explain_unavailable(last_error, self.tls, plaintext_hint="encoder_tls_ca (--encoder-tls-ca)",
+                                   server="the encoder")
+        raise NoReadyEncoder(f"no encoder replica at {self.target} was ready (connected and SERVING) within "
+                             f"{self.ready_timeout_s:g} s (encoder_ready_timeout_s); {attempt - 1} attempt(s) "
+                             f"failed, the last with: {last}")
 
     async def _encode_once(self, stub, request, deadline: float, start: float, attempt: int) -> Encoded:
         left = deadline - time.perf_counter()

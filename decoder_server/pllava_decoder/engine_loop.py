@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Callable
 
 from pllava.generation import Engine, FinishReason, Request, TokenEvent
@@ -158,6 +159,22 @@ class EngineLoop:
     @property
     def num_running(self) -> int:
         return self.engine.num_running
+
+    @property
+    def num_streams(self) -> int:
+        """Requests whose events are still delivered to a handler."""
+        with self._lock:
+            return len(self._streams)
+
+    def held(self, settle_s: float = 2.0) -> dict[str, int]:
+        """What is still held -- KV slots, waiting places, open streams -- once the engine
+        has applied pending cancellations (waits up to ``settle_s``). All zero on a server
+        with no caption in flight; anything else is a leak."""
+        deadline = time.monotonic() + settle_s
+        while self.engine.has_work() and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return {"slots": self.engine.num_running, "slots_total": self.engine.num_slots,
+                "waiting": self._waiting, "streams": self.num_streams}
 
     def admit(self) -> Admission:
         """Count a new request as waiting; raise Overloaded when ``max_queue`` already are."""

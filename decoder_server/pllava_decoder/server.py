@@ -189,6 +189,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         await asyncio.to_thread(self._compile_graphs)
         self.loop = EngineLoop(self.model.engine, s.max_queue, self.metrics).start()
         self.encoder = EncoderClient(s.encoder, timeout_s=s.encoder_timeout_s, retries=s.encoder_retries,
+                                     ready_timeout_s=s.encoder_ready_timeout_s,
                                      hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id,
                                      max_message_bytes=max_message_bytes(s.max_video_bytes),
                                      tls=self.encoder_tls,
@@ -223,6 +224,9 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
 
     async def close(self) -> None:
         if self.loop is not None:
+            held = await asyncio.to_thread(self.loop.held)
+            log.info("held at shutdown: %d of %d KV slots, %d requests waiting, %d streams open",
+                     held["slots"], held["slots_total"], held["waiting"], held["streams"])
             self.loop.stop(timeout=10)
         if self.encoder is not None:
             await self.encoder.close()
@@ -393,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-cache-bytes", type=int, help="visual-token cache budget (default 256 MiB; 0 = off)")
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")
+    p.add_argument("--encoder-ready-timeout-s", type=float,
+                   help="longest a call waits for an encoder replica to be SERVING before each retry; then "
+                        "UNAVAILABLE (default 30)")
     p.add_argument("--max-new-tokens", type=int, help="when a request leaves it at 0 (default 256)")
     p.add_argument("--max-video-bytes", type=int,
                    help="largest video a Caption may carry; larger ones get INVALID_ARGUMENT before any encoder "

@@ -38,6 +38,7 @@ class DecoderSettings:
     visual_cache_bytes: int = 256 << 20  # visual tokens cached by video content; 0 disables
     encoder_timeout_s: float = 120.0  # one Encode call, the encoder's own queueing included
     encoder_retries: int = 2  # extra attempts on another replica when an encoder is UNAVAILABLE
+    encoder_ready_timeout_s: float = 30.0  # longest wait for an encoder replica to be SERVING, per retry
     max_new_tokens: int = 256  # when a request leaves it at 0
     max_video_bytes: int = 64 << 20  # largest video a Caption may carry; refused before any encoder sees it
     max_prompt_chars: int = 16384  # longest question a Caption may ask, in characters (before tokenising)
@@ -67,8 +68,9 @@ class DecoderSettings:
                                  "encoder_tls_cert", "encoder_tls_key", "encoder_tls_ca")
         if self.encoder_token_file == "":
             problems.append("encoder_token_file must name a file (or be left unset)")
-        if not self.encoder_timeout_s > 0:
-            problems.append(f"encoder_timeout_s must be > 0, got {self.encoder_timeout_s}")
+        for name in ("encoder_timeout_s", "encoder_ready_timeout_s"):
+            if not getattr(self, name) > 0:  # NaN too
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid decoder settings: " + "; ".join(problems))
 

@@ -22,8 +22,9 @@ worker, not the server, and a video that takes longer than ``decode_timeout_s`` 
 worker killed (DEADLINE_EXCEEDED). Either way only that worker is replaced
 (:mod:`pllava_encoder.video_workers`); a crashed request is retried once on a fresh worker,
 and a second crash is blamed on the input (INVALID_ARGUMENT). Workers import only
-``pllava.video``. Frames larger than ``max_frame_pixels`` are refused from the container
-header, before any is decoded.
+``pllava.video`` and end with the server, even one killed with SIGKILL in the middle of a job
+(:mod:`pllava_serving.parent_death`). Frames larger than ``max_frame_pixels`` are refused
+from the container header, before any is decoded.
 
 Why one vision thread. MindSpore is not re-entrant: every MindSpore call (loading, warm-up,
 encoding) runs on one dedicated thread, one batch at a time.
@@ -152,6 +153,8 @@ class VisionEncoderEngine:
 
     async def close(self) -> None:
         """Stop the batcher, fail whatever still waits, release the workers and the thread."""
+        log.info("held at shutdown: %d requests (%d decoding, %d ready)", self._held, self._decoding,
+                 len(self._ready))
         if self._batcher is not None:
             self._batcher.cancel()
             try:
@@ -329,7 +332,11 @@ class VisionEncoderEngine:
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            # Sleep only when nothing is ready: a batch that was full leaves the other ready
+            # videos behind, and their wake-up was consumed with the batch's (they would wait
+            # for the next request to arrive, forever on a quiet server).
+            if not self._ready:
+                await self._wake.wait()
             self._wake.clear()
             self._drop_cancelled()
             if not self._ready:

@@ -4,7 +4,8 @@ Frames sent as images are decoded here too, never in the server process, so that
 image can at worst take down a worker.
 
 Kept apart from :mod:`pllava_encoder.engine` so that a worker process imports only
-``pllava.video`` (numpy, PIL, decord, PyAV), never MindSpore. :func:`serve` is the process's
+``pllava.video`` (numpy, PIL, decord, PyAV) and the standard-library
+:mod:`pllava_serving.parent_death`, never MindSpore. :func:`serve` is the process's
 whole life: jobs arrive on its end of a pipe, answers go back the same way, and it ends when
 the pipe closes (its server went away) or says stop.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from pllava.config import PreprocessorConfig
 from pllava.frame_images import load_frame_images
 from pllava.video import VideoError, load_frames, preprocess
+from pllava_serving.parent_death import die_with_parent
 
 #: The first message a worker sends: it has imported everything and takes jobs.
 READY = "ready"
@@ -47,13 +49,17 @@ def decode_frames(images: list[bytes], name: str, preprocessor: PreprocessorConf
     return pixels, time.perf_counter() - start
 
 
-def serve(conn) -> None:
+def serve(conn, server_pid: int) -> None:
     """Answer ``(ok, value)`` to each job, ``(function, *arguments)`` with a function of this
     module; ``None`` stops.
 
     ``value`` is the result, a ``VideoError`` (the input's fault), or a ``RuntimeError``
-    describing any other failure (its traceback goes to stderr, the server's log).
+    describing any other failure (its traceback goes to stderr, the server's log). The
+    process ends with its server ``server_pid`` even in the middle of a job (a closed pipe
+    is only noticed between jobs): a server killed with SIGKILL leaves no worker behind, nor
+    multiprocessing's resource tracker, which lives as long as a worker holds its pipe.
     """
+    die_with_parent(server_pid)
     import av  # noqa: F401  imported now, so a job's time budget is spent on the video only
     import decord  # noqa: F401
 

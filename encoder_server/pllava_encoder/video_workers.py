@@ -13,8 +13,8 @@ each worker is a process with a pipe of its own, so
 Jobs wait for an idle worker in arrival order. A job whose caller goes away keeps its worker
 until it ends (or its budget runs out), so a worker never runs two jobs at once. Workers are
 started with "spawn" (forking a process that runs MindSpore's threads is unsafe) and run
-:func:`pllava_encoder.video_worker.serve`; a worker whose server dies sees its pipe close and
-exits.
+:func:`pllava_encoder.video_worker.serve`; a worker whose server dies, however it dies, ends
+with it, in the middle of a job too (:mod:`pllava_serving.parent_death`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +49,7 @@ class _Worker:
 
     def __init__(self, ctx, name: str):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=video_worker.serve, args=(child,), name=name, daemon=True)
+        self.process = ctx.Process(target=video_worker.serve, args=(child, os.getpid()), name=name, daemon=True)
         self.process.start()
         child.close()
         self.name = name

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import queue
-import random
 import re
 import signal
 import socket
@@ -35,33 +33,13 @@ from pllava_client.channel import channel_options
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.launcher import check_metrics_ports
 from pllava_serving.metrics import start_metrics_server
-from servers import console_script
+from servers import console_script, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"^pllava up: decoder at (\S+) \(")
 METRICS_AT = re.compile(r"^pllava up: (\S+) metrics at (\S+)$")
 OPENAI_AT = re.compile(r"^pllava up: OpenAI-compatible API at (\S+)$")
 MAX_BATCH = 2
-
-
-def free_port_run(n: int) -> int:
-    """The first of ``n`` consecutive ports that are free on 127.0.0.1 right now."""
-    rng = random.Random(os.getpid())
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 class Up:
@@ -105,7 +83,7 @@ class Up:
 
 @pytest.fixture(scope="module")
 def up(tiny_model_dir):
-    base = free_port_run(2)
+    base = free_ports(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pllava.cli", "up", "--model", str(tiny_model_dir), "--encoders", "1", "--port", "0",
          "--metrics-port", str(base), "--max-batch", str(MAX_BATCH), "--max-context", "4096",
@@ -420,7 +398,7 @@ def test_the_openai_front_ends_request_id_names_the_caption_in_every_log(up, tmp
 def test_metrics_port_zero_is_off_and_a_port_serves_the_registry():
     registry = CollectorRegistry()
     assert start_metrics_server(registry, "127.0.0.1", 0) is None
-    port = free_port_run(1)
+    port = free_ports(1)
     server = start_metrics_server(registry, "127.0.0.1", port)
     try:
         assert server.port == port

@@ -134,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: several videos (a folder, a pattern or more than one file) need --out FILE.jsonl",
               file=sys.stderr)
         return 2
-    try:
-        client = make_client(args)
-    except ValueError as exc:  # a malformed address list, unreadable TLS files
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with client:
-        return caption_one(client, sys.stdin.buffer if video == "-" else video, args)
+    return connect_and_caption(args, sys.stdin.buffer if video == "-" else video)
 
 
 def caption_frames(args: argparse.Namespace) -> int:
@@ -153,13 +147,18 @@ def caption_frames(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: --frames: {exc}", file=sys.stderr)
         return 2
+    return connect_and_caption(args, None, frames=frames)
+
+
+def connect_and_caption(args: argparse.Namespace, video, frames=None) -> int:
+    """One caption through the client the flags describe (exit 2 when they cannot make one)."""
     try:
         client = make_client(args)
     except ValueError as exc:  # a malformed address list, unreadable TLS files
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with client:
-        return caption_one(client, None, args, frames=frames)
+        return caption_one(client, video, args, frames=frames)
 
 
 def make_client(args: argparse.Namespace) -> Client:

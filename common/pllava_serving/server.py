@@ -232,20 +232,30 @@ async def serve_forever(server: grpc.aio.Server, state: ServingState, grace_s: f
             await on_shutdown()
 
 
-def run_main(prog: str, parser: argparse.ArgumentParser, settings_cls, env_prefix: str,
-             serve: Callable[[object], Awaitable[None]], argv: Sequence[str] | None = None) -> int:
-    """A server's console script: settings from YAML < environment < flags, logging, then
-    ``serve(settings)`` until SIGTERM. Exit 2 for bad settings, 1 when start-up fails (with
-    one clear line for a missing model or a taken port), 0 after a clean shutdown."""
+def settings_from_command_line(prog: str, parser: argparse.ArgumentParser, settings_cls, env_prefix: str,
+                               argv: Sequence[str] | None = None):
+    """A server's settings from YAML < environment < flags, with logging set up and the
+    settings logged; None (after one line on stderr saying why) when they are invalid."""
     args = parser.parse_args(argv)
     try:
         settings = load_settings(settings_cls, yaml_path=args.config, env_prefix=env_prefix,
                                  overrides=given_flags(args, settings_cls))
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+        return None
     setup_logging(settings.log_level)
     log.info("settings: %s", settings)
+    return settings
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, settings_cls, env_prefix: str,
+             serve: Callable[[object], Awaitable[None]], argv: Sequence[str] | None = None) -> int:
+    """A server's console script: settings from YAML < environment < flags, logging, then
+    ``serve(settings)`` until SIGTERM. Exit 2 for bad settings, 1 when start-up fails (with
+    one clear line for a missing model or a taken port), 0 after a clean shutdown."""
+    settings = settings_from_command_line(prog, parser, settings_cls, env_prefix, argv)
+    if settings is None:
+        return 2
     try:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:

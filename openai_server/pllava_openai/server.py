@@ -17,9 +17,8 @@ import sys
 
 import uvicorn
 
-from pllava_serving.logs import LOG_LEVELS, setup_logging
-from pllava_serving.server import format_address
-from pllava_serving.settings import given_flags, load_settings
+from pllava_serving.logs import LOG_LEVELS
+from pllava_serving.server import format_address, settings_from_command_line
 
 from .app import create_app
 from .settings import DEFAULT_MAX_MEDIA_BYTES, ENV_PREFIX, OpenAISettings
@@ -80,15 +79,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings(OpenAISettings, yaml_path=args.config, env_prefix=ENV_PREFIX,
-                                 overrides=given_flags(args, OpenAISettings))
-    except ValueError as exc:
-        print(f"pllava-openai: {exc}", file=sys.stderr)
+    settings = settings_from_command_line("pllava-openai", build_parser(), OpenAISettings, ENV_PREFIX, argv)
+    if settings is None:
         return 2
-    setup_logging(settings.log_level)
-    log.info("settings: %s", settings)
     try:
         app = create_app(settings)
     except ValueError as exc:  # an unreadable or empty token file, unusable TLS files

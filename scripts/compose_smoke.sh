@@ -3,7 +3,10 @@
 # run 2 encoder replicas, the decoder and the OpenAI-compatible front end, caption a video
 # through the decoder's published port (bound to 127.0.0.1) and once through the front end's,
 # check that both encoder replicas served work and that the decoder's published metrics
-# counted every caption, then take it all down.
+# counted every caption; then (unless SMOKE_TLS=0) bring the stack up again secured by
+# docker-compose.tls.yml with certificates from `pllava make-certs`, caption over mutual TLS
+# with the token on both hops, check that a plaintext client, a missing or wrong token and an
+# OpenAI request without the key are refused, then take it all down.
 #
 #   scripts/compose_smoke.sh [VIDEO]          # default samples/orbit.mp4 (in this repository)
 #
@@ -25,7 +28,7 @@
 # Environment: BASE_IMAGE, PLLAVA_IMAGE, PLLAVA_MODEL_DIR (default models/tiny, made if absent),
 # PLLAVA_PORT, PLLAVA_OPENAI_PORT and PLLAVA_METRICS_PORT (default: free ports), COMPOSE
 # (default: `docker compose` if present, else docker-compose), ENCODERS (default 2),
-# SMOKE_PROJECT (default pllava-smoke),
+# SMOKE_PROJECT (default pllava-smoke), SMOKE_TLS (default 1: also run the secured stack),
 # SMOKE_KEEP_IMAGES, SMOKE_KEEP_DOCKERD.
 set -euo pipefail
 
@@ -40,6 +43,7 @@ export PLLAVA_IMAGE=${PLLAVA_IMAGE:-pllava-serve:smoke}
 export PLLAVA_MODEL_DIR=${PLLAVA_MODEL_DIR:-$REPO/models/tiny}
 KEEP_IMAGES=${SMOKE_KEEP_IMAGES:-0}
 KEEP_DOCKERD=${SMOKE_KEEP_DOCKERD:-0}
+TLS=${SMOKE_TLS:-1}
 DOCKERD_LOG=/tmp/pllava-dockerd.log
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -61,6 +65,7 @@ BUILT_BASE=0
 MADE_MODEL=                  # the topmost folder this run created for the tiny checkpoint
 COPIED_CAS=()
 OVERRIDE=
+CERTS=
 STACK=0
 OLD_IMAGE_ID=
 
@@ -81,6 +86,7 @@ cleanup() {
         [[ $left -eq 0 ]] || status=1
     fi
     [[ -n $OVERRIDE ]] && rm -f "$OVERRIDE"
+    [[ -n $CERTS ]] && rm -rf "$CERTS"
     step "cleanup"
     # A rebuild over a kept image leaves the old one untagged: it is garbage either way.
     if [[ -n $OLD_IMAGE_ID && $OLD_IMAGE_ID != "$(image_id "$PLLAVA_IMAGE")" ]] \
@@ -202,6 +208,25 @@ EOF
 COMPOSE_ARGS=(-p "$PROJECT" -f docker-compose.yml -f "$OVERRIDE")
 compose() { $COMPOSE "${COMPOSE_ARGS[@]}" "$@"; }
 
+check_replicas() {  # check_replicas N: each of the N encoder containers logged an encoded video
+    local served=0 id name n replicas
+    step "work done by each encoder replica"
+    replicas=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+                          --filter "label=com.docker.compose.service=encoder")
+    for id in $replicas; do
+        name=$(docker inspect --format '{{.Name}}' "$id")
+        # the encoder logs one line per request: "<request>: N frames -> (V, D) visual tokens (decode ...)"
+        n=$(docker logs "$id" 2>&1 | grep -cE 'frames -> .*visual tokens \(decode' || true)
+        echo "${name#/}: $n videos encoded"
+        [[ $n -gt 0 ]] && served=$((served + 1))
+    done
+    echo "encoder replicas that served work: $served of $(echo "$replicas" | wc -w)"
+    if [[ $served -lt $1 ]]; then
+        echo "not every encoder replica served work" >&2
+        exit 1
+    fi
+}
+
 # --- Build, run, caption ------------------------------------------------------------------
 step "build $PLLAVA_IMAGE, one image for both services (BASE_IMAGE=$BASE_IMAGE)"
 OLD_IMAGE_ID=$(image_id "$PLLAVA_IMAGE")
@@ -270,20 +295,69 @@ print(f"captions OK: {ok:g}, first tokens: {ttft:g} (expected {captions})")
 sys.exit(0 if ok == ttft == captions else 1)
 PY
 
-step "work done by each encoder replica"
-served=0
-replicas=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
-                      --filter "label=com.docker.compose.service=encoder")
-for id in $replicas; do
-    name=$(docker inspect --format '{{.Name}}' "$id")
-    # the encoder logs one line per request: "<request>: N frames -> (V, D) visual tokens (decode ...)"
-    n=$(docker logs "$id" 2>&1 | grep -cE 'frames -> .*visual tokens \(decode' || true)
-    echo "${name#/}: $n videos encoded"
-    [[ $n -gt 0 ]] && served=$((served + 1))
-done
-echo "encoder replicas that served work: $served of $(echo "$replicas" | wc -w)"
-if [[ $served -lt $ENCODERS ]]; then
-    echo "not every encoder replica served work" >&2
-    exit 1
+check_replicas "$ENCODERS"
+
+if [[ $TLS == 1 ]]; then
+    step "secured: down, certificates from pllava make-certs, up with docker-compose.tls.yml"
+    compose down --volumes --remove-orphans --timeout 20
+    CERTS=$(mktemp -d /tmp/pllava-smoke-certs.XXXXXX)
+    "${BIN}pllava" make-certs "$CERTS/certs" >/dev/null
+    export PLLAVA_CERTS_DIR=$CERTS/certs
+    COMPOSE_ARGS=(-p "$PROJECT" -f docker-compose.yml -f docker-compose.tls.yml -f "$OVERRIDE")
+    TLS_FLAGS=(--tls-ca "$CERTS/certs/ca.pem" --tls-cert "$CERTS/certs/client.pem" --tls-key "$CERTS/certs/client-key.pem")
+    t=$(now)
+    compose up -d --scale encoder="$ENCODERS"
+    for _ in $(seq 600); do
+        "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" "${TLS_FLAGS[@]}" --timeout 2 >/dev/null 2>&1 && break
+        sleep 1
+    done
+    "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" "${TLS_FLAGS[@]}" --timeout 5
+    echo "secured stack serving in $(since "$t") s"
+
+    step "caption over mutual TLS with the token (decoder -> encoders over mutual TLS with the token too)"
+    t=$(now)
+    for i in $(seq $((2 * ENCODERS))); do
+        PLLAVA_TOKEN=$(cat "$CERTS/certs/token") "${BIN}pllava-caption" "$VIDEO" --server "127.0.0.1:$PLLAVA_PORT" \
+            "${TLS_FLAGS[@]}" --max-new-tokens 4 --timeout 300 --json >"$CERTS/caption.json"
+    done
+    echo "captioned $((2 * ENCODERS)) times in $(since "$t") s: $(tail -n 1 "$CERTS/caption.json" | cut -c 1-160)"
+
+    step "refusals: plaintext client, no token, a wrong token, an OpenAI request without the key"
+    expect_refusal() {  # expect_refusal WORDS COMMAND...: the command fails and says WORDS
+        local words=$1 out; shift
+        if out=$("$@" 2>&1); then echo "expected a refusal: $*" >&2; return 1; fi
+        if ! grep -q -- "$words" <<<"$out"; then echo "expected '$words' in: $out" >&2; return 1; fi
+        echo "refused ($words): $(grep -m 1 -- "$words" <<<"$out" | cut -c 1-160)"
+    }
+    expect_refusal TLS env -u PLLAVA_TOKEN "${BIN}pllava-caption" "$VIDEO" --server "127.0.0.1:$PLLAVA_PORT" \
+        --max-new-tokens 2 --timeout 60
+    expect_refusal UNAUTHENTICATED env -u PLLAVA_TOKEN "${BIN}pllava-caption" "$VIDEO" \
+        --server "127.0.0.1:$PLLAVA_PORT" "${TLS_FLAGS[@]}" --max-new-tokens 2 --timeout 60
+    expect_refusal UNAUTHENTICATED "${BIN}pllava-caption" "$VIDEO" --server "127.0.0.1:$PLLAVA_PORT" \
+        "${TLS_FLAGS[@]}" --token not-the-token --max-new-tokens 2 --timeout 60
+    "$PY" - "http://127.0.0.1:$PLLAVA_OPENAI_PORT" "$CERTS/certs/token" <<'PY'
+import json, sys, time, urllib.error, urllib.request
+
+base, token = sys.argv[1], open(sys.argv[2]).read().strip()
+for _ in range(120):
+    try:
+        urllib.request.urlopen(base + "/health", timeout=5).close()
+        break
+    except (urllib.error.URLError, OSError):
+        time.sleep(1)
+def models(headers):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + "/v1/models", headers=headers), timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+status, body = models({})
+assert status == 401, (status, body)
+print(f"refused (401): {body['error']['message'][:120]}")
+status, body = models({"authorization": f"Bearer {token}"})
+assert status == 200, (status, body)
+print(f"OpenAI-compatible API with the token: model {body['data'][0]['id']} (through the decoder over mutual TLS)")
+PY
+    check_replicas "$ENCODERS"
 fi
 echo "compose smoke test passed"

@@ -43,7 +43,7 @@ MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows s
 class LlamaAttention(nn.Cell):
     def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, blocks: tuple[int, ...]):
         super().__init__()
-        dtype, in_out = backend.dtype, backend.linear_in_out
+        dtype = backend.dtype
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.group = self.num_heads // self.num_kv_heads
@@ -51,8 +51,8 @@ class LlamaAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         self.qkv_proj = FusedLinear(d, {"q_proj": self.num_heads * hd, "k_proj": self.num_kv_heads * hd,
-                                        "v_proj": self.num_kv_heads * hd}, bias, dtype, in_out)
-        self.o_proj = Linear(self.num_heads * hd, d, bias, dtype, in_out)
+                                        "v_proj": self.num_kv_heads * hd}, bias, dtype)
+        self.o_proj = Linear(self.num_heads * hd, d, bias, dtype)
         self.num_slots = num_slots
         self.blocks = cache_blocks(blocks)
         self.k_cache = ms.ParameterTuple(self._block_params("k_cache", backend.dtype))
@@ -128,9 +128,9 @@ class LlamaMLP(nn.Cell):
     def __init__(self, cfg: TextConfig, backend: Backend):
         super().__init__()
         d, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        dtype, in_out = backend.dtype, backend.linear_in_out
-        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias, dtype, in_out)
-        self.down_proj = Linear(i, d, bias, dtype, in_out)
+        dtype = backend.dtype
+        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias, dtype)
+        self.down_proj = Linear(i, d, bias, dtype)
 
     def construct(self, x):
         gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
@@ -187,7 +187,7 @@ class LlamaForCausalLM(nn.Cell):
         self.dtype = backend.dtype
         self.model = LlamaModel(cfg, backend, num_slots, blocks)
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        Linear(cfg.hidden_size, cfg.vocab_size, False, backend.dtype, backend.linear_in_out))
+                        Linear(cfg.hidden_size, cfg.vocab_size, False, backend.dtype))
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)

@@ -171,7 +171,7 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     """Assign ``weights`` to ``cell``'s parameters strictly, converting to each parameter's
     dtype. ``prefix`` is stripped from checkpoint names; ``skip(param_name)`` marks state that
     is not loaded (KV caches); ``ignore(ckpt_name)`` marks keys the cell does not use (CLIP
-    layers past the selected one). Linear weights the cell stores (in, out) are transposed.
+    layers past the selected one). Parts of fused projections fill their rows of one parameter.
     Missing, unexpected and mis-shaped keys raise one error that names them all."""
     import mindspore as ms
     from mindspore import Tensor
@@ -183,8 +183,7 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     fused: dict[str, np.ndarray] = {}  # parameter -> staging array while its parts arrive
     parts_left = {}
     for place in placements.values():
-        if place.stop is not None:
-            parts_left[place.param] = parts_left.get(place.param, 0) + 1
+        parts_left[place.param] = parts_left.get(place.param, 0) + 1
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -204,18 +203,13 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
             if not ignore(ckpt_name):
                 unexpected.append(ckpt_name)
             continue
-        if place is not None and place.transpose and array.ndim == 2:
-            array = array.T
-        if place is not None and place.stop is not None:  # one part of a fused projection
-            axis = 1 if place.transpose else 0
-            expected = list(param.shape)
-            expected[axis] = place.stop - place.start
-            if list(array.shape) != expected:
-                mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
+        if place is not None:  # one part of a fused projection
+            expected = (place.stop - place.start,) + tuple(param.shape[1:])
+            if tuple(array.shape) != expected:
+                mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {expected}")
                 continue
             stage = fused.setdefault(place.param, np.zeros(param.shape, dtype=np.float32))
-            index = (slice(None), slice(place.start, place.stop)) if axis else slice(place.start, place.stop)
-            stage[index] = array.astype(np.float32)
+            stage[place.start:place.stop] = array.astype(np.float32)
             loaded.add(name)
             parts_left[place.param] -= 1
             if parts_left[place.param] == 0:

@@ -774,6 +774,21 @@ def sequential_for_run(run: dict, seq: dict) -> dict | None:
             "end_to_end_tok_s": sum(generated) / waited, "videos_per_min": len(picked) / waited * 60}
 
 
+def videos_per_min_ceiling(ref: dict, engine) -> float | None:
+    """What serving could reach at most on this machine when its encode and prefill cost what
+    transformers' do (the same FLOPs on the same cores: compute-bound, unlike decode) and every
+    generated token decoded at the engine's batched rate, with no stage overlapping another
+    (they share the cores). A bound for judging the videos/min ratio, not a measurement."""
+    if not isinstance(engine, dict) or "error" in engine or not ref.get("rows"):
+        return None
+    rate = engine["default"]["batch"]["decode_tok_s"]
+    if not rate:
+        return None
+    rows = ref["rows"]
+    per_video = statistics.mean(r["ttft_s"] + len(r["tokens"]) / rate for r in rows)
+    return 60.0 / per_video
+
+
 def fmt(x, digits: int = 2) -> str:
     if x is None:
         return "—"
@@ -870,6 +885,12 @@ def table(results: dict, plan: Plan) -> list[str]:
                                ("videos_per_min", "videos/min")):
                 theirs = ref[key] if ref else None
                 add((f"servers {tag}: {label}", fmt(run[key], 1), fmt(theirs, 1), ratio(run[key], theirs, True)))
+        for frames, ref in q.items():
+            best = videos_per_min_ceiling(ref, e)
+            if best:
+                add((f"ceiling, {frames} frames: videos/min if each video cost transformers' encode + prefill and "
+                     f"its tokens decoded at the engine's {plan.batch}-stream rate (2 cores: the stages share them)",
+                     fmt(best, 1), fmt(ref["videos_per_min"], 1), ratio(best, ref["videos_per_min"], True)))
         for name, rss in s["peak_rss"].items():
             extra = (f" + {rss['children_peak_rss_bytes'] / GIB:.2f} in {rss['children']} child process(es)"
                      if rss["children"] else "")

@@ -31,6 +31,22 @@ def test_quick_run_succeeds_and_prints_one_table(quick):
     assert len(table) > 20
 
 
+def test_the_table_bounds_videos_per_min_by_the_compute_transformers_spends(quick):
+    """The ceiling row: transformers' own encode + prefill time per video plus its tokens at
+    the engine's batched decode rate, one row per frame count of the sequential run."""
+    proc, out = quick
+    data = json.loads(out.read_text())
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ceiling, ")]
+    assert len(rows) == len(data["sequential"]) - ("section_s" in data["sequential"])
+    rate = data["engine"]["default"]["batch"]["decode_tok_s"]
+    for row in rows:
+        frames = row.split(",")[1].split()[0]
+        ref = data["sequential"][frames]
+        per_video = sum(r["ttft_s"] + len(r["tokens"]) / rate for r in ref["rows"]) / len(ref["rows"])
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) == pytest.approx(60 / per_video, rel=0.06, abs=0.06)
+
+
 def test_json_has_every_section_without_errors(quick):
     _, out = quick
     data = json.loads(out.read_text())

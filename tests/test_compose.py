@@ -1,7 +1,8 @@
 """docker-compose, for real (scripts/compose_smoke.sh): build the one image every server runs,
 run two encoder replicas, the decoder and the OpenAI-compatible front end, caption a video
 through the decoder's port published on 127.0.0.1 and through the front end's, check that
-both encoder replicas served work, take the stack down and clean up.
+both encoder replicas served work; run the stack again secured by docker-compose.tls.yml
+(mutual TLS and a token on both hops, refusals checked), take it down and clean up.
 
 Needs root and a Docker engine; the script installs Debian's docker.io, docker-compose and
 debootstrap and starts dockerd when they are missing, and builds the local base image when
@@ -38,6 +39,14 @@ def test_compose_two_encoder_replicas_serve_a_caption(videos_dir):
     assert re.search(r"encoder replicas that served work: 2 of 2", done.stdout)
     assert re.search(r"OpenAI-compatible API answered: model \S+, \d+ completion tokens", done.stdout)
     assert f"images of the running containers: {IMAGE}\n" in done.stdout   # one image, both services
+
+    # Secured by docker-compose.tls.yml: mutual TLS with the token on both hops, refusals named.
+    assert re.search(r"captioned 4 times in [\d.]+ s: \{", done.stdout)
+    assert "refused (TLS)" in done.stdout
+    assert done.stdout.count("refused (UNAUTHENTICATED)") == 2     # no token, a wrong one
+    assert "refused (401)" in done.stdout
+    assert "OpenAI-compatible API with the token: model" in done.stdout
+    assert len(re.findall(r"encoder replicas that served work: 2 of 2", done.stdout)) == 2
 
     # Cleaned up: the containers, the image it built, and the daemon if it started one.
     assert "cleanup: containers of project pllava-smoke left: 0" in done.stdout

@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 256)")
     p.add_argument("--prefill-small-chunk", type=int,
                    help="prompt tokens per prefill step while other streams decode (each waits at most "
-                        "one such chunk per token) and for a prompt's tail, a multiple of 32 (default 64)")
+                        "one such chunk per token) and for a prompt's tail, a multiple of 32 "
+                        f"(default {DecoderSettings.prefill_small_chunk})")
     p.add_argument("--min-context", type=int,
                    help="smallest context bucket (default 512); buckets double up to max context and a "
                         "decode step reads each sequence's cache up to the bucket of the longest")

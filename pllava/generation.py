@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .pacing import AdmissionPacer
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -181,10 +182,12 @@ class Engine:
     """Owns a ``PllavaLanguage`` (its KV-cache slots) and schedules requests onto it.
 
     ``sampler`` makes each request's token chooser from its ``SamplingParams`` (default
-    :class:`pllava.sampling.Sampler`); the engine calls it once per generated token."""
+    :class:`pllava.sampling.Sampler`); the engine calls it once per generated token. While
+    streams decode, a prompt enters in chunks that keep each stream's wait between two
+    tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`)."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
-                 sampler: SamplerFactory = Sampler):
+                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.5):
         self.language = language
         self.tokenizer = tokenizer
         self.sampler = sampler
@@ -198,6 +201,7 @@ class Engine:
         self._slots: list[Running | None] = [None] * self.num_slots
         self._prefilling: Running | None = None  # holds a slot, its prompt partly in the cache
         self.last_step = StepTimes()  # what the latest step() ran (read by the serving metrics)
+        self.pacer = AdmissionPacer(getattr(language, "graph_seconds", None), max_gap_steps)
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -260,6 +264,7 @@ class Engine:
             start = time.perf_counter()
             events.extend(self._decode(running))
             decode_s = time.perf_counter() - start
+            self.pacer.step_ran(decode_s)
         self.last_step = StepTimes(prefill_s, prefill_tokens, decode_s, len(running))
         return events
 
@@ -285,8 +290,8 @@ class Engine:
         return seq
 
     def _prefill_step(self, seq: Running, busy: bool) -> list[TokenEvent]:
-        """Feed the next chunk of ``seq``'s prompt (a short one while others are decoding,
-        ``busy``); its last chunk yields the first token. A failure here is ``seq``'s alone:
+        """Feed the next chunk of ``seq``'s prompt (while others are decoding, ``busy``, one
+        the pacer allows); its last chunk yields the first token. A failure here is ``seq``'s alone:
         the chunk is its own device call and writes only its own slot."""
         try:
             if seq.embeds is None:
@@ -295,10 +300,12 @@ class Engine:
                     seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
             length = seq.embeds.shape[1]
             with _stage("prefilling the prompt"):
-                chunk = self.language.plan.next_chunk(seq.position, length, busy)
+                chunk = self.language.plan.next_chunk(seq.position, length, self.pacer.allows if busy else None)
+                start = time.perf_counter()
                 logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
         except SequenceError as error:
             return [self._fail(seq, error)]
+        self.pacer.chunk_ran(chunk.size, chunk.context, time.perf_counter() - start)
         seq.position = chunk.start + chunk.length
         if seq.position < length:
             return []

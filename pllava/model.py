@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -116,6 +117,7 @@ class PllavaLanguage:
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
         self._contexts = {c: to_tensor(block_key_positions(self.lm.blocks, c)) for c in self.plan.context_buckets}
         self.decode_cost = estimate_decode_cost(self.plan, cfg, backend)
+        self.graph_seconds: dict[tuple[str, int, int], float] = {}  # prefill graphs timed at warm-up
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
         tied = self.cfg.text.tie_word_embeddings
@@ -216,8 +218,9 @@ class PllavaLanguage:
 
     def warm_up(self, progress=None) -> int:
         """Compile every graph of the shape plan (writes only garbage into cache slot 0, so
-        run it while no sequence is live). ``progress(done, total, kind, a, context)`` is
-        called after each. Returns the number of graphs."""
+        run it while no sequence is live), and time each prefill graph on a second run into
+        ``graph_seconds`` (the engine sizes chunks by it). ``progress(done, total, kind, a,
+        context)`` is called after each. Returns the number of graphs."""
         graphs = self.plan.graphs()
         width = self.cfg.text.hidden_size
         for done, (kind, size, context) in enumerate(graphs, 1):
@@ -226,7 +229,11 @@ class PllavaLanguage:
                                    np.zeros(size, np.int32))
             else:
                 embeds = ops.zeros((1, context, width), self.lm.dtype)
-                self.prefill_chunk(0, embeds, Chunk(context - size, size, size, context))
+                chunk = Chunk(context - size, size, size, context)
+                self.prefill_chunk(0, embeds, chunk)
+                start = time.perf_counter()
+                self.prefill_chunk(0, embeds, chunk)
+                self.graph_seconds[(kind, size, context)] = time.perf_counter() - start
             if progress is not None:
                 progress(done, len(graphs), kind, size, context)
         return len(graphs)

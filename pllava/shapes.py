@@ -4,14 +4,24 @@ A decode step runs the live sequences padded to a *batch bucket* and reads their
 a *context bucket* that covers the longest of them. A prompt is prefilled in chunks that
 attend over the cache up to the context bucket of the chunk's end: long chunks (up to
 ``prefill_chunk``, with chunk x context under ``prefill_area``) when nothing else is
-decoding, and short ones (``prefill_small_chunk``) for a prompt's tail and whenever other sequences
-are decoding, so that they wait at most one short chunk per token. Every (batch, context)
-and (chunk, context) pair is known in advance: ``graphs()`` lists them for warm-up.
+decoding, short ones (``prefill_small_chunk``) for a prompt's tail, and while other
+sequences decode, the longest that keeps their wait between tokens short (the caller's
+``allow``). Every (batch, context) and (chunk, context) pair is known in advance:
+``graphs()`` lists them for warm-up.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
+
+#: ``allow(size, context)``: may a prefill chunk of ``size`` tokens at ``context`` run now?
+ChunkFilter = Callable[[int, int], bool]
+
+
+def short_only(size: int, context: int) -> bool:
+    """A ``ChunkFilter`` that allows no long chunk: every chunk is a short one."""
+    return False
 
 
 def powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -82,16 +92,23 @@ class ShapePlan:
     def small_chunk_size(self, context: int) -> int:
         return min(self.prefill_small_chunk, self.chunk_size(context))
 
-    def next_chunk(self, start: int, length: int, busy: bool = False) -> Chunk:
+    def chunk_sizes(self, context: int) -> tuple[int, ...]:
+        """The compiled chunk sizes at a context bucket, longest first."""
+        return tuple(sorted({self.chunk_size(context), self.small_chunk_size(context)}, reverse=True))
+
+    def next_chunk(self, start: int, length: int, allow: ChunkFilter | None = None) -> Chunk:
         """The chunk that feeds prompt positions from ``start`` on: as long as allowed at the
-        smallest context bucket that holds it; short when ``busy``, or when the positions left
-        for a long chunk cost less as short ones (a chunk costs about a pass over the weights,
+        smallest context bucket that holds it. ``allow(size, context)`` says which long sizes
+        may run now (while others decode: those that keep their wait short); None allows every
+        size, and the short one is always allowed. A short chunk is also taken when the
+        positions left cost less as short ones (a chunk costs about a pass over the weights,
         counted as one short chunk of tokens, plus its padded size)."""
         best = None
         for context in self.context_buckets:
             if context <= start:
                 continue
-            size = self.small_chunk_size(context) if busy else self.chunk_size(context)
+            small = self.small_chunk_size(context)
+            size = next(s for s in self.chunk_sizes(context) if s == small or allow is None or allow(s, context))
             take = min(length - start, size, context - start)
             if best is None or take > best.length:
                 best = Chunk(start, take, size, context)
@@ -100,11 +117,11 @@ class ShapePlan:
             best = Chunk(best.start, min(best.length, small), small, best.context)
         return best
 
-    def chunks(self, length: int, start: int = 0, busy: bool = False) -> list[Chunk]:
+    def chunks(self, length: int, start: int = 0, allow: ChunkFilter | None = None) -> list[Chunk]:
         """Split prompt positions [start, length) into chunks (as ``next_chunk`` picks them)."""
         out = []
         while start < length:
-            out.append(self.next_chunk(start, length, busy))
+            out.append(self.next_chunk(start, length, allow))
             start += out[-1].length
         return out
 
@@ -113,8 +130,7 @@ class ShapePlan:
         decode = [("decode", b, c) for c in self.context_buckets for b in self.batch_buckets]
         prefill = []
         for c in self.context_buckets:
-            for size in sorted({self.chunk_size(c), self.small_chunk_size(c)}, reverse=True):
-                prefill.append(("prefill", size, c))
+            prefill.extend(("prefill", size, c) for size in self.chunk_sizes(c))
         return decode + prefill
 
 

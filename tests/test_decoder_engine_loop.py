@@ -270,3 +270,8 @@ def test_decoder_settings_layers_and_checks(tmp_path):
         DecoderSettings(model="m", max_video_bytes=0, max_prompt_chars=0)
     with pytest.raises(ValueError, match="encoder_timeout_s must be > 0, got nan"):
         DecoderSettings(model="m", encoder_timeout_s=float("nan"))
+    paced = load_settings(DecoderSettings, env_prefix=ENV_PREFIX,
+                          environ={f"{ENV_PREFIX}MODEL": "m", f"{ENV_PREFIX}MAX_GAP_STEPS": "2.5"})
+    assert paced.max_gap_steps == 2.5 and DecoderSettings(model="m").max_gap_steps == 3.5
+    with pytest.raises(ValueError, match=r"max_gap_steps must be >= 1 \(1 = short chunks only\), got 0.5"):
+        DecoderSettings(model="m", max_gap_steps=0.5)

@@ -12,6 +12,7 @@ from pllava.model import PllavaLanguage
 from pllava.prompt import build_prompt
 from pllava.sampling import (BadLogits, Sampler, SamplingParams, apply_repetition_penalty, top_k_filter,
                              top_p_filter)
+from pllava.shapes import short_only
 from pllava.tokenizer import Tokenizer
 
 
@@ -208,8 +209,8 @@ def test_cancel_frees_the_slot(language, tokenizer, cfg):
 
 def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(language, tokenizer, cfg):
     """Chunked prefill: a new prompt enters one chunk per step, and each step still decodes
-    one token for every running sequence."""
-    engine = Engine(language, tokenizer)
+    one token for every running sequence (short chunks only: a wait of one decode step)."""
+    engine = Engine(language, tokenizer, max_gap_steps=1)
     running = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=200)) for i in range(2)]
     for r in running:
         engine.add(r)
@@ -218,12 +219,38 @@ def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(langu
         started.update(e.request_id for e in engine.step())
     newcomer = Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 9), SamplingParams(max_new_tokens=5))
     engine.add(newcomer)
-    chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, busy=True))
+    chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, allow=short_only))
     assert chunks >= 3
     for step in range(1, chunks + 1):
         ids = [e.request_id for e in engine.step()]
         assert sorted(r.request_id for r in running) == sorted(i for i in ids if i != newcomer.request_id)
         assert (newcomer.request_id in ids) == (step == chunks)  # its first token ends its prefill
+
+
+def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model_dir, tokenizer, cfg):
+    """Warm-up times every prefill graph; with a wait that every chunk fits, a prompt admitted
+    while streams decode enters in the long chunks an idle engine would use: fewer steps, and
+    still a token for every running stream at each of them."""
+    language = PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=1024)
+    graphs = language.warm_up()
+    assert set(language.graph_seconds) == {g for g in language.plan.graphs() if g[0] == "prefill"} and graphs > 4
+    engine = Engine(language, tokenizer, max_gap_steps=1e6)
+    running = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=200)) for i in range(2)]
+    for r in running:
+        engine.add(r)
+    started: set[str] = set()
+    while len(started) < 2:
+        started.update(e.request_id for e in engine.step())
+    newcomer = Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 9), SamplingParams(max_new_tokens=5))
+    length = len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens
+    long_chunks = language.plan.chunks(length)
+    assert len(long_chunks) < len(language.plan.chunks(length, allow=short_only))
+    engine.add(newcomer)
+    for step in range(1, len(long_chunks) + 1):
+        ids = [e.request_id for e in engine.step()]
+        assert sorted(r.request_id for r in running) == sorted(i for i in ids if i != newcomer.request_id)
+        assert engine.last_step.prefill_tokens == long_chunks[step - 1].length
+        assert (newcomer.request_id in ids) == (step == len(long_chunks))
 
 
 def test_each_step_reports_what_it_ran_and_the_slots_it_holds(language, tokenizer, cfg):

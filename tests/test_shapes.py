@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pllava.shapes import DecodeCost, ShapePlan, powers_of_two
+from pllava.shapes import DecodeCost, ShapePlan, powers_of_two, short_only
 
 
 def test_buckets_double_up_to_the_limits():
@@ -23,7 +23,7 @@ def test_buckets_double_up_to_the_limits():
 def test_chunks_tile_every_prompt_with_compiled_shapes(plan):
     compiled = {(size, context) for kind, size, context in plan.graphs() if kind == "prefill"}
     for length, busy in [(n, n % 2 == 0) for n in range(1, plan.max_len + 1, 7)]:
-        chunks = plan.chunks(length, busy=busy)
+        chunks = plan.chunks(length, allow=short_only if busy else None)
         assert chunks[0].start == 0 and sum(c.length for c in chunks) == length
         if busy:  # others are decoding: short chunks only
             assert all(c.size <= plan.prefill_small_chunk for c in chunks)
@@ -48,9 +48,27 @@ def test_short_prompt_tail_uses_a_short_chunk():
     plan = ShapePlan(8, 4096)
     assert [(c.length, c.size, c.context) for c in plan.chunks(296)] == [(256, 256, 512), (32, 32, 512),
                                                                           (8, 32, 512)]
-    assert [(c.length, c.size) for c in plan.chunks(296, busy=True)][:2] == [(32, 32), (32, 32)]
+    assert [(c.length, c.size) for c in plan.chunks(296, allow=short_only)][:2] == [(32, 32), (32, 32)]
     # a rest that short chunks would not feed for less goes in one long chunk
     assert [(c.length, c.size) for c in plan.chunks(400)] == [(256, 256), (144, 256)]
+
+
+def test_while_others_decode_a_chunk_is_the_longest_allowed_size():
+    """``allow`` (the engine's pacer) picks which long chunks may run; the short one always may."""
+    plan = ShapePlan(8, 4096)
+    assert plan.chunk_sizes(512) == (256, 32) and plan.chunk_sizes(4096) == (32,)
+    allowed = {(128, 1024), (64, 2048)}  # say 256 at 512 takes too long, 128 at 1024 does not
+
+    def allow(size, context):
+        return (size, context) in allowed
+
+    chunks = plan.chunks(2600, allow=allow)
+    # positions below 1024 go in 128-token chunks at context 1024 (longer than 32 at 512)
+    assert [(c.size, c.context) for c in chunks[:9]] == [(128, 1024)] * 8 + [(64, 2048)]
+    assert {(c.size, c.context) for c in chunks[8:]} == {(64, 2048), (32, 4096)}
+    assert sum(c.length for c in chunks) == 2600 and len(chunks) < len(plan.chunks(2600, allow=short_only))
+    # a long chunk that is allowed is not taken when the rest fits short ones for less
+    assert [(c.size, c.context) for c in plan.chunks(552, start=520, allow=allow)] == [(32, 1024)]
 
 
 def test_bad_plans_are_refused():

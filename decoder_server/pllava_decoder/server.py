@@ -114,7 +114,8 @@ class LanguageModel:
                                                   prefill_small_chunk=settings.prefill_small_chunk,
                                                   min_context=settings.min_context)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
-                   engine=Engine(language, tokenizer), model_id=model_id(path, settings.lora_alpha),
+                   engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps),
+                   model_id=model_id(path, settings.lora_alpha),
                    dtype=dtype_name(backend.dtype), max_context=max_context, compile_cache=cache_dir)
 
     def num_visual_tokens(self, num_frames: int) -> int:
@@ -386,9 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per prefill step while no other stream decodes, a multiple of 32 "
                         "(default 256)")
     p.add_argument("--prefill-small-chunk", type=int,
-                   help="prompt tokens per prefill step while other streams decode (each waits at most "
-                        "one such chunk per token) and for a prompt's tail, a multiple of 32 "
-                        f"(default {DecoderSettings.prefill_small_chunk})")
+                   help="prompt tokens of a prompt's tail, and the shortest prefill step while other streams "
+                        f"decode, a multiple of 32 (default {DecoderSettings.prefill_small_chunk})")
+    p.add_argument("--max-gap-steps", type=float,
+                   help="while a prompt is admitted, each running stream waits at most about this many decode "
+                        "steps between tokens: longer prefill chunks run when their measured time fits "
+                        f"(default {DecoderSettings.max_gap_steps}; 1 = short chunks only)")
     p.add_argument("--min-context", type=int,
                    help="smallest context bucket (default 512); buckets double up to max context and a "
                         "decode step reads each sequence's cache up to the bucket of the longest")

@@ -32,7 +32,8 @@ class DecoderSettings:
     max_context: int | None = None  # tokens per sequence; default: max_position_embeddings, at most 4096
     max_queue: int = 32  # requests waiting for a slot (encoding included) before RESOURCE_EXHAUSTED
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
-    prefill_small_chunk: int = 32  # per step while other streams decode (they wait one per token), and tails
+    prefill_small_chunk: int = 32  # prompt tails, and the shortest chunk while other streams decode
+    max_gap_steps: float = 3.5  # while a prompt enters, a running stream waits about this many decode steps per token at most
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     visual_cache_bytes: int = 256 << 20  # visual tokens cached by video content; 0 disables
@@ -68,6 +69,8 @@ class DecoderSettings:
                                  "encoder_tls_cert", "encoder_tls_key", "encoder_tls_ca")
         if self.encoder_token_file == "":
             problems.append("encoder_token_file must name a file (or be left unset)")
+        if not self.max_gap_steps >= 1:  # NaN too
+            problems.append(f"max_gap_steps must be >= 1 (1 = short chunks only), got {self.max_gap_steps}")
         for name in ("encoder_timeout_s", "encoder_ready_timeout_s"):
             if not getattr(self, name) > 0:  # NaN too
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")

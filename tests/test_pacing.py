@@ -1,0 +1,37 @@
+"""The admission pacer: long prefill chunks run while streams decode only when their measured
+time keeps each stream's wait between tokens within ``max_gap_steps`` decode steps."""
+from __future__ import annotations
+
+import pytest
+
+from pllava.pacing import AdmissionPacer
+
+
+def test_a_chunk_runs_while_streams_decode_only_if_its_time_fits_the_wait():
+    pacer = AdmissionPacer({("prefill", 256, 512): 1.2, ("prefill", 128, 1024): 0.6}, max_gap_steps=3.5)
+    assert not pacer.allows(128, 1024)  # no decode step measured yet
+    pacer.step_ran(0.24)
+    # wait = chunk + step: 0.6 + 0.24 <= 3.5 x 0.24, but 1.2 + 0.24 is not
+    assert pacer.allows(128, 1024) and not pacer.allows(256, 512)
+    assert not pacer.allows(64, 2048)  # never timed
+    pacer.step_ran(1.24)  # more streams: longer steps allow longer chunks (average 0.24 -> 0.54)
+    assert pacer.step_s == pytest.approx(0.54) and pacer.allows(256, 512)
+
+
+def test_measured_times_follow_the_machine():
+    seconds = {("prefill", 128, 1024): 0.6}
+    pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5)
+    pacer.step_ran(0.25)
+    assert pacer.allows(128, 1024)
+    pacer.chunk_ran(128, 1024, 1.4)  # the machine got busy: the chunk now takes longer
+    assert seconds[("prefill", 128, 1024)] == pytest.approx(1.0) and not pacer.allows(128, 1024)
+    pacer.chunk_ran(64, 2048, 0.3)  # a chunk first seen running is timed from then on
+    assert seconds[("prefill", 64, 2048)] == 0.3 and pacer.allows(64, 2048)
+
+
+def test_one_step_of_wait_means_short_chunks_only():
+    pacer = AdmissionPacer({("prefill", 256, 512): 0.001}, max_gap_steps=1)
+    pacer.step_ran(1.0)
+    assert not pacer.allows(256, 512)
+    with pytest.raises(ValueError, match="max_gap_steps must be at least 1"):
+        AdmissionPacer(max_gap_steps=0.5)

@@ -470,10 +470,11 @@ def section_admission(b: Bench) -> dict:
     out = {"running_streams": running, "admitted_positions": big_positions, "admitted_frames": p.large_frames,
            "steady_step_s": steady_step, "steady_steps_s": steady, "max_gap_s": max_gap,
            "gap_over_step": max_gap / steady_step, "admission_ttft_s": admitted - added,
+           "admission_steps": sum(1 for _, e, _ in st["steps"] if added < e <= admitted),
            "gaps_s": sorted(gaps, reverse=True)[:20],
            "streams_finished_early": {k: v for k, v in st["finish"].items() if k != new.request_id}}
     log(f"admission: steady step {steady_step * 1e3:.0f} ms, longest gap {max_gap * 1e3:.0f} ms "
-        f"({out['gap_over_step']:.1f}x), admitted in {out['admission_ttft_s']:.1f} s")
+        f"({out['gap_over_step']:.1f}x), admitted in {out['admission_steps']} steps, {out['admission_ttft_s']:.1f} s")
     return out
 
 
@@ -853,6 +854,9 @@ def table(results: dict, plan: Plan) -> list[str]:
         add((f"longest inter-token gap while a {a['admitted_frames']}-frame request ({a['admitted_positions']} positions) "
              f"is admitted (ms)", f"{fmt(a['max_gap_s'] * 1e3, 0)} ({a['gap_over_step']:.1f}x the step)",
              "— (no continuous batching)", "—"))
+        if "admission_steps" in a:
+            add(("that admission: engine steps (one prefill chunk each) / seconds to its first token",
+                 f"{a['admission_steps']} / {fmt(a['admission_ttft_s'], 1)}", "—", "—"))
     m = results.get("memory")
     if isinstance(m, dict) and "error" not in m:
         w = m["weights_bytes"]

@@ -182,18 +182,11 @@ if [[ ! -f $PLLAVA_MODEL_DIR/config.json ]]; then
     "${BIN}pllava" make-tiny "$PLLAVA_MODEL_DIR"
 fi
 
-if [[ -z ${PLLAVA_PORT:-} ]]; then
-    PLLAVA_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-fi
-export PLLAVA_PORT
-if [[ -z ${PLLAVA_OPENAI_PORT:-} ]]; then
-    PLLAVA_OPENAI_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-fi
-export PLLAVA_OPENAI_PORT
-if [[ -z ${PLLAVA_METRICS_PORT:-} ]]; then
-    PLLAVA_METRICS_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-fi
-export PLLAVA_METRICS_PORT
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PLLAVA_PORT=${PLLAVA_PORT:-$(free_port)}
+PLLAVA_OPENAI_PORT=${PLLAVA_OPENAI_PORT:-$(free_port)}
+PLLAVA_METRICS_PORT=${PLLAVA_METRICS_PORT:-$(free_port)}
+export PLLAVA_PORT PLLAVA_OPENAI_PORT PLLAVA_METRICS_PORT
 
 # The smoke run switches the decoder's visual-token cache off, so repeated videos still go
 # to the encoders and round robin has calls to spread.
@@ -207,6 +200,14 @@ services:
 EOF
 COMPOSE_ARGS=(-p "$PROJECT" -f docker-compose.yml -f "$OVERRIDE")
 compose() { $COMPOSE "${COMPOSE_ARGS[@]}" "$@"; }
+
+wait_healthy() {  # wait_healthy [TLS FLAGS...]: until the decoder reports SERVING (10 minutes at most)
+    for _ in $(seq 600); do
+        "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" "$@" --timeout 2 >/dev/null 2>&1 && break
+        sleep 1
+    done
+    "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" "$@" --timeout 5
+}
 
 check_replicas() {  # check_replicas N: each of the N encoder containers logged an encoded video
     local served=0 id name n replicas
@@ -237,11 +238,7 @@ echo "image $PLLAVA_IMAGE: $(docker image inspect --format '{{.Size}}' "$PLLAVA_
 step "up --scale encoder=$ENCODERS (decoder on 127.0.0.1:$PLLAVA_PORT)"
 t=$(now)
 compose up -d --scale encoder="$ENCODERS"
-for _ in $(seq 600); do
-    "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" --timeout 2 >/dev/null 2>&1 && break
-    sleep 1
-done
-"$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" --timeout 5
+wait_healthy
 echo "stack serving in $(since "$t") s"
 images=$(docker ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Image}}' | sort -u)
 echo "images of the running containers: $(echo $images)"
@@ -307,11 +304,7 @@ if [[ $TLS == 1 ]]; then
     TLS_FLAGS=(--tls-ca "$CERTS/certs/ca.pem" --tls-cert "$CERTS/certs/client.pem" --tls-key "$CERTS/certs/client-key.pem")
     t=$(now)
     compose up -d --scale encoder="$ENCODERS"
-    for _ in $(seq 600); do
-        "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" "${TLS_FLAGS[@]}" --timeout 2 >/dev/null 2>&1 && break
-        sleep 1
-    done
-    "$PY" -m pllava_client.health "127.0.0.1:$PLLAVA_PORT" "${TLS_FLAGS[@]}" --timeout 5
+    wait_healthy "${TLS_FLAGS[@]}"
     echo "secured stack serving in $(since "$t") s"
 
     step "caption over mutual TLS with the token (decoder -> encoders over mutual TLS with the token too)"

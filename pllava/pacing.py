@@ -6,8 +6,8 @@ fixed short chunk keeps that wait small but feeds a long prompt slowly (a 32-tok
 feeds about 0.6x the tokens per second of a 256-token one on CPU, and every chunk costs a
 decode step of every stream), so the engine takes the longest compiled chunk whose time
 fits the wait allowed: ``max_gap_steps`` decode steps in all. Times are measured, not
-estimated: each prefill graph is timed once at warm-up, then every chunk and step the engine
-runs updates a moving average, so the choice follows the machine's load.
+estimated: each prefill graph is timed at warm-up, then every chunk and step the engine runs
+updates a moving average, so the choice follows the machine's load.
 """
 from __future__ import annotations
 

@@ -207,10 +207,9 @@ def test_cancel_frees_the_slot(language, tokenizer, cfg):
         raise AssertionError("the request admitted into the freed slot never produced a token")
 
 
-def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(language, tokenizer, cfg):
-    """Chunked prefill: a new prompt enters one chunk per step, and each step still decodes
-    one token for every running sequence (short chunks only: a wait of one decode step)."""
-    engine = Engine(language, tokenizer, max_gap_steps=1)
+def two_streams_decoding(engine: Engine, tokenizer, cfg):
+    """Start two streams on ``engine`` until each has its first token; -> (them, a longer
+    prompt to admit next, not yet added)."""
     running = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=200)) for i in range(2)]
     for r in running:
         engine.add(r)
@@ -218,6 +217,14 @@ def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(langu
     while len(started) < 2:
         started.update(e.request_id for e in engine.step())
     newcomer = Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 9), SamplingParams(max_new_tokens=5))
+    return running, newcomer
+
+
+def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(language, tokenizer, cfg):
+    """Chunked prefill: a new prompt enters one chunk per step, and each step still decodes
+    one token for every running sequence (short chunks only: a wait of one decode step)."""
+    engine = Engine(language, tokenizer, max_gap_steps=1)
+    running, newcomer = two_streams_decoding(engine, tokenizer, cfg)
     engine.add(newcomer)
     chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, allow=short_only))
     assert chunks >= 3
@@ -235,13 +242,7 @@ def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model
     graphs = language.warm_up()
     assert set(language.graph_seconds) == {g for g in language.plan.graphs() if g[0] == "prefill"} and graphs > 4
     engine = Engine(language, tokenizer, max_gap_steps=1e6)
-    running = [Request(prompt_ids(tokenizer, "x"), visual(cfg, i), SamplingParams(max_new_tokens=200)) for i in range(2)]
-    for r in running:
-        engine.add(r)
-    started: set[str] = set()
-    while len(started) < 2:
-        started.update(e.request_id for e in engine.step())
-    newcomer = Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 9), SamplingParams(max_new_tokens=5))
+    running, newcomer = two_streams_decoding(engine, tokenizer, cfg)
     length = len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens
     long_chunks = language.plan.chunks(length)
     assert len(long_chunks) < len(language.plan.chunks(length, allow=short_only))

@@ -53,9 +53,7 @@ class ShapePlan:
     min_context: int = 512  # the smallest context bucket; buckets double up to max_len
     prefill_chunk: int = 256  # the longest prefill chunk (tokens), used while nothing else decodes
     prefill_small_chunk: int = 32  # prompt tails, and every chunk while other sequences are decoding
-    # chunk x context cap for long chunks (their compute and memory): 256 up to 2048, 128 at 4096.
-    # At 128K (32 at 4096) a 16-frame prompt took 1.5x as long to enter while nothing else ran.
-    prefill_area: int = 512 * 1024
+    prefill_area: int = 128 * 1024  # chunk x context cap for long chunks (their compute and memory)
     chunk_align: int = 32  # chunk lengths are multiples of this (and at least this)
 
     def __post_init__(self):

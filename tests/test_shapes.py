@@ -56,18 +56,16 @@ def test_short_prompt_tail_uses_a_short_chunk():
 def test_while_others_decode_a_chunk_is_the_longest_allowed_size():
     """``allow`` (the engine's pacer) picks which long chunks may run; the short one always may."""
     plan = ShapePlan(8, 4096)
-    assert [plan.chunk_sizes(c) for c in plan.context_buckets] == [(256, 32), (256, 32), (256, 32), (128, 32)]
-    allowed = {(256, 1024), (128, 4096)}  # say 256 at 512 and at 2048 take too long, these do not
+    assert plan.chunk_sizes(512) == (256, 32) and plan.chunk_sizes(4096) == (32,)
+    allowed = {(128, 1024), (64, 2048)}  # say 256 at 512 takes too long, 128 at 1024 does not
 
     def allow(size, context):
         return (size, context) in allowed
 
     chunks = plan.chunks(2600, allow=allow)
-    # positions below 1024 go in 256-token chunks at context 1024 (longer than 32 at 512),
-    # the next ones in 128-token chunks at 4096 (longer than 32 at 2048)
-    assert [(c.size, c.context) for c in chunks[:16]] == [(256, 1024)] * 4 + [(128, 4096)] * 12
-    # the 40 positions left cost less as short chunks than as one long one
-    assert [(c.length, c.size, c.context) for c in chunks[16:]] == [(32, 32, 4096), (8, 32, 4096)]
+    # positions below 1024 go in 128-token chunks at context 1024 (longer than 32 at 512)
+    assert [(c.size, c.context) for c in chunks[:9]] == [(128, 1024)] * 8 + [(64, 2048)]
+    assert {(c.size, c.context) for c in chunks[8:]} == {(64, 2048), (32, 4096)}
     assert sum(c.length for c in chunks) == 2600 and len(chunks) < len(plan.chunks(2600, allow=short_only))
     # a long chunk that is allowed is not taken when the rest fits short ones for less
     assert [(c.size, c.context) for c in plan.chunks(552, start=520, allow=allow)] == [(32, 1024)]

@@ -16,12 +16,14 @@ buckets ([0, 512), [512, 1024), [1024, 2048), ...), one Parameter per block of s
 (slots * kv_heads * (block + 1), head_dim): rows of one (slot, kv head) are contiguous by
 position, followed by one *spare row* that takes every write aimed outside the block (and
 the writes of rows that feed nothing). A step at context bucket ``P`` reads exactly the
-blocks below ``P``: when its rows are every slot in slot order, each block *is* the operand
-of attention (no copy at any bucket); otherwise one ``ops.gather`` per block picks the
-slots' rows. Scores of the blocks are concatenated before one softmax (they are small:
-``L`` queries per head), and the spare rows are always masked. Blocks are written with
-``ops.scatter_update`` on axis 0, which updates in place (scatter_nd_update and slice
-assignment copy the whole cache).
+blocks below ``P``. A decode step (``L = 1``) concatenates the blocks' scores (one query per
+head: small) for one softmax; when its rows are every slot in slot order, each block *is*
+the operand of attention (no copy at any bucket), otherwise one ``ops.gather`` per block
+picks the slots' rows. A prefill chunk gathers the blocks' keys and values into one operand
+each instead (they are ``head_dim`` wide, its scores are ``L`` wide), so its scores are made
+once and passed over as few times as possible. The spare rows are always masked. Blocks are
+written with ``ops.scatter_update`` on axis 0, which updates in place (scatter_nd_update and
+slice assignment copy the whole cache).
 
 The additive mask and the RoPE tables are broadcast explicitly (``ops.broadcast_to``)
 before they meet the scores and q/k: an implicitly broadcasting binary op on a graph input
@@ -79,6 +81,40 @@ class LlamaAttention(nn.Cell):
         q, k = ops.split(qk, (self.num_heads, self.num_kv_heads), 2)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
+        if l > 1:
+            out = self._prefill_attention(q, k, v, write_index, read_index, mask)
+        else:
+            out = self._decode_attention(q, k, v, write_index, read_index, mask)
+        out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
+        return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+
+    def _prefill_attention(self, q, k, v, write_index, read_index, mask):
+        """A prefill chunk: the read blocks' keys and values gathered into one operand each,
+        then one product, one masked softmax and one product. Its scores (L queries x P rows
+        per head) are the largest tensors of the chunk, so each is made once and passed over
+        as few times as possible: the scale is folded into q, the mask comes at the scores'
+        full shape, and no concat or split of scores is needed."""
+        b, _, gl, hd = q.shape
+        keys, vals = [], []
+        for j in range(len(write_index)):
+            size = self.blocks[j][1] + 1
+            rows = read_index[j].reshape(-1)
+            k_block = ops.scatter_update(self.k_cache[j], write_index[j], k)
+            v_block = ops.scatter_update(self.v_cache[j], write_index[j], v)
+            keys.append(ops.gather(k_block, rows, 0).reshape(b, self.num_kv_heads, size, hd))
+            vals.append(ops.gather(v_block, rows, 0).reshape(b, self.num_kv_heads, size, hd))
+        keys = keys[0] if len(keys) == 1 else ops.concat(keys, 2)
+        vals = vals[0] if len(vals) == 1 else ops.concat(vals, 2)
+        score = self.qk(q * self.scale, keys).astype(ms.float32)
+        probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
+        return self.av(probs, vals)
+
+    def _decode_attention(self, q, k, v, write_index, read_index, mask):
+        """A decode step (one query per sequence and head: small scores): each read block's
+        scores, concatenated for one softmax, over the blocks themselves when the step holds
+        every slot."""
+        b, _, gl, _ = q.shape
+        l = gl // self.group
         in_place = b == self.num_slots  # every slot, in slot order: the caller's contract
         scores, values, sizes = [], [], []
         for j in range(len(write_index)):
@@ -107,8 +143,7 @@ class LlamaAttention(nn.Cell):
             out = self.av(parts[0], values[0])
             for j in range(1, len(values)):
                 out = out + self.av(parts[j], values[j])
-        out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
-        return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+        return out
 
 
 def cache_blocks(ends) -> tuple[tuple[int, int], ...]:
@@ -231,6 +266,9 @@ class LlamaForCausalLM(nn.Cell):
                 covered += size + 1
         future = key_positions.reshape(1, 1, p) > positions.reshape(b, l, 1)
         mask = (future.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, l, p)
+        if l > 1:  # at the scores' shape once, rather than broadcast in every layer
+            mask = ops.broadcast_to(mask, (b, self.cfg.num_key_value_heads, self.cfg.num_attention_heads
+                                           // self.cfg.num_key_value_heads, l, p))
         write_index, read_index = tuple(write_index), tuple(read_index)
         for layer in self.model.layers:
             h = layer(h, cos, sin, write_index, read_index, mask)

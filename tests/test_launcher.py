@@ -96,7 +96,8 @@ def test_pllava_up_two_encoders_caption_and_clean_shutdown(tiny_model_dir, video
     # Clean shutdown: decoder first, every server drained and stopped, nothing listens any more.
     assert "pllava up: SIGTERM, stopping the servers" in "".join(stdout)
     stopped = [l.split(" | ")[0] for l in log.splitlines() if re.search(r"pllava_serving\.server \[-\] stopped$", l)]
-    assert stopped[0] == "decoder" and sorted(stopped) == ["decoder", "encoder-0", "encoder-1"]
+    assert stopped and stopped[0] == "decoder" and sorted(stopped) == ["decoder", "encoder-0", "encoder-1"], \
+        f"servers that logged 'stopped': {stopped}; the launcher's output:\n{log[-6000:]}"
     for server in [address, *encoders]:
         assert refused(server), f"{server} still answers after shutdown"
 

@@ -58,7 +58,7 @@ from pllava_client.health import check_health
 from pllava_client.security import ClientTls
 
 from .certs import DEFAULT_HOSTS, CertFiles, make_certs
-
+from .console import write_line
 from .parent_death import preexec_parent_death
 from .supervisor import Supervisor, grpc_serving
 
@@ -226,7 +226,7 @@ class ServerProcess:
                     self._metrics_seen.set()
             if self._echo is not None:
                 try:
-                    print(f"{self.name} | {line}", file=self._echo, flush=True)
+                    write_line(self._echo, f"{self.name} | {line}")
                 except (OSError, ValueError):  # the echo stream went away
                     self._echo = None
         if process is self.process:  # not an earlier run's reader finishing late
@@ -589,11 +589,10 @@ def run_foreground(cluster: Cluster, out: TextIO = sys.stdout,
             if died is not None:
                 break
         if died is not None:
-            print(f"pllava up: {died.name} exited with status {died.process.poll()}; stopping "
-                  f"the others. Its last lines:\n{died.tail()}", file=sys.stderr, flush=True)
+            write_line(sys.stderr, f"pllava up: {died.name} exited with status {died.process.poll()}; "
+                                   f"stopping the others. Its last lines:\n{died.tail()}")
         else:
-            print(f"pllava up: {signal.Signals(received[0]).name}, stopping the servers",
-                  file=out, flush=True)
+            write_line(out, f"pllava up: {signal.Signals(received[0]).name}, stopping the servers")
         cluster.stop(grace)
         return 1 if died is not None else 0
     finally:

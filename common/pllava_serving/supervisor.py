@@ -19,6 +19,8 @@ import grpc
 
 from pllava_client.health import check_health
 
+from .console import write_line
+
 if TYPE_CHECKING:
     from pllava_client.security import ClientTls
 
@@ -60,7 +62,7 @@ class Supervisor:
 
     def _say(self, text: str) -> None:
         try:
-            print(f"pllava up: {text}", file=self.log or sys.stderr, flush=True)
+            write_line(self.log or sys.stderr, f"pllava up: {text}")
         except (OSError, ValueError):  # the log stream went away
             pass
 

@@ -216,12 +216,12 @@ class PllavaLanguage:
         logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), to_tensor(slots[pick]), context)
         return logits.asnumpy()[:n]
 
-    def warm_up(self, progress=None) -> int:
+    def warm_up(self, progress=None, timed: bool = True) -> int:
         """Compile every graph of the shape plan (writes only garbage into cache slot 0, so
-        run it while no sequence is live), and time each prefill graph into ``graph_seconds``
-        (the engine sizes chunks by it; the faster of two runs after the compile, as the
-        first runs still allocate). ``progress(done, total, kind, a, context)`` is called
-        after each. Returns the number of graphs."""
+        run it while no sequence is live), and with ``timed`` time each prefill graph into
+        ``graph_seconds`` (the engine sizes chunks by it; the faster of two runs after the
+        compile, as the first runs still allocate). ``progress(done, total, kind, a, context)``
+        is called after each. Returns the number of graphs."""
         graphs = self.plan.graphs()
         width = self.cfg.text.hidden_size
         for done, (kind, size, context) in enumerate(graphs, 1):
@@ -232,8 +232,9 @@ class PllavaLanguage:
                 embeds = ops.zeros((1, context, width), self.lm.dtype)
                 chunk = Chunk(context - size, size, size, context)
                 self.prefill_chunk(0, embeds, chunk)
-                self.graph_seconds[(kind, size, context)] = min(_seconds(self.prefill_chunk, 0, embeds, chunk)
-                                                                for _ in range(2))
+                if timed:
+                    self.graph_seconds[(kind, size, context)] = min(
+                        _seconds(self.prefill_chunk, 0, embeds, chunk) for _ in range(2))
             if progress is not None:
                 progress(done, len(graphs), kind, size, context)
         return len(graphs)

@@ -153,6 +153,26 @@ def test_get_info(decoder, encoder):
     assert info.dtype == pllava_pb2.DTYPE_FLOAT32 and info.text_hidden_size == 64
 
 
+def test_a_cold_compile_cache_is_compiled_by_a_child_then_loaded(tiny_model_dir, encoder, logs, captioner, media,
+                                                                 tmp_path):
+    """First start on an empty compile cache: a child process compiles every graph into it and
+    the server loads them from there, never finding them stale (MindSpore warns and compiles
+    again when the dependency files it hashes differ); its captions equal in-process greedy.
+    A second start with the same setup finds the cache complete and starts no child."""
+    cache = tmp_path / "compile"
+    expected = in_process(captioner, media["orbit"], None, 12).token_ids
+    for start in ("cold", "warm"):
+        with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs, "--max-context", str(CONTEXT),
+                           "--compile-cache", str(cache)) as server:
+            with Client(server.address, timeout=60) as client:
+                assert client.caption_full(media["orbit"], max_new_tokens=12).token_ids == expected
+            log = server.log_text()
+        compiled_by_child = re.search(r"the child process compiled the graphs in [\d.]+ s", log)
+        assert bool(compiled_by_child) == (start == "cold"), log[-3000:]
+        assert "dependency files" not in log, f"the {start} start found the cached graphs stale:\n{log[-3000:]}"
+    assert len(list(cache.glob("*/precompiled.json"))) == 1
+
+
 def test_same_video_new_prompt_skips_the_encoder(decoder, encoder, captioner, media):
     with Client(decoder.address, timeout=60) as client:
         first = client.caption_full(media["still5"], "Describe the picture.", max_new_tokens=12, request_id="cache-1")

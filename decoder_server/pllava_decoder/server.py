@@ -23,6 +23,8 @@ import argparse
 import asyncio
 import itertools
 import logging
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from pllava.generation import ContextOverflowError, Engine, FinishReason, Reques
 from pllava.model import PllavaLanguage
 from pllava.pipeline import timings_from
 from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt, default_question
+from pllava.precompile import EngineShapes, compile_in_child, is_precompiled
 from pllava.runtime import compile_cache_lock, dtype_name, enable_compile_cache, setup_backend
 from pllava.sampling import SamplingParams
 from pllava.tokenizer import Tokenizer
@@ -48,6 +51,7 @@ from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable, current_request_id
 from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO, new_registry, start_metrics_server
 from pllava_serving.model_id import model_id
+from pllava_serving.parent_death import preexec_parent_death
 from pllava_serving.security import ServerSecurity, TokenFile
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
@@ -108,6 +112,10 @@ class LanguageModel:
                 log.info("compiled graphs cached in %s", cache_dir)
             except OSError as exc:
                 log.warning("no compile cache (%s): every start compiles all graphs", exc)
+        if cache_dir is not None and settings.compile_in_child:
+            shapes = EngineShapes(settings.max_batch, max_context, settings.prefill_chunk,
+                                  settings.prefill_small_chunk, settings.min_context)
+            precompile(folder, cache_dir, shapes, settings, dtype_name(backend.dtype))
         language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha,
                                                   num_slots=settings.max_batch, max_len=max_context,
                                                   prefill_chunk=settings.prefill_chunk,
@@ -130,6 +138,24 @@ class LanguageModel:
                 f"the prompt is {length} tokens ({len(prompt_ids)} text + {visual} visual for {num_frames} frames) "
                 f"but the context holds {self.max_context} (max_context) and needs room for one generated "
                 "token: shorten the prompt, use fewer frames or raise the max context")
+
+
+def precompile(config_folder: Path, cache_dir: Path, shapes: EngineShapes, settings: DecoderSettings,
+               dtype: str) -> None:
+    """Compile the graphs in a child process when the cache does not hold them yet (see
+    :mod:`pllava.precompile`); if the child fails, this process compiles them at warm-up."""
+    with compile_cache_lock(cache_dir):
+        if is_precompiled(cache_dir):
+            return
+        log.info("compiling the graphs in a child process into %s (the first start with this setup; "
+                 "later starts load them)", cache_dir)
+        try:
+            seconds = compile_in_child(config_folder, cache_dir, shapes, settings.device, settings.device_id, dtype,
+                                       preexec_fn=preexec_parent_death(signal.SIGKILL))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("compiling in a child process failed, so this process compiles its graphs itself: %s", exc)
+            return
+        log.info("the child process compiled the graphs in %.1f s", seconds)
 
 
 def sampling_params(pb: pllava_pb2.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
@@ -215,10 +241,12 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             language.warm_up(progress)
 
     async def warm_up(self) -> None:
-        """One dummy request end to end through the engine thread (graphs are compiled)."""
+        """One dummy request end to end through the engine thread (graphs are compiled). One
+        frame's visual tokens: the path is the same at any length, and a 16-frame prompt took
+        10 s of the warm-up on the benchmark model."""
         m = self.model
         ids = m.tokenizer.encode(build_prompt(DEFAULT_QUESTION, DEFAULT_TEMPLATE))
-        visual = np.zeros((m.num_visual_tokens(m.num_frames), m.cfg.text.hidden_size), dtype=np.float32)
+        visual = np.zeros((m.num_visual_tokens(1), m.cfg.text.hidden_size), dtype=np.float32)
         async with self.loop.submit(Request(ids, visual, SamplingParams(max_new_tokens=2), "warm-up")) as stream:
             async for _ in stream:
                 pass
@@ -399,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="folder that keeps compiled graphs across restarts (default ~/.cache/pllava/compile; "
                         "'' = off)")
+    p.add_argument("--compile-in-child", action=argparse.BooleanOptionalAction, default=None,
+                   help="with a compile cache that lacks this setup's graphs, compile them in a child process "
+                        "first and load them from the cache: the server keeps the compiler's leftovers out of "
+                        "its memory (default on)")
     p.add_argument("--visual-cache-bytes", type=int, help="visual-token cache budget (default 256 MiB; 0 = off)")
     p.add_argument("--encoder-timeout-s", type=float, help="deadline of one Encode call (default 120)")
     p.add_argument("--encoder-retries", type=int, help="retries on another replica on UNAVAILABLE (default 2)")

@@ -36,6 +36,7 @@ class DecoderSettings:
     max_gap_steps: float = 3.5  # while a prompt enters, a running stream waits about this many decode steps per token at most
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
+    compile_in_child: bool = True  # cold cache: compile in a child process, then load (less memory kept)
     visual_cache_bytes: int = 256 << 20  # visual tokens cached by video content; 0 disables
     encoder_timeout_s: float = 120.0  # one Encode call, the encoder's own queueing included
     encoder_retries: int = 2  # extra attempts on another replica when an encoder is UNAVAILABLE

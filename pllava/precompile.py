@@ -22,22 +22,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from .shapes import ShapePlan
 
 #: Written into the cache folder once a child has compiled every graph into it.
 COMPLETE_MARKER = "precompiled.json"
-
-
-@dataclass(frozen=True)
-class EngineShapes:
-    """What the decoder's graphs depend on besides the checkpoint's config."""
-
-    num_slots: int
-    max_len: int
-    prefill_chunk: int = 256
-    prefill_small_chunk: int = 32
-    min_context: int = 512
 
 
 def is_precompiled(cache_dir: Path) -> bool:
@@ -63,25 +54,25 @@ def _digest(files: list[str] | None) -> str | None:
     return h.hexdigest()
 
 
-def compile_in_child(config_folder: Path, cache_dir: Path, shapes: EngineShapes, device: str, device_id: int,
+def compile_in_child(config_folder: Path, cache_dir: Path, plan: ShapePlan, device: str, device_id: int,
                      dtype: str, timeout_s: float = 3600.0, preexec_fn=None) -> float:
-    """Compile every graph of ``shapes`` into ``cache_dir`` in a child process (the caller's
+    """Compile every graph of ``plan`` into ``cache_dir`` in a child process (the caller's
     environment points MindSpore at ``cache_dir``; ``preexec_fn`` runs in the child before
     it starts, e.g. to end it with its parent); the seconds it took. Raises RuntimeError
     with the child's last lines if it fails."""
     start = time.perf_counter()
     argv = [sys.executable, "-m", "pllava.precompile", "--config", str(config_folder), "--device", device,
-            "--device-id", str(device_id), "--dtype", dtype, "--shapes", json.dumps(asdict(shapes))]
+            "--device-id", str(device_id), "--dtype", dtype, "--plan", json.dumps(asdict(plan))]
     dependencies = _dependency_files()
     if dependencies is not None:
         argv += ["--dependency-files", json.dumps(dependencies)]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                            timeout=timeout_s, env=os.environ.copy(), preexec_fn=preexec_fn)
+                            timeout=timeout_s, preexec_fn=preexec_fn)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
         raise RuntimeError(f"the compile child exited with status {result.returncode}:\n{tail}")
     seconds = time.perf_counter() - start
-    marker = {**asdict(shapes), "seconds": round(seconds, 1), "dependencies": _digest(dependencies)}
+    marker = {**asdict(plan), "seconds": round(seconds, 1), "dependencies": _digest(dependencies)}
     (cache_dir / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
     return seconds
 
@@ -106,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="CPU")
     p.add_argument("--device-id", type=int, default=0)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--shapes", required=True, help="EngineShapes as JSON")
+    p.add_argument("--plan", required=True, help="the ShapePlan's fields as JSON")
     p.add_argument("--dependency-files", help="JSON list: the serving process's compile-cache dependency "
                                               "files (see _dependency_files)")
     args = p.parse_args(argv)
@@ -122,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
         dependencies = json.loads(args.dependency_files)
         api._get_compile_cache_dep_files = lambda: list(dependencies)
-    shapes = EngineShapes(**json.loads(args.shapes))
+    plan = json.loads(args.plan)
     backend = setup_backend(args.device, args.device_id, args.dtype)
     cfg = PllavaConfig.from_pretrained(Path(args.config))
-    language = PllavaLanguage(cfg, backend, num_slots=shapes.num_slots, max_len=shapes.max_len,
-                              prefill_chunk=shapes.prefill_chunk, prefill_small_chunk=shapes.prefill_small_chunk,
-                              min_context=shapes.min_context)
+    language = PllavaLanguage(cfg, backend, **plan)  # num_slots, max_len and the plan's other fields
     language.warm_up(timed=False)
     return 0
 

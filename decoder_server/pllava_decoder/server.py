@@ -39,9 +39,10 @@ from pllava.generation import ContextOverflowError, Engine, FinishReason, Reques
 from pllava.model import PllavaLanguage
 from pllava.pipeline import timings_from
 from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt, default_question
-from pllava.precompile import EngineShapes, compile_in_child, is_precompiled
+from pllava.precompile import compile_in_child, is_precompiled
 from pllava.runtime import compile_cache_lock, dtype_name, enable_compile_cache, setup_backend
 from pllava.sampling import SamplingParams
+from pllava.shapes import ShapePlan
 from pllava.tokenizer import Tokenizer
 from pllava.video import VideoError
 from pllava_client.channel import MAX_MESSAGE_BYTES, tls_server_name
@@ -112,15 +113,11 @@ class LanguageModel:
                 log.info("compiled graphs cached in %s", cache_dir)
             except OSError as exc:
                 log.warning("no compile cache (%s): every start compiles all graphs", exc)
+        shapes = dict(num_slots=settings.max_batch, max_len=max_context, prefill_chunk=settings.prefill_chunk,
+                      prefill_small_chunk=settings.prefill_small_chunk, min_context=settings.min_context)
         if cache_dir is not None and settings.compile_in_child:
-            shapes = EngineShapes(settings.max_batch, max_context, settings.prefill_chunk,
-                                  settings.prefill_small_chunk, settings.min_context)
-            precompile(folder, cache_dir, shapes, settings, dtype_name(backend.dtype))
-        language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha,
-                                                  num_slots=settings.max_batch, max_len=max_context,
-                                                  prefill_chunk=settings.prefill_chunk,
-                                                  prefill_small_chunk=settings.prefill_small_chunk,
-                                                  min_context=settings.min_context)
+            precompile(folder, cache_dir, ShapePlan(**shapes), settings, dtype_name(backend.dtype))
+        language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha, **shapes)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
                    engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps),
                    model_id=model_id(path, settings.lora_alpha),
@@ -140,7 +137,7 @@ class LanguageModel:
                 "token: shorten the prompt, use fewer frames or raise the max context")
 
 
-def precompile(config_folder: Path, cache_dir: Path, shapes: EngineShapes, settings: DecoderSettings,
+def precompile(config_folder: Path, cache_dir: Path, plan: ShapePlan, settings: DecoderSettings,
                dtype: str) -> None:
     """Compile the graphs in a child process when the cache does not hold them yet (see
     :mod:`pllava.precompile`); if the child fails, this process compiles them at warm-up."""
@@ -150,7 +147,7 @@ def precompile(config_folder: Path, cache_dir: Path, shapes: EngineShapes, setti
         log.info("compiling the graphs in a child process into %s (the first start with this setup; "
                  "later starts load them)", cache_dir)
         try:
-            seconds = compile_in_child(config_folder, cache_dir, shapes, settings.device, settings.device_id, dtype,
+            seconds = compile_in_child(config_folder, cache_dir, plan, settings.device, settings.device_id, dtype,
                                        preexec_fn=preexec_parent_death(signal.SIGKILL))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("compiling in a child process failed, so this process compiles its graphs itself: %s", exc)

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Mapping
 
 from .shapes import ShapePlan
 
@@ -55,10 +56,11 @@ def _digest(files: list[str] | None) -> str | None:
 
 
 def compile_in_child(config_folder: Path, cache_dir: Path, plan: ShapePlan, device: str, device_id: int,
-                     dtype: str, timeout_s: float = 3600.0, preexec_fn=None) -> float:
+                     dtype: str, timeout_s: float = 3600.0, env: Mapping[str, str] | None = None) -> float:
     """Compile every graph of ``plan`` into ``cache_dir`` in a child process (the caller's
-    environment points MindSpore at ``cache_dir``; ``preexec_fn`` runs in the child before
-    it starts, e.g. to end it with its parent); the seconds it took. Raises RuntimeError
+    environment, which points MindSpore at ``cache_dir``, with ``env`` over it, e.g.
+    :func:`pllava_serving.parent_death.parent_death_env` to end it with its parent); the
+    seconds it took. Raises RuntimeError
     with the child's last lines if it fails."""
     start = time.perf_counter()
     argv = [sys.executable, "-m", "pllava.precompile", "--config", str(config_folder), "--device", device,
@@ -67,7 +69,7 @@ def compile_in_child(config_folder: Path, cache_dir: Path, plan: ShapePlan, devi
     if dependencies is not None:
         argv += ["--dependency-files", json.dumps(dependencies)]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                            timeout=timeout_s, preexec_fn=preexec_fn)
+                            timeout=timeout_s, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
         raise RuntimeError(f"the compile child exited with status {result.returncode}:\n{tail}")
@@ -90,6 +92,9 @@ def _dependency_files() -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pllava_serving.parent_death import die_with_parent_from_env
+
+    die_with_parent_from_env()  # a decoder killed while this compiles takes it along
     p = argparse.ArgumentParser(prog="python -m pllava.precompile",
                                 description="Compile the decoder's graphs into the compile cache set up in the "
                                             "environment (MS_COMPILER_CACHE_PATH), then exit.")

@@ -59,7 +59,7 @@ from pllava_client.security import ClientTls
 
 from .certs import DEFAULT_HOSTS, CertFiles, make_certs
 from .console import write_line
-from .parent_death import preexec_parent_death
+from .parent_death import parent_death_env
 from .supervisor import Supervisor, grpc_serving
 
 #: ``pllava-encoder`` / ``pllava-decoder`` log this line once their port is bound.
@@ -186,8 +186,8 @@ class ServerProcess:
     def _start(self, argv: list[str]) -> None:
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self._env, text=True, errors="replace", bufsize=1, start_new_session=True,
-            preexec_fn=preexec_parent_death(signal.SIGTERM))
+            env={**self._env, **parent_death_env(signal.SIGTERM)}, text=True, errors="replace", bufsize=1,
+            start_new_session=True)
         self._reader = threading.Thread(target=self._read, args=(self.process,), name=f"{self.name}-log",
                                         daemon=True)
         self._reader.start()

@@ -18,12 +18,13 @@ import os
 import signal
 import sys
 import threading
+from typing import MutableMapping
 
 PR_SET_PDEATHSIG = 1
+PARENT_ENV = "PLLAVA_DIE_WITH_PARENT"  # "PID:SIGNAL", set by parent_death_env
 
 
 def _load_prctl():
-    # Resolved once at import: a child between fork and exec may only call it, not look it up.
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -43,31 +44,54 @@ def set_parent_death_signal(sig: int) -> bool:
     return _PRCTL is not None and _PRCTL(PR_SET_PDEATHSIG, int(sig)) == 0
 
 
-def preexec_parent_death(sig: int = signal.SIGTERM):
-    """A ``subprocess.Popen(preexec_fn=...)`` that gives the child ``sig`` when this process
-    dies, or None where that is not available."""
-    if _PRCTL is None:
-        return None
+def parent_death_env(sig: int = signal.SIGTERM) -> dict[str, str]:
+    """Environment for a child started with ``subprocess``: it calls
+    :func:`die_with_parent_from_env` first thing and so gets ``sig`` when this process dies.
 
-    def preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
-        _PRCTL(PR_SET_PDEATHSIG, int(sig))
+    The child sets this up itself, after exec, rather than in a ``preexec_fn``: a
+    ``preexec_fn`` makes Python fork (not vfork) and run the at-fork hooks, and gRPC's hook
+    restarts its poller thread in the child, which then aborts on the epoll descriptor that
+    ``close_fds`` closes before exec (the child dies with SIGABRT before it runs a line).
+    """
+    return {PARENT_ENV: f"{os.getpid()}:{int(sig)}"}
 
-    return preexec
+
+def die_with_parent_from_env(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Call first thing in a child started with :func:`parent_death_env`'s variable: end this
+    process when that parent ends. The variable is removed, so this process's own children do
+    not inherit a parent that is not theirs. False (nothing done) when it is not set."""
+    value = environ.pop(PARENT_ENV, None)
+    if not value:
+        return False
+    try:
+        pid, sig = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise ValueError(f"{PARENT_ENV}={value!r}: expected PID:SIGNAL") from None
+    die_with_parent(pid, sig=sig)
+    return True
 
 
 def die_with_parent(parent_pid: int, *, sig: int = signal.SIGKILL, poll_s: float = 1.0) -> None:
     """Call first thing in a child of ``parent_pid``: end this process when that parent ends.
 
-    ``sig`` is what the kernel sends (Linux); the watchdog exits with status 1 itself.
+    ``sig`` is what the kernel sends (Linux); the watchdog sends it too (SIGTERM lets a
+    server drain), or exits with status 1 when ``sig`` is SIGKILL.
     """
+    def orphaned() -> None:
+        if sig == signal.SIGKILL:
+            os._exit(1)
+        os.kill(os.getpid(), sig)
+
     set_parent_death_signal(sig)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+        orphaned()
+        return
 
     def watch() -> None:
         event = threading.Event()
         while not event.wait(poll_s):
             if os.getppid() != parent_pid:
-                os._exit(1)
+                orphaned()
+                return
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

@@ -51,6 +51,7 @@ from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from .errors import ErrorInterceptor, Unavailable, wrap_handler
 from .logs import setup_logging
 from .metrics import RpcMetricsInterceptor
+from .parent_death import die_with_parent_from_env
 from .security import ServerSecurity
 from .settings import given_flags, load_settings
 
@@ -252,7 +253,9 @@ def run_main(prog: str, parser: argparse.ArgumentParser, settings_cls, env_prefi
              serve: Callable[[object], Awaitable[None]], argv: Sequence[str] | None = None) -> int:
     """A server's console script: settings from YAML < environment < flags, logging, then
     ``serve(settings)`` until SIGTERM. Exit 2 for bad settings, 1 when start-up fails (with
-    one clear line for a missing model or a taken port), 0 after a clean shutdown."""
+    one clear line for a missing model or a taken port), 0 after a clean shutdown. Started by
+    ``pllava up`` (:func:`~pllava_serving.parent_death.parent_death_env`), it ends with it."""
+    die_with_parent_from_env()
     settings = settings_from_command_line(prog, parser, settings_cls, env_prefix, argv)
     if settings is None:
         return 2

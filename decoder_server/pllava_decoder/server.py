@@ -52,7 +52,7 @@ from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable, current_request_id
 from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO, new_registry, start_metrics_server
 from pllava_serving.model_id import model_id
-from pllava_serving.parent_death import preexec_parent_death
+from pllava_serving.parent_death import parent_death_env
 from pllava_serving.security import ServerSecurity, TokenFile
 from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
 
@@ -148,7 +148,7 @@ def precompile(config_folder: Path, cache_dir: Path, plan: ShapePlan, settings: 
                  "later starts load them)", cache_dir)
         try:
             seconds = compile_in_child(config_folder, cache_dir, plan, settings.device, settings.device_id, dtype,
-                                       preexec_fn=preexec_parent_death(signal.SIGKILL))
+                                       env=parent_death_env(signal.SIGKILL))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("compiling in a child process failed, so this process compiles its graphs itself: %s", exc)
             return

@@ -38,6 +38,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, lazy_inline, nn, ops
 
 from .config import TextConfig
+from .cpu_kernels import decode_attention_op
 from .layers import Backend, FusedLinear, Linear, RMSNorm, new_param, rope_tables, rotate_half_matrix
 
 MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows stay NaN-free
@@ -53,9 +54,10 @@ class LlamaAttention(nn.Cell):
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim ** -0.5
         d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        few = backend.weight_first_rows
         self.qkv_proj = FusedLinear(d, {"q_proj": self.num_heads * hd, "k_proj": self.num_kv_heads * hd,
-                                        "v_proj": self.num_kv_heads * hd}, bias, dtype)
-        self.o_proj = Linear(self.num_heads * hd, d, bias, dtype)
+                                        "v_proj": self.num_kv_heads * hd}, bias, dtype, few)
+        self.o_proj = Linear(self.num_heads * hd, d, bias, dtype, few)
         self.num_slots = num_slots
         self.blocks = cache_blocks(blocks)
         self.k_cache = ms.ParameterTuple(self._block_params("k_cache", backend.dtype))
@@ -63,6 +65,8 @@ class LlamaAttention(nn.Cell):
         self.rotate = Tensor(rotate_half_matrix(hd), dtype)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
+        self.decode_kernel = decode_attention_for(backend)
+        self.scale_tensor = Tensor(np.array([self.scale], np.float32))
 
     def _block_params(self, name: str, dtype) -> list[Parameter]:
         shapes = [(self.num_slots * self.num_kv_heads * (size + 1), self.head_dim) for _, size in self.blocks]
@@ -72,7 +76,9 @@ class LlamaAttention(nn.Cell):
     def construct(self, x, cos, sin, write_index, read_index, mask):
         """x (B, L, D); cos/sin (B, L, 1, hd); per block read: write_index[j] (B, kvh, L)
         and read_index[j] (B, kvh, block + 1) cache rows; mask (B, 1, 1, L, P') additive
-        over the read blocks' rows. Softmax in fp32 as the reference's eager path does."""
+        over the read blocks' rows. Softmax in fp32 as the reference's eager path does.
+        A decode step with the CPU kernel gets the slots (B,) as ``read_index`` and the
+        mask as (B, P')."""
         b, l, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
@@ -84,6 +90,8 @@ class LlamaAttention(nn.Cell):
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
         if l > 1:
             out = self._prefill_attention(q, k, v, write_index, read_index, mask)
+        elif self.decode_kernel is not None:
+            out = self._kernel_decode_attention(q, k, v, write_index, read_index[0], mask)
         else:
             out = self._decode_attention(q, k, v, write_index, read_index, mask)
         out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
@@ -109,6 +117,15 @@ class LlamaAttention(nn.Cell):
         score = self.qk(q * self.scale, keys).astype(ms.float32)
         probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
         return self.av(probs, vals)
+
+    def _kernel_decode_attention(self, q, k, v, write_index, slots, mask):
+        """A decode step through the CPU kernel: the written blocks go to it as they are (no
+        reshape copy, no gather), and it reads only the rows the mask leaves visible."""
+        blocks = []
+        for j in range(len(write_index)):
+            blocks.append(ops.scatter_update(self.k_cache[j], write_index[j], k))
+            blocks.append(ops.scatter_update(self.v_cache[j], write_index[j], v))
+        return self.decode_kernel(q, mask, slots, self.scale_tensor, *blocks)
 
     def _decode_attention(self, q, k, v, write_index, read_index, mask):
         """A decode step (one query per sequence and head: small scores): each read block's
@@ -147,6 +164,13 @@ class LlamaAttention(nn.Cell):
         return out
 
 
+def decode_attention_for(backend: Backend):
+    """The CPU decode-attention kernel where it applies (CPU, fp32, the kernel built), else None."""
+    if backend.device != "CPU" or backend.dtype != ms.float32:
+        return None
+    return decode_attention_op()
+
+
 def cache_blocks(ends) -> tuple[tuple[int, int], ...]:
     """Block ends (ascending context buckets) -> ((start, size), ...)."""
     out, start = [], 0
@@ -165,8 +189,8 @@ class LlamaMLP(nn.Cell):
         super().__init__()
         d, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         dtype = backend.dtype
-        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias, dtype)
-        self.down_proj = Linear(i, d, bias, dtype)
+        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias, dtype, backend.weight_first_rows)
+        self.down_proj = Linear(i, d, bias, dtype, backend.weight_first_rows)
 
     def construct(self, x):
         gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
@@ -227,13 +251,14 @@ class LlamaForCausalLM(nn.Cell):
         self.blocks = cache_blocks(blocks)
         self.dtype = backend.dtype
         self.model = LlamaModel(cfg, backend, num_slots, blocks)
-        self.lm_head = (None if cfg.tie_word_embeddings else
+        self.lm_head = (None if cfg.tie_word_embeddings else  # (x W^T at every row count: faster here)
                         Linear(cfg.hidden_size, cfg.vocab_size, False, backend.dtype))
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)
         self.kv_head_offsets = Tensor(np.arange(cfg.num_key_value_heads, dtype=np.int32))
         self.block_rows = tuple(Tensor(np.arange(size + 1, dtype=np.int32)) for _, size in self.blocks)
+        self.kernel_decode = decode_attention_for(backend) is not None
         self.tied_logits = ops.MatMul(transpose_b=True)
 
     def embed(self, ids):
@@ -267,6 +292,8 @@ class LlamaForCausalLM(nn.Cell):
                 covered += size + 1
         future = key_positions.reshape(1, 1, p) > positions.reshape(b, l, 1)
         mask = (future.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, l, p)
+        if l == 1 and self.kernel_decode:
+            read_index, mask = [slots], mask.reshape(b, p)
         if l > 1:  # at the scores' shape once, rather than broadcast in every layer
             mask = ops.broadcast_to(mask, (b, self.cfg.num_key_value_heads, self.cfg.num_attention_heads
                                            // self.cfg.num_key_value_heads, l, p))

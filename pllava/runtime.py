@@ -45,24 +45,28 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
 
 
 #: the modules whose code becomes the decoder's compiled graphs
-GRAPH_SOURCES = ("llama.py", "layers.py", "model.py", "shapes.py", "config.py")
+GRAPH_SOURCES = ("llama.py", "layers.py", "model.py", "shapes.py", "config.py", "cpu_kernels.py",
+                 "kernels/decode_attention.cc")
 
 
 def enable_compile_cache(root: str | Path, *key_parts) -> Path:
     """Keep compiled graphs in a folder keyed by ``key_parts`` (everything that shapes the
     graphs: the model config, the engine's shapes, dtype, device) and the MindSpore and
     project versions, so that a restart with the same setup skips the front-end compile
-    (measured 3-4 s per graph cold, 0.3-0.7 s cached). The key also covers the source of the
-    modules that define the graphs: MindSpore's own check of source files let a graph of an
+    (measured 3-4 s per graph cold, 0.3-0.7 s cached). The key also covers whether the CPU
+    kernel is on (:mod:`pllava.cpu_kernels`) and the source of the modules that define the graphs: MindSpore's own check of source files let a graph of an
     earlier cache layout load after the layout changed (a Reshape size error at warm-up)."""
     import hashlib
     import os
 
     from . import __version__
 
+    from .cpu_kernels import kernel_expected
+
     here = Path(__file__).parent
     sources = b"".join((here / name).read_bytes() for name in GRAPH_SOURCES)
-    key = repr((ms.__version__, __version__, hashlib.sha256(sources).hexdigest()) + tuple(key_parts)).encode()
+    key = repr((ms.__version__, __version__, hashlib.sha256(sources).hexdigest(), kernel_expected())
+               + tuple(key_parts)).encode()
     folder = Path(root).expanduser() / hashlib.sha256(key).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"

@@ -1,0 +1,106 @@
+"""The project's own CPU kernel (``kernels/decode_attention.cc``), built with the machine's C++
+compiler on first use and run as a MindSpore "aot" custom op.
+
+Why: a decode step attends over cache blocks stored 2-D so that ``ops.scatter_update`` writes
+them in place, and MindSpore's CPU backend copies such a written Parameter to reshape it for
+``BatchMatMul`` (24 copies of 16.8 MB per 8-stream step at context 512) or gathers a slot's
+rows into a new tensor. The kernel reads the rows where they are, only those the mask leaves
+visible.
+
+The library is built once per source, flags and CPU into ``~/.cache/pllava/kernels`` (or
+``$PLLAVA_KERNEL_CACHE``) with ``$CXX`` (default ``g++``), written under a temporary name and
+renamed, so processes racing to build it all end with the same file. Without a compiler
+(``PLLAVA_CPU_KERNELS=0`` also turns it off) the model keeps MindSpore's own ops: slower,
+same results.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "decode_attention.cc"
+FUNCTION = "DecodeAttention"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17", "-pthread")
+WHITE_LIST = "MS_CUSTOM_AOT_WHITE_LIST"  # MindSpore runs aot libraries only from under this folder
+
+
+def kernel_cache_dir() -> Path:
+    return Path(os.environ.get("PLLAVA_KERNEL_CACHE", "~/.cache/pllava/kernels")).expanduser()
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return platform.machine() + "\n" + "\n".join(wanted)
+
+
+def kernel_enabled() -> bool:
+    """False when ``PLLAVA_CPU_KERNELS`` turns the kernel off (0, false, no, off)."""
+    return os.environ.get("PLLAVA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernel_expected() -> bool:
+    """Whether a model built now will use the kernel (on the CPU, in fp32): it is on and a
+    compiler is there. Part of the compile-cache key, as the graphs differ."""
+    return kernel_enabled() and shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+@lru_cache(maxsize=None)
+def build_library() -> Path | None:
+    """The built kernel library, or None (with one warning) where it cannot be built."""
+    if not kernel_enabled():
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("no C++ compiler (g++ or $CXX) on PATH: decode attention uses MindSpore's ops, "
+                    "which copy the KV cache every step (slower, same results)")
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, compiler, _cpu_signature())).encode()).hexdigest()[:16]
+    folder = kernel_cache_dir()
+    target = folder / f"decode_attention-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{target.name}.{os.getpid()}"
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        log.warning("building the CPU decode-attention kernel failed, so MindSpore's ops are used: %s",
+                    detail.strip()[-2000:])
+        partial.unlink(missing_ok=True)
+        return None
+    log.info("built the CPU decode-attention kernel: %s", target)
+    return target
+
+
+def decode_attention_op():
+    """A ``mindspore.ops.Custom`` running ``DecodeAttention`` (see the source for its inputs),
+    or None where the kernel cannot be built or MindSpore would refuse to load it."""
+    library = build_library()
+    if library is None:
+        return None
+    allowed = os.environ.get(WHITE_LIST)
+    if allowed is None:
+        os.environ[WHITE_LIST] = str(library.parent)
+    elif not library.resolve().is_relative_to(Path(allowed).resolve()):
+        log.warning("%s=%s does not hold %s: decode attention uses MindSpore's ops", WHITE_LIST, allowed, library)
+        return None
+    from mindspore import ops
+
+    return ops.Custom(f"{library}:{FUNCTION}", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
+                      func_type="aot")

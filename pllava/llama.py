@@ -16,12 +16,15 @@ buckets ([0, 512), [512, 1024), [1024, 2048), ...), one Parameter per block of s
 (slots * kv_heads * (block + 1), head_dim): rows of one (slot, kv head) are contiguous by
 position, followed by one *spare row* that takes every write aimed outside the block (and
 the writes of rows that feed nothing). A step at context bucket ``P`` reads exactly the
-blocks below ``P``. A decode step (``L = 1``) concatenates the blocks' scores (one query per
-head: small) for one softmax; when its rows are every slot in slot order, each block *is*
-the operand of attention, reshaped (no gather, though MindSpore's CPU backend copies a
-written Parameter to reshape it: ~1 ms per 16.8 MB block, measured), otherwise one
-``ops.gather`` per block picks the slots' rows. A prefill chunk gathers the blocks' keys and values into one operand
-each instead (they are ``head_dim`` wide, its scores are ``L`` wide), so its scores are made
+blocks below ``P``. A decode step (``L = 1``) on the CPU hands the written blocks to the
+project's kernel (:mod:`pllava.cpu_kernels`), which reads each slot's visible rows in place.
+Elsewhere it concatenates the blocks' scores (one query per head: small) for one softmax;
+when its rows are every slot in slot order, each block *is* the operand of attention,
+reshaped (no gather, though MindSpore's CPU backend copies a written Parameter to reshape
+it: ~1 ms per 16.8 MB block, measured), otherwise one ``ops.gather`` per block picks the
+slots' rows. A prefill chunk gathers the blocks' keys and values into one operand each
+instead (the kernel ran 32-256-row chunks no faster: their scores are real work, which
+``BatchMatMul`` does well) (they are ``head_dim`` wide, its scores are ``L`` wide), so its scores are made
 once and passed over as few times as possible. The spare rows are always masked. Blocks are
 written with ``ops.scatter_update`` on axis 0, which updates in place (scatter_nd_update and
 slice assignment copy the whole cache).

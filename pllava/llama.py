@@ -23,9 +23,9 @@ when its rows are every slot in slot order, each block *is* the operand of atten
 reshaped (no gather, though MindSpore's CPU backend copies a written Parameter to reshape
 it: ~1 ms per 16.8 MB block, measured), otherwise one ``ops.gather`` per block picks the
 slots' rows. A prefill chunk gathers the blocks' keys and values into one operand each
-instead (the kernel ran 32-256-row chunks no faster: their scores are real work, which
-``BatchMatMul`` does well) (they are ``head_dim`` wide, its scores are ``L`` wide), so its scores are made
-once and passed over as few times as possible. The spare rows are always masked. Blocks are
+instead (they are ``head_dim`` wide, its scores are ``L`` wide), so its scores are made
+once and passed over as few times as possible; the kernel ran 32-256-row chunks no faster
+(their scores are real work, which ``BatchMatMul`` does well). The spare rows are always masked. Blocks are
 written with ``ops.scatter_update`` on axis 0, which updates in place (scatter_nd_update and
 slice assignment copy the whole cache).
 

@@ -116,7 +116,7 @@ class PllavaLanguage:
         self._prefill = ms.jit(self.lm.prefill) if jit else self.lm.prefill
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
         self._contexts = {c: to_tensor(block_key_positions(self.lm.blocks, c)) for c in self.plan.context_buckets}
-        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend)
+        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend, live_rows=self.lm.kernel_decode)
         self.graph_seconds: dict[tuple[str, int, int], float] = {}  # prefill graphs timed at warm-up
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
@@ -246,12 +246,13 @@ def _seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def estimate_decode_cost(plan: ShapePlan, cfg: PllavaConfig, backend: Backend) -> DecodeCost:
-    """Bytes a decode step reads: the language weights, then the KV rows it attends over."""
+def estimate_decode_cost(plan: ShapePlan, cfg: PllavaConfig, backend: Backend, live_rows: bool = False) -> DecodeCost:
+    """Bytes a decode step reads: the language weights, then the KV rows it attends over
+    (``live_rows``: only the sequences' own positions, as the CPU decode kernel does)."""
     t = cfg.text
     item = np.dtype(np.float32).itemsize if backend.dtype == ms.float32 else 2
     layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
              + t.num_attention_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
     weights = (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size) * item
     kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * item
-    return DecodeCost.estimate(plan, weights, kv)
+    return DecodeCost.estimate(plan, weights, kv, live_rows)

@@ -142,20 +142,26 @@ class DecodeCost:
     bytes a step reads: the weights once, then the KV rows it attends over; at the batch of
     every slot it attends over the cache in place (every slot's rows), at a smaller batch it
     gathers its slots' rows first (read, written and read again: counted twice). A fixed
-    estimate, not a timing: steps timed at warm-up on a busy machine ordered buckets wrongly."""
+    estimate, not a timing: steps timed at warm-up on a busy machine ordered buckets wrongly.
+
+    With ``live_rows`` (the CPU decode kernel) a step reads each sequence's own positions, not
+    its bucket's, so two steps read everything one would plus the weights again: it never
+    splits."""
 
     plan: ShapePlan
     table: dict[tuple[int, int], float]
     margin: float = 0.9  # split only when two steps cost under this share of one
+    live_rows: bool = False
 
     @classmethod
-    def estimate(cls, plan: ShapePlan, weight_bytes: float, kv_bytes_per_position: float) -> "DecodeCost":
+    def estimate(cls, plan: ShapePlan, weight_bytes: float, kv_bytes_per_position: float,
+                 live_rows: bool = False) -> "DecodeCost":
         def rows(batch: int) -> int:
             return plan.num_slots if batch == plan.num_slots else 2 * batch
 
         table = {(b, c): weight_bytes + rows(b) * c * kv_bytes_per_position
                  for b in plan.batch_buckets for c in plan.context_buckets}
-        return cls(plan, table)
+        return cls(plan, table, live_rows=live_rows)
 
     def step(self, n: int, longest: int) -> float:
         """One step of ``n`` sequences whose furthest needs ``longest`` positions."""
@@ -165,7 +171,7 @@ class DecodeCost:
         """``lengths``: positions each sequence needs, ascending. Returns k: run the first k
         as one step and the rest as another (0 = one step for all)."""
         n = len(lengths)
-        if n < 2:
+        if n < 2 or self.live_rows:
             return 0
         whole = self.step(n, lengths[-1])
         best, best_cost = 0, whole * self.margin

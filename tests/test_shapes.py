@@ -99,3 +99,9 @@ def test_decode_splits_long_and_short_sequences_only_when_it_costs_less():
     assert light.best_split(lengths) == 7
     # six long ones already read every slot in place: a split cannot read less
     assert light.best_split([300, 300] + [3000] * 6) == 0
+
+
+def test_decode_never_splits_when_a_step_reads_only_live_rows():
+    plan = ShapePlan(8, 4096)
+    assert DecodeCost.estimate(plan, 1e8, 1e5).best_split([300] * 7 + [2600]) == 7
+    assert DecodeCost.estimate(plan, 1e8, 1e5, live_rows=True).best_split([300] * 7 + [2600]) == 0

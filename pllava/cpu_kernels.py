@@ -51,10 +51,14 @@ def kernel_enabled() -> bool:
     return os.environ.get("PLLAVA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
 def kernel_expected() -> bool:
     """Whether a model built now will use the kernel (on the CPU, in fp32): it is on and a
     compiler is there. Part of the compile-cache key, as the graphs differ."""
-    return kernel_enabled() and shutil.which(os.environ.get("CXX", "g++")) is not None
+    return kernel_enabled() and _compiler() is not None
 
 
 @lru_cache(maxsize=None)
@@ -62,7 +66,7 @@ def build_library() -> Path | None:
     """The built kernel library, or None (with one warning) where it cannot be built."""
     if not kernel_enabled():
         return None
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = _compiler()
     if compiler is None:
         log.warning("no C++ compiler (g++ or $CXX) on PATH: decode attention uses MindSpore's ops, "
                     "which copy the KV cache every step (slower, same results)")

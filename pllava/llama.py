@@ -261,7 +261,7 @@ class LlamaForCausalLM(nn.Cell):
         self.rope_sin = Tensor(sin)
         self.kv_head_offsets = Tensor(np.arange(cfg.num_key_value_heads, dtype=np.int32))
         self.block_rows = tuple(Tensor(np.arange(size + 1, dtype=np.int32)) for _, size in self.blocks)
-        self.kernel_decode = decode_attention_for(backend) is not None
+        self.kernel_decode = self.model.layers[0].self_attn.decode_kernel is not None
         self.tied_logits = ops.MatMul(transpose_b=True)
 
     def embed(self, ids):
@@ -284,6 +284,7 @@ class LlamaForCausalLM(nn.Cell):
         sin = ops.expand_dims(ops.gather(self.rope_sin, clamped, 0).astype(self.dtype), 2)
         heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
         at = positions.reshape(b, 1, l)
+        kernel = l == 1 and self.kernel_decode  # it reads each slot's rows itself
         write_index, read_index, covered = [], [], 0
         for j in range(len(self.blocks)):
             if covered < p:
@@ -291,11 +292,12 @@ class LlamaForCausalLM(nn.Cell):
                 inside = ops.logical_and(at >= start, at < start + size)
                 offset = ops.select(inside, at - start, ops.zeros_like(at) + size)
                 write_index.append(heads * (size + 1) + offset)
-                read_index.append(heads * (size + 1) + self.block_rows[j].reshape(1, 1, -1))
+                if not kernel:
+                    read_index.append(heads * (size + 1) + self.block_rows[j].reshape(1, 1, -1))
                 covered += size + 1
         future = key_positions.reshape(1, 1, p) > positions.reshape(b, l, 1)
         mask = (future.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, l, p)
-        if l == 1 and self.kernel_decode:
+        if kernel:
             read_index, mask = [slots], mask.reshape(b, p)
         if l > 1:  # at the scores' shape once, rather than broadcast in every layer
             mask = ops.broadcast_to(mask, (b, self.cfg.num_key_value_heads, self.cfg.num_attention_heads

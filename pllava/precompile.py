@@ -60,8 +60,7 @@ def compile_in_child(config_folder: Path, cache_dir: Path, plan: ShapePlan, devi
     """Compile every graph of ``plan`` into ``cache_dir`` in a child process (the caller's
     environment, which points MindSpore at ``cache_dir``, with ``env`` over it, e.g.
     :func:`pllava_serving.parent_death.parent_death_env` to end it with its parent); the
-    seconds it took. Raises RuntimeError
-    with the child's last lines if it fails."""
+    seconds it took. Raises RuntimeError with the child's last lines if it fails."""
     start = time.perf_counter()
     argv = [sys.executable, "-m", "pllava.precompile", "--config", str(config_folder), "--device", device,
             "--device-id", str(device_id), "--dtype", dtype, "--plan", json.dumps(asdict(plan))]

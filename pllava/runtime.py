@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mindspore as ms
 
+from .cpu_kernels import kernel_expected
 from .layers import Backend
 
 DEVICES = ("CPU", "GPU", "Ascend")
@@ -54,14 +55,13 @@ def enable_compile_cache(root: str | Path, *key_parts) -> Path:
     graphs: the model config, the engine's shapes, dtype, device) and the MindSpore and
     project versions, so that a restart with the same setup skips the front-end compile
     (measured 3-4 s per graph cold, 0.3-0.7 s cached). The key also covers whether the CPU
-    kernel is on (:mod:`pllava.cpu_kernels`) and the source of the modules that define the graphs: MindSpore's own check of source files let a graph of an
-    earlier cache layout load after the layout changed (a Reshape size error at warm-up)."""
+    kernel is used (:mod:`pllava.cpu_kernels`) and the source of the modules that define the
+    graphs: MindSpore's own check of source files let a graph of an earlier cache layout
+    load after the layout changed (a Reshape size error at warm-up)."""
     import hashlib
     import os
 
     from . import __version__
-
-    from .cpu_kernels import kernel_expected
 
     here = Path(__file__).parent
     sources = b"".join((here / name).read_bytes() for name in GRAPH_SOURCES)

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,10 +210,13 @@ def test_a_crashed_video_worker_is_replaced(loop, engine, videos_dir, caplog):
 
 
 def is_dead(pid: int) -> bool:
-    """Gone, or a zombie until the pool reaps it."""
+    """Our child ``pid`` has ended as the pool will see it: waitable (looked at without reaping
+    it, so the pool still gets its exit status), or already reaped. A "Z" in /proc is not
+    enough: a killed process's main thread shows it while its other threads are still
+    exiting, and until they have, the pool's is_alive() still says True."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
         return True
 
 

@@ -108,52 +108,49 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
   for (int64_t b = 0; b < B; ++b)
     if (slots[b] < 0 || slots[b] >= S) return 9;
 
+  // The visible rows of each query row, found once per row (not once per head): a step at
+  // a long context then costs what its sequences' own positions need.
+  std::vector<int64_t> block_start(nblocks + 1, 0);
+  for (int j = 0; j < nblocks; ++j) block_start[j + 1] = block_start[j] + rows[j];
+  std::vector<std::vector<int32_t>> visible(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* m = mask + b * P;
+    for (int64_t p = 0; p < P; ++p)
+      if (m[p] > kMasked) visible[b].push_back(static_cast<int32_t>(p));
+  }
+
   parallel_for(B * KVH, [&](int64_t bh) {
     const int64_t b = bh / KVH, h = bh % KVH;
     const float* qs = q + bh * G * D;
     const float* m = mask + b * P;
-    float* o = out + bh * G * D;
-    std::vector<float> score(G * P);
-    float* acc = o;
+    const std::vector<int32_t>& seen = visible[b];
+    const int64_t n = static_cast<int64_t>(seen.size());
+    float* acc = out + bh * G * D;
     std::memset(acc, 0, sizeof(float) * G * D);
-    // scores, block by block
-    int64_t offset = 0;
-    for (int j = 0; j < nblocks; ++j) {
-      const float* kb = static_cast<const float*>(params[4 + 2 * j]) + (slots[b] * KVH + h) * rows[j] * D;
-      for (int64_t r = 0; r < rows[j]; ++r) {
-        const float bias = m[offset + r];
-        if (bias <= kMasked) continue;
-        const float* k = kb + r * D;
-        for (int64_t g = 0; g < G; ++g) score[g * P + offset + r] = dot(qs + g * D, k, D) * scale + bias;
-      }
-      offset += rows[j];
+    if (n == 0) return;  // nothing visible: zeros
+    // where each visible row lies: its block's rows of this (slot, kv head), then the row
+    std::vector<const float*> keys(n), values(n);
+    for (int64_t i = 0, j = 0; i < n; ++i) {
+      const int64_t p = seen[i];
+      while (p >= block_start[j + 1]) ++j;
+      const int64_t row = (slots[b] * KVH + h) * rows[j] + (p - block_start[j]);
+      keys[i] = static_cast<const float*>(params[4 + 2 * j]) + row * D;
+      values[i] = static_cast<const float*>(params[5 + 2 * j]) + row * D;
     }
-    // softmax over the visible rows, per head
-    std::vector<float> inv_sum(G, 0.f);
+    std::vector<float> score(G * n);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t g = 0; g < G; ++g) score[g * n + i] = dot(qs + g * D, keys[i], D) * scale + m[seen[i]];
+    // softmax over the visible rows, per head, then the weighted values
     for (int64_t g = 0; g < G; ++g) {
-      float* s = score.data() + g * P;
-      float best = -INFINITY;
-      for (int64_t p = 0; p < P; ++p)
-        if (m[p] > kMasked && s[p] > best) best = s[p];
-      if (best == -INFINITY) continue;  // nothing visible: zeros
+      float* s = score.data() + g * n;
+      const float best = *std::max_element(s, s + n);
       float total_exp = 0.f;
-      for (int64_t p = 0; p < P; ++p) {
-        if (m[p] <= kMasked) continue;
-        s[p] = std::exp(s[p] - best);
-        total_exp += s[p];
+      for (int64_t i = 0; i < n; ++i) {
+        s[i] = std::exp(s[i] - best);
+        total_exp += s[i];
       }
-      inv_sum[g] = 1.f / total_exp;
-    }
-    // weighted values, block by block
-    offset = 0;
-    for (int j = 0; j < nblocks; ++j) {
-      const float* vb = static_cast<const float*>(params[5 + 2 * j]) + (slots[b] * KVH + h) * rows[j] * D;
-      for (int64_t r = 0; r < rows[j]; ++r) {
-        if (m[offset + r] <= kMasked) continue;
-        const float* v = vb + r * D;
-        for (int64_t g = 0; g < G; ++g) axpy(score[g * P + offset + r] * inv_sum[g], v, acc + g * D, D);
-      }
-      offset += rows[j];
+      const float inv_sum = 1.f / total_exp;
+      for (int64_t i = 0; i < n; ++i) axpy(s[i] * inv_sum, values[i], acc + g * D, D);
     }
   });
   return 0;

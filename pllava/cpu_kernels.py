@@ -1,11 +1,13 @@
-"""The project's own CPU kernel (``kernels/decode_attention.cc``), built with the machine's C++
-compiler on first use and run as a MindSpore "aot" custom op.
+"""The project's own CPU kernels (``kernels/decode_attention.cc``), built with the machine's C++
+compiler on first use and run as MindSpore "aot" custom ops: decode attention, and the copy of
+a slot's rows of every cache block that a prefill chunk attends over.
 
 Why: a decode step attends over cache blocks stored 2-D so that ``ops.scatter_update`` writes
 them in place, and MindSpore's CPU backend copies such a written Parameter to reshape it for
 ``BatchMatMul`` (24 copies of 16.8 MB per 8-stream step at context 512) or gathers a slot's
 rows into a new tensor. The kernel reads the rows where they are, only those the mask leaves
-visible.
+visible. A prefill chunk's attention is real work that ``BatchMatMul`` does well, but its
+operand of every visible block was a gather per block and a concat: two copies, now one.
 
 The library is built once per source, flags and CPU into ``~/.cache/pllava/kernels`` (or
 ``$PLLAVA_KERNEL_CACHE``) with ``$CXX`` (default ``g++``), written under a temporary name and
@@ -92,9 +94,8 @@ def build_library() -> Path | None:
     return target
 
 
-def decode_attention_op():
-    """A ``mindspore.ops.Custom`` running ``DecodeAttention`` (see the source for its inputs),
-    or None where the kernel cannot be built or MindSpore would refuse to load it."""
+def _allowed_library() -> Path | None:
+    """The built library where MindSpore will load it (its folder white-listed), else None."""
     library = build_library()
     if library is None:
         return None
@@ -102,9 +103,34 @@ def decode_attention_op():
     if allowed is None:
         os.environ[WHITE_LIST] = str(library.parent)
     elif not library.resolve().is_relative_to(Path(allowed).resolve()):
-        log.warning("%s=%s does not hold %s: decode attention uses MindSpore's ops", WHITE_LIST, allowed, library)
+        log.warning("%s=%s does not hold %s: attention uses MindSpore's ops", WHITE_LIST, allowed, library)
+        return None
+    return library
+
+
+def decode_attention_op():
+    """A ``mindspore.ops.Custom`` running ``DecodeAttention`` (see the source for its inputs),
+    or None where the kernel cannot be built or MindSpore would refuse to load it."""
+    library = _allowed_library()
+    if library is None:
         return None
     from mindspore import ops
 
     return ops.Custom(f"{library}:{FUNCTION}", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
+                      func_type="aot")
+
+
+def gather_slot_rows_op(num_slots: int, kv_heads: int):
+    """A ``mindspore.ops.Custom`` running ``GatherSlotRows``: slots (B,) and a layer's cache
+    blocks -> (B, kv_heads, rows of every block, head_dim), or None as for
+    :func:`decode_attention_op`."""
+    library = _allowed_library()
+    if library is None:
+        return None
+    from mindspore import ops
+
+    def out_shape(slots, *blocks):
+        return [slots[0], kv_heads, sum(b[0] for b in blocks) // (num_slots * kv_heads), blocks[0][1]]
+
+    return ops.Custom(f"{library}:GatherSlotRows", out_shape=out_shape, out_dtype=lambda slots, *blocks: blocks[0],
                       func_type="aot")

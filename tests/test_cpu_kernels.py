@@ -1,6 +1,6 @@
-"""The CPU decode-attention kernel: it is built here (CI has a compiler, so the fast path is the
-one tested), it matches a numpy reference op by op, and a model decoding through it gives the
-logits of the same model on MindSpore's own ops."""
+"""The CPU attention kernels: they are built here (CI has a compiler, so the fast path is the
+one tested), they match numpy references op by op, and a model prefilling and decoding through
+them gives the logits of the same model on MindSpore's own ops."""
 from __future__ import annotations
 
 import numpy as np
@@ -73,6 +73,7 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     try:
         assert cpu_kernels.build_library() is None
         assert cpu_kernels.decode_attention_op() is None
+        assert cpu_kernels.gather_slot_rows_op(2, 2) is None
     finally:
         monkeypatch.delenv("PLLAVA_CPU_KERNELS")
         cpu_kernels.build_library.cache_clear()
@@ -84,15 +85,16 @@ def cfg(hf_tiny_dir):
 
 
 def decode_logits(language: PllavaLanguage, cfg) -> list[np.ndarray]:
-    """Prefill three prompts (one past the first context block) into three of four slots,
-    then decode a few steps of every subset the engine runs: all, one, and two."""
+    """Prefill three prompts (one past the first context block, so chunks read two blocks)
+    into three of four slots, then decode a few steps of every subset the engine runs: all,
+    one, and two. The logits of every prompt position, then of every step."""
     width = cfg.text.hidden_size
     rng = np.random.default_rng(0)
     lengths = {0: 40, 2: 90, 3: 7}
+    out = []
     for slot, n in lengths.items():
         embeds = Tensor(rng.standard_normal((1, n, width)).astype(np.float32) * 0.5)
-        language.prefill(slot, embeds)
-    out = []
+        out.append(language.prefill(slot, embeds, logit_index=range(n)))
     for step in range(3):
         for slots in ([0, 2, 3], [2], [3, 0]):
             positions = np.array([lengths[s] + step for s in slots])
@@ -101,10 +103,21 @@ def decode_logits(language: PllavaLanguage, cfg) -> list[np.ndarray]:
     return out
 
 
-def test_decode_through_the_kernel_equals_mindspores_ops(hf_tiny_dir, cfg, monkeypatch):
+def test_gather_kernel_copies_each_slots_rows_of_every_block():
+    rng = np.random.default_rng(3)
+    slots_total, kvh, d, block_rows = 3, 2, 8, (5, 9, 4)
+    blocks = [rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32) for r in block_rows]
+    slots = np.array([2], np.int32)
+    out = cpu_kernels.gather_slot_rows_op(slots_total, kvh)(Tensor(slots), *map(Tensor, blocks)).asnumpy()
+    expected = np.concatenate([b.reshape(slots_total, kvh, -1, d) for b in blocks], 2)[slots]
+    assert out.shape == (1, kvh, sum(block_rows), d)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir, cfg, monkeypatch):
     fast = PllavaLanguage.from_pretrained(hf_tiny_dir, cfg, num_slots=4, max_len=256, min_context=64)
     assert fast.lm.kernel_decode
-    monkeypatch.setattr(llama_module, "decode_attention_for", lambda backend: None)
+    monkeypatch.setattr(llama_module, "attention_kernels_for", lambda *args: (None, None))
     plain = PllavaLanguage.from_pretrained(hf_tiny_dir, cfg, num_slots=4, max_len=256, min_context=64)
     assert not plain.lm.kernel_decode
     for ours, theirs in zip(decode_logits(fast, cfg), decode_logits(plain, cfg)):

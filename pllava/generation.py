@@ -305,7 +305,7 @@ class Engine:
                 logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
         except SequenceError as error:
             return [self._fail(seq, error)]
-        self.pacer.chunk_ran(chunk.size, chunk.context, time.perf_counter() - start)
+        self.pacer.chunk_ran(chunk.size, chunk.context, time.perf_counter() - start, busy)
         seq.position = chunk.start + chunk.length
         if seq.position < length:
             return []

@@ -7,7 +7,11 @@ feeds about 0.6x the tokens per second of a 256-token one on CPU, and every chun
 decode step of every stream), so the engine takes the longest compiled chunk whose time
 fits the wait allowed: ``max_gap_steps`` decode steps in all. Times are measured, not
 estimated: each prefill graph is timed at warm-up, then every chunk and step the engine runs
-updates a moving average, so the choice follows the machine's load.
+updates a moving average, so the choice follows the machine's load. A warm-up time is that of a
+chunk alone on an idle machine; beside decode steps the same chunk ran up to 1.5x slower
+(64 positions at context 2048: 212 ms at warm-up, ~320 ms in an admission, one wait of 4.7
+steps). So until a chunk has run while streams decode, its time counts ``untried_margin``
+times.
 """
 from __future__ import annotations
 
@@ -19,24 +23,33 @@ class AdmissionPacer:
     warm-up timings; kept up to date here). A chunk not timed yet is not allowed until it has
     run once while nothing else decoded."""
 
-    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3):
+    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3,
+                 untried_margin: float = 1.5):
         if max_gap_steps < 1:
             raise ValueError(f"max_gap_steps must be at least 1 (one decode step), got {max_gap_steps}")
         self.seconds = {} if seconds is None else seconds
         self.max_gap_steps = max_gap_steps
         self.smoothing = smoothing  # weight of the newest sample in each moving average
+        self.untried_margin = untried_margin
+        self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
         self.step_s: float | None = None  # a decode step of the running streams, averaged
 
     def allows(self, size: int, context: int) -> bool:
         """May a chunk of ``size`` at ``context`` run before the next decode step?"""
-        chunk = self.seconds.get(("prefill", size, context))
+        key = ("prefill", size, context)
+        chunk = self.seconds.get(key)
         if chunk is None or self.step_s is None:
             return False
+        if key not in self.tried:
+            chunk *= self.untried_margin
         return chunk + self.step_s <= self.max_gap_steps * self.step_s
 
-    def chunk_ran(self, size: int, context: int, seconds: float) -> None:
+    def chunk_ran(self, size: int, context: int, seconds: float, busy: bool = False) -> None:
+        """A chunk took ``seconds``; ``busy``: while streams decoded."""
         key = ("prefill", size, context)
         self.seconds[key] = self._average(self.seconds.get(key), seconds)
+        if busy:
+            self.tried.add(key)
 
     def step_ran(self, seconds: float) -> None:
         self.step_s = self._average(self.step_s, seconds)

@@ -8,7 +8,8 @@ from pllava.pacing import AdmissionPacer
 
 
 def test_a_chunk_runs_while_streams_decode_only_if_its_time_fits_the_wait():
-    pacer = AdmissionPacer({("prefill", 256, 512): 1.2, ("prefill", 128, 1024): 0.6}, max_gap_steps=3.5)
+    pacer = AdmissionPacer({("prefill", 256, 512): 1.2, ("prefill", 128, 1024): 0.6}, max_gap_steps=3.5,
+                           untried_margin=1.0)
     assert not pacer.allows(128, 1024)  # no decode step measured yet
     pacer.step_ran(0.24)
     # wait = chunk + step: 0.6 + 0.24 <= 3.5 x 0.24, but 1.2 + 0.24 is not
@@ -20,7 +21,7 @@ def test_a_chunk_runs_while_streams_decode_only_if_its_time_fits_the_wait():
 
 def test_measured_times_follow_the_machine():
     seconds = {("prefill", 128, 1024): 0.6}
-    pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5)
+    pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5, untried_margin=1.0)
     pacer.step_ran(0.25)
     assert pacer.allows(128, 1024)
     pacer.chunk_ran(128, 1024, 1.4)  # the machine got busy: the chunk now takes longer
@@ -35,3 +36,15 @@ def test_one_step_of_wait_means_short_chunks_only():
     assert not pacer.allows(256, 512)
     with pytest.raises(ValueError, match="max_gap_steps must be at least 1"):
         AdmissionPacer(max_gap_steps=0.5)
+
+
+def test_a_warm_up_time_counts_with_a_margin_until_the_chunk_ran_beside_decode_steps():
+    seconds = {("prefill", 64, 2048): 0.212}
+    pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5, untried_margin=1.5)
+    pacer.step_ran(0.086)
+    # 0.212 + 0.086 fits 3.5 steps (0.301), but 1.5 x 0.212 + 0.086 does not
+    assert not pacer.allows(64, 2048)
+    pacer.chunk_ran(64, 2048, 0.200)  # alone (nothing decoding): still untried beside decode steps
+    assert not pacer.allows(64, 2048)
+    pacer.chunk_ran(64, 2048, 0.200, busy=True)  # measured where it matters: its own time counts
+    assert ("prefill", 64, 2048) in pacer.tried and pacer.allows(64, 2048)

@@ -17,9 +17,10 @@ buckets ([0, 512), [512, 1024), [1024, 2048), ...), one Parameter per block of s
 position, followed by one *spare row* that takes every write aimed outside the block (and
 the writes of rows that feed nothing). In fp32 the blocks hold numpy's zero pages as they are
 (``zeros_parameter``), so only written rows become resident memory. A step at context bucket
-``P`` reads exactly the blocks below ``P``. A decode step (``L = 1``) on the CPU hands the written blocks to the
-project's kernel (:mod:`pllava.cpu_kernels`), which reads each slot's visible rows in place.
-Elsewhere it concatenates the blocks' scores (one query per head: small) for one softmax;
+``P`` reads exactly the blocks below ``P``. A decode step (``L = 1``) on the CPU hands every
+block to the project's kernel (:mod:`pllava.cpu_kernels`), which writes each row's key and
+value and reads each row's own positions in place: one graph per batch bucket serves every
+context (``P`` is then ``max_len``, and costs nothing). Elsewhere a decode step concatenates the blocks' scores (one query per head: small) for one softmax;
 when its rows are every slot in slot order, each block *is* the operand of attention,
 reshaped (no gather, though MindSpore's CPU backend copies a written Parameter to reshape
 it: ~1 ms per 16.8 MB block, measured), otherwise one ``ops.gather`` per block picks the
@@ -29,8 +30,8 @@ once and passed over as few times as possible. On the CPU a second kernel makes 
 in one copy of the slot's rows (a gather per block and a concat made two: a 32-row chunk at
 context 4096 ran 312 -> 239 ms); the attention itself stays ``BatchMatMul``'s (the decode
 kernel ran 32-256-row chunks no faster: their scores are real work, which it does well).
-The spare rows are always masked. Blocks are written with ``ops.scatter_update`` on axis 0, which updates in place (scatter_nd_update and
-slice assignment copy the whole cache).
+The spare rows are always masked. Blocks are written with ``ops.scatter_update`` on axis 0,
+which updates in place (scatter_nd_update and slice assignment copy the whole cache).
 
 The additive mask and the RoPE tables are broadcast explicitly (``ops.broadcast_to``)
 before they meet the scores and q/k: an implicitly broadcasting binary op on a graph input
@@ -73,6 +74,7 @@ class LlamaAttention(nn.Cell):
         self.av = ops.BatchMatMul()
         self.decode_kernel, self.gather_kernel = attention_kernels_for(backend, num_slots, self.num_kv_heads)
         self.scale_tensor = Tensor(np.array([self.scale], np.float32))
+        self.block_row_counts = Tensor(np.array([size + 1 for _, size in self.blocks], np.int32))
 
     def _block_params(self, name: str, dtype) -> list[Parameter]:
         shapes = [(self.num_slots * self.num_kv_heads * (size + 1), self.head_dim) for _, size in self.blocks]
@@ -82,8 +84,9 @@ class LlamaAttention(nn.Cell):
         """x (B, L, D); cos/sin (B, L, 1, hd); per block read: write_index[j] (B, kvh, L)
         and read_index[j] (B, kvh, block + 1) cache rows; mask (B, 1, 1, L, P') additive
         over the read blocks' rows. Softmax in fp32 as the reference's eager path does.
-        A decode step with the CPU kernel gets the slots (B,) as ``read_index`` and the
-        mask as (B, P')."""
+        With the CPU kernels a prefill chunk gets the slots (B,) as ``read_index``, and a
+        decode step gets the positions (B,) as ``write_index``, the slots as ``read_index``
+        and no mask (the kernel writes and reads the rows itself)."""
         b, l, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
@@ -98,7 +101,7 @@ class LlamaAttention(nn.Cell):
         elif l > 1:
             out = self._prefill_attention(q, k, v, write_index, read_index, mask)
         elif self.decode_kernel is not None:
-            out = self._kernel_decode_attention(q, k, v, write_index, read_index[0], mask)
+            out = self._kernel_decode_attention(q, k, v, write_index[0], read_index[0])
         else:
             out = self._decode_attention(q, k, v, write_index, read_index, mask)
         out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
@@ -139,14 +142,18 @@ class LlamaAttention(nn.Cell):
         probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
         return self.av(probs, vals)
 
-    def _kernel_decode_attention(self, q, k, v, write_index, slots, mask):
-        """A decode step through the CPU kernel: the written blocks go to it as they are (no
-        reshape copy, no gather), and it reads only the rows the mask leaves visible."""
+    def _kernel_decode_attention(self, q, k, v, positions, slots):
+        """A decode step through the CPU kernel: it gets the cache blocks themselves, writes
+        each row's key and value at its position and reads only each row's own positions
+        (no scatter, reshape or gather; every block, so one graph serves every context)."""
+        b = q.shape[0]
         blocks = []
-        for j in range(len(write_index)):
-            blocks.append(ops.scatter_update(self.k_cache[j], write_index[j], k))
-            blocks.append(ops.scatter_update(self.v_cache[j], write_index[j], v))
-        return self.decode_kernel(q, mask, slots, self.scale_tensor, *blocks)
+        for j in range(len(self.blocks)):
+            blocks.append(self.k_cache[j])
+            blocks.append(self.v_cache[j])
+        return self.decode_kernel(q, k.reshape(b, self.num_kv_heads, self.head_dim),
+                                  v.reshape(b, self.num_kv_heads, self.head_dim), positions, slots,
+                                  self.scale_tensor, self.block_row_counts, *blocks)
 
     def _decode_attention(self, q, k, v, write_index, read_index, mask):
         """A decode step (one query per sequence and head: small scores): each read block's
@@ -320,6 +327,10 @@ class LlamaForCausalLM(nn.Cell):
         sin = ops.expand_dims(ops.gather(self.rope_sin, clamped, 0).astype(self.dtype), 2)
         heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
         at = positions.reshape(b, 1, l)
+        if l == 1 and self.kernel_decode:  # the kernel writes and reads the rows itself
+            for layer in self.model.layers:
+                h = layer(h, cos, sin, (positions.reshape(b),), (slots,), slots)
+            return h
         kernel = self.kernel_decode  # the CPU kernels read each slot's rows themselves
         write_index, read_index, covered = [], [], 0
         for j in range(len(self.blocks)):
@@ -335,8 +346,6 @@ class LlamaForCausalLM(nn.Cell):
         mask = (future.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, l, p)
         if kernel:
             read_index = [slots]
-            if l == 1:
-                mask = mask.reshape(b, p)
         if l > 1:  # at the scores' shape once, rather than broadcast in every layer
             mask = ops.broadcast_to(mask, (b, self.cfg.num_key_value_heads, self.cfg.num_attention_heads
                                            // self.cfg.num_key_value_heads, l, p))

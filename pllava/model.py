@@ -117,6 +117,9 @@ class PllavaLanguage:
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
         self._contexts = {c: to_tensor(block_key_positions(self.lm.blocks, c)) for c in self.plan.context_buckets}
         self.decode_cost = estimate_decode_cost(self.plan, cfg, backend, live_rows=self.lm.kernel_decode)
+        # The CPU decode kernel reads each sequence's own positions whatever the bucket: one
+        # decode graph per batch bucket (at max_len) rather than one per context bucket too.
+        self.decode_contexts = (max_len,) if self.lm.kernel_decode else self.plan.context_buckets
         self.graph_seconds: dict[tuple[str, int, int], float] = {}  # prefill graphs timed at warm-up
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
@@ -204,7 +207,8 @@ class PllavaLanguage:
         rows; a smaller batch is padded by repeating the last sequence (an identical write)."""
         n = len(tokens)
         batch = self.plan.batch_bucket(n)
-        context = self._contexts[self.plan.context_bucket(int(np.max(positions)) + 1)]
+        longest = int(np.max(positions)) + 1
+        context = self._contexts[next(c for c in self.decode_contexts if c >= longest)]
         if batch == self.num_slots:
             feed = np.zeros(batch, np.int32)
             where = np.full(batch, -1, np.int32)
@@ -222,7 +226,7 @@ class PllavaLanguage:
         ``graph_seconds`` (the engine sizes chunks by it; the faster of two runs after the
         compile, as the first runs still allocate). ``progress(done, total, kind, a, context)``
         is called after each. Returns the number of graphs."""
-        graphs = self.plan.graphs()
+        graphs = self.plan.graphs(self.decode_contexts)
         width = self.cfg.text.hidden_size
         for done, (kind, size, context) in enumerate(graphs, 1):
             if kind == "decode":

@@ -125,9 +125,11 @@ class ShapePlan:
             start += out[-1].length
         return out
 
-    def graphs(self) -> list[tuple[str, int, int]]:
-        """Every shape a step can take: ("decode", batch, context) and ("prefill", chunk, context)."""
-        decode = [("decode", b, c) for c in self.context_buckets for b in self.batch_buckets]
+    def graphs(self, decode_contexts: tuple[int, ...] | None = None) -> list[tuple[str, int, int]]:
+        """Every shape a step can take: ("decode", batch, context) and ("prefill", chunk, context).
+        ``decode_contexts``: the contexts decode runs at (default every context bucket)."""
+        contexts = self.context_buckets if decode_contexts is None else decode_contexts
+        decode = [("decode", b, c) for c in contexts for b in self.batch_buckets]
         prefill = []
         for c in self.context_buckets:
             prefill.extend(("prefill", size, c) for size in self.chunk_sizes(c))

@@ -12,25 +12,34 @@ from mindspore import Tensor
 import pllava.llama as llama_module
 from pllava import cpu_kernels
 from pllava.config import PllavaConfig
-from pllava.llama import MASK_VALUE
 from pllava.model import PllavaLanguage
 
 
-def reference(q, mask, slots, scale, blocks, slots_total):
-    """softmax(scale * q.k + mask) . v over the slots' rows of 2-D blocks, in float64."""
+def block_row(block_rows, slot, head, kvh, position):
+    """(block, row) of a position of (slot, kv head): blocks hold positions then a spare row."""
+    start = 0
+    for j, rows in enumerate(block_rows):
+        if position < start + rows - 1:
+            return j, (slot * kvh + head) * rows + position - start
+        start += rows - 1
+    raise AssertionError(f"position {position} is past the blocks")
+
+
+def reference(q, positions, slots, scale, blocks, block_rows):
+    """softmax(scale * q.k) . v over positions 0..pos of each row's slot, in float64 (blocks
+    already hold the new keys and values)."""
     b, kvh, g, d = q.shape
-    keys = [k.reshape(slots_total, kvh, -1, d) for k, _ in blocks]
-    vals = [v.reshape(slots_total, kvh, -1, d) for _, v in blocks]
-    keys = np.concatenate(keys, 2)[slots].astype(np.float64)     # (B, KVH, P, D)
-    vals = np.concatenate(vals, 2)[slots].astype(np.float64)
-    score = np.einsum("bhgd,bhpd->bhgp", q.astype(np.float64), keys) * scale + mask[:, None, None, :]
-    visible = mask[:, None, None, :] > MASK_VALUE / 10
-    score = np.where(visible, score, -np.inf)
     out = np.zeros((b, kvh, g, d))
     for i in range(b):
-        if visible[i].any():
-            p = np.exp(score[i] - score[i].max(-1, keepdims=True))
-            out[i] = np.einsum("hgp,hpd->hgd", p / p.sum(-1, keepdims=True), vals[i])
+        for h in range(kvh):
+            where = [block_row(block_rows, slots[i], h, kvh, p) for p in range(positions[i] + 1)]
+            if not where:
+                continue
+            keys = np.stack([blocks[j][0][r] for j, r in where]).astype(np.float64)
+            vals = np.stack([blocks[j][1][r] for j, r in where]).astype(np.float64)
+            score = q[i, h].astype(np.float64) @ keys.T * scale
+            prob = np.exp(score - score.max(-1, keepdims=True))
+            out[i, h] = (prob / prob.sum(-1, keepdims=True)) @ vals
     return out
 
 
@@ -44,24 +53,34 @@ def test_the_kernel_is_built_on_this_machine():
     (4, 4, 3, 1, (17,)),       # every slot, one block
     (1, 2, 2, 4, (3, 4, 6)),   # one stream, three blocks
 ])
-def test_kernel_matches_a_reference(batch, slots_total, kvh, group, block_rows):
+def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_total, kvh, group, block_rows):
     rng = np.random.default_rng(batch + kvh)
     d = 8
     q = rng.standard_normal((batch, kvh, group, d)).astype(np.float32)
+    k_new = rng.standard_normal((batch, kvh, d)).astype(np.float32)
+    v_new = rng.standard_normal((batch, kvh, d)).astype(np.float32)
     blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
                rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
-    p = sum(block_rows)
-    mask = np.where(rng.random((batch, p)) < 0.3, MASK_VALUE, 0.0).astype(np.float32)
-    mask[0] = MASK_VALUE                     # a row that sees nothing gets zeros
+    last = sum(r - 1 for r in block_rows) - 1
+    positions = rng.integers(0, last + 1, batch).astype(np.int32)
+    positions[0] = -1                    # a dummy row: writes nothing, gets zeros
     if batch > 1:
-        mask[1] = 0.0                        # a row that sees everything
+        positions[1] = last              # the last position of the last block
     slots = rng.permutation(slots_total)[:batch].astype(np.int32)
+    expected_blocks = [(k.copy(), v.copy()) for k, v in blocks]
+    for i in range(batch):
+        for h in range(kvh):
+            if positions[i] >= 0:
+                j, r = block_row(block_rows, slots[i], h, kvh, positions[i])
+                expected_blocks[j][0][r], expected_blocks[j][1][r] = k_new[i, h], v_new[i, h]
+    tensors = [Tensor(x) for pair in blocks for x in pair]
     op = cpu_kernels.decode_attention_op()
-    args = [Tensor(q), Tensor(mask), Tensor(slots), Tensor(np.array([0.37], np.float32))]
-    for k, v in blocks:
-        args += [Tensor(k), Tensor(v)]
-    out = op(*args).asnumpy()
-    ref = reference(q, mask, slots, 0.37, blocks, slots_total)
+    out = op(Tensor(q), Tensor(k_new), Tensor(v_new), Tensor(positions), Tensor(slots),
+             Tensor(np.array([0.37], np.float32)), Tensor(np.array(block_rows, np.int32)), *tensors).asnumpy()
+    for (k, v), (tk, tv) in zip(expected_blocks, zip(tensors[::2], tensors[1::2])):
+        np.testing.assert_array_equal(tk.asnumpy(), k)  # written in place, nothing else touched
+        np.testing.assert_array_equal(tv.asnumpy(), v)
+    ref = reference(q, positions, slots, 0.37, expected_blocks, block_rows)
     assert out.shape == q.shape
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
     assert not out[0].any()
@@ -120,5 +139,9 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
     monkeypatch.setattr(llama_module, "attention_kernels_for", lambda *args: (None, None))
     plain = PllavaLanguage.from_pretrained(hf_tiny_dir, cfg, num_slots=4, max_len=256, min_context=64)
     assert not plain.lm.kernel_decode
+    # the kernel reads each sequence's own positions: one decode graph per batch bucket
+    assert fast.decode_contexts == (256,) and plain.decode_contexts == plain.plan.context_buckets
+    assert {g for g in fast.plan.graphs(fast.decode_contexts) if g[0] == "decode"} == {
+        ("decode", 1, 256), ("decode", 4, 256)}
     for ours, theirs in zip(decode_logits(fast, cfg), decode_logits(plain, cfg)):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -6,8 +6,9 @@ Why: a decode step attends over cache blocks stored 2-D so that ``ops.scatter_up
 them in place, and MindSpore's CPU backend copies such a written Parameter to reshape it for
 ``BatchMatMul`` (24 copies of 16.8 MB per 8-stream step at context 512) or gathers a slot's
 rows into a new tensor. The decode kernel gets the blocks themselves, writes each row's new
-key and value at its position and reads each row's own positions where they lie. A prefill chunk's attention is real work that ``BatchMatMul`` does well, but its
-operand of every visible block was a gather per block and a concat: two copies, now one.
+key and value at its position and reads each row's own positions where they lie. A prefill
+chunk's attention is real work that ``BatchMatMul`` does well, but its operand of every
+visible block was a gather per block and a concat: two copies, now one.
 
 The library is built once per source, flags and CPU into ``~/.cache/pllava/kernels`` (or
 ``$PLLAVA_KERNEL_CACHE``) with ``$CXX`` (default ``g++``), written under a temporary name and

@@ -20,8 +20,9 @@ the writes of rows that feed nothing). In fp32 the blocks hold numpy's zero page
 ``P`` reads exactly the blocks below ``P``. A decode step (``L = 1``) on the CPU hands every
 block to the project's kernel (:mod:`pllava.cpu_kernels`), which writes each row's key and
 value and reads each row's own positions in place: one graph per batch bucket serves every
-context (``P`` is then ``max_len``, and costs nothing). Elsewhere a decode step concatenates the blocks' scores (one query per head: small) for one softmax;
-when its rows are every slot in slot order, each block *is* the operand of attention,
+context (``P`` is then ``max_len``, and costs nothing). Elsewhere a decode step concatenates
+the blocks' scores (one query per head: small) for one softmax; when its rows are every
+slot in slot order, each block *is* the operand of attention,
 reshaped (no gather, though MindSpore's CPU backend copies a written Parameter to reshape
 it: ~1 ms per 16.8 MB block, measured), otherwise one ``ops.gather`` per block picks the
 slots' rows. A prefill chunk gathers the blocks' keys and values into one operand each
@@ -124,6 +125,10 @@ class LlamaAttention(nn.Cell):
             vals.append(ops.gather(v_block, rows, 0).reshape(b, self.num_kv_heads, size, hd))
         keys = keys[0] if len(keys) == 1 else ops.concat(keys, 2)
         vals = vals[0] if len(vals) == 1 else ops.concat(vals, 2)
+        return self._attend(q, keys, vals, mask)
+
+    def _attend(self, q, keys, vals, mask):
+        """One product, one masked fp32 softmax, one product over a chunk's keys and values."""
         score = self.qk(q * self.scale, keys).astype(ms.float32)
         probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
         return self.av(probs, vals)
@@ -136,11 +141,7 @@ class LlamaAttention(nn.Cell):
         for j in range(len(write_index)):
             k_blocks.append(ops.scatter_update(self.k_cache[j], write_index[j], k))
             v_blocks.append(ops.scatter_update(self.v_cache[j], write_index[j], v))
-        keys = self.gather_kernel(slots, *k_blocks)
-        vals = self.gather_kernel(slots, *v_blocks)
-        score = self.qk(q * self.scale, keys).astype(ms.float32)
-        probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
-        return self.av(probs, vals)
+        return self._attend(q, self.gather_kernel(slots, *k_blocks), self.gather_kernel(slots, *v_blocks), mask)
 
     def _kernel_decode_attention(self, q, k, v, positions, slots):
         """A decode step through the CPU kernel: it gets the cache blocks themselves, writes
@@ -197,9 +198,9 @@ def zeros_parameter(shape: tuple[int, ...], dtype, name: str) -> Parameter:
 
     In fp32 it holds a numpy array's memory as it is (``set_data`` of ``Tensor.from_numpy``):
     the operating system maps zero pages until a page is written, and the compiled steps
-    write into that memory in place, so an idle slot or an unused position costs no RAM. ``Tensor(array)`` copied the
-    array and the Parameter copied it again: building 8 x 4096 positions took 7-12 s and
-    made all 3 GiB resident at once."""
+    write into that memory in place, so an idle slot or an unused position costs no RAM.
+    ``Tensor(array)`` copied the array and the Parameter copied it again: building 8 x 4096
+    positions took 7-12 s and made all 3 GiB resident at once."""
     if dtype != ms.float32:
         return Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=name, requires_grad=False)
     param = Parameter(Tensor(np.zeros((1,) + tuple(shape[1:]), np.float32)), name=name, requires_grad=False)
@@ -319,7 +320,9 @@ class LlamaForCausalLM(nn.Cell):
     def _run(self, h, positions, slots, key_positions):
         """h (B, L, D) at positions (B, L) in cache slots (B,), attending over the blocks
         whose rows ``key_positions`` (P',) lists (``block_key_positions``) -> hidden
-        states (B, L, D). A position of -1 feeds nothing: its keys/values go to spare rows."""
+        states (B, L, D). A position of -1 feeds nothing: its keys/values go to spare rows.
+        A decode step through the CPU kernel reads each sequence's positions 0..pos whatever
+        ``key_positions`` says."""
         b, l = positions.shape
         p = key_positions.shape[0]
         clamped = ops.maximum(positions, 0)
@@ -328,7 +331,7 @@ class LlamaForCausalLM(nn.Cell):
         heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
         at = positions.reshape(b, 1, l)
         if l == 1 and self.kernel_decode:  # the kernel writes and reads the rows itself
-            for layer in self.model.layers:
+            for layer in self.model.layers:  # (no mask: the slots stand in for it, unused)
                 h = layer(h, cos, sin, (positions.reshape(b),), (slots,), slots)
             return h
         kernel = self.kernel_decode  # the CPU kernels read each slot's rows themselves

@@ -18,8 +18,9 @@
 //                                       place (the graph hands over the cache Parameters themselves)
 // Output:  (B, KVH, G, D) float32       softmax(scale * q.k) . v over positions 0..pos, in fp32
 //
-// Block j covers positions [start_j, start_j + rows_j - 1) with start_0 = 0; its last row per
-// (slot, head) is the spare row that MindSpore's own scatter writes aim out-of-block writes at.
+// Block j covers positions [start_j, start_j + rows_j - 1) with start_0 = 0; the last row of
+// each (slot, head) is the spare row, where a prefill chunk's scatter puts the writes that
+// belong to no position of the block. A position past the last block is an error (7).
 
 #include <sched.h>
 

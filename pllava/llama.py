@@ -324,16 +324,16 @@ class LlamaForCausalLM(nn.Cell):
         A decode step through the CPU kernel reads each sequence's positions 0..pos whatever
         ``key_positions`` says."""
         b, l = positions.shape
-        p = key_positions.shape[0]
         clamped = ops.maximum(positions, 0)
         cos = ops.expand_dims(ops.gather(self.rope_cos, clamped, 0).astype(self.dtype), 2)
         sin = ops.expand_dims(ops.gather(self.rope_sin, clamped, 0).astype(self.dtype), 2)
-        heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
-        at = positions.reshape(b, 1, l)
         if l == 1 and self.kernel_decode:  # the kernel writes and reads the rows itself
             for layer in self.model.layers:  # (no mask: the slots stand in for it, unused)
                 h = layer(h, cos, sin, (positions.reshape(b),), (slots,), slots)
             return h
+        p = key_positions.shape[0]
+        heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
+        at = positions.reshape(b, 1, l)
         kernel = self.kernel_decode  # the CPU kernels read each slot's rows themselves
         write_index, read_index, covered = [], [], 0
         for j in range(len(self.blocks)):

@@ -19,7 +19,7 @@ from .config import PllavaConfig
 from .layers import Backend, to_tensor
 from .llama import LlamaForCausalLM, block_key_positions
 from .projector import PllavaMultiModalProjector
-from .shapes import Chunk, DecodeCost, ShapePlan
+from .shapes import Chunk, DecodeCost, ShapePlan, smallest_at_least
 from .vision import CLIPVisionTower
 
 _CLIP_LAYER = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
@@ -207,8 +207,7 @@ class PllavaLanguage:
         rows; a smaller batch is padded by repeating the last sequence (an identical write)."""
         n = len(tokens)
         batch = self.plan.batch_bucket(n)
-        longest = int(np.max(positions)) + 1
-        context = self._contexts[next(c for c in self.decode_contexts if c >= longest)]
+        context = self._contexts[smallest_at_least(self.decode_contexts, int(np.max(positions)) + 1, "context")]
         if batch == self.num_slots:
             feed = np.zeros(batch, np.int32)
             where = np.full(batch, -1, np.int32)

@@ -79,10 +79,10 @@ class ShapePlan:
         return powers_of_two(min(self.min_context, self.max_len), self.max_len)
 
     def batch_bucket(self, n: int) -> int:
-        return _smallest_at_least(self.batch_buckets, n, "batch")
+        return smallest_at_least(self.batch_buckets, n, "batch")
 
     def context_bucket(self, n: int) -> int:
-        return _smallest_at_least(self.context_buckets, n, "context")
+        return smallest_at_least(self.context_buckets, n, "context")
 
     def chunk_size(self, context: int) -> int:
         """The long chunk used with a context bucket: the longest the area cap allows."""
@@ -186,7 +186,8 @@ class DecodeCost:
         return best
 
 
-def _smallest_at_least(buckets: tuple[int, ...], n: int, what: str) -> int:
+def smallest_at_least(buckets: tuple[int, ...], n: int, what: str) -> int:
+    """The first of ascending ``buckets`` that holds ``n``; ValueError past the last."""
     for b in buckets:
         if b >= n:
             return b

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import mindspore as ms
 from mindspore import Tensor
 
 import pllava.llama as llama_module

@@ -29,8 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "decode_attention.cc"
-FUNCTION = "DecodeAttention"
+KERNEL_DIR = Path(__file__).with_name("kernels")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17", "-pthread")
 WHITE_LIST = "MS_CUSTOM_AOT_WHITE_LIST"  # MindSpore runs aot libraries only from under this folder
 
@@ -74,15 +73,17 @@ def build_library() -> Path | None:
         log.warning("no C++ compiler (g++ or $CXX) on PATH: decode attention uses MindSpore's ops, "
                     "which copy the KV cache every step (slower, same results)")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, compiler, _cpu_signature())).encode()).hexdigest()[:16]
+    sources = sorted(KERNEL_DIR.glob("*.cc"))
+    text = b"".join(f.read_bytes() for f in sorted(KERNEL_DIR.iterdir()) if f.suffix in (".cc", ".h"))
+    key = hashlib.sha256(text + repr((FLAGS, compiler, _cpu_signature())).encode()).hexdigest()[:16]
     folder = kernel_cache_dir()
-    target = folder / f"decode_attention-{key}.so"
+    target = folder / f"pllava_kernels-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{target.name}.{os.getpid()}"
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", str(partial)], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -117,7 +118,7 @@ def decode_attention_op():
         return None
     from mindspore import ops
 
-    return ops.Custom(f"{library}:{FUNCTION}", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
+    return ops.Custom(f"{library}:DecodeAttention", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
                       func_type="aot")
 
 
@@ -135,3 +136,17 @@ def gather_slot_rows_op(num_slots: int, kv_heads: int):
 
     return ops.Custom(f"{library}:GatherSlotRows", out_shape=out_shape, out_dtype=lambda slots, *blocks: blocks[0],
                       func_type="aot")
+
+
+def half_linear_op():
+    """A ``mindspore.ops.Custom`` running ``HalfLinear`` (``kernels/half_linear.cc``): x (M, K)
+    float32 and a weight kept in float16 or bfloat16, packed in panels of 32 output columns
+    (P, K, 32) (:func:`pllava.layers.pack_panels`) -> x W^T (M, 32 P) in float32; or None as
+    for :func:`decode_attention_op`."""
+    library = _allowed_library()
+    if library is None:
+        return None
+    from mindspore import ops
+
+    return ops.Custom(f"{library}:HalfLinear", out_shape=lambda x, w: [x[0], w[0] * w[2]],
+                      out_dtype=lambda x, w: x, func_type="aot")

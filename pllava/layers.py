@@ -21,6 +21,10 @@ class Backend:
 
     device: str = "CPU"
     dtype: ms.dtype = ms.float32
+    #: (projection kind, float16 / bfloat16) for the language model's projections whose
+    #: weights are kept in half precision, as the checkpoint stores them; the others keep the
+    #: compute dtype (see ``pllava.llama.linear_setup``)
+    half_weights: tuple[tuple[str, ms.dtype], ...] = ()
 
     @property
     def fused_rms_norm(self) -> bool:
@@ -54,28 +58,65 @@ class Linear(nn.Cell):
     32-row prefill chunk 1.4x. The row count is static in a compiled graph, so each graph
     takes one form: ``weight_first_rows`` (``Backend.weight_first_rows``) is the range of
     row counts that take the swapped one. Each swapped graph keeps more memory (decode graphs
-    0.09 GiB in all on the benchmark model)."""
+    0.09 GiB in all on the benchmark model).
+
+    ``half_op`` (:func:`pllava.cpu_kernels.half_linear_op`) with a float16 or bfloat16
+    ``dtype``: the weight is kept in that dtype, packed in panels (:func:`pack_panels`; the
+    loader packs it), and the op computes ``x W^T`` in float32 from it at any row count."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype,
-                 weight_first_rows: tuple[int, int] | None = None):
+                 weight_first_rows: tuple[int, int] | None = None, half_op=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = new_param((out_features, in_features), dtype, "weight")
-        self.bias = new_param((out_features,), dtype, "bias") if bias else None
+        self.half_op = half_op
+        shape = panel_shape(out_features, in_features) if half_op is not None else (out_features, in_features)
+        self.weight = new_param(shape, dtype, "weight")
+        self.bias = new_param((out_features,), ms.float32 if half_op is not None else dtype, "bias") if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         self.weight_first = weight_first_rows or (0, -1)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is kept in panels (half precision, read by ``half_op``)."""
+        return self.half_op is not None
 
     def construct(self, x):
         lead = x.shape[:-1]
         rows = x.size // self.in_features
-        if self.weight_first[0] <= rows <= self.weight_first[1]:
+        if self.half_op is not None:
+            y = self.half_op(x.reshape(-1, self.in_features), self.weight)
+            if y.shape[1] != self.out_features:  # the last panel's zero columns
+                y = y[:, :self.out_features]
+        elif self.weight_first[0] <= rows <= self.weight_first[1]:
             y = self.matmul(self.weight, x.reshape(-1, self.in_features)).transpose(1, 0)
         else:
             y = self.matmul(x.reshape(-1, self.in_features), self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(lead + (self.out_features,))
+
+
+#: output columns per panel of a packed weight (``kernels/half_linear.cc``)
+PANEL = 32
+
+
+def panel_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    return (-(-out_features // PANEL), in_features, PANEL)
+
+
+def pack_panels(weight: np.ndarray) -> np.ndarray:
+    """(N, K) -> (ceil(N / 32), K, 32): panel p holds W[32p + j, k] at [p, k, j], zeros past N.
+    The kernel then reads each panel's weights of one k as two contiguous vectors."""
+    n, k = weight.shape
+    padded = np.zeros((panel_shape(n, k)[0] * PANEL, k), weight.dtype)
+    padded[:n] = weight
+    return np.ascontiguousarray(padded.reshape(-1, PANEL, k).transpose(0, 2, 1))
+
+
+def unpack_panels(panels: np.ndarray, out_features: int) -> np.ndarray:
+    """The inverse of :func:`pack_panels`."""
+    return panels.transpose(0, 2, 1).reshape(-1, panels.shape[1])[:out_features]
 
 
 class FusedLinear(Linear):
@@ -85,8 +126,8 @@ class FusedLinear(Linear):
     the parts' outputs."""
 
     def __init__(self, in_features: int, parts: dict[str, int], bias: bool, dtype,
-                 weight_first_rows: tuple[int, int] | None = None):
-        super().__init__(in_features, sum(parts.values()), bias, dtype, weight_first_rows)
+                 weight_first_rows: tuple[int, int] | None = None, half_op=None):
+        super().__init__(in_features, sum(parts.values()), bias, dtype, weight_first_rows, half_op)
         self.parts = dict(parts)
         self.sizes = tuple(parts.values())
 
@@ -99,6 +140,13 @@ class Placement:
     param: str
     start: int
     stop: int
+
+
+def packed_weights(cell: nn.Cell) -> dict[str, int]:
+    """Parameter names (relative to ``cell``) of weights kept in panels -> their output
+    width: the loader packs what the checkpoint holds as (N, K)."""
+    return {f"{name}.weight" if name else "weight": sub.out_features
+            for name, sub in cell.cells_and_names() if isinstance(sub, Linear) and sub.packed}
 
 
 def checkpoint_placements(cell: nn.Cell) -> dict[str, Placement]:
@@ -120,7 +168,9 @@ def checkpoint_placements(cell: nn.Cell) -> dict[str, Placement]:
 def checkpoint_tensors(cell: nn.Cell, skip=lambda name: False) -> dict[str, np.ndarray]:
     """The cell's weights under checkpoint names (the inverse of what the loader does), for
     checks and conversions."""
-    params = {name: p.asnumpy() for name, p in cell.parameters_and_names() if not skip(name)}
+    packed = packed_weights(cell)
+    params = {name: unpack_panels(p.asnumpy(), packed[name]) if name in packed else p.asnumpy()
+              for name, p in cell.parameters_and_names() if not skip(name)}
     placements = checkpoint_placements(cell)
     out = {ckpt_name: params[place.param][place.start:place.stop] for ckpt_name, place in placements.items()}
     placed = {p.param for p in placements.values()}

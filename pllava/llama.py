@@ -41,12 +41,14 @@ for 12 layers at 128 x 4096), which is what made long prompts run out of memory.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, lazy_inline, nn, ops
 
 from .config import TextConfig
-from .cpu_kernels import decode_attention_op, gather_slot_rows_op
+from .cpu_kernels import decode_attention_op, gather_slot_rows_op, half_linear_op
 from .layers import Backend, FusedLinear, Linear, RMSNorm, new_param, rope_tables, rotate_half_matrix
 
 MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows stay NaN-free
@@ -55,22 +57,21 @@ MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows s
 class LlamaAttention(nn.Cell):
     def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int, blocks: tuple[int, ...]):
         super().__init__()
-        dtype = backend.dtype
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.group = self.num_heads // self.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim ** -0.5
         d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        few = backend.weight_first_rows
         self.qkv_proj = FusedLinear(d, {"q_proj": self.num_heads * hd, "k_proj": self.num_kv_heads * hd,
-                                        "v_proj": self.num_kv_heads * hd}, bias, dtype, few)
-        self.o_proj = Linear(self.num_heads * hd, d, bias, dtype, few)
+                                        "v_proj": self.num_kv_heads * hd}, bias,
+                                    *linear_setup(backend, "q_proj", "k_proj", "v_proj"))
+        self.o_proj = Linear(self.num_heads * hd, d, bias, *linear_setup(backend, "o_proj"))
         self.num_slots = num_slots
         self.blocks = cache_blocks(blocks)
         self.k_cache = ms.ParameterTuple(self._block_params("k_cache", backend.dtype))
         self.v_cache = ms.ParameterTuple(self._block_params("v_cache", backend.dtype))
-        self.rotate = Tensor(rotate_half_matrix(hd), dtype)
+        self.rotate = Tensor(rotate_half_matrix(hd), backend.dtype)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
         self.decode_kernel, self.gather_kernel = attention_kernels_for(backend, num_slots, self.num_kv_heads)
@@ -235,9 +236,9 @@ class LlamaMLP(nn.Cell):
     def __init__(self, cfg: TextConfig, backend: Backend):
         super().__init__()
         d, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        dtype = backend.dtype
-        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias, dtype, backend.weight_first_rows)
-        self.down_proj = Linear(i, d, bias, dtype, backend.weight_first_rows)
+        self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias,
+                                        *linear_setup(backend, "gate_proj", "up_proj"))
+        self.down_proj = Linear(i, d, bias, *linear_setup(backend, "down_proj"))
 
     def construct(self, x):
         gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
@@ -283,10 +284,12 @@ class LlamaModel(nn.Cell):
 class LlamaForCausalLM(nn.Cell):
     """HF ``LlamaForCausalLM`` names (``model.*``, ``lm_head``) plus the static KV cache of
     ``num_slots`` sequences of ``max_len`` positions, in blocks ending at ``blocks``
-    (ascending, the last = ``max_len``; default one block)."""
+    (ascending, the last = ``max_len``; default one block). ``half_weights``: (projection
+    kind, half dtype) pairs the checkpoint stores so, kept so where
+    :func:`half_weights_allowed`."""
 
     def __init__(self, cfg: TextConfig, backend: Backend, num_slots: int = 1, max_len: int | None = None,
-                 blocks: tuple[int, ...] | None = None):
+                 blocks: tuple[int, ...] | None = None, half_weights: tuple = ()):
         super().__init__()
         max_len = max_len or cfg.max_position_embeddings
         blocks = tuple(blocks or (max_len,))
@@ -297,15 +300,19 @@ class LlamaForCausalLM(nn.Cell):
         self.max_len = max_len
         self.blocks = cache_blocks(blocks)
         self.dtype = backend.dtype
+        backend = replace(backend, half_weights=tuple(half_weights) if half_weights_allowed(backend) else ())
         self.model = LlamaModel(cfg, backend, num_slots, blocks)
+        head_dtype, _, head_op = linear_setup(backend, "lm_head")
         self.lm_head = (None if cfg.tie_word_embeddings else  # (x W^T at every row count: faster here)
-                        Linear(cfg.hidden_size, cfg.vocab_size, False, backend.dtype))
+                        Linear(cfg.hidden_size, cfg.vocab_size, False, head_dtype, half_op=head_op))
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)
         self.kv_head_offsets = Tensor(np.arange(cfg.num_key_value_heads, dtype=np.int32))
         self.block_rows = tuple(Tensor(np.arange(size + 1, dtype=np.int32)) for _, size in self.blocks)
         self.kernel_decode = self.model.layers[0].self_attn.decode_kernel is not None
+        #: whether any projection keeps its weights in half precision
+        self.half_weights_kept = any(isinstance(c, Linear) and c.packed for _, c in self.cells_and_names())
         self.tied_logits = ops.MatMul(transpose_b=True)
 
     def embed(self, ids):
@@ -369,6 +376,24 @@ class LlamaForCausalLM(nn.Cell):
         b = tokens.shape[0]
         h = self._run(self.embed(tokens).reshape(b, 1, -1), positions.reshape(b, 1), slots, key_positions)
         return self._logits(h.reshape(b, -1))
+
+
+def half_weights_allowed(backend: Backend) -> bool:
+    """Whether projections stored in half precision keep their weights so: on the CPU in
+    float32, where the kernel (``kernels/half_linear.cc``) multiplies by them in float32
+    reading half the bytes; not elsewhere (Ascend computes in half precision natively) nor
+    without the kernel."""
+    return backend.device == "CPU" and backend.dtype == ms.float32 and half_linear_op() is not None
+
+
+def linear_setup(backend: Backend, *kinds: str) -> tuple:
+    """(weight dtype, weight_first_rows, half_op): the arguments after ``bias`` of the
+    language model's :class:`Linear` over the projections ``kinds`` (one, or the parts of a
+    fused one): half precision when the backend keeps every part so in one dtype."""
+    half = {dict(backend.half_weights).get(kind) for kind in kinds}
+    if len(half) == 1 and None not in half:
+        return half.pop(), None, half_linear_op()
+    return backend.dtype, backend.weight_first_rows, None
 
 
 #: the key position of a spare row: after every query, so the causal mask always hides it

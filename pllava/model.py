@@ -95,13 +95,26 @@ class PllavaVision(nn.Cell):
         return build_no_init(lambda: cls(cfg, backend)).load(source, lora_alpha)
 
 
+_HALF_DTYPES = {"F16": ms.float16, "BF16": ms.bfloat16}
+
+
+def stored_half_weights(source: str | Path) -> tuple[tuple[str, ms.dtype], ...]:
+    """(kind, half dtype) of each language-model projection kind (``q_proj``...``lm_head``)
+    that a checkpoint stores in float16 / bfloat16 (:func:`pllava.weights.stored_weight_dtypes`:
+    no LoRA), sorted; () for float32 checkpoints and .ckpt files."""
+    stored = W.stored_weight_dtypes(source)
+    return tuple(sorted((kind, _HALF_DTYPES[d]) for kind, d in stored.items() if d in _HALF_DTYPES))
+
+
 class PllavaLanguage:
     """LLaMA with a static KV cache of ``num_slots`` sequences of ``max_len`` tokens, and
     compiled prefill / decode steps at the shapes of a ``ShapePlan``. Thin host-side
-    wrapper: numpy in, numpy out."""
+    wrapper: numpy in, numpy out. ``half_weights``: the projections the checkpoint stores in
+    half precision (:func:`stored_half_weights`; ``from_pretrained`` reads it), kept so on
+    the CPU (``pllava.llama.half_weights_allowed``)."""
 
     def __init__(self, cfg: PllavaConfig, backend: Backend = Backend(), num_slots: int = 1,
-                 max_len: int | None = None, jit: bool = True, **plan):
+                 max_len: int | None = None, jit: bool = True, half_weights: tuple = (), **plan):
         max_len = max_len or cfg.text.max_position_embeddings
         if max_len > cfg.text.max_position_embeddings:
             raise ValueError(f"max context {max_len} exceeds the model's max_position_embeddings "
@@ -112,11 +125,12 @@ class PllavaLanguage:
         self.max_len = max_len
         self.plan = ShapePlan(num_slots, max_len, **plan)
         self.lm = build_no_init(lambda: LlamaForCausalLM(cfg.text, backend, num_slots, max_len,
-                                                         blocks=self.plan.context_buckets))
+                                                         blocks=self.plan.context_buckets, half_weights=half_weights))
         self._prefill = ms.jit(self.lm.prefill) if jit else self.lm.prefill
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
         self._contexts = {c: to_tensor(block_key_positions(self.lm.blocks, c)) for c in self.plan.context_buckets}
-        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend, live_rows=self.lm.kernel_decode)
+        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend, live_rows=self.lm.kernel_decode,
+                                                half_weights=self.lm.half_weights_kept)
         # The CPU decode kernel reads each sequence's own positions whatever the bucket: one
         # decode graph per batch bucket (at max_len) rather than one per context bucket too.
         self.decode_contexts = (max_len,) if self.lm.kernel_decode else self.plan.context_buckets
@@ -132,6 +146,7 @@ class PllavaLanguage:
     @classmethod
     def from_pretrained(cls, source: str | Path, cfg: PllavaConfig, backend: Backend = Backend(),
                         lora_alpha: float = W.DEFAULT_LORA_ALPHA, **kwargs) -> "PllavaLanguage":
+        kwargs.setdefault("half_weights", stored_half_weights(source))
         return cls(cfg, backend, **kwargs).load(source, lora_alpha)
 
     @property
@@ -249,13 +264,15 @@ def _seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def estimate_decode_cost(plan: ShapePlan, cfg: PllavaConfig, backend: Backend, live_rows: bool = False) -> DecodeCost:
-    """Bytes a decode step reads: the language weights, then the KV rows it attends over
-    (``live_rows``: only the sequences' own positions, as the CPU decode kernel does)."""
+def estimate_decode_cost(plan: ShapePlan, cfg: PllavaConfig, backend: Backend, live_rows: bool = False,
+                         half_weights: bool = False) -> DecodeCost:
+    """Bytes a decode step reads: the language weights (``half_weights``: kept in half
+    precision), then the KV rows it attends over (``live_rows``: only the sequences' own
+    positions, as the CPU decode kernel does)."""
     t = cfg.text
     item = np.dtype(np.float32).itemsize if backend.dtype == ms.float32 else 2
     layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
              + t.num_attention_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-    weights = (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size) * item
+    weights = (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size) * (2 if half_weights else item)
     kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * item
     return DecodeCost.estimate(plan, weights, kv, live_rows)

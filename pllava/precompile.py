@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pllava.precompile",
                                 description="Compile the decoder's graphs into the compile cache set up in the "
                                             "environment (MS_COMPILER_CACHE_PATH), then exit.")
-    p.add_argument("--config", required=True, help="checkpoint folder (its config.json is read; no weights)")
+    p.add_argument("--config", required=True, help="checkpoint folder (its config.json and safetensors headers are read; no weights)")
     p.add_argument("--device", default="CPU")
     p.add_argument("--device-id", type=int, default=0)
     p.add_argument("--dtype", default=None)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no compile cache in the environment: nothing would be kept")
 
     from .config import PllavaConfig
-    from .model import PllavaLanguage
+    from .model import PllavaLanguage, stored_half_weights
     from .runtime import setup_backend
 
     if args.dependency_files:
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(args.plan)
     backend = setup_backend(args.device, args.device_id, args.dtype)
     cfg = PllavaConfig.from_pretrained(Path(args.config))
-    language = PllavaLanguage(cfg, backend, **plan)  # num_slots, max_len and the plan's other fields
+    # num_slots, max_len and the plan's other fields; weights kept as the checkpoint stores them
+    language = PllavaLanguage(cfg, backend, half_weights=stored_half_weights(args.config), **plan)
     language.warm_up(timed=False)
     return 0
 

@@ -47,7 +47,7 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
 
 #: the modules whose code becomes the decoder's compiled graphs
 GRAPH_SOURCES = ("llama.py", "layers.py", "model.py", "shapes.py", "config.py", "cpu_kernels.py",
-                 "kernels/decode_attention.cc")
+                 "kernels/decode_attention.cc", "kernels/half_linear.cc", "kernels/parallel.h")
 
 
 def enable_compile_cache(root: str | Path, *key_parts) -> Path:

@@ -15,6 +15,7 @@ numpy hold bf16), so peak host memory stays near the size of the part being load
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Iterable, Iterator
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16 so safetensors can read BF16)
 import numpy as np
 from safetensors import safe_open
+
+log = logging.getLogger(__name__)
 
 VISION = "vision"
 LANGUAGE = "language"
@@ -95,6 +98,35 @@ def merge_lora(base: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, alpha: 
         raise WeightsError(f"LoRA shapes do not fit: base {base.shape}, A {lora_a.shape}, B {lora_b.shape}")
     delta = lora_b.astype(np.float32) @ lora_a.astype(np.float32)
     return base.astype(np.float32) + (alpha / rank) * delta
+
+
+_LANGUAGE_WEIGHT = re.compile(r"^language_model\.(?:model\.layers\.\d+\.(?:self_attn|mlp)\.)?(?P<kind>\w+?)"
+                              r"(?:\.lora_[AB](?:\.default)?)?\.weight$")
+
+
+def stored_weight_dtypes(source: str | Path) -> dict[str, str]:
+    """Kind of language-model projection (``q_proj``, ..., ``down_proj``, ``lm_head``) -> the
+    one dtype a safetensors checkpoint folder stores every layer's weight of that kind in
+    (safetensors spelling: "F16", "BF16", "F32"...). Kinds with LoRA factors are left out
+    (their weights are merged in float32 at load), as are kinds stored in mixed dtypes; a
+    .ckpt or a folder without safetensors gives {}. Read from the headers only."""
+    source = Path(source)
+    if not source.is_dir() or not any(source.glob("*.safetensors")):
+        return {}
+    dtypes: dict[str, set[str]] = {}
+    lora: set[str] = set()
+    for path in checkpoint_files(source):
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                name = canonical_name(key)
+                match = _LANGUAGE_WEIGHT.match(name)
+                if match is None or match.group("kind") in ("embed_tokens", "norm"):
+                    continue
+                if _LORA.match(name):
+                    lora.add(match.group("kind"))
+                else:
+                    dtypes.setdefault(match.group("kind"), set()).add(f.get_slice(key).get_dtype())
+    return {kind: next(iter(found)) for kind, found in dtypes.items() if len(found) == 1 and kind not in lora}
 
 
 def iter_safetensors(model_dir: str | Path, parts: Iterable[str] = PARTS,
@@ -176,10 +208,17 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     import mindspore as ms
     from mindspore import Tensor
 
-    from .layers import checkpoint_placements
+    from .layers import checkpoint_placements, pack_panels, packed_weights
 
     params = {name: p for name, p in cell.parameters_and_names() if not skip(name)}
+    packed = packed_weights(cell)  # kept in panels: the checkpoint's (N, K) is packed
     placements = checkpoint_placements(cell)
+
+    def shape_of(name: str) -> tuple:
+        """The parameter's shape as the checkpoint holds it."""
+        shape = tuple(params[name].shape)
+        return (packed[name], shape[1]) if name in packed else shape
+
     fused: dict[str, np.ndarray] = {}  # parameter -> staging array while its parts arrive
     parts_left = {}
     for place in placements.values():
@@ -187,8 +226,17 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
+    rounded: list[str] = []
 
-    def assign(param, array):
+    def assign(name, array):
+        param = params[name]
+        half = {ms.float16: np.float16, ms.bfloat16: ml_dtypes.bfloat16}.get(param.dtype)
+        if half is not None and array.dtype.name != np.dtype(half).name:
+            wide = array.astype(np.float32)
+            if not np.array_equal(wide.astype(half).astype(np.float32), wide):
+                rounded.append(prefix + name)  # values that half precision cannot hold
+        if name in packed:
+            array = pack_panels(array)
         if param.dtype == ms.bfloat16 or array.dtype == ml_dtypes.bfloat16:
             tensor = Tensor(array.astype(np.float32), dtype=param.dtype)
         else:
@@ -204,21 +252,21 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
                 unexpected.append(ckpt_name)
             continue
         if place is not None:  # one part of a fused projection
-            expected = (place.stop - place.start,) + tuple(param.shape[1:])
+            expected = (place.stop - place.start,) + shape_of(place.param)[1:]
             if tuple(array.shape) != expected:
                 mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {expected}")
                 continue
-            stage = fused.setdefault(place.param, np.zeros(param.shape, dtype=np.float32))
+            stage = fused.setdefault(place.param, np.zeros(shape_of(place.param), dtype=np.float32))
             stage[place.start:place.stop] = array.astype(np.float32)
             loaded.add(name)
             parts_left[place.param] -= 1
             if parts_left[place.param] == 0:
-                assign(param, fused.pop(place.param))
+                assign(place.param, fused.pop(place.param))
             continue
-        if tuple(array.shape) != tuple(param.shape):
-            mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {tuple(param.shape)}")
+        if tuple(array.shape) != shape_of(name):
+            mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {shape_of(name)}")
             continue
-        assign(param, array)
+        assign(name, array)
         loaded.add(name)
         del array
     expected_names = (set(params) - {p.param for p in placements.values()}) | {
@@ -235,3 +283,6 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
         problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
     if problems:
         raise WeightsError("checkpoint does not match the model: " + " | ".join(problems))
+    if rounded:
+        log.warning("%d tensor(s) kept in half precision hold values it cannot represent (rounded): %s",
+                    len(rounded), ", ".join(rounded[:5]) + (" ..." if len(rounded) > 5 else ""))

@@ -144,3 +144,30 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
         ("decode", 1, 256), ("decode", 4, 256)}
     for ours, theirs in zip(decode_logits(fast, cfg), decode_logits(plain, cfg)):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rows, outs, width", [
+    (1, 37, 64),    # one row; the last panel partly zeros
+    (8, 64, 48),    # a decode batch, two panels
+    (14, 32, 16),   # one full group of rows
+    (45, 40, 24),   # three groups and a partial one
+])
+def test_half_linear_equals_an_fp32_matmul_over_the_stored_weights(half, rows, outs, width):
+    import ml_dtypes
+    import mindspore as ms
+
+    from pllava.layers import pack_panels, unpack_panels
+
+    rng = np.random.default_rng(rows * outs)
+    x = rng.standard_normal((rows, width)).astype(np.float32)
+    stored = rng.standard_normal((outs, width)).astype(np.float16 if half == "float16" else ml_dtypes.bfloat16)
+    packed = pack_panels(stored)
+    assert packed.shape == (-(-outs // 32), width, 32)
+    np.testing.assert_array_equal(unpack_panels(packed, outs), stored)
+    weight = Tensor(packed.astype(np.float32), dtype=getattr(ms, half))  # exact: the values fit
+    out = cpu_kernels.half_linear_op()(Tensor(x), weight).asnumpy()
+    assert out.dtype == np.float32 and out.shape == (rows, packed.shape[0] * 32)
+    np.testing.assert_allclose(out[:, :outs], x.astype(np.float64) @ stored.astype(np.float64).T,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[:, outs:], 0)  # the padding columns

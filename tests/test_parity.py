@@ -241,3 +241,30 @@ def test_rotate_half_matrix_is_exact():
 
     x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
     np.testing.assert_array_equal(x @ rotate_half_matrix(64), np.concatenate((-x[:, 32:], x[:, :32]), -1))
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_a_half_precision_checkpoint_keeps_its_weights_so_and_matches_transformers(
+        hf_tiny_dir, tmp_path, half, vision, pixels):
+    """Checkpoints store their weights in half precision: the language model's linear layers
+    keep them so (read through the CPU kernel), and transformers in float32 on the very same
+    weights gives the same logits and greedy tokens."""
+    import mindspore as ms
+    import torch
+
+    folder = tmp_path / half
+    R.load_hf(hf_tiny_dir).to(getattr(torch, half)).save_pretrained(folder)
+    hf = R.load_hf(folder)  # float32 again: the half values, exactly
+    cfg = PllavaConfig.from_pretrained(folder).with_frames(4, (4, 2, 2))
+    language = PllavaLanguage.from_pretrained(folder, cfg, num_slots=1, max_len=256)
+    layer = language.lm.model.layers[0]
+    for linear in (language.lm.lm_head, layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                   layer.mlp.down_proj):
+        assert linear.weight.dtype == getattr(ms, half) and linear.packed
+    assert language.lm.model.embed_tokens.weight.dtype == ms.float32
+    visual = vision.encode_videos([pixels])[0]
+    embeds = language.merge_embeddings(PROMPT, visual)
+    ours = language.prefill(0, embeds, logit_index=range(embeds.shape[1]))
+    ref = R.logits(hf, R.merged_embeddings(hf, PROMPT, visual))
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert greedy_with_cache(language, 0, embeds, 30) == R.greedy(hf, R.merged_embeddings(hf, PROMPT, visual), 30)

@@ -120,6 +120,39 @@ def test_lora_merge_matches_explicit_merge(tiny_model_dir, cfg, tmp_path, alpha)
             np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
 
 
+def test_half_precision_projections_stay_so_unless_lora_merged(tiny_model_dir, cfg, tmp_path):
+    import mindspore as ms
+
+    kinds = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    assert W.stored_weight_dtypes(tiny_model_dir) == {kind: "F16" for kind in kinds}
+    peft_dir = copy_meta(tiny_model_dir, tmp_path / "peft")
+    save_sharded(peft_layout(read_all(tiny_model_dir), lora_scale=0.5), peft_dir)
+    assert W.stored_weight_dtypes(peft_dir) == {kind: "F16" for kind in kinds if kind not in ("q_proj", "v_proj")}
+    assert W.stored_weight_dtypes(tmp_path) == {}  # no safetensors here
+    language = PllavaLanguage.from_pretrained(peft_dir, cfg, max_len=64, jit=False)
+    layer = language.lm.model.layers[0]
+    # q and v are merged with their LoRA in float32, so the fused q/k/v stays float32
+    assert not layer.self_attn.qkv_proj.packed and layer.self_attn.qkv_proj.weight.dtype == ms.float32
+    for linear in (layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj, language.lm.lm_head):
+        assert linear.packed and linear.weight.dtype == ms.float16
+
+
+def test_values_half_precision_cannot_hold_are_named_when_rounded(tiny_model_dir, cfg, tmp_path, caplog):
+    import mindspore as ms
+
+    tensors = {k: v.astype(np.float32) for k, v in read_all(tiny_model_dir).items()}
+    tensors["language_model.lm_head.weight"] += np.float32(1e-6)  # between float16 values
+    d = copy_meta(tiny_model_dir, tmp_path / "fp32")
+    save_sharded(tensors, d)
+    assert W.stored_weight_dtypes(d)["lm_head"] == "F32"
+    language = PllavaLanguage(cfg, max_len=64, jit=False, half_weights=(("lm_head", ms.float16),))
+    with caplog.at_level("WARNING", logger="pllava.weights"):
+        language.load(d)
+    assert language.lm.lm_head.packed
+    assert "cannot represent" in caplog.text and "language_model.lm_head.weight" in caplog.text
+    assert "down_proj" not in caplog.text  # float32 weights are not checked
+
+
 def test_dtypes_on_disk(tiny_model_dir, cfg, tmp_path):
     """fp32 and bf16 shards load to the same values as the fp16 original (bf16 rounded)."""
     tensors = read_all(tiny_model_dir)

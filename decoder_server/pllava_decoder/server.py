@@ -36,7 +36,7 @@ from pllava import __version__
 from pllava.config import PllavaConfig
 from pllava.frame_images import frames_num_frames
 from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, SequenceStats
-from pllava.model import PllavaLanguage
+from pllava.model import PllavaLanguage, stored_half_weights
 from pllava.pipeline import timings_from
 from pllava.prompt import DEFAULT_QUESTION, DEFAULT_TEMPLATE, TEMPLATES, build_prompt, default_question
 from pllava.precompile import compile_in_child, is_precompiled
@@ -107,9 +107,9 @@ class LanguageModel:
         if settings.compile_cache:
             try:
                 cache_dir = enable_compile_cache(
-                    settings.compile_cache, (folder / "config.json").read_text(), backend.device,
-                    dtype_name(backend.dtype), settings.max_batch, max_context, settings.prefill_chunk,
-                    settings.prefill_small_chunk, settings.min_context)
+                    settings.compile_cache, (folder / "config.json").read_text(), stored_half_weights(path),
+                    backend.device, dtype_name(backend.dtype), settings.max_batch, max_context,
+                    settings.prefill_chunk, settings.prefill_small_chunk, settings.min_context)
                 log.info("compiled graphs cached in %s", cache_dir)
             except OSError as exc:
                 log.warning("no compile cache (%s): every start compiles all graphs", exc)

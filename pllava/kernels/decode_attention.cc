@@ -22,14 +22,13 @@
 // each (slot, head) is the spare row, where a prefill chunk's scatter puts the writes that
 // belong to no position of the block. A position past the last block is an error (7).
 
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "parallel.h"
 
 namespace {
 
@@ -46,28 +45,6 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
 }
 
 bool is(const char* dtype, const char* name) { return std::strcmp(dtype, name) == 0; }
-
-// The CPUs this process may run on. Threads are started per call and joined, not kept
-// spinning in a pool (an OpenMP pool's spin-wait took the cores from MindSpore's next ops:
-// an 8-stream step ran 116 ms against 72 with OMP_WAIT_POLICY=passive).
-int64_t usable_cpus() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// Run body(i) for i in [0, n), split in contiguous ranges over the usable CPUs.
-template <typename Body>
-void parallel_for(int64_t n, const Body& body) {
-  const int64_t workers = std::min<int64_t>(usable_cpus(), n);
-  auto range = [&](int64_t w) {
-    for (int64_t i = n * w / workers, end = n * (w + 1) / workers; i < end; ++i) body(i);
-  };
-  std::vector<std::thread> threads;
-  for (int64_t w = 1; w < workers; ++w) threads.emplace_back(range, w);
-  range(0);
-  for (auto& t : threads) t.join();
-}
 
 }  // namespace
 
@@ -131,7 +108,7 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
       std::memcpy(block(j, 1) + r * D, v_new + (b * KVH + h) * D, sizeof(float) * D);
     }
   }
-  parallel_for(B * KVH, [&](int64_t bh) {
+  pllava::parallel_for(B * KVH, [&](int64_t bh) {
     const int64_t b = bh / KVH, h = bh % KVH;
     const int64_t n = static_cast<int64_t>(positions[b]) + 1;  // positions 0..pos are visible
     const float* qs = q + bh * G * D;
@@ -200,7 +177,7 @@ extern "C" int GatherSlotRows(int nparam, void** params, int* ndims, int64_t** s
   for (int64_t b = 0; b < B; ++b)
     if (slots[b] < 0 || slots[b] >= S) return 8;
   float* out = static_cast<float*>(params[out_index]);
-  parallel_for(B * KVH * nblocks, [&](int64_t i) {
+  pllava::parallel_for(B * KVH * nblocks, [&](int64_t i) {
     const int64_t j = i % nblocks, bh = i / nblocks, b = bh / KVH, h = bh % KVH;
     const float* src = static_cast<const float*>(params[1 + j]) + (slots[b] * KVH + h) * rows[j] * D;
     std::memcpy(out + (bh * P + offset[j]) * D, src, sizeof(float) * rows[j] * D);

@@ -48,7 +48,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, lazy_inline, nn, ops
 
 from .config import TextConfig
-from .cpu_kernels import decode_attention_op, gather_slot_rows_op, half_linear_op
+from .cpu_kernels import decode_attention_op, gather_slot_rows_op, half_linear_op, half_linear_vectorized
 from .layers import Backend, FusedLinear, Linear, RMSNorm, new_param, rope_tables, rotate_half_matrix
 
 MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows stay NaN-free
@@ -381,9 +381,10 @@ class LlamaForCausalLM(nn.Cell):
 def half_weights_allowed(backend: Backend) -> bool:
     """Whether projections stored in half precision keep their weights so: on the CPU in
     float32, where the kernel (``kernels/half_linear.cc``) multiplies by them in float32
-    reading half the bytes; not elsewhere (Ascend computes in half precision natively) nor
-    without the kernel."""
-    return backend.device == "CPU" and backend.dtype == ms.float32 and half_linear_op() is not None
+    reading half the bytes; not elsewhere (Ascend computes in half precision natively), nor
+    without the kernel or its vector code."""
+    return (backend.device == "CPU" and backend.dtype == ms.float32 and half_linear_op() is not None
+            and half_linear_vectorized())
 
 
 def linear_setup(backend: Backend, *kinds: str) -> tuple:

@@ -227,14 +227,23 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
     unexpected: list[str] = []
     mismatched: list[str] = []
     rounded: list[str] = []
+    halves = {ms.float16: np.float16, ms.bfloat16: ml_dtypes.bfloat16}
 
-    def assign(name, array):
-        param = params[name]
-        half = {ms.float16: np.float16, ms.bfloat16: ml_dtypes.bfloat16}.get(param.dtype)
+    def staging_dtype(param):
+        """A fused projection's parts are gathered in its own half dtype or in float32."""
+        return halves.get(param.dtype, np.float32)
+
+    def note_rounding(ckpt_name: str, array, param):
+        """Name a tensor that goes into a half-precision parameter with values it cannot hold."""
+        half = halves.get(param.dtype)
         if half is not None and array.dtype.name != np.dtype(half).name:
             wide = array.astype(np.float32)
             if not np.array_equal(wide.astype(half).astype(np.float32), wide):
-                rounded.append(prefix + name)  # values that half precision cannot hold
+                rounded.append(ckpt_name)
+
+    def assign(name, array):
+        param = params[name]
+        note_rounding(prefix + name, array, param)
         if name in packed:
             array = pack_panels(array)
         if param.dtype == ms.bfloat16 or array.dtype == ml_dtypes.bfloat16:
@@ -256,8 +265,9 @@ def load_into(cell, weights: Iterable[tuple[str, np.ndarray]], prefix: str = "",
             if tuple(array.shape) != expected:
                 mismatched.append(f"{ckpt_name}: checkpoint {tuple(array.shape)} vs model {expected}")
                 continue
-            stage = fused.setdefault(place.param, np.zeros(shape_of(place.param), dtype=np.float32))
-            stage[place.start:place.stop] = array.astype(np.float32)
+            stage = fused.setdefault(place.param, np.zeros(shape_of(place.param), dtype=staging_dtype(param)))
+            note_rounding(ckpt_name, array, param)
+            stage[place.start:place.stop] = array.astype(np.float32)  # (cast to the stage on assignment)
             loaded.add(name)
             parts_left[place.param] -= 1
             if parts_left[place.param] == 0:

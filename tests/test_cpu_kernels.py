@@ -45,6 +45,16 @@ def reference(q, positions, slots, scale, blocks, block_rows):
 def test_the_kernel_is_built_on_this_machine():
     assert cpu_kernels.build_library() is not None, "no CPU kernel: is g++ installed?"
     assert cpu_kernels.decode_attention_op() is not None
+    assert cpu_kernels.half_linear_op() is not None
+
+
+def test_the_half_linear_kernel_is_vector_code_where_the_cpu_has_avx512():
+    """-march=native: the tiles are AVX-512 code exactly where the CPU has it; elsewhere the
+    model keeps float32 weights (the kernel's tests below run whichever code was built)."""
+    from pathlib import Path
+
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    assert cpu_kernels.half_linear_vectorized() == ("avx512f" in flags.split())
 
 
 @pytest.mark.parametrize("batch, slots_total, kvh, group, block_rows", [

@@ -138,6 +138,16 @@ bool is(const char* dtype, const char* name) { return std::strcmp(dtype, name) =
 
 }  // namespace
 
+// 1 where the tiles above are vector code (AVX-512), 0 where they are the plain loop: the
+// model keeps float32 weights and MindSpore's matmul there (pllava.llama.half_weights_allowed).
+extern "C" int HalfLinearVectorized() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 extern "C" int HalfLinear(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                           void* stream, void* extra) {
   (void)stream;

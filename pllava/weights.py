@@ -120,7 +120,7 @@ def stored_weight_dtypes(source: str | Path) -> dict[str, str]:
             for key in f.keys():
                 name = canonical_name(key)
                 match = _LANGUAGE_WEIGHT.match(name)
-                if match is None or match.group("kind") in ("embed_tokens", "norm"):
+                if match is None:  # (embeddings, norms, vision)
                     continue
                 if _LORA.match(name):
                     lora.add(match.group("kind"))

@@ -103,11 +103,12 @@ class LanguageModel:
             raise ValueError(f"tokenizer's <image> id {tokenizer.image_token_id} differs from config "
                              f"image_token_index {cfg.image_token_index}")
         max_context = settings.context_for(cfg.text.max_position_embeddings)
+        half_weights = stored_half_weights(path)  # (read once: the cache key and the model)
         cache_dir = None
         if settings.compile_cache:
             try:
                 cache_dir = enable_compile_cache(
-                    settings.compile_cache, (folder / "config.json").read_text(), stored_half_weights(path),
+                    settings.compile_cache, (folder / "config.json").read_text(), half_weights,
                     backend.device, dtype_name(backend.dtype), settings.max_batch, max_context,
                     settings.prefill_chunk, settings.prefill_small_chunk, settings.min_context)
                 log.info("compiled graphs cached in %s", cache_dir)
@@ -117,7 +118,8 @@ class LanguageModel:
                       prefill_small_chunk=settings.prefill_small_chunk, min_context=settings.min_context)
         if cache_dir is not None and settings.compile_in_child:
             precompile(folder, cache_dir, ShapePlan(**shapes), settings, dtype_name(backend.dtype))
-        language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha, **shapes)
+        language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha, half_weights=half_weights,
+                                                  **shapes)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
                    engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps),
                    model_id=model_id(path, settings.lora_alpha),

@@ -1,14 +1,13 @@
-"""The project's own CPU kernels (``kernels/decode_attention.cc``), built with the machine's C++
-compiler on first use and run as MindSpore "aot" custom ops: decode attention, and the copy of
-a slot's rows of every cache block that a prefill chunk attends over.
+"""The project's own CPU kernels (``kernels/*.cc``), built with the machine's C++ compiler on
+first use and run as MindSpore "aot" custom ops: attention for decode steps and prefill
+chunks, and projections by weights kept in half precision.
 
-Why: a decode step attends over cache blocks stored 2-D so that ``ops.scatter_update`` writes
-them in place, and MindSpore's CPU backend copies such a written Parameter to reshape it for
-``BatchMatMul`` (24 copies of 16.8 MB per 8-stream step at context 512) or gathers a slot's
-rows into a new tensor. The decode kernel gets the blocks themselves, writes each row's new
-key and value at its position and reads each row's own positions where they lie. A prefill
-chunk's attention is real work that ``BatchMatMul`` does well, but its operand of every
-visible block was a gather per block and a concat: two copies, now one.
+Why: the KV cache is stored in 2-D blocks so that its rows are written in place, and
+MindSpore's CPU backend copies such a written Parameter to reshape it for ``BatchMatMul``
+(24 copies of 16.8 MB per 8-stream step at context 512) or gathers a slot's rows into a new
+tensor. The attention kernels get the blocks themselves, write the new keys and values at
+their positions and read each row's own positions where they lie (a prefill chunk without
+ever making its scores); see each source for its inputs.
 
 The library is built once per source, flags and CPU into ``~/.cache/pllava/kernels`` (or
 ``$PLLAVA_KERNEL_CACHE``) with ``$CXX`` (default ``g++``), written under a temporary name and
@@ -70,8 +69,8 @@ def build_library() -> Path | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler (g++ or $CXX) on PATH: decode attention uses MindSpore's ops, "
-                    "which copy the KV cache every step (slower, same results)")
+        log.warning("no C++ compiler (g++ or $CXX) on PATH: attention and projections use MindSpore's "
+                    "ops, which copy the KV cache every step (slower, same results)")
         return None
     sources = sorted(KERNEL_DIR.glob("*.cc"))
     text = b"".join(f.read_bytes() for f in sorted(KERNEL_DIR.iterdir()) if f.suffix in (".cc", ".h"))
@@ -88,11 +87,11 @@ def build_library() -> Path | None:
         os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
-        log.warning("building the CPU decode-attention kernel failed, so MindSpore's ops are used: %s",
+        log.warning("building the CPU kernels failed, so MindSpore's ops are used: %s",
                     detail.strip()[-2000:])
         partial.unlink(missing_ok=True)
         return None
-    log.info("built the CPU decode-attention kernel: %s", target)
+    log.info("built the CPU kernels: %s", target)
     return target
 
 
@@ -122,19 +121,16 @@ def decode_attention_op():
                       func_type="aot")
 
 
-def gather_slot_rows_op(num_slots: int, kv_heads: int):
-    """A ``mindspore.ops.Custom`` running ``GatherSlotRows``: slots (B,) and a layer's cache
-    blocks -> (B, kv_heads, rows of every block, head_dim), or None as for
-    :func:`decode_attention_op`."""
+def prefill_attention_op():
+    """A ``mindspore.ops.Custom`` running ``PrefillAttention`` (``kernels/prefill_attention.cc``:
+    a prefill chunk's attention over the cache blocks in place, writing its keys and values
+    first), or None as for :func:`decode_attention_op`."""
     library = _allowed_library()
     if library is None:
         return None
     from mindspore import ops
 
-    def out_shape(slots, *blocks):
-        return [slots[0], kv_heads, sum(b[0] for b in blocks) // (num_slots * kv_heads), blocks[0][1]]
-
-    return ops.Custom(f"{library}:GatherSlotRows", out_shape=out_shape, out_dtype=lambda slots, *blocks: blocks[0],
+    return ops.Custom(f"{library}:PrefillAttention", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
                       func_type="aot")
 
 

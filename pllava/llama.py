@@ -27,10 +27,11 @@ reshaped (no gather, though MindSpore's CPU backend copies a written Parameter t
 it: ~1 ms per 16.8 MB block, measured), otherwise one ``ops.gather`` per block picks the
 slots' rows. A prefill chunk gathers the blocks' keys and values into one operand each
 instead (they are ``head_dim`` wide, its scores are ``L`` wide), so its scores are made
-once and passed over as few times as possible. On the CPU a second kernel makes that operand
-in one copy of the slot's rows (a gather per block and a concat made two: a 32-row chunk at
-context 4096 ran 312 -> 239 ms); the attention itself stays ``BatchMatMul``'s (the decode
-kernel ran 32-256-row chunks no faster: their scores are real work, which it does well).
+once and passed over as few times as possible. On the CPU a second kernel does a prefill
+chunk's attention over the blocks in place instead: it writes the chunk's keys and values,
+then reads each row's positions 0..pos in tiles with a running softmax, so no scores or
+copy of the cache are made and, as for decode, one graph per chunk size serves every
+context (a 32-row chunk at positions 3000-3031, side by side: 223 -> 126 ms).
 The spare rows are always masked. Blocks are written with ``ops.scatter_update`` on axis 0,
 which updates in place (scatter_nd_update and slice assignment copy the whole cache).
 
@@ -48,7 +49,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, lazy_inline, nn, ops
 
 from .config import TextConfig
-from .cpu_kernels import decode_attention_op, gather_slot_rows_op, half_linear_op, half_linear_vectorized
+from .cpu_kernels import decode_attention_op, half_linear_op, half_linear_vectorized, prefill_attention_op
 from .layers import Backend, FusedLinear, Linear, RMSNorm, new_param, rope_tables, rotate_half_matrix
 
 MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows stay NaN-free
@@ -74,7 +75,7 @@ class LlamaAttention(nn.Cell):
         self.rotate = Tensor(rotate_half_matrix(hd), backend.dtype)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
-        self.decode_kernel, self.gather_kernel = attention_kernels_for(backend, num_slots, self.num_kv_heads)
+        self.decode_kernel, self.prefill_kernel = attention_kernels_for(backend, self.head_dim)
         self.scale_tensor = Tensor(np.array([self.scale], np.float32))
         self.block_row_counts = Tensor(np.array([size + 1 for _, size in self.blocks], np.int32))
 
@@ -86,9 +87,9 @@ class LlamaAttention(nn.Cell):
         """x (B, L, D); cos/sin (B, L, 1, hd); per block read: write_index[j] (B, kvh, L)
         and read_index[j] (B, kvh, block + 1) cache rows; mask (B, 1, 1, L, P') additive
         over the read blocks' rows. Softmax in fp32 as the reference's eager path does.
-        With the CPU kernels a prefill chunk gets the slots (B,) as ``read_index``, and a
-        decode step gets the positions (B,) as ``write_index``, the slots as ``read_index``
-        and no mask (the kernel writes and reads the rows itself)."""
+        With the CPU kernels a step gets the positions ((B,) for decode, (B, L) for a
+        prefill chunk) as ``write_index``, the slots (B,) as ``read_index`` and no mask
+        (the kernels write and read the rows themselves)."""
         b, l, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
@@ -96,11 +97,12 @@ class LlamaAttention(nn.Cell):
         rotated = ops.matmul(qk.reshape(-1, self.head_dim), self.rotate).reshape(qk.shape)
         qk = qk * ops.broadcast_to(cos, qk.shape) + rotated * ops.broadcast_to(sin, qk.shape)
         q, k = ops.split(qk, (self.num_heads, self.num_kv_heads), 2)
+        if l > 1 and self.prefill_kernel is not None:  # (B, L, heads, hd) as they are
+            out = self._kernel_prefill_attention(q, k, v, write_index[0], read_index[0])
+            return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
-        if l > 1 and self.gather_kernel is not None:
-            out = self._kernel_prefill_attention(q, k, v, write_index, read_index[0], mask)
-        elif l > 1:
+        if l > 1:
             out = self._prefill_attention(q, k, v, write_index, read_index, mask)
         elif self.decode_kernel is not None:
             out = self._kernel_decode_attention(q, k, v, write_index[0], read_index[0])
@@ -134,28 +136,31 @@ class LlamaAttention(nn.Cell):
         probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
         return self.av(probs, vals)
 
-    def _kernel_prefill_attention(self, q, k, v, write_index, slots, mask):
-        """A prefill chunk whose keys and values the CPU kernel copies from the written blocks
-        into one operand each (one copy, where a gather per block and a concat made two),
-        then the products and softmax of :meth:`_prefill_attention`."""
-        k_blocks, v_blocks = [], []
-        for j in range(len(write_index)):
-            k_blocks.append(ops.scatter_update(self.k_cache[j], write_index[j], k))
-            v_blocks.append(ops.scatter_update(self.v_cache[j], write_index[j], v))
-        return self._attend(q, self.gather_kernel(slots, *k_blocks), self.gather_kernel(slots, *v_blocks), mask)
+    def _kernel_prefill_attention(self, q, k, v, positions, slots):
+        """A prefill chunk through the CPU kernel (``kernels/prefill_attention.cc``): it gets
+        q (B, L, heads, hd), the chunk's keys and values and the cache blocks themselves,
+        writes the keys and values at their positions and reads each row's positions 0..pos
+        in place, so neither the chunk's scores nor a copy of the cache is ever made, and one
+        graph serves every context. -> (B, L, heads, hd)."""
+        return self.prefill_kernel(q, k, v, positions, slots, self.scale_tensor, self.block_row_counts,
+                                   *self._blocks())
+
+    def _blocks(self) -> list:
+        """Every cache block of the layer, as the kernels take them: k_0, v_0, k_1, v_1, ..."""
+        blocks = []
+        for j in range(len(self.blocks)):
+            blocks.append(self.k_cache[j])
+            blocks.append(self.v_cache[j])
+        return blocks
 
     def _kernel_decode_attention(self, q, k, v, positions, slots):
         """A decode step through the CPU kernel: it gets the cache blocks themselves, writes
         each row's key and value at its position and reads only each row's own positions
         (no scatter, reshape or gather; every block, so one graph serves every context)."""
         b = q.shape[0]
-        blocks = []
-        for j in range(len(self.blocks)):
-            blocks.append(self.k_cache[j])
-            blocks.append(self.v_cache[j])
         return self.decode_kernel(q, k.reshape(b, self.num_kv_heads, self.head_dim),
                                   v.reshape(b, self.num_kv_heads, self.head_dim), positions, slots,
-                                  self.scale_tensor, self.block_row_counts, *blocks)
+                                  self.scale_tensor, self.block_row_counts, *self._blocks())
 
     def _decode_attention(self, q, k, v, write_index, read_index, mask):
         """A decode step (one query per sequence and head: small scores): each read block's
@@ -209,14 +214,19 @@ def zeros_parameter(shape: tuple[int, ...], dtype, name: str) -> Parameter:
     return param
 
 
-def attention_kernels_for(backend: Backend, num_slots: int, kv_heads: int):
-    """The CPU kernels (decode attention, slot-row gather for prefill chunks) where they apply
-    (CPU, fp32, the library built), else (None, None): both or neither, as ``_run`` hands
-    either the slots to both or per-block row indices to MindSpore's ops."""
-    if backend.device != "CPU" or backend.dtype != ms.float32:
+def attention_kernels_for(backend: Backend, head_dim: int):
+    """The CPU attention kernels (decode step, prefill chunk) where they apply (CPU, fp32, the
+    library built, a head width the prefill kernel's vectors divide), else (None, None): both
+    or neither, as ``_run`` hands positions and slots to both or per-block row indices and a
+    mask to MindSpore's ops."""
+    if backend.device != "CPU" or backend.dtype != ms.float32 or head_dim % PREFILL_KERNEL_WIDTH:
         return None, None
-    decode, gather = decode_attention_op(), gather_slot_rows_op(num_slots, kv_heads)
-    return (decode, gather) if decode is not None and gather is not None else (None, None)
+    decode, prefill = decode_attention_op(), prefill_attention_op()
+    return (decode, prefill) if decode is not None and prefill is not None else (None, None)
+
+
+#: the prefill kernel's vector width: it takes head widths that are multiples of it
+PREFILL_KERNEL_WIDTH = 16
 
 
 def cache_blocks(ends) -> tuple[tuple[int, int], ...]:
@@ -310,7 +320,9 @@ class LlamaForCausalLM(nn.Cell):
         self.rope_sin = Tensor(sin)
         self.kv_head_offsets = Tensor(np.arange(cfg.num_key_value_heads, dtype=np.int32))
         self.block_rows = tuple(Tensor(np.arange(size + 1, dtype=np.int32)) for _, size in self.blocks)
-        self.kernel_decode = self.model.layers[0].self_attn.decode_kernel is not None
+        #: whether the CPU kernels do attention (then every step reads each sequence's own
+        #: positions, whatever its context bucket: one graph per batch bucket and chunk size)
+        self.kernel_attention = self.model.layers[0].self_attn.decode_kernel is not None
         #: whether any projection keeps its weights in half precision
         self.half_weights_kept = any(isinstance(c, Linear) and c.packed for _, c in self.cells_and_names())
         self.tied_logits = ops.MatMul(transpose_b=True)
@@ -328,20 +340,20 @@ class LlamaForCausalLM(nn.Cell):
         """h (B, L, D) at positions (B, L) in cache slots (B,), attending over the blocks
         whose rows ``key_positions`` (P',) lists (``block_key_positions``) -> hidden
         states (B, L, D). A position of -1 feeds nothing: its keys/values go to spare rows.
-        A decode step through the CPU kernel reads each sequence's positions 0..pos whatever
+        Through the CPU kernels a step reads each sequence's positions 0..pos whatever
         ``key_positions`` says."""
         b, l = positions.shape
         clamped = ops.maximum(positions, 0)
         cos = ops.expand_dims(ops.gather(self.rope_cos, clamped, 0).astype(self.dtype), 2)
         sin = ops.expand_dims(ops.gather(self.rope_sin, clamped, 0).astype(self.dtype), 2)
-        if l == 1 and self.kernel_decode:  # the kernel writes and reads the rows itself
+        if self.kernel_attention:  # the kernels write and read the rows themselves
+            where = positions.reshape(b) if l == 1 else positions
             for layer in self.model.layers:  # (no mask: the slots stand in for it, unused)
-                h = layer(h, cos, sin, (positions.reshape(b),), (slots,), slots)
+                h = layer(h, cos, sin, (where,), (slots,), slots)
             return h
         p = key_positions.shape[0]
         heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
         at = positions.reshape(b, 1, l)
-        kernel = self.kernel_decode  # the CPU kernels read each slot's rows themselves
         write_index, read_index, covered = [], [], 0
         for j in range(len(self.blocks)):
             if covered < p:
@@ -349,13 +361,10 @@ class LlamaForCausalLM(nn.Cell):
                 inside = ops.logical_and(at >= start, at < start + size)
                 offset = ops.select(inside, at - start, ops.zeros_like(at) + size)
                 write_index.append(heads * (size + 1) + offset)
-                if not kernel:
-                    read_index.append(heads * (size + 1) + self.block_rows[j].reshape(1, 1, -1))
+                read_index.append(heads * (size + 1) + self.block_rows[j].reshape(1, 1, -1))
                 covered += size + 1
         future = key_positions.reshape(1, 1, p) > positions.reshape(b, l, 1)
         mask = (future.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, l, p)
-        if kernel:
-            read_index = [slots]
         if l > 1:  # at the scores' shape once, rather than broadcast in every layer
             mask = ops.broadcast_to(mask, (b, self.cfg.num_key_value_heads, self.cfg.num_attention_heads
                                            // self.cfg.num_key_value_heads, l, p))

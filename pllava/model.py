@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -126,14 +127,16 @@ class PllavaLanguage:
         self.plan = ShapePlan(num_slots, max_len, **plan)
         self.lm = build_no_init(lambda: LlamaForCausalLM(cfg.text, backend, num_slots, max_len,
                                                          blocks=self.plan.context_buckets, half_weights=half_weights))
+        self.plan = replace(self.plan, attention_in_place=self.lm.kernel_attention)
         self._prefill = ms.jit(self.lm.prefill) if jit else self.lm.prefill
         self._decode = ms.jit(self.lm.decode) if jit else self.lm.decode
         self._contexts = {c: to_tensor(block_key_positions(self.lm.blocks, c)) for c in self.plan.context_buckets}
-        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend, live_rows=self.lm.kernel_decode,
+        self.decode_cost = estimate_decode_cost(self.plan, cfg, backend, live_rows=self.lm.kernel_attention,
                                                 half_weights=self.lm.half_weights_kept)
-        # The CPU decode kernel reads each sequence's own positions whatever the bucket: one
-        # decode graph per batch bucket (at max_len) rather than one per context bucket too.
-        self.decode_contexts = (max_len,) if self.lm.kernel_decode else self.plan.context_buckets
+        # The CPU kernels read each sequence's own positions whatever the bucket: one decode
+        # graph per batch bucket and one prefill graph per chunk size (all at max_len), rather
+        # than one per context bucket too.
+        self.decode_contexts = (max_len,) if self.lm.kernel_attention else self.plan.context_buckets
         self.graph_seconds: dict[tuple[str, int, int], float] = {}  # prefill graphs timed at warm-up
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
@@ -182,10 +185,15 @@ class PllavaLanguage:
         positions[chunk.length:] = -1
         index = np.arange(chunk.size) if all_logits else np.array([chunk.length - 1])
         logits = self._prefill(piece, to_tensor(positions.astype(np.int32).reshape(1, -1)),
-                               to_tensor(np.array([slot], dtype=np.int32)), self._contexts[chunk.context],
+                               to_tensor(np.array([slot], dtype=np.int32)), self._graph_context(chunk.context),
                                to_tensor(index.astype(np.int32)))
         out = logits.asnumpy()
         return out[:chunk.length] if all_logits else out
+
+    def _graph_context(self, context: int) -> Tensor:
+        """The ``key_positions`` a prefill graph gets for a chunk at ``context``: the kernels
+        ignore it, so every chunk gets the same (one graph per chunk size)."""
+        return self._contexts[self.max_len if self.lm.kernel_attention else context]
 
     def prefill(self, slot: int, embeds: Tensor, logit_index: Sequence[int] | None = None) -> np.ndarray:
         """Run a whole prompt into cache ``slot``, chunk by chunk; fp32 logits at
@@ -236,26 +244,34 @@ class PllavaLanguage:
 
     def warm_up(self, progress=None, timed: bool = True) -> int:
         """Compile every graph of the shape plan (writes only garbage into cache slot 0, so
-        run it while no sequence is live), and with ``timed`` time each prefill graph into
-        ``graph_seconds`` (the engine sizes chunks by it; the faster of two runs after the
-        compile, as the first runs still allocate). ``progress(done, total, kind, a, context)``
-        is called after each. Returns the number of graphs."""
-        graphs = self.plan.graphs(self.decode_contexts)
+        run it while no sequence is live), and with ``timed`` time each prefill chunk size at
+        each context into ``graph_seconds`` (the engine sizes chunks by it: after a compile
+        the faster of two runs, as the first runs still allocate; at a further context of the
+        same graph one run). ``progress(done, total, kind, a, context)`` is called after each
+        (kind, size, context). Returns the number of graphs compiled."""
+        shapes = self.plan.graphs(self.decode_contexts)
         width = self.cfg.text.hidden_size
-        for done, (kind, size, context) in enumerate(graphs, 1):
+        compiled = set()
+        for done, (kind, size, context) in enumerate(shapes, 1):
             if kind == "decode":
                 self._decode_group(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
                                    np.zeros(size, np.int32))
+                compiled.add((kind, size, context))
             else:
-                embeds = ops.zeros((1, context, width), self.lm.dtype)
-                chunk = Chunk(context - size, size, size, context)
-                self.prefill_chunk(0, embeds, chunk)
+                # the chunk that ends the context (in place, a size may exceed a short context)
+                embeds = ops.zeros((1, max(context, size), width), self.lm.dtype)
+                chunk = Chunk(max(0, context - size), min(size, context), size, context)
+                graph = (kind, size, self.max_len if self.lm.kernel_attention else context)
+                new = graph not in compiled
+                if new:
+                    self.prefill_chunk(0, embeds, chunk)
+                    compiled.add(graph)
                 if timed:
                     self.graph_seconds[(kind, size, context)] = min(
-                        _seconds(self.prefill_chunk, 0, embeds, chunk) for _ in range(2))
+                        _seconds(self.prefill_chunk, 0, embeds, chunk) for _ in range(2 if new else 1))
             if progress is not None:
-                progress(done, len(graphs), kind, size, context)
-        return len(graphs)
+                progress(done, len(shapes), kind, size, context)
+        return len(compiled)
 
 
 def _seconds(fn, *args) -> float:

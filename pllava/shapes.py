@@ -8,6 +8,12 @@ decoding, short ones (``prefill_small_chunk``) for a prompt's tail, and while ot
 sequences decode, the longest that keeps their wait between tokens short (the caller's
 ``allow``). Every (batch, context) and (chunk, context) pair is known in advance:
 ``graphs()`` lists them for warm-up.
+
+With ``attention_in_place`` (the CPU kernels: a chunk reads each row's own positions where
+they lie and never makes its scores) a chunk's memory does not grow with its context, so
+every chunk size, from ``prefill_small_chunk`` doubling up to ``prefill_chunk``, serves
+every context, and a chunk may cross a context bucket; its ``context`` is then the bucket
+of its end, which its time is measured and paced by.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ class ShapePlan:
     prefill_small_chunk: int = 32  # prompt tails, and every chunk while other sequences are decoding
     prefill_area: int = 128 * 1024  # chunk x context cap for long chunks (their compute and memory)
     chunk_align: int = 32  # chunk lengths are multiples of this (and at least this)
+    attention_in_place: bool = False  # chunks read the cache in place: every size at every context
 
     def __post_init__(self):
         if self.num_slots < 1 or self.max_len < 2:
@@ -86,6 +93,8 @@ class ShapePlan:
 
     def chunk_size(self, context: int) -> int:
         """The long chunk used with a context bucket: the longest the area cap allows."""
+        if self.attention_in_place:
+            return self.prefill_chunk
         size = min(self.prefill_chunk, self.prefill_area // context, context)
         return max(self.chunk_align, size // self.chunk_align * self.chunk_align)
 
@@ -94,6 +103,8 @@ class ShapePlan:
 
     def chunk_sizes(self, context: int) -> tuple[int, ...]:
         """The compiled chunk sizes at a context bucket, longest first."""
+        if self.attention_in_place:
+            return tuple(reversed(powers_of_two(self.prefill_small_chunk, self.prefill_chunk)))
         return tuple(sorted({self.chunk_size(context), self.small_chunk_size(context)}, reverse=True))
 
     def next_chunk(self, start: int, length: int, allow: ChunkFilter | None = None) -> Chunk:
@@ -102,7 +113,11 @@ class ShapePlan:
         may run now (while others decode: those that keep their wait short); None allows every
         size, and the short one is always allowed. A short chunk is also taken when the
         positions left cost less as short ones (a chunk costs about a pass over the weights,
-        counted as one short chunk of tokens, plus its padded size)."""
+        counted as one short chunk of tokens, plus its padded size). In place, the longest
+        size allowed at the bucket where it would end, then the shortest size that holds the
+        positions it takes (the least padding)."""
+        if self.attention_in_place:
+            return self._next_chunk_in_place(start, length, allow)
         best = None
         for context in self.context_buckets:
             if context <= start:
@@ -116,6 +131,15 @@ class ShapePlan:
         if best.size > small and -(-best.length // small) * 2 * small < small + best.size:
             best = Chunk(best.start, min(best.length, small), small, best.context)
         return best
+
+    def _next_chunk_in_place(self, start: int, length: int, allow: ChunkFilter | None) -> Chunk:
+        sizes = self.chunk_sizes(0)
+        for size in sizes:
+            if size == sizes[-1] or allow is None or allow(size, self.context_bucket(min(length, start + size))):
+                break
+        take = min(length - start, size)
+        size = min(s for s in sizes if s >= take)
+        return Chunk(start, take, size, self.context_bucket(start + take))
 
     def chunks(self, length: int, start: int = 0, allow: ChunkFilter | None = None) -> list[Chunk]:
         """Split prompt positions [start, length) into chunks (as ``next_chunk`` picks them)."""

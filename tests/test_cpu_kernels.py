@@ -1,4 +1,4 @@
-"""The CPU attention kernels: they are built here (CI has a compiler, so the fast path is the
+"""The CPU kernels: they are built here (CI has a compiler, so the fast path is the
 one tested), they match numpy references op by op, and a model prefilling and decoding through
 them gives the logits of the same model on MindSpore's own ops."""
 from __future__ import annotations
@@ -45,6 +45,7 @@ def reference(q, positions, slots, scale, blocks, block_rows):
 def test_the_kernel_is_built_on_this_machine():
     assert cpu_kernels.build_library() is not None, "no CPU kernel: is g++ installed?"
     assert cpu_kernels.decode_attention_op() is not None
+    assert cpu_kernels.prefill_attention_op() is not None
     assert cpu_kernels.half_linear_op() is not None
 
 
@@ -101,7 +102,7 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     try:
         assert cpu_kernels.build_library() is None
         assert cpu_kernels.decode_attention_op() is None
-        assert cpu_kernels.gather_slot_rows_op(2, 2) is None
+        assert cpu_kernels.prefill_attention_op() is None
     finally:
         monkeypatch.delenv("PLLAVA_CPU_KERNELS")
         cpu_kernels.build_library.cache_clear()
@@ -131,27 +132,62 @@ def decode_logits(language: PllavaLanguage, cfg) -> list[np.ndarray]:
     return out
 
 
-def test_gather_kernel_copies_each_slots_rows_of_every_block():
-    rng = np.random.default_rng(3)
-    slots_total, kvh, d, block_rows = 3, 2, 8, (5, 9, 4)
-    blocks = [rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32) for r in block_rows]
-    slots = np.array([2], np.int32)
-    out = cpu_kernels.gather_slot_rows_op(slots_total, kvh)(Tensor(slots), *map(Tensor, blocks)).asnumpy()
-    expected = np.concatenate([b.reshape(slots_total, kvh, -1, d) for b in blocks], 2)[slots]
-    assert out.shape == (1, kvh, sum(block_rows), d)
-    np.testing.assert_array_equal(out, expected)
+@pytest.mark.parametrize("batch, length, kvh, group, d, block_rows, slots_total", [
+    (1, 8, 2, 2, 16, (5, 9, 70), 3),    # grouped-query heads; a chunk across three blocks
+    (2, 37, 3, 1, 32, (65, 130), 2),    # two sequences; more rows than one work item takes
+    (1, 33, 2, 3, 48, (100,), 1),       # a head width of three vectors; partial row blocks
+    (1, 70, 1, 16, 64, (200, 7), 2),    # many heads per kv head; several key tiles
+])
+def test_prefill_kernel_writes_the_chunk_and_matches_a_reference(batch, length, kvh, group, d, block_rows,
+                                                                 slots_total):
+    rng = np.random.default_rng(length)
+    heads = kvh * group
+    q = rng.standard_normal((batch, length, heads, d)).astype(np.float32)
+    k_new = rng.standard_normal((batch, length, kvh, d)).astype(np.float32)
+    v_new = rng.standard_normal((batch, length, kvh, d)).astype(np.float32)
+    blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
+               rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
+    last = sum(r - 1 for r in block_rows) - 1
+    slots = rng.permutation(slots_total)[:batch].astype(np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    for i in range(batch):
+        start = rng.integers(0, last + 2 - length)
+        positions[i] = np.arange(start, start + length)
+        positions[i, length - 2:] = -1   # padding rows: write nothing, get zeros
+    expected_blocks = [(k.copy(), v.copy()) for k, v in blocks]
+    for i in range(batch):
+        for l in range(length):
+            for h in range(kvh):
+                if positions[i, l] >= 0:
+                    j, r = block_row(block_rows, slots[i], h, kvh, positions[i, l])
+                    expected_blocks[j][0][r], expected_blocks[j][1][r] = k_new[i, l, h], v_new[i, l, h]
+    tensors = [Tensor(x) for pair in blocks for x in pair]
+    op = cpu_kernels.prefill_attention_op()
+    out = op(Tensor(q), Tensor(k_new), Tensor(v_new), Tensor(positions), Tensor(slots),
+             Tensor(np.array([0.37], np.float32)), Tensor(np.array(block_rows, np.int32)), *tensors).asnumpy()
+    for (k, v), (tk, tv) in zip(expected_blocks, zip(tensors[::2], tensors[1::2])):
+        np.testing.assert_array_equal(tk.asnumpy(), k)  # written in place, nothing else touched
+        np.testing.assert_array_equal(tv.asnumpy(), v)
+    # the decode reference, one query row at a time: (B*L, kvh, group, d)
+    flat_q = q.reshape(batch * length, kvh, group, d)
+    ref = reference(flat_q, positions.reshape(-1), np.repeat(slots, length), 0.37, expected_blocks, block_rows)
+    assert out.shape == q.shape
+    np.testing.assert_allclose(out, ref.reshape(out.shape), atol=2e-5, rtol=1e-4)
+    assert not out[:, length - 2:].any()
 
 
 def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir, cfg, monkeypatch):
     fast = PllavaLanguage.from_pretrained(hf_tiny_dir, cfg, num_slots=4, max_len=256, min_context=64)
-    assert fast.lm.kernel_decode
+    assert fast.lm.kernel_attention and fast.plan.attention_in_place
     monkeypatch.setattr(llama_module, "attention_kernels_for", lambda *args: (None, None))
     plain = PllavaLanguage.from_pretrained(hf_tiny_dir, cfg, num_slots=4, max_len=256, min_context=64)
-    assert not plain.lm.kernel_decode
-    # the kernel reads each sequence's own positions: one decode graph per batch bucket
+    assert not plain.lm.kernel_attention and not plain.plan.attention_in_place
+    # the kernels read each sequence's own positions: one decode graph per batch bucket, and
+    # every chunk size at every context
     assert fast.decode_contexts == (256,) and plain.decode_contexts == plain.plan.context_buckets
     assert {g for g in fast.plan.graphs(fast.decode_contexts) if g[0] == "decode"} == {
         ("decode", 1, 256), ("decode", 4, 256)}
+    assert all(fast.plan.chunk_sizes(c) == (256, 128, 64, 32) for c in fast.plan.context_buckets)
     for ours, theirs in zip(decode_logits(fast, cfg), decode_logits(plain, cfg)):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 

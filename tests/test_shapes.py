@@ -71,6 +71,41 @@ def test_while_others_decode_a_chunk_is_the_longest_allowed_size():
     assert [(c.size, c.context) for c in plan.chunks(552, start=520, allow=allow)] == [(32, 1024)]
 
 
+@pytest.mark.parametrize("plan", [ShapePlan(8, 4096, attention_in_place=True),
+                                  ShapePlan(2, 600, min_context=64, prefill_chunk=96, attention_in_place=True)])
+def test_in_place_every_size_serves_every_context(plan):
+    """Chunks that read the cache in place: every compiled size at every context, a chunk may
+    cross a bucket (its context is the bucket of its end) and takes the size that holds it."""
+    sizes = plan.chunk_sizes(plan.context_buckets[0])
+    assert all(plan.chunk_sizes(c) == sizes for c in plan.context_buckets)
+    assert sizes[-1] == plan.prefill_small_chunk and sizes[0] == plan.prefill_chunk
+    compiled = {(size, context) for kind, size, context in plan.graphs() if kind == "prefill"}
+    assert compiled == {(s, c) for s in sizes for c in plan.context_buckets}
+    for length, busy in [(n, n % 2 == 0) for n in range(1, plan.max_len + 1, 7)]:
+        chunks = plan.chunks(length, allow=short_only if busy else None)
+        assert chunks[0].start == 0 and sum(c.length for c in chunks) == length
+        for a, b in zip(chunks, chunks[1:]):
+            assert b.start == a.start + a.length
+        for c in chunks:
+            assert c.context == plan.context_bucket(c.start + c.length) and (c.size, c.context) in compiled
+            assert c.size == min(s for s in sizes if s >= c.length)  # the least padding
+            assert c.size <= (plan.prefill_small_chunk if busy else plan.prefill_chunk)
+
+
+def test_in_place_a_chunk_is_the_longest_allowed_where_it_would_end():
+    plan = ShapePlan(8, 4096, attention_in_place=True)
+    assert [(c.length, c.size, c.context) for c in plan.chunks(310)] == [(256, 256, 512), (54, 64, 512)]
+
+    def allow(size, context):  # say 128 may run up to context 2048, 64 anywhere
+        return size == 64 or (size == 128 and context <= 2048)
+
+    chunks = plan.chunks(2600, start=1800, allow=allow)
+    # 1800 + 128 ends in the 2048 bucket: allowed; 1928 + 128 would end past it: 64s from there
+    assert [(c.start, c.size, c.context) for c in chunks[:3]] == [(1800, 128, 2048), (1928, 64, 2048),
+                                                                   (1992, 64, 4096)]
+    assert {c.size for c in chunks[3:]} == {64, 32} and chunks[-1].length == 32
+
+
 def test_bad_plans_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         ShapePlan(1, 512, prefill_chunk=100)

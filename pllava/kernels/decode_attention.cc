@@ -1,6 +1,6 @@
 // Attention over the KV cache blocks as they are stored: MindSpore "aot" custom ops for the
-// CPU (see pllava/cpu_kernels.py). DecodeAttention does a decode step's attention;
-// GatherSlotRows (at the end) copies a prefill chunk's keys or values into one operand.
+// CPU (see pllava/cpu_kernels.py). DecodeAttention does a decode step's attention
+// (prefill_attention.cc a prefill chunk's).
 //
 // Block j of a layer's cache is 2-D, (slots * kv_heads * rows_j, head_dim): the rows of one
 // (slot, kv head) are contiguous by position. MindSpore copies a written Parameter to view it
@@ -136,51 +136,6 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
         axpy(s[p] * inv_sum, block(j, 1) + r * D, acc + g * D, D);
       }
     }
-  });
-  return 0;
-}
-
-// GatherSlotRows: the rows of each query row's slot, every block in turn, into one operand:
-// what ops.gather of each block followed by ops.concat made in two copies, in one.
-//
-// Inputs:  slots (B,) int32                   the cache slot of each row of the output
-//          b_0, b_1, ...                      the blocks, each (slots * KVH * rows_j, D) float32
-// Output:  (B, KVH, P, D) float32, P = sum(rows_j): block 0's rows of (slot, head), then block 1's...
-extern "C" int GatherSlotRows(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
-                              void* stream, void* extra) {
-  (void)stream;
-  (void)extra;
-  const int nblocks = nparam - 2;
-  const int out_index = nparam - 1;
-  if (nblocks < 1 || ndims[0] != 1 || ndims[out_index] != 4) return 1;
-  if (!is(dtypes[0], "int32") || !is(dtypes[out_index], "float32")) return 2;
-  const int64_t B = shapes[out_index][0], KVH = shapes[out_index][1], P = shapes[out_index][2],
-                D = shapes[out_index][3];
-  if (shapes[0][0] != B || KVH <= 0 || P <= 0) return 3;
-  int64_t total = 0;
-  for (int j = 0; j < nblocks; ++j) {
-    if (ndims[1 + j] != 2 || shapes[1 + j][1] != D || !is(dtypes[1 + j], "float32")) return 4;
-    total += shapes[1 + j][0];
-  }
-  if (total % (KVH * P) != 0) return 5;
-  const int64_t S = total / (KVH * P);
-  std::vector<int64_t> rows(nblocks), offset(nblocks);
-  int64_t sum_rows = 0;
-  for (int j = 0; j < nblocks; ++j) {
-    if (shapes[1 + j][0] % (S * KVH) != 0) return 6;
-    rows[j] = shapes[1 + j][0] / (S * KVH);
-    offset[j] = sum_rows;
-    sum_rows += rows[j];
-  }
-  if (sum_rows != P) return 7;
-  const int32_t* slots = static_cast<const int32_t*>(params[0]);
-  for (int64_t b = 0; b < B; ++b)
-    if (slots[b] < 0 || slots[b] >= S) return 8;
-  float* out = static_cast<float*>(params[out_index]);
-  pllava::parallel_for(B * KVH * nblocks, [&](int64_t i) {
-    const int64_t j = i % nblocks, bh = i / nblocks, b = bh / KVH, h = bh % KVH;
-    const float* src = static_cast<const float*>(params[1 + j]) + (slots[b] * KVH + h) * rows[j] * D;
-    std::memcpy(out + (bh * P + offset[j]) * D, src, sizeof(float) * rows[j] * D);
   });
   return 0;
 }

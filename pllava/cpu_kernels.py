@@ -1,13 +1,15 @@
 """The project's own CPU kernels (``kernels/*.cc``), built with the machine's C++ compiler on
 first use and run as MindSpore "aot" custom ops: attention for decode steps and prefill
-chunks, and projections by weights kept in half precision.
+chunks (RoPE included), projections by weights kept in half precision, RMSNorm and the MLP's
+activation.
 
 Why: the KV cache is stored in 2-D blocks so that its rows are written in place, and
 MindSpore's CPU backend copies such a written Parameter to reshape it for ``BatchMatMul``
 (24 copies of 16.8 MB per 8-stream step at context 512) or gathers a slot's rows into a new
 tensor. The attention kernels get the blocks themselves, write the new keys and values at
 their positions and read each row's own positions where they lie (a prefill chunk without
-ever making its scores); see each source for its inputs.
+ever making its scores); the others replace several small MindSpore ops each, which cost
+more to launch than to run at a few rows. See each source for its inputs.
 
 The library is built once per source, flags and CPU into ``~/.cache/pllava/kernels`` (or
 ``$PLLAVA_KERNEL_CACHE``) with ``$CXX`` (default ``g++``), written under a temporary name and
@@ -109,29 +111,53 @@ def _allowed_library() -> Path | None:
     return library
 
 
-def decode_attention_op():
-    """A ``mindspore.ops.Custom`` running ``DecodeAttention`` (see the source for its inputs),
-    or None where the kernel cannot be built or MindSpore would refuse to load it."""
-    library = _allowed_library()
-    if library is None:
-        return None
-    from mindspore import ops
-
-    return ops.Custom(f"{library}:DecodeAttention", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
-                      func_type="aot")
+def decode_attention_op(num_heads: int):
+    """A ``mindspore.ops.Custom`` running ``DecodeAttention`` (``kernels/decode_attention.cc``:
+    RoPE, the cache write and attention of a decode step, from the fused q/k/v projection of
+    a model with ``num_heads`` query heads), or None where the kernels cannot be built or
+    MindSpore would refuse to load them."""
+    return _attention_op("DecodeAttention", num_heads)
 
 
-def prefill_attention_op():
+def prefill_attention_op(num_heads: int):
     """A ``mindspore.ops.Custom`` running ``PrefillAttention`` (``kernels/prefill_attention.cc``:
-    a prefill chunk's attention over the cache blocks in place, writing its keys and values
-    first), or None as for :func:`decode_attention_op`."""
+    RoPE, the cache write and attention of a prefill chunk over the cache blocks in place), or
+    None as for :func:`decode_attention_op`."""
+    return _attention_op("PrefillAttention", num_heads)
+
+
+def _attention_op(name: str, num_heads: int):
+    """qkv (..., heads + 2 kv heads, D) and the rest (see the sources) -> (..., num_heads, D)."""
     library = _allowed_library()
     if library is None:
         return None
     from mindspore import ops
 
-    return ops.Custom(f"{library}:PrefillAttention", out_shape=lambda q, *rest: q, out_dtype=lambda q, *rest: q,
-                      func_type="aot")
+    return ops.Custom(f"{library}:{name}", out_shape=lambda qkv, *rest: list(qkv[:-2]) + [num_heads, qkv[-1]],
+                      out_dtype=lambda qkv, *rest: qkv, func_type="aot")
+
+
+def rms_norm_op():
+    """A ``mindspore.ops.Custom`` running ``RmsNorm`` (``kernels/norm_act.cc``): x (..., D),
+    weight (D,), eps (1,) -> LLaMA's RMSNorm of x in float32, or None as for
+    :func:`decode_attention_op`."""
+    return _same_shape_op("RmsNorm", lambda x, *rest: x)
+
+
+def silu_mul_op():
+    """A ``mindspore.ops.Custom`` running ``SiluMul`` (``kernels/norm_act.cc``): the fused
+    gate/up projection (..., 2I) -> silu(gate) * up (..., I), or None as for
+    :func:`decode_attention_op`."""
+    return _same_shape_op("SiluMul", lambda x: list(x[:-1]) + [x[-1] // 2])
+
+
+def _same_shape_op(name: str, out_shape):
+    library = _allowed_library()
+    if library is None:
+        return None
+    from mindspore import ops
+
+    return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=lambda x, *rest: x, func_type="aot")
 
 
 @lru_cache(maxsize=None)

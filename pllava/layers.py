@@ -2,8 +2,8 @@
 
 Parameter names follow the HF checkpoints (``weight``/``bias``), so loading is a name lookup.
 Ops are picked by measured CPU speed and support in MindSpore 2.10: ``ops.MatMul`` with
-``transpose_b`` (``mint.nn.Linear`` is ~35x slower on CPU), and the fused RMSNorm kernel only
-where the device has one (``Backend.fused_rms_norm``).
+``transpose_b`` (``mint.nn.Linear`` is ~35x slower on CPU), and a fused RMSNorm: the
+device's where it has one (``Backend.fused_rms_norm``), the project's kernel on the CPU.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
+
+from .cpu_kernels import rms_norm_op
 
 
 @dataclass(frozen=True)
@@ -193,17 +195,23 @@ class LayerNorm(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    """LLaMA RMSNorm: normalise in fp32 with eps inside the rsqrt, cast back, then scale."""
+    """LLaMA RMSNorm: normalise in fp32 with eps inside the rsqrt, cast back, then scale. On
+    the CPU in fp32 one call of the project's kernel (``kernels/norm_act.cc``) where it is
+    built, in place of six MindSpore ops."""
 
     def __init__(self, dim: int, eps: float, backend: Backend):
         super().__init__()
         self.eps = eps
         self.fused = backend.fused_rms_norm
         self.weight = new_param((dim,), backend.dtype, "weight")
+        self.kernel = rms_norm_op() if backend.device == "CPU" and backend.dtype == ms.float32 else None
+        self.eps_tensor = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
         if self.fused:
             return ops.rms_norm(x, self.weight, self.eps)[0]
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps_tensor)
         dtype = x.dtype
         h = x.astype(ms.float32)
         variance = (h * h).mean(-1, keep_dims=True)

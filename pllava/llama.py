@@ -49,7 +49,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, lazy_inline, nn, ops
 
 from .config import TextConfig
-from .cpu_kernels import decode_attention_op, half_linear_op, half_linear_vectorized, prefill_attention_op
+from .cpu_kernels import (decode_attention_op, half_linear_op, half_linear_vectorized, prefill_attention_op,
+                          silu_mul_op)
 from .layers import Backend, FusedLinear, Linear, RMSNorm, new_param, rope_tables, rotate_half_matrix
 
 MASK_VALUE = -1e9  # added to fp32 scores; finite so fully-masked garbage rows stay NaN-free
@@ -75,7 +76,7 @@ class LlamaAttention(nn.Cell):
         self.rotate = Tensor(rotate_half_matrix(hd), backend.dtype)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
-        self.decode_kernel, self.prefill_kernel = attention_kernels_for(backend, self.head_dim)
+        self.decode_kernel, self.prefill_kernel = attention_kernels_for(backend, self.num_heads, self.head_dim)
         self.scale_tensor = Tensor(np.array([self.scale], np.float32))
         self.block_row_counts = Tensor(np.array([size + 1 for _, size in self.blocks], np.int32))
 
@@ -87,25 +88,24 @@ class LlamaAttention(nn.Cell):
         """x (B, L, D); cos/sin (B, L, 1, hd); per block read: write_index[j] (B, kvh, L)
         and read_index[j] (B, kvh, block + 1) cache rows; mask (B, 1, 1, L, P') additive
         over the read blocks' rows. Softmax in fp32 as the reference's eager path does.
-        With the CPU kernels a step gets the positions ((B,) for decode, (B, L) for a
-        prefill chunk) as ``write_index``, the slots (B,) as ``read_index`` and no mask
-        (the kernels write and read the rows themselves)."""
+        With the CPU kernels a step gets the whole RoPE tables (max_len, hd) as cos/sin, the
+        positions ((B,) for decode, (B, L) for a prefill chunk) as ``write_index``, the slots
+        (B,) as ``read_index`` and no mask (the kernels rotate, write and read the rows
+        themselves)."""
         b, l, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
+        if self.decode_kernel is not None:  # RoPE, the cache write and attention in one call
+            out = self._kernel_attention(qkv, write_index[0], read_index[0], cos, sin)
+            return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
         qk, v = ops.split(qkv, (self.num_heads + self.num_kv_heads, self.num_kv_heads), 2)
         rotated = ops.matmul(qk.reshape(-1, self.head_dim), self.rotate).reshape(qk.shape)
         qk = qk * ops.broadcast_to(cos, qk.shape) + rotated * ops.broadcast_to(sin, qk.shape)
         q, k = ops.split(qk, (self.num_heads, self.num_kv_heads), 2)
-        if l > 1 and self.prefill_kernel is not None:  # (B, L, heads, hd) as they are
-            out = self._kernel_prefill_attention(q, k, v, write_index[0], read_index[0])
-            return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q = q.transpose(0, 2, 1, 3).reshape(b, self.num_kv_heads, self.group * l, self.head_dim)
         if l > 1:
             out = self._prefill_attention(q, k, v, write_index, read_index, mask)
-        elif self.decode_kernel is not None:
-            out = self._kernel_decode_attention(q, k, v, write_index[0], read_index[0])
         else:
             out = self._decode_attention(q, k, v, write_index, read_index, mask)
         out = out.reshape(b, self.num_heads, l, self.head_dim).transpose(0, 2, 1, 3)
@@ -136,31 +136,24 @@ class LlamaAttention(nn.Cell):
         probs = ops.softmax(score + mask.reshape(score.shape), -1).astype(vals.dtype)
         return self.av(probs, vals)
 
-    def _kernel_prefill_attention(self, q, k, v, positions, slots):
-        """A prefill chunk through the CPU kernel (``kernels/prefill_attention.cc``): it gets
-        q (B, L, heads, hd), the chunk's keys and values and the cache blocks themselves,
-        writes the keys and values at their positions and reads each row's positions 0..pos
-        in place, so neither the chunk's scores nor a copy of the cache is ever made, and one
-        graph serves every context. -> (B, L, heads, hd)."""
-        return self.prefill_kernel(q, k, v, positions, slots, self.scale_tensor, self.block_row_counts,
-                                   *self._blocks())
-
-    def _blocks(self) -> list:
-        """Every cache block of the layer, as the kernels take them: k_0, v_0, k_1, v_1, ..."""
+    def _kernel_attention(self, qkv, positions, slots, cos, sin):
+        """A step through the CPU kernels (``kernels/decode_attention.cc`` for one token per
+        sequence, ``kernels/prefill_attention.cc`` for a chunk): each gets the fused
+        projection's q/k/v (B, L, heads + 2 kv heads, hd), the RoPE tables and the cache
+        blocks themselves, applies RoPE, writes the keys and values at their positions and
+        reads each row's positions 0..pos where they lie (no split, transpose, scatter or
+        gather; a chunk never makes its scores), so one graph serves every context.
+        -> (B, L, heads, hd)."""
+        b, l = qkv.shape[0], qkv.shape[1]
         blocks = []
         for j in range(len(self.blocks)):
             blocks.append(self.k_cache[j])
             blocks.append(self.v_cache[j])
-        return blocks
-
-    def _kernel_decode_attention(self, q, k, v, positions, slots):
-        """A decode step through the CPU kernel: it gets the cache blocks themselves, writes
-        each row's key and value at its position and reads only each row's own positions
-        (no scatter, reshape or gather; every block, so one graph serves every context)."""
-        b = q.shape[0]
-        return self.decode_kernel(q, k.reshape(b, self.num_kv_heads, self.head_dim),
-                                  v.reshape(b, self.num_kv_heads, self.head_dim), positions, slots,
-                                  self.scale_tensor, self.block_row_counts, *self._blocks())
+        if l > 1:
+            return self.prefill_kernel(qkv, positions, slots, self.scale_tensor, self.block_row_counts, cos, sin,
+                                       *blocks)
+        return self.decode_kernel(qkv.reshape(b, -1, self.head_dim), positions, slots, self.scale_tensor,
+                                  self.block_row_counts, cos, sin, *blocks)
 
     def _decode_attention(self, q, k, v, write_index, read_index, mask):
         """A decode step (one query per sequence and head: small scores): each read block's
@@ -214,14 +207,14 @@ def zeros_parameter(shape: tuple[int, ...], dtype, name: str) -> Parameter:
     return param
 
 
-def attention_kernels_for(backend: Backend, head_dim: int):
+def attention_kernels_for(backend: Backend, num_heads: int, head_dim: int):
     """The CPU attention kernels (decode step, prefill chunk) where they apply (CPU, fp32, the
     library built, a head width the prefill kernel's vectors divide), else (None, None): both
     or neither, as ``_run`` hands positions and slots to both or per-block row indices and a
     mask to MindSpore's ops."""
     if backend.device != "CPU" or backend.dtype != ms.float32 or head_dim % PREFILL_KERNEL_WIDTH:
         return None, None
-    decode, prefill = decode_attention_op(), prefill_attention_op()
+    decode, prefill = decode_attention_op(num_heads), prefill_attention_op(num_heads)
     return (decode, prefill) if decode is not None and prefill is not None else (None, None)
 
 
@@ -249,8 +242,12 @@ class LlamaMLP(nn.Cell):
         self.gate_up_proj = FusedLinear(d, {"gate_proj": i, "up_proj": i}, bias,
                                         *linear_setup(backend, "gate_proj", "up_proj"))
         self.down_proj = Linear(i, d, bias, *linear_setup(backend, "down_proj"))
+        # on the CPU in fp32 the project's kernel: one call for the split, silu and product
+        self.silu_mul = silu_mul_op() if backend.device == "CPU" and backend.dtype == ms.float32 else None
 
     def construct(self, x):
+        if self.silu_mul is not None:
+            return self.down_proj(self.silu_mul(self.gate_up_proj(x)))
         gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
         return self.down_proj(ops.silu(gate) * up)
 
@@ -343,14 +340,14 @@ class LlamaForCausalLM(nn.Cell):
         Through the CPU kernels a step reads each sequence's positions 0..pos whatever
         ``key_positions`` says."""
         b, l = positions.shape
+        if self.kernel_attention:  # the kernels rotate, write and read the rows themselves
+            where = positions.reshape(b) if l == 1 else positions
+            for layer in self.model.layers:  # (the whole RoPE tables; no mask: the slots stand in, unused)
+                h = layer(h, self.rope_cos, self.rope_sin, (where,), (slots,), slots)
+            return h
         clamped = ops.maximum(positions, 0)
         cos = ops.expand_dims(ops.gather(self.rope_cos, clamped, 0).astype(self.dtype), 2)
         sin = ops.expand_dims(ops.gather(self.rope_sin, clamped, 0).astype(self.dtype), 2)
-        if self.kernel_attention:  # the kernels write and read the rows themselves
-            where = positions.reshape(b) if l == 1 else positions
-            for layer in self.model.layers:  # (no mask: the slots stand in for it, unused)
-                h = layer(h, cos, sin, (where,), (slots,), slots)
-            return h
         p = key_positions.shape[0]
         heads = (slots.reshape(b, 1, 1) * self.cfg.num_key_value_heads + self.kv_head_offsets.reshape(1, -1, 1))
         at = positions.reshape(b, 1, l)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mindspore as ms
 
-from .cpu_kernels import kernel_expected
+from .cpu_kernels import KERNEL_DIR, kernel_expected
 from .layers import Backend
 
 DEVICES = ("CPU", "GPU", "Ascend")
@@ -45,9 +45,9 @@ def setup_backend(device: str = "CPU", device_id: int = 0, dtype: str | None = N
     return Backend(device=device, dtype=DTYPES[dtype])
 
 
-#: the modules whose code becomes the decoder's compiled graphs
-GRAPH_SOURCES = ("llama.py", "layers.py", "model.py", "shapes.py", "config.py", "cpu_kernels.py",
-                 "kernels/decode_attention.cc", "kernels/half_linear.cc", "kernels/parallel.h")
+#: the modules whose code becomes the decoder's compiled graphs: these and every CPU kernel
+GRAPH_SOURCES = ("llama.py", "layers.py", "model.py", "shapes.py", "config.py", "cpu_kernels.py") + tuple(
+    f"{KERNEL_DIR.name}/{f.name}" for f in sorted(KERNEL_DIR.iterdir()) if f.suffix in (".cc", ".h"))
 
 
 def enable_compile_cache(root: str | Path, *key_parts) -> Path:

@@ -13,3 +13,10 @@ def test_folder_follows_the_setup_and_the_graph_sources(tmp_path, monkeypatch):
     assert runtime.enable_compile_cache(tmp_path, "config", 8, 2048) != first
     monkeypatch.setattr(runtime, "GRAPH_SOURCES", runtime.GRAPH_SOURCES[:-1])
     assert runtime.enable_compile_cache(tmp_path, "config", 8, 4096) != first
+
+
+def test_every_cpu_kernel_source_is_a_graph_source():
+    from pllava.cpu_kernels import KERNEL_DIR
+
+    kernels = {f"kernels/{f.name}" for f in KERNEL_DIR.iterdir() if f.suffix in (".cc", ".h")}
+    assert {"kernels/prefill_attention.cc", "kernels/parallel.h"} <= kernels <= set(runtime.GRAPH_SOURCES)

@@ -11,6 +11,7 @@ from mindspore import Tensor
 import pllava.llama as llama_module
 from pllava import cpu_kernels
 from pllava.config import PllavaConfig
+from pllava.layers import rope_tables
 from pllava.model import PllavaLanguage
 
 
@@ -44,8 +45,8 @@ def reference(q, positions, slots, scale, blocks, block_rows):
 
 def test_the_kernel_is_built_on_this_machine():
     assert cpu_kernels.build_library() is not None, "no CPU kernel: is g++ installed?"
-    assert cpu_kernels.decode_attention_op() is not None
-    assert cpu_kernels.prefill_attention_op() is not None
+    assert cpu_kernels.decode_attention_op(4) is not None
+    assert cpu_kernels.prefill_attention_op(4) is not None
     assert cpu_kernels.half_linear_op() is not None
 
 
@@ -58,6 +59,23 @@ def test_the_half_linear_kernel_is_vector_code_where_the_cpu_has_avx512():
     assert cpu_kernels.half_linear_vectorized() == ("avx512f" in flags.split())
 
 
+def rope(x, positions, cos, sin):
+    """RoPE (rotate-half) of x (..., D) at ``positions`` (x's leading shape, or broadcast to
+    it), in float64: what the kernels apply to the queries and keys they are given."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1).astype(np.float64)
+    at = np.maximum(positions, 0)
+    return x.astype(np.float64) * cos[at] + rotated * sin[at]
+
+
+def assert_blocks(tensors, expected_blocks):
+    """The cache blocks as the kernel left them: the expected keys (rotated: to rounding) and
+    values (copied: exactly), nothing else touched."""
+    for (k, v), (tk, tv) in zip(expected_blocks, zip(tensors[::2], tensors[1::2])):
+        np.testing.assert_allclose(tk.asnumpy(), k, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(tv.asnumpy(), v)
+
+
 @pytest.mark.parametrize("batch, slots_total, kvh, group, block_rows", [
     (3, 4, 2, 2, (5, 9)),      # grouped-query heads, two blocks, some slots
     (4, 4, 3, 1, (17,)),       # every slot, one block
@@ -65,18 +83,20 @@ def test_the_half_linear_kernel_is_vector_code_where_the_cpu_has_avx512():
 ])
 def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_total, kvh, group, block_rows):
     rng = np.random.default_rng(batch + kvh)
-    d = 8
-    q = rng.standard_normal((batch, kvh, group, d)).astype(np.float32)
-    k_new = rng.standard_normal((batch, kvh, d)).astype(np.float32)
-    v_new = rng.standard_normal((batch, kvh, d)).astype(np.float32)
+    d, heads = 8, kvh * group
+    qkv = rng.standard_normal((batch, heads + 2 * kvh, d)).astype(np.float32)
     blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
                rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
     last = sum(r - 1 for r in block_rows) - 1
+    cos, sin = rope_tables(d, last + 1, 10000.0)
     positions = rng.integers(0, last + 1, batch).astype(np.int32)
     positions[0] = -1                    # a dummy row: writes nothing, gets zeros
     if batch > 1:
         positions[1] = last              # the last position of the last block
     slots = rng.permutation(slots_total)[:batch].astype(np.int32)
+    q = rope(qkv[:, :heads], positions[:, None], cos, sin).reshape(batch, kvh, group, d)
+    k_new = rope(qkv[:, heads:heads + kvh], positions[:, None], cos, sin)
+    v_new = qkv[:, heads + kvh:]
     expected_blocks = [(k.copy(), v.copy()) for k, v in blocks]
     for i in range(batch):
         for h in range(kvh):
@@ -84,15 +104,13 @@ def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_
                 j, r = block_row(block_rows, slots[i], h, kvh, positions[i])
                 expected_blocks[j][0][r], expected_blocks[j][1][r] = k_new[i, h], v_new[i, h]
     tensors = [Tensor(x) for pair in blocks for x in pair]
-    op = cpu_kernels.decode_attention_op()
-    out = op(Tensor(q), Tensor(k_new), Tensor(v_new), Tensor(positions), Tensor(slots),
-             Tensor(np.array([0.37], np.float32)), Tensor(np.array(block_rows, np.int32)), *tensors).asnumpy()
-    for (k, v), (tk, tv) in zip(expected_blocks, zip(tensors[::2], tensors[1::2])):
-        np.testing.assert_array_equal(tk.asnumpy(), k)  # written in place, nothing else touched
-        np.testing.assert_array_equal(tv.asnumpy(), v)
+    op = cpu_kernels.decode_attention_op(heads)
+    out = op(Tensor(qkv), Tensor(positions), Tensor(slots), Tensor(np.array([0.37], np.float32)),
+             Tensor(np.array(block_rows, np.int32)), Tensor(cos), Tensor(sin), *tensors).asnumpy()
+    assert_blocks(tensors, expected_blocks)
     ref = reference(q, positions, slots, 0.37, expected_blocks, block_rows)
-    assert out.shape == q.shape
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+    assert out.shape == (batch, heads, d)
+    np.testing.assert_allclose(out.reshape(q.shape), ref, atol=2e-5, rtol=1e-4)
     assert not out[0].any()
 
 
@@ -101,8 +119,8 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     cpu_kernels.build_library.cache_clear()
     try:
         assert cpu_kernels.build_library() is None
-        assert cpu_kernels.decode_attention_op() is None
-        assert cpu_kernels.prefill_attention_op() is None
+        assert cpu_kernels.decode_attention_op(4) is None
+        assert cpu_kernels.prefill_attention_op(4) is None
     finally:
         monkeypatch.delenv("PLLAVA_CPU_KERNELS")
         cpu_kernels.build_library.cache_clear()
@@ -142,18 +160,20 @@ def test_prefill_kernel_writes_the_chunk_and_matches_a_reference(batch, length, 
                                                                  slots_total):
     rng = np.random.default_rng(length)
     heads = kvh * group
-    q = rng.standard_normal((batch, length, heads, d)).astype(np.float32)
-    k_new = rng.standard_normal((batch, length, kvh, d)).astype(np.float32)
-    v_new = rng.standard_normal((batch, length, kvh, d)).astype(np.float32)
+    qkv = rng.standard_normal((batch, length, heads + 2 * kvh, d)).astype(np.float32)
     blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
                rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
     last = sum(r - 1 for r in block_rows) - 1
+    cos, sin = rope_tables(d, last + 1, 10000.0)
     slots = rng.permutation(slots_total)[:batch].astype(np.int32)
     positions = np.zeros((batch, length), np.int32)
     for i in range(batch):
         start = rng.integers(0, last + 2 - length)
         positions[i] = np.arange(start, start + length)
         positions[i, length - 2:] = -1   # padding rows: write nothing, get zeros
+    q = rope(qkv[:, :, :heads], positions[..., None], cos, sin)
+    k_new = rope(qkv[:, :, heads:heads + kvh], positions[..., None], cos, sin)
+    v_new = qkv[:, :, heads + kvh:]
     expected_blocks = [(k.copy(), v.copy()) for k, v in blocks]
     for i in range(batch):
         for l in range(length):
@@ -162,16 +182,14 @@ def test_prefill_kernel_writes_the_chunk_and_matches_a_reference(batch, length, 
                     j, r = block_row(block_rows, slots[i], h, kvh, positions[i, l])
                     expected_blocks[j][0][r], expected_blocks[j][1][r] = k_new[i, l, h], v_new[i, l, h]
     tensors = [Tensor(x) for pair in blocks for x in pair]
-    op = cpu_kernels.prefill_attention_op()
-    out = op(Tensor(q), Tensor(k_new), Tensor(v_new), Tensor(positions), Tensor(slots),
-             Tensor(np.array([0.37], np.float32)), Tensor(np.array(block_rows, np.int32)), *tensors).asnumpy()
-    for (k, v), (tk, tv) in zip(expected_blocks, zip(tensors[::2], tensors[1::2])):
-        np.testing.assert_array_equal(tk.asnumpy(), k)  # written in place, nothing else touched
-        np.testing.assert_array_equal(tv.asnumpy(), v)
+    op = cpu_kernels.prefill_attention_op(heads)
+    out = op(Tensor(qkv), Tensor(positions), Tensor(slots), Tensor(np.array([0.37], np.float32)),
+             Tensor(np.array(block_rows, np.int32)), Tensor(cos), Tensor(sin), *tensors).asnumpy()
+    assert_blocks(tensors, expected_blocks)
     # the decode reference, one query row at a time: (B*L, kvh, group, d)
     flat_q = q.reshape(batch * length, kvh, group, d)
     ref = reference(flat_q, positions.reshape(-1), np.repeat(slots, length), 0.37, expected_blocks, block_rows)
-    assert out.shape == q.shape
+    assert out.shape == (batch, length, heads, d)
     np.testing.assert_allclose(out, ref.reshape(out.shape), atol=2e-5, rtol=1e-4)
     assert not out[:, length - 2:].any()
 
@@ -217,3 +235,21 @@ def test_half_linear_equals_an_fp32_matmul_over_the_stored_weights(half, rows, o
     np.testing.assert_allclose(out[:, :outs], x.astype(np.float64) @ stored.astype(np.float64).T,
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[:, outs:], 0)  # the padding columns
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 48), (1, 300, 256)])  # decode, odd rows, threaded
+def test_rms_norm_and_silu_mul_kernels_match_float64(shape):
+    rng = np.random.default_rng(shape[1])
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    out = cpu_kernels.rms_norm_op()(Tensor(x), Tensor(w), Tensor(np.array([1e-5], np.float32))).asnumpy()
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    assert out.shape == x.shape
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=2e-6)
+    gate_up = (rng.standard_normal(shape[:-1] + (2 * shape[-1] + 2,)) * 6).astype(np.float32)  # a tail lane
+    gate_up.reshape(-1)[:4] = [-100.0, 100.0, 0.0, -0.0]  # saturated both ways, and zero
+    out = cpu_kernels.silu_mul_op()(Tensor(gate_up)).asnumpy()
+    gate, up = np.split(gate_up.astype(np.float64), 2, -1)
+    assert out.shape == up.shape
+    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-6, atol=1e-7)

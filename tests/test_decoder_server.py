@@ -28,6 +28,7 @@ from PIL import Image
 
 from pllava.pipeline import Captioner, CaptionerSettings, CaptionResult as InProcessResult
 from pllava.sampling import SamplingParams
+from pllava_client.channel import channel_options
 from pllava_client.client import CaptionError, Client
 from pllava_proto.v1 import pllava_pb2
 from servers import start_decoder, start_encoder
@@ -473,8 +474,11 @@ def test_sigterm_lets_a_running_caption_finish(tiny_model_dir, encoder, logs, me
             next(iter(stream))  # it is generating
             dec.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            with pytest.raises(CaptionError) as refused:
-                client.caption_full(media["portrait"], max_new_tokens=4)
+            # asked without the client's retries: retried, the refusal can outlast the drain
+            # (1500 tokens in ~3 s) and meet a closed port instead of "shutting down"
+            with pytest.raises(CaptionError) as refused, \
+                    Client(dec.address, timeout=60, options=channel_options()) as once:
+                once.caption_full(media["portrait"], max_new_tokens=4)
             assert refused.value.status == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.message
             for _ in stream:
                 pass

@@ -29,6 +29,12 @@ class Backend:
     half_weights: tuple[tuple[str, ms.dtype], ...] = ()
 
     @property
+    def cpu_kernels(self) -> bool:
+        """Whether the project's CPU kernels (:mod:`pllava.cpu_kernels`) may run here: on the
+        CPU in float32 (each still falls back to MindSpore's ops where it is not built)."""
+        return self.device == "CPU" and self.dtype == ms.float32
+
+    @property
     def fused_rms_norm(self) -> bool:
         return self.device == "Ascend"
 
@@ -204,7 +210,7 @@ class RMSNorm(nn.Cell):
         self.eps = eps
         self.fused = backend.fused_rms_norm
         self.weight = new_param((dim,), backend.dtype, "weight")
-        self.kernel = rms_norm_op() if backend.device == "CPU" and backend.dtype == ms.float32 else None
+        self.kernel = rms_norm_op() if backend.cpu_kernels else None
         self.eps_tensor = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):

@@ -212,7 +212,7 @@ def attention_kernels_for(backend: Backend, num_heads: int, head_dim: int):
     library built, a head width the prefill kernel's vectors divide), else (None, None): both
     or neither, as ``_run`` hands positions and slots to both or per-block row indices and a
     mask to MindSpore's ops."""
-    if backend.device != "CPU" or backend.dtype != ms.float32 or head_dim % PREFILL_KERNEL_WIDTH:
+    if not backend.cpu_kernels or head_dim % PREFILL_KERNEL_WIDTH:
         return None, None
     decode, prefill = decode_attention_op(num_heads), prefill_attention_op(num_heads)
     return (decode, prefill) if decode is not None and prefill is not None else (None, None)
@@ -243,7 +243,7 @@ class LlamaMLP(nn.Cell):
                                         *linear_setup(backend, "gate_proj", "up_proj"))
         self.down_proj = Linear(i, d, bias, *linear_setup(backend, "down_proj"))
         # on the CPU in fp32 the project's kernel: one call for the split, silu and product
-        self.silu_mul = silu_mul_op() if backend.device == "CPU" and backend.dtype == ms.float32 else None
+        self.silu_mul = silu_mul_op() if backend.cpu_kernels else None
 
     def construct(self, x):
         if self.silu_mul is not None:
@@ -389,8 +389,7 @@ def half_weights_allowed(backend: Backend) -> bool:
     float32, where the kernel (``kernels/half_linear.cc``) multiplies by them in float32
     reading half the bytes; not elsewhere (Ascend computes in half precision natively), nor
     without the kernel or its vector code."""
-    return (backend.device == "CPU" and backend.dtype == ms.float32 and half_linear_op() is not None
-            and half_linear_vectorized())
+    return backend.cpu_kernels and half_linear_op() is not None and half_linear_vectorized()
 
 
 def linear_setup(backend: Backend, *kinds: str) -> tuple:

@@ -31,7 +31,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17", "-pthread")
+# -z nodelete: the library stays loaded for the life of the process, as its thread pool does
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17", "-pthread", "-Wl,-z,nodelete")
 WHITE_LIST = "MS_CUSTOM_AOT_WHITE_LIST"  # MindSpore runs aot libraries only from under this folder
 
 

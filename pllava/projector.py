@@ -50,9 +50,16 @@ class PllavaMultiModalProjector(nn.Cell):
     def construct(self, features, num_frames: int, pooling_shape):
         """``features`` holds the frames actually encoded for one video; fewer than
         ``num_frames`` (a still image, a deduplicated short clip) repeat as the reference does."""
-        h = ops.gelu(self.linear_1(features), approximate="none")
-        pooled = self.pool(h, num_frames, pooling_shape)
-        return self.linear_2(pooled)
+        return self.finish(self.per_frame(features), num_frames, pooling_shape)
+
+    def per_frame(self, features):
+        """linear_1 -> GELU: the part done on every frame's every patch (the vision tower's
+        compiled graph ends with it)."""
+        return ops.gelu(self.linear_1(features), approximate="none")
+
+    def finish(self, activations, num_frames: int, pooling_shape):
+        """Pool one video's ``per_frame`` output, then linear_2 on the pooled tokens."""
+        return self.linear_2(self.pool(activations, num_frames, pooling_shape))
 
     def pool(self, x, num_frames: int, pooling_shape):
         """Separable pooling: one small averaging matmul per axis (time folds in the

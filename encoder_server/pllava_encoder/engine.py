@@ -180,6 +180,7 @@ class VisionEncoderEngine:
     def _load_and_warm_up(self) -> None:
         backend = setup_backend(self.settings.device, self.settings.device_id, self.dtype)
         self.vision = PllavaVision.from_pretrained(self.model_path, self.cfg, backend, self.settings.lora_alpha)
+        self.vision.warm_up()
         crop_h, crop_w = self.preprocessor.crop_size
         dummy = np.zeros((self.cfg.num_frames, 3, crop_h, crop_w), dtype=np.float32)
         self._encode_batch([dummy], [self.cfg])

@@ -123,7 +123,8 @@ class SequenceStats:
 @dataclass(frozen=True)
 class StepTimes:
     """What one ``Engine.step()`` ran, for metrics: the prefill chunk and the batched decode
-    (seconds of each, model call and sampling included; 0 when that part did not run)."""
+    (seconds of each, model call and sampling included; 0 when that part did not run). A
+    step that ran both in one model call reports its time as each."""
 
     prefill_s: float = 0.0
     prefill_tokens: int = 0  # prompt positions the chunk fed
@@ -252,6 +253,10 @@ class Engine:
         running = [s for s in self._slots if s is not None and s.generated]
         if self._prefilling is None:
             self._prefilling = self._next_admission()
+        if self._prefilling is not None and running and self._mixed_sizes:
+            mixed = self._mixed_step(self._prefilling, running)
+            if mixed is not None:
+                return events + mixed
         prefill_s = decode_s = 0.0
         prefill_tokens = 0
         if self._prefilling is not None:
@@ -294,11 +299,7 @@ class Engine:
         the pacer allows); its last chunk yields the first token. A failure here is ``seq``'s alone:
         the chunk is its own device call and writes only its own slot."""
         try:
-            if seq.embeds is None:
-                seq.stats.prefill_start = time.perf_counter()
-                with _stage("merging the prompt with its visual tokens"):
-                    seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
-            length = seq.embeds.shape[1]
+            length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
                 chunk = self.language.plan.next_chunk(seq.position, length, self.pacer.allows if busy else None)
                 start = time.perf_counter()
@@ -306,6 +307,18 @@ class Engine:
         except SequenceError as error:
             return [self._fail(seq, error)]
         self.pacer.chunk_ran(chunk.size, chunk.context, time.perf_counter() - start, busy)
+        return self._chunk_done(seq, chunk, length, logits)
+
+    def _embed_prompt(self, seq: Running) -> int:
+        """``seq``'s prompt embeddings, made at its first chunk; returns their length."""
+        if seq.embeds is None:
+            seq.stats.prefill_start = time.perf_counter()
+            with _stage("merging the prompt with its visual tokens"):
+                seq.embeds = self.language.merge_embeddings(seq.request.prompt_ids, seq.request.visual)
+        return seq.embeds.shape[1]
+
+    def _chunk_done(self, seq: Running, chunk, length: int, logits: np.ndarray) -> list[TokenEvent]:
+        """After a chunk of ``seq``'s prompt: its first token when the chunk was the last."""
         seq.position = chunk.start + chunk.length
         if seq.position < length:
             return []
@@ -314,6 +327,50 @@ class Engine:
         event = self._accept(seq, logits[0])
         seq.stats.first_token = time.perf_counter()
         return [event]
+
+    @property
+    def _mixed_sizes(self) -> tuple[int, ...]:
+        """Chunk sizes the language model runs in one step with the decode rows."""
+        return getattr(self.language, "mixed_sizes", ())
+
+    def _mixed_step(self, seq: Running, running: list[Running]) -> list[TokenEvent] | None:
+        """A chunk of ``seq``'s prompt and a token for every running stream in ONE model call
+        (the weights read once for both): the streams then wait one such step between two
+        tokens, which the pacer keeps under ``max_gap_steps`` decode steps. None when the
+        pacer allows a longer chunk than the mixed steps take (it runs on its own, then the
+        decode step), and when that call fails (the two parts are then run apart)."""
+        sizes = self._mixed_sizes
+        try:
+            length = self._embed_prompt(seq)
+            with _stage("prefilling the prompt"):
+                chunk = self.language.plan.next_chunk(
+                    seq.position, length, lambda size, context: self.pacer.allows(size, context, size in sizes))
+        except SequenceError as error:
+            return [self._fail(seq, error)]
+        if chunk.size not in sizes:
+            return None
+        tokens = np.array([s.generated[-1] for s in running], dtype=np.int32)
+        positions = np.array([s.position for s in running], dtype=np.int32)
+        slots = np.array([s.slot for s in running], dtype=np.int32)
+        start = time.perf_counter()
+        try:
+            chunk_logits, logits = self.language.prefill_chunk_and_decode(seq.slot, seq.embeds, chunk, tokens,
+                                                                          positions, slots)
+        except Exception as exc:  # noqa: BLE001 - retried apart, where a failure is placed
+            # The chunk and the decode again as two calls (rewriting the same cache rows with
+            # the same values), so that a failure ends only the sequences of the part it is in.
+            log.warning("a step of a prompt chunk and %d decode rows failed (%.300r); running them apart",
+                        len(running), exc)
+            return None
+        seconds = time.perf_counter() - start
+        self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=True)
+        events = []
+        for s, row in zip(running, logits):
+            s.position += 1
+            events.append(self._accept(s, row))
+        events.extend(self._chunk_done(seq, chunk, length, chunk_logits))
+        self.last_step = StepTimes(seconds, chunk.length, seconds, len(running))
+        return events
 
     def _decode(self, running: list[Running]) -> list[TokenEvent]:
         tokens = np.array([seq.generated[-1] for seq in running], dtype=np.int32)

@@ -95,6 +95,9 @@ class LlamaAttention(nn.Cell):
         b, l, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
+        if self.decode_kernel is not None and len(write_index) == 2:  # a chunk and decode rows
+            out = self._mixed_attention(qkv, write_index, read_index, cos, sin)
+            return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
         if self.decode_kernel is not None:  # RoPE, the cache write and attention in one call
             out = self._kernel_attention(qkv, write_index[0], read_index[0], cos, sin)
             return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
@@ -154,6 +157,18 @@ class LlamaAttention(nn.Cell):
                                        *blocks)
         return self.decode_kernel(qkv.reshape(b, -1, self.head_dim), positions, slots, self.scale_tensor,
                                   self.block_row_counts, cos, sin, *blocks)
+
+    def _mixed_attention(self, qkv, positions, slots, cos, sin):
+        """A step of one prefill chunk and one decode row per sequence, (1, L + n, ...) with
+        the chunk's rows first: ``positions`` = (chunk positions (1, L), decode positions
+        (n,)), ``slots`` = (the chunk's slot (1,), decode slots (n,)). Each part goes through
+        its own kernel; every other op of the step runs on all rows at once. -> (1, L + n,
+        heads, hd)."""
+        n = positions[1].shape[0]
+        chunk, rows = ops.split(qkv, (qkv.shape[1] - n, n), 1)
+        first = self._kernel_attention(chunk, positions[0], slots[0], cos, sin)
+        second = self._kernel_attention(rows.reshape(n, 1, -1, self.head_dim), positions[1], slots[1], cos, sin)
+        return ops.concat((first, second.reshape(1, n, self.num_heads, self.head_dim)), 1)
 
     def _decode_attention(self, q, k, v, write_index, read_index, mask):
         """A decode step (one query per sequence and head: small scores): each read block's
@@ -376,6 +391,17 @@ class LlamaForCausalLM(nn.Cell):
         b, l, d = embeds.shape
         h = self._run(embeds, positions, slots, key_positions)
         return self._logits(ops.gather(h.reshape(b * l, d), logit_index, 0))
+
+    def mixed(self, embeds, chunk_positions, chunk_slot, tokens, positions, slots, logit_index):
+        """One prefill chunk (1, L, D) at ``chunk_positions`` (1, L) into ``chunk_slot`` (1,)
+        and one decode token per sequence (``tokens``, ``positions``, ``slots``: (n,)) in ONE
+        pass: the projections read their weights once for both. CPU kernels only.
+        -> fp32 logits at the flat row indices ``logit_index`` of the L + n rows."""
+        l, n, d = embeds.shape[1], tokens.shape[0], embeds.shape[2]
+        h = ops.concat((embeds, self.embed(tokens).reshape(1, n, d)), 1)
+        for layer in self.model.layers:
+            h = layer(h, self.rope_cos, self.rope_sin, (chunk_positions, positions), (chunk_slot, slots), slots)
+        return self._logits(ops.gather(h.reshape(l + n, d), logit_index, 0))
 
     def decode(self, tokens, positions, slots, key_positions):
         """One token per sequence: tokens, positions, slots (B,) -> fp32 logits (B, vocab)."""

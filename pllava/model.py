@@ -160,6 +160,11 @@ class PllavaLanguage:
         # than one per context bucket too.
         self.decode_contexts = (max_len,) if self.lm.kernel_attention else self.plan.context_buckets
         self.graph_seconds: dict[tuple[str, int, int], float] = {}  # prefill graphs timed at warm-up
+        # One compiled step for a prefill chunk and the running streams' decode rows (the
+        # CPU kernels only): the chunk sizes the engine takes while streams decode.
+        self._mixed = ms.jit(self.lm.mixed) if jit else self.lm.mixed
+        self.mixed_sizes = (tuple(s for s in self.plan.chunk_sizes(0) if s <= MIXED_CHUNK_MAX)
+                            if self.lm.kernel_attention and num_slots > 1 else ())
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
         tied = self.cfg.text.tie_word_embeddings
@@ -178,46 +183,61 @@ class PllavaLanguage:
     def vocab_size(self) -> int:
         return self.cfg.text.vocab_size
 
-    def merge_embeddings(self, input_ids: Sequence[int], visual: np.ndarray | None) -> Tensor:
+    def merge_embeddings(self, input_ids: Sequence[int], visual: np.ndarray | None) -> np.ndarray:
         """Text embeddings with the single ``<image>`` id replaced by the visual tokens:
-        (1, L - 1 + V, D). Text token j lands at j + (V - 1) if it follows the image."""
+        (1, L - 1 + V, D) float32 (exact for every model dtype). Text token j lands at
+        j + (V - 1) if it follows the image. Host memory: each prefill chunk sends its own
+        rows, so admitting a long prompt runs no device op over all of it (a 16-frame
+        prompt's merge as one took ~50 ms, inside the step the running streams waited on)."""
         ids = np.asarray(input_ids, dtype=np.int32)
         image_at = np.flatnonzero(ids == self.cfg.image_token_index)
         if visual is None:
             if len(image_at):
                 raise ValueError("the prompt has an <image> token but no visual tokens were given")
-            return self.lm.embed(to_tensor(ids)).reshape(1, len(ids), -1)
+            return self._embed_rows(ids)[None]
         if len(image_at) != 1:
             raise ValueError(f"the prompt must contain exactly one <image> token, found {len(image_at)}")
         i = int(image_at[0])
-        text = self.lm.embed(to_tensor(np.where(ids == self.cfg.image_token_index, self.cfg.pad_token_id, ids)))
-        vis = to_tensor(np.asarray(visual, dtype=np.float32)).astype(self.lm.dtype)
-        return ops.concat((text[:i], vis, text[i + 1:]), 0).reshape(1, -1, text.shape[-1])
+        text = self._embed_rows(np.where(ids == self.cfg.image_token_index, self.cfg.pad_token_id, ids))
+        return np.concatenate((text[:i], np.asarray(visual, dtype=np.float32), text[i + 1:]), 0)[None]
 
-    def prefill_chunk(self, slot: int, embeds: Tensor, chunk: Chunk, all_logits: bool = False) -> np.ndarray:
+    def _embed_rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.lm.embed(to_tensor(ids)).astype(ms.float32).asnumpy()
+
+    def prefill_chunk(self, slot: int, embeds, chunk: Chunk, all_logits: bool = False) -> np.ndarray:
         """Run prompt positions [chunk.start, chunk.start + chunk.length) of ``embeds``
-        (1, L, D) into cache ``slot``. Returns fp32 logits (1, vocab) at the chunk's last
+        (1, L, D: ``merge_embeddings``' array, or a Tensor) into cache ``slot``. Returns fp32 logits (1, vocab) at the chunk's last
         position, or (chunk.length, vocab) at each of its positions with ``all_logits``."""
-        piece = embeds[:, chunk.start:chunk.start + chunk.length]
-        if chunk.size > chunk.length:
-            pad = ops.zeros((1, chunk.size - chunk.length, embeds.shape[2]), embeds.dtype)
-            piece = ops.concat((piece, pad), 1)
-        # padding rows feed nothing (position -1: their keys/values go to the spare rows)
-        positions = np.arange(chunk.start, chunk.start + chunk.size)
-        positions[chunk.length:] = -1
+        piece, positions = _chunk_rows(embeds, chunk, self.lm.dtype)
         index = np.arange(chunk.size) if all_logits else np.array([chunk.length - 1])
-        logits = self._prefill(piece, to_tensor(positions.astype(np.int32).reshape(1, -1)),
-                               to_tensor(np.array([slot], dtype=np.int32)), self._graph_context(chunk.context),
-                               to_tensor(index.astype(np.int32)))
+        logits = self._prefill(piece, positions, to_tensor(np.array([slot], dtype=np.int32)),
+                               self._graph_context(chunk.context), to_tensor(index.astype(np.int32)))
         out = logits.asnumpy()
         return out[:chunk.length] if all_logits else out
+
+    def prefill_chunk_and_decode(self, slot: int, embeds, chunk: Chunk, tokens: np.ndarray,
+                                 positions: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``prefill_chunk`` into ``slot`` and ``decode`` of the sequences (tokens, positions,
+        slots: (n,)) as ONE compiled step (``chunk.size`` in ``mixed_sizes``): the weights are
+        read once for both. The decode rows go in slot order at the batch of every slot; the
+        slots not decoding (the chunk's own among them) feed a dummy row at position -1,
+        which writes only spare rows. -> (chunk logits (1, vocab), decode logits (n, vocab))."""
+        piece, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
+        feed = np.zeros(self.num_slots, np.int32)
+        where = np.full(self.num_slots, -1, np.int32)
+        feed[slots], where[slots] = tokens, positions
+        index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
+        logits = self._mixed(piece, where_chunk, to_tensor(np.array([slot], dtype=np.int32)), to_tensor(feed),
+                             to_tensor(where), to_tensor(np.arange(self.num_slots, dtype=np.int32)),
+                             to_tensor(index)).asnumpy()
+        return logits[:1], logits[1:][np.asarray(slots)]
 
     def _graph_context(self, context: int) -> Tensor:
         """The ``key_positions`` a prefill graph gets for a chunk at ``context``: the kernels
         ignore it, so every chunk gets the same (one graph per chunk size)."""
         return self._contexts[self.max_len if self.lm.kernel_attention else context]
 
-    def prefill(self, slot: int, embeds: Tensor, logit_index: Sequence[int] | None = None) -> np.ndarray:
+    def prefill(self, slot: int, embeds, logit_index: Sequence[int] | None = None) -> np.ndarray:
         """Run a whole prompt into cache ``slot``, chunk by chunk; fp32 logits at
         ``logit_index`` (default: the last prompt position), shape (n, vocab)."""
         length = embeds.shape[1]
@@ -265,17 +285,22 @@ class PllavaLanguage:
         return logits.asnumpy()[:n]
 
     def warm_up(self, progress=None, timed: bool = True) -> int:
-        """Compile every graph of the shape plan (writes only garbage into cache slot 0, so
-        run it while no sequence is live), and with ``timed`` time each prefill chunk size at
+        """Compile every graph of the shape plan and the mixed steps (writes only garbage into
+        cache slot 0, so run it while no sequence is live), and with ``timed`` time each prefill chunk size at
         each context into ``graph_seconds`` (the engine sizes chunks by it: after a compile
         the faster of two runs, as the first runs still allocate; at a further context of the
         same graph one run). ``progress(done, total, kind, a, context)`` is called after each
         (kind, size, context). Returns the number of graphs compiled."""
-        shapes = self.plan.graphs(self.decode_contexts)
+        shapes = self.plan.graphs(self.decode_contexts) + [("mixed", size, self.max_len) for size in self.mixed_sizes]
         width = self.cfg.text.hidden_size
         compiled = set()
         for done, (kind, size, context) in enumerate(shapes, 1):
-            if kind == "decode":
+            if kind == "mixed":  # a chunk with every decode row a dummy
+                none = np.zeros(0, np.int32)
+                self.prefill_chunk_and_decode(0, ops.zeros((1, size, width), self.lm.dtype),
+                                              Chunk(0, size, size, context), none, none, none)
+                compiled.add((kind, size, context))
+            elif kind == "decode":
                 self._decode_group(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
                                    np.zeros(size, np.int32))
                 compiled.add((kind, size, context))
@@ -294,6 +319,28 @@ class PllavaLanguage:
             if progress is not None:
                 progress(done, len(shapes), kind, size, context)
         return len(compiled)
+
+
+#: the longest prefill chunk that gets a mixed graph (chunk + decode rows): while streams
+#: decode, the pacer keeps chunks short
+MIXED_CHUNK_MAX = 64
+
+
+def _chunk_rows(embeds, chunk: Chunk, dtype) -> tuple[Tensor, Tensor]:
+    """A chunk's rows of ``embeds`` (1, L, D: an array or a Tensor) padded to its size, as a
+    (1, size, D) Tensor of ``dtype``, and their positions (1, size): padding rows feed
+    nothing (position -1: their keys/values go to the spare rows)."""
+    piece = embeds[:, chunk.start:chunk.start + chunk.length]
+    if isinstance(piece, np.ndarray):
+        if chunk.size > chunk.length:
+            piece = np.concatenate((piece, np.zeros((1, chunk.size - chunk.length, piece.shape[2]), piece.dtype)), 1)
+        piece = to_tensor(np.ascontiguousarray(piece)).astype(dtype)
+    elif chunk.size > chunk.length:
+        pad = ops.zeros((1, chunk.size - chunk.length, embeds.shape[2]), embeds.dtype)
+        piece = ops.concat((piece, pad), 1)
+    positions = np.arange(chunk.start, chunk.start + chunk.size)
+    positions[chunk.length:] = -1
+    return piece, to_tensor(positions.astype(np.int32).reshape(1, -1))
 
 
 def _seconds(fn, *args) -> float:

@@ -20,7 +20,8 @@ class AdmissionPacer:
     """Decides, from measured times, which long chunks may run while streams decode.
 
     ``seconds`` maps ("prefill", size, context) to a chunk's time (the language model's
-    warm-up timings; kept up to date here). A chunk not timed yet is not allowed until it has
+    warm-up timings; kept up to date here), and ("mixed", size, context) to that of a chunk
+    run in one call with the decode rows (measured as they run). A chunk not timed yet is not allowed until it has
     run once while nothing else decoded."""
 
     def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3,
@@ -34,21 +35,30 @@ class AdmissionPacer:
         self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
         self.step_s: float | None = None  # a decode step of the running streams, averaged
 
-    def allows(self, size: int, context: int) -> bool:
-        """May a chunk of ``size`` at ``context`` run before the next decode step?"""
+    def allows(self, size: int, context: int, with_decode: bool = False) -> bool:
+        """May a chunk of ``size`` at ``context`` run before the next decode step, or with
+        ``with_decode`` in one model call with the decode rows? The streams then wait that
+        call alone: once it has run so, its measured time; until then the chunk's and a
+        decode step's, as apart."""
+        if self.step_s is None:
+            return False
+        if with_decode and ("mixed", size, context) in self.seconds:
+            return self.seconds[("mixed", size, context)] <= self.max_gap_steps * self.step_s
         key = ("prefill", size, context)
         chunk = self.seconds.get(key)
-        if chunk is None or self.step_s is None:
+        if chunk is None:
             return False
         if key not in self.tried:
             chunk *= self.untried_margin
         return chunk + self.step_s <= self.max_gap_steps * self.step_s
 
-    def chunk_ran(self, size: int, context: int, seconds: float, busy: bool = False) -> None:
-        """A chunk took ``seconds``; ``busy``: while streams decoded."""
-        key = ("prefill", size, context)
+    def chunk_ran(self, size: int, context: int, seconds: float, busy: bool = False,
+                  with_decode: bool = False) -> None:
+        """A chunk took ``seconds``; ``busy``: while streams decoded; ``with_decode``: in one
+        call with their decode rows (timed apart from the chunk alone)."""
+        key = ("mixed" if with_decode else "prefill", size, context)
         self.seconds[key] = self._average(self.seconds.get(key), seconds)
-        if busy:
+        if busy and not with_decode:
             self.tried.add(key)
 
     def step_ran(self, seconds: float) -> None:

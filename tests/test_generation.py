@@ -234,6 +234,77 @@ def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(langu
         assert (newcomer.request_id in ids) == (step == chunks)  # its first token ends its prefill
 
 
+def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir, cfg):
+    """The mixed step (one prompt chunk and a decode row per running stream through the
+    weights once) gives the logits, and leaves the cache, that the chunk and the decode step
+    run one after the other do: at a full chunk and at a padded tail."""
+    import mindspore as ms
+
+    from pllava.shapes import Chunk
+
+    apart, together = (PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=4, max_len=512) for _ in "ab")
+    assert together.mixed_sizes and min(together.mixed_sizes) == together.plan.prefill_small_chunk
+    rng = np.random.default_rng(0)
+    width = cfg.text.hidden_size
+    first = ms.Tensor(rng.standard_normal((1, 100, width)).astype(np.float32) * 0.1)
+    newcomer = ms.Tensor(rng.standard_normal((1, 70, width)).astype(np.float32) * 0.1)
+    for lang in (apart, together):
+        lang.prefill(1, first)
+        lang.prefill(3, first[:, :60])
+    # out of slot order: slot 3 holds 60 positions, slot 1 holds 100
+    tokens, positions, slots = np.array([5, 9], np.int32), np.array([60, 100], np.int32), np.array([3, 1], np.int32)
+    for chunk in (Chunk(0, 32, 32, 512), Chunk(32, 38, 64, 512)):
+        chunk_alone = apart.prefill_chunk(2, newcomer, chunk)
+        decode_alone = apart.decode(tokens, positions, slots)
+        chunk_mixed, decode_mixed = together.prefill_chunk_and_decode(2, newcomer, chunk, tokens, positions, slots)
+        np.testing.assert_allclose(chunk_mixed, chunk_alone, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(decode_mixed, decode_alone, rtol=0, atol=1e-5)
+        assert np.abs(decode_mixed[0] - decode_mixed[1]).max() > 1e-3  # rows not swapped or shared
+        tokens, positions = tokens + 1, positions + 1
+    # the caches agree: the next decode of every slot, the newcomer's included
+    step = (np.array([11, 7, 12], np.int32), np.array([102, 70, 62], np.int32), np.array([1, 2, 3], np.int32))
+    np.testing.assert_allclose(together.decode(*step), apart.decode(*step), rtol=0, atol=1e-5)
+
+
+class Unmixed:
+    """The language model without its mixed steps: a chunk and the decode run apart."""
+
+    mixed_sizes = ()
+
+    def __init__(self, language):
+        self._language = language
+
+    def __getattr__(self, name):
+        return getattr(self._language, name)
+
+
+def test_streams_decode_in_the_steps_of_a_prompt_chunk_with_the_same_tokens(language, tokenizer, cfg):
+    """While a prompt enters, each step is ONE model call with the running streams' rows,
+    and every stream's tokens are those of an engine that runs the chunk and the decode apart."""
+    requests = three_requests(tokenizer, cfg, marked=None)
+    flaky = FlakyLanguage(language)
+    # short chunks only while others decode (no long one apart whatever the measured times)
+    mixed = drive(Engine(flaky, tokenizer, max_gap_steps=1), requests)
+    assert flaky.mixed_calls >= 2  # the 2nd and 3rd prompts entered beside decoding streams
+    apart = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1), requests)
+    assert {rid: v[0] for rid, v in mixed.items()} == {rid: v[0] for rid, v in apart.items()}
+
+
+def test_a_failed_mixed_step_is_retried_apart_and_fails_only_its_part(language, tokenizer, cfg):
+    """The mixed step of a prompt chunk and two decode rows fails; run apart again, the
+    chunk succeeds and the decode fails: the two decoding streams end with ERROR, the prompt
+    carries on and finishes, and the engine serves on."""
+    requests = three_requests(tokenizer, cfg, marked=None)
+    clean = drive(Engine(language, tokenizer), requests)
+    flaky = FlakyLanguage(language, fail_batch=2)
+    got = drive(Engine(flaky, tokenizer, max_gap_steps=1), requests)
+    assert flaky.mixed_calls >= 1 and flaky.fail_batch is None  # the retried decode() took the failure
+    for rid in ("r0", "r1"):
+        assert got[rid][2].finish_reason == FinishReason.ERROR
+        assert "while decoding the next token (shared by the 2 sequences" in str(got[rid][2].error)
+    assert got["r2"][2].finish_reason == FinishReason.LENGTH and got["r2"][0] == clean["r2"][0]
+
+
 def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model_dir, tokenizer, cfg):
     """Warm-up times every prefill graph; with a wait that every chunk fits, a prompt admitted
     while streams decode enters in the long chunks an idle engine would use: fewer steps, and
@@ -327,7 +398,8 @@ class FlakyLanguage:
     def __init__(self, language, fail_batch: int | None = None, fail_prefill=()):
         self._language = language
         self.fail_batch, self.fail_prefill = fail_batch, set(fail_prefill)
-        self.prefill_calls = 0
+        self.prefill_calls = self.mixed_calls = 0
+        self._failing = None  # (slot, chunk start) of a failed chunk step, until retried alone
 
     def __getattr__(self, name):
         return getattr(self._language, name)
@@ -338,11 +410,29 @@ class FlakyLanguage:
             raise RuntimeError("device lost during decode")
         return self._language.decode(tokens, positions, slots)
 
-    def prefill_chunk(self, *args):
+    def _prefill_fails(self, slot, chunk, retry: bool) -> bool:
+        """A listed chunk fails, and so does the engine's retry of it on its own."""
+        if retry and self._failing == (slot, chunk.start):
+            self._failing = None
+            return True
         self.prefill_calls += 1
         if self.prefill_calls in self.fail_prefill:
+            self._failing = None if retry else (slot, chunk.start)
+            return True
+        return False
+
+    def prefill_chunk(self, slot, embeds, chunk, *rest):
+        if self._prefill_fails(slot, chunk, retry=True):
             raise RuntimeError("device lost during prefill")
-        return self._language.prefill_chunk(*args)
+        return self._language.prefill_chunk(slot, embeds, chunk, *rest)
+
+    def prefill_chunk_and_decode(self, slot, embeds, chunk, tokens, positions, slots):
+        self.mixed_calls += 1
+        if self._prefill_fails(slot, chunk, retry=False):
+            raise RuntimeError("device lost during prefill")
+        if len(tokens) == self.fail_batch:
+            raise RuntimeError("device lost during decode")  # fails again in decode(), run apart
+        return self._language.prefill_chunk_and_decode(slot, embeds, chunk, tokens, positions, slots)
 
 
 def drive(engine: Engine, requests, add_at=None) -> dict:

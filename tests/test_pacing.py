@@ -48,3 +48,18 @@ def test_a_warm_up_time_counts_with_a_margin_until_the_chunk_ran_beside_decode_s
     assert not pacer.allows(64, 2048)
     pacer.chunk_ran(64, 2048, 0.200, busy=True)  # measured where it matters: its own time counts
     assert ("prefill", 64, 2048) in pacer.tried and pacer.allows(64, 2048)
+
+
+def test_a_chunk_run_with_the_decode_rows_is_the_whole_wait():
+    """In one call with the decode rows, the streams wait that call alone: until it has run
+    so, it counts as the chunk and a decode step apart; then its measured time, which may
+    fit where the two apart do not."""
+    pacer = AdmissionPacer({("prefill", 64, 1024): 0.7}, max_gap_steps=3.5, untried_margin=1.0)
+    pacer.step_ran(0.24)
+    # apart: 0.7 + 0.24 > 3.5 x 0.24 = 0.84, and so until measured together
+    assert not pacer.allows(64, 1024) and not pacer.allows(64, 1024, with_decode=True)
+    pacer.chunk_ran(64, 1024, 0.8, busy=True, with_decode=True)
+    assert pacer.seconds[("prefill", 64, 1024)] == 0.7 and ("prefill", 64, 1024) not in pacer.tried
+    assert pacer.allows(64, 1024, with_decode=True) and not pacer.allows(64, 1024)
+    pacer.chunk_ran(64, 1024, 1.0, busy=True, with_decode=True)  # measured longer: 0.8 -> 0.86
+    assert not pacer.allows(64, 1024, with_decode=True)

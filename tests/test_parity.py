@@ -75,6 +75,19 @@ def test_projector_and_pooling_match_torch(hf, hf_tiny_dir, frames, num_frames, 
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("frames", [1, 3, 4])
+def test_compiled_frame_calls_give_transformers_visual_tokens(hf, vision, frames):
+    """encode_videos runs the tower and linear_1/GELU as compiled graphs of
+    ``frames_per_call`` frames and a lone odd frame: 1, 3 (a call and a lone frame) and 4
+    frames give transformers' CLIP -> projector -> pooling."""
+    pixels = np.random.default_rng(frames).standard_normal((frames, 3, 56, 56)).astype(np.float32)
+    assert vision.frames_per_call == 2
+    ours = vision.encode_videos([pixels])[0]
+    ref = R.project_and_pool(hf, R.clip_features(hf, pixels), vision.cfg.num_frames, vision.cfg.pooling_shape)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
 def test_pooling_before_gelu_would_differ(hf, vision):
     """Negative control: pooling the CLIP features before linear_1/GELU is not equivalent,
     so the parity test above can tell the orders apart."""

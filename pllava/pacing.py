@@ -11,7 +11,8 @@ updates a moving average, so the choice follows the machine's load. A warm-up ti
 chunk alone on an idle machine; beside decode steps the same chunk ran up to 1.5x slower
 (64 positions at context 2048: 212 ms at warm-up, ~320 ms in an admission, one wait of 4.7
 steps). So until a chunk has run while streams decode, its time counts ``untried_margin``
-times.
+times. Where the model runs a chunk and the decode rows as one call (the CPU kernels), the
+streams wait that call alone, timed as it runs.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class AdmissionPacer:
 
     ``seconds`` maps ("prefill", size, context) to a chunk's time (the language model's
     warm-up timings; kept up to date here), and ("mixed", size, context) to that of a chunk
-    run in one call with the decode rows (measured as they run). A chunk not timed yet is not allowed until it has
-    run once while nothing else decoded."""
+    run in one call with the decode rows (measured as they run). A chunk not timed yet is
+    not allowed until it has run once while nothing else decoded."""
 
     def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3,
                  untried_margin: float = 1.5):

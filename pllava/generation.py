@@ -349,13 +349,10 @@ class Engine:
             return [self._fail(seq, error)]
         if chunk.size not in sizes:
             return None
-        tokens = np.array([s.generated[-1] for s in running], dtype=np.int32)
-        positions = np.array([s.position for s in running], dtype=np.int32)
-        slots = np.array([s.slot for s in running], dtype=np.int32)
         start = time.perf_counter()
         try:
-            chunk_logits, logits = self.language.prefill_chunk_and_decode(seq.slot, seq.embeds, chunk, tokens,
-                                                                          positions, slots)
+            chunk_logits, logits = self.language.prefill_chunk_and_decode(seq.slot, seq.embeds, chunk,
+                                                                          *_decode_rows(running))
         except Exception as exc:  # noqa: BLE001 - retried apart, where a failure is placed
             # The chunk and the decode again as two calls (rewriting the same cache rows with
             # the same values), so that a failure ends only the sequences of the part it is in.
@@ -364,23 +361,20 @@ class Engine:
             return None
         seconds = time.perf_counter() - start
         self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=True)
-        events = []
-        for s, row in zip(running, logits):
-            s.position += 1
-            events.append(self._accept(s, row))
-        events.extend(self._chunk_done(seq, chunk, length, chunk_logits))
+        events = self._accept_decoded(running, logits) + self._chunk_done(seq, chunk, length, chunk_logits)
         self.last_step = StepTimes(seconds, chunk.length, seconds, len(running))
         return events
 
     def _decode(self, running: list[Running]) -> list[TokenEvent]:
-        tokens = np.array([seq.generated[-1] for seq in running], dtype=np.int32)
-        positions = np.array([seq.position for seq in running], dtype=np.int32)
-        slots = np.array([seq.slot for seq in running], dtype=np.int32)
         try:
-            logits = self.language.decode(tokens, positions, slots)
+            logits = self.language.decode(*_decode_rows(running))
         except Exception as exc:  # the shared device step: every sequence in it has no token
             error = SequenceError("decoding the next token", exc, batch_size=len(running))
             return [self._fail(seq, error) for seq in running]
+        return self._accept_decoded(running, logits)
+
+    def _accept_decoded(self, running: list[Running], logits: np.ndarray) -> list[TokenEvent]:
+        """Each running sequence's next token from its row of a decode's logits."""
         events = []
         for seq, row in zip(running, logits):
             seq.position += 1
@@ -444,6 +438,13 @@ class Engine:
             self._prefilling, seq.embeds = None, None
         seq.stats.finished = time.perf_counter()
         seq.stats.generated_tokens = len(seq.generated)
+
+
+def _decode_rows(running: list[Running]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The decode inputs of running sequences: last tokens, positions and cache slots (n,)."""
+    return (np.array([seq.generated[-1] for seq in running], dtype=np.int32),
+            np.array([seq.position for seq in running], dtype=np.int32),
+            np.array([seq.slot for seq in running], dtype=np.int32))
 
 
 def generate(engine: Engine, request: Request) -> Iterator[TokenEvent]:

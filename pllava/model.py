@@ -163,6 +163,7 @@ class PllavaLanguage:
         # One compiled step for a prefill chunk and the running streams' decode rows (the
         # CPU kernels only): the chunk sizes the engine takes while streams decode.
         self._mixed = ms.jit(self.lm.mixed) if jit else self.lm.mixed
+        self._every_slot = to_tensor(np.arange(num_slots, dtype=np.int32))  # the slots of those rows
         self.mixed_sizes = (tuple(s for s in self.plan.chunk_sizes(0) if s <= MIXED_CHUNK_MAX)
                             if self.lm.kernel_attention and num_slots > 1 else ())
 
@@ -206,8 +207,9 @@ class PllavaLanguage:
 
     def prefill_chunk(self, slot: int, embeds, chunk: Chunk, all_logits: bool = False) -> np.ndarray:
         """Run prompt positions [chunk.start, chunk.start + chunk.length) of ``embeds``
-        (1, L, D: ``merge_embeddings``' array, or a Tensor) into cache ``slot``. Returns fp32 logits (1, vocab) at the chunk's last
-        position, or (chunk.length, vocab) at each of its positions with ``all_logits``."""
+        (1, L, D: ``merge_embeddings``' array, or a Tensor) into cache ``slot``. Returns fp32
+        logits (1, vocab) at the chunk's last position, or (chunk.length, vocab) at each of
+        its positions with ``all_logits``."""
         piece, positions = _chunk_rows(embeds, chunk, self.lm.dtype)
         index = np.arange(chunk.size) if all_logits else np.array([chunk.length - 1])
         logits = self._prefill(piece, positions, to_tensor(np.array([slot], dtype=np.int32)),
@@ -219,18 +221,23 @@ class PllavaLanguage:
                                  positions: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``prefill_chunk`` into ``slot`` and ``decode`` of the sequences (tokens, positions,
         slots: (n,)) as ONE compiled step (``chunk.size`` in ``mixed_sizes``): the weights are
-        read once for both. The decode rows go in slot order at the batch of every slot; the
-        slots not decoding (the chunk's own among them) feed a dummy row at position -1,
-        which writes only spare rows. -> (chunk logits (1, vocab), decode logits (n, vocab))."""
+        read once for both. The decode rows go as :meth:`_rows_in_slot_order` puts them (the
+        chunk's own slot gets a dummy). -> (chunk logits (1, vocab), decode logits (n, vocab))."""
         piece, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
+        feed, where = self._rows_in_slot_order(tokens, positions, slots)
+        index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
+        logits = self._mixed(piece, where_chunk, to_tensor(np.array([slot], dtype=np.int32)), feed, where,
+                             self._every_slot, to_tensor(index)).asnumpy()
+        return logits[:1], logits[1:][np.asarray(slots)]
+
+    def _rows_in_slot_order(self, tokens, positions, slots) -> tuple[Tensor, Tensor]:
+        """Decode rows at the batch of every slot, in slot order: (tokens, positions), with
+        a dummy row at position -1 (it writes only spare rows) for every slot not in
+        ``slots``. The step then attends over the cache blocks in place."""
         feed = np.zeros(self.num_slots, np.int32)
         where = np.full(self.num_slots, -1, np.int32)
         feed[slots], where[slots] = tokens, positions
-        index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
-        logits = self._mixed(piece, where_chunk, to_tensor(np.array([slot], dtype=np.int32)), to_tensor(feed),
-                             to_tensor(where), to_tensor(np.arange(self.num_slots, dtype=np.int32)),
-                             to_tensor(index)).asnumpy()
-        return logits[:1], logits[1:][np.asarray(slots)]
+        return to_tensor(feed), to_tensor(where)
 
     def _graph_context(self, context: int) -> Tensor:
         """The ``key_positions`` a prefill graph gets for a chunk at ``context``: the kernels
@@ -274,12 +281,8 @@ class PllavaLanguage:
         batch = self.plan.batch_bucket(n)
         context = self._contexts[smallest_at_least(self.decode_contexts, int(np.max(positions)) + 1, "context")]
         if batch == self.num_slots:
-            feed = np.zeros(batch, np.int32)
-            where = np.full(batch, -1, np.int32)
-            feed[slots], where[slots] = tokens, positions
-            logits = self._decode(to_tensor(feed), to_tensor(where), to_tensor(np.arange(batch, dtype=np.int32)),
-                                  context)
-            return logits.asnumpy()[slots]
+            feed, where = self._rows_in_slot_order(tokens, positions, slots)
+            return self._decode(feed, where, self._every_slot, context).asnumpy()[slots]
         pick = np.minimum(np.arange(batch), n - 1)
         logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), to_tensor(slots[pick]), context)
         return logits.asnumpy()[:n]

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .pacing import AdmissionPacer
+from .pacing import AdmissionPacer, queue_stretch
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -185,10 +185,14 @@ class Engine:
     ``sampler`` makes each request's token chooser from its ``SamplingParams`` (default
     :class:`pllava.sampling.Sampler`); the engine calls it once per generated token. While
     streams decode, a prompt enters in chunks that keep each stream's wait between two
-    tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`)."""
+    tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`),
+    up to ``max_gap_stretch`` times that while more prompts wait to enter than streams decode
+    (:func:`pllava.pacing.queue_stretch`; 1 = never longer)."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
-                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.5):
+                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.5, max_gap_stretch: float = 4.0):
+        if not max_gap_stretch >= 1:
+            raise ValueError(f"max_gap_stretch must be at least 1 (1 = never longer), got {max_gap_stretch}")
         self.language = language
         self.tokenizer = tokenizer
         self.sampler = sampler
@@ -203,6 +207,7 @@ class Engine:
         self._prefilling: Running | None = None  # holds a slot, its prompt partly in the cache
         self.last_step = StepTimes()  # what the latest step() ran (read by the serving metrics)
         self.pacer = AdmissionPacer(getattr(language, "graph_seconds", None), max_gap_steps)
+        self.max_gap_stretch = max_gap_stretch
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -262,7 +267,7 @@ class Engine:
         if self._prefilling is not None:
             seq, start = self._prefilling, time.perf_counter()
             before = seq.position
-            events.extend(self._prefill_step(seq, busy=bool(running)))
+            events.extend(self._prefill_step(seq, len(running)))
             prefill_s, prefill_tokens = time.perf_counter() - start, seq.position - before
         running = [s for s in self._slots if s is not None and s.generated]
         if running:
@@ -294,14 +299,18 @@ class Engine:
         self._slots[seq.slot] = seq
         return seq
 
-    def _prefill_step(self, seq: Running, busy: bool) -> list[TokenEvent]:
-        """Feed the next chunk of ``seq``'s prompt (while others are decoding, ``busy``, one
-        the pacer allows); its last chunk yields the first token. A failure here is ``seq``'s alone:
+    def _prefill_step(self, seq: Running, decoding: int) -> list[TokenEvent]:
+        """Feed the next chunk of ``seq``'s prompt (while ``decoding`` streams decode, one the
+        pacer allows); its last chunk yields the first token. A failure here is ``seq``'s alone:
         the chunk is its own device call and writes only its own slot."""
+        busy = decoding > 0
+        stretch = self._gap_stretch(decoding)
         try:
             length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
-                chunk = self.language.plan.next_chunk(seq.position, length, self.pacer.allows if busy else None)
+                chunk = self.language.plan.next_chunk(
+                    seq.position, length,
+                    (lambda size, context: self.pacer.allows(size, context, stretch=stretch)) if busy else None)
                 start = time.perf_counter()
                 logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
         except SequenceError as error:
@@ -328,6 +337,15 @@ class Engine:
         seq.stats.first_token = time.perf_counter()
         return [event]
 
+    def _gap_stretch(self, decoding: int) -> float:
+        """How much longer the ``decoding`` streams may wait per token now: the prompt being
+        fed and those with a free slot to enter next, over the streams (see
+        :func:`pllava.pacing.queue_stretch`)."""
+        with self._lock:
+            waiting = len(self._waiting)
+        entering = 1 + min(waiting, self._slots.count(None))
+        return queue_stretch(entering, decoding, self.max_gap_stretch)
+
     @property
     def _mixed_sizes(self) -> tuple[int, ...]:
         """Chunk sizes the language model runs in one step with the decode rows."""
@@ -340,11 +358,13 @@ class Engine:
         pacer allows a longer chunk than the mixed steps take (it runs on its own, then the
         decode step), and when that call fails (the two parts are then run apart)."""
         sizes = self._mixed_sizes
+        stretch = self._gap_stretch(len(running))
         try:
             length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
                 chunk = self.language.plan.next_chunk(
-                    seq.position, length, lambda size, context: self.pacer.allows(size, context, size in sizes))
+                    seq.position, length,
+                    lambda size, context: self.pacer.allows(size, context, size in sizes, stretch))
         except SequenceError as error:
             return [self._fail(seq, error)]
         if chunk.size not in sizes:

@@ -275,3 +275,6 @@ def test_decoder_settings_layers_and_checks(tmp_path):
     assert paced.max_gap_steps == 2.5 and DecoderSettings(model="m").max_gap_steps == 3.5
     with pytest.raises(ValueError, match=r"max_gap_steps must be >= 1 \(1 = short chunks only\), got 0.5"):
         DecoderSettings(model="m", max_gap_steps=0.5)
+    assert DecoderSettings(model="m").max_gap_stretch == 4.0
+    with pytest.raises(ValueError, match=r"max_gap_stretch must be >= 1 \(1 = never longer\), got nan"):
+        DecoderSettings(model="m", max_gap_stretch=float("nan"))

@@ -9,6 +9,7 @@ from pllava.config import PllavaConfig
 from pllava.generation import (ContextOverflowError, Engine, FinishReason, Request, SequenceError,
                                StopStringFilter, generate)
 from pllava.model import PllavaLanguage
+from pllava.pacing import AdmissionPacer
 from pllava.prompt import build_prompt
 from pllava.sampling import (BadLogits, Sampler, SamplingParams, apply_repetition_penalty, top_k_filter,
                              top_p_filter)
@@ -323,6 +324,46 @@ def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model
         assert sorted(r.request_id for r in running) == sorted(i for i in ids if i != newcomer.request_id)
         assert engine.last_step.prefill_tokens == long_chunks[step - 1].length
         assert (newcomer.request_id in ids) == (step == len(long_chunks))
+
+
+class FixedTimes(AdmissionPacer):
+    """A pacer whose times stay as given (every chunk 0.5 s, a decode step 1 s), so that what
+    it allows depends on the wait alone, not on this machine's timings."""
+
+    def __init__(self, plan, max_gap_steps: float):
+        keys = [g for g in plan.graphs() if g[0] == "prefill"]
+        super().__init__({k: 0.5 for k in keys}, max_gap_steps, untried_margin=1.0)
+        self.step_s = 1.0
+
+    def chunk_ran(self, *args, **kwargs):
+        pass
+
+    def step_ran(self, seconds):
+        pass
+
+
+@pytest.mark.parametrize("max_gap_stretch, long", [(1.0, False), (4.0, True)])
+def test_the_wait_stretches_while_more_prompts_wait_to_enter_than_streams_decode(
+        language, tokenizer, cfg, max_gap_stretch, long):
+    """One stream decodes while two prompts wait with a slot free for each: a chunk and a
+    step (1.5 steps) exceed the wait of one step, but fit it stretched by 2 entering / 1
+    decoding, so the first prompt enters in a long chunk unless stretching is off."""
+    engine = Engine(language, tokenizer, max_gap_steps=1, max_gap_stretch=max_gap_stretch)
+    engine.pacer = FixedTimes(language.plan, max_gap_steps=1)
+    first = Request(prompt_ids(tokenizer, "x"), visual(cfg, 0), SamplingParams(max_new_tokens=50))
+    engine.add(first)
+    while not any(e.request_id == first.request_id for e in engine.step()):
+        pass
+    newcomers = [Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 5 + i),
+                         SamplingParams(max_new_tokens=2)) for i in range(2)]
+    for r in newcomers:
+        engine.add(r)
+    length = len(newcomers[0].prompt_ids) - 1 + cfg.num_visual_tokens
+    long_chunk, short_chunk = language.plan.next_chunk(0, length), language.plan.next_chunk(0, length, short_only)
+    assert long_chunk.length > short_chunk.length
+    ids = [e.request_id for e in engine.step()]
+    assert first.request_id in ids  # the running stream still got its token
+    assert engine.last_step.prefill_tokens == (long_chunk if long else short_chunk).length
 
 
 def test_each_step_reports_what_it_ran_and_the_slots_it_holds(language, tokenizer, cfg):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pllava.pacing import AdmissionPacer
+from pllava.pacing import AdmissionPacer, queue_stretch
 
 
 def test_a_chunk_runs_while_streams_decode_only_if_its_time_fits_the_wait():
@@ -63,3 +63,20 @@ def test_a_chunk_run_with_the_decode_rows_is_the_whole_wait():
     assert pacer.allows(64, 1024, with_decode=True) and not pacer.allows(64, 1024)
     pacer.chunk_ran(64, 1024, 1.0, busy=True, with_decode=True)  # measured longer: 0.8 -> 0.86
     assert not pacer.allows(64, 1024, with_decode=True)
+
+
+def test_the_wait_allowed_stretches_by_the_factor_given():
+    pacer = AdmissionPacer({("prefill", 256, 512): 1.2}, max_gap_steps=3.5, untried_margin=1.0)
+    pacer.step_ran(0.24)  # 1.2 + 0.24 > 3.5 x 0.24
+    assert not pacer.allows(256, 512) and not pacer.allows(256, 512, stretch=0.5)
+    assert pacer.allows(256, 512, stretch=2.0)  # <= 7 x 0.24
+    pacer.chunk_ran(256, 512, 1.6, busy=True, with_decode=True)  # one call with the decode rows
+    assert not pacer.allows(256, 512, with_decode=True, stretch=1.5) and pacer.allows(256, 512, True, 2.0)
+
+
+def test_the_stretch_is_prompts_entering_over_streams_decoding_within_its_cap():
+    assert queue_stretch(1, 7, 4.0) == 1.0  # one prompt admitted beside 7 streams: no stretch
+    assert queue_stretch(3, 2, 4.0) == 1.5
+    assert queue_stretch(6, 1, 4.0) == 4.0  # capped
+    assert queue_stretch(6, 1, 1.0) == 1.0  # stretching off
+    assert queue_stretch(2, 0, 4.0) == 1.0  # nothing decodes: no wait to stretch

@@ -121,7 +121,8 @@ class LanguageModel:
         language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha, half_weights=half_weights,
                                                   **shapes)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
-                   engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps),
+                   engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps,
+                                 max_gap_stretch=settings.max_gap_stretch),
                    model_id=model_id(path, settings.lora_alpha),
                    dtype=dtype_name(backend.dtype), max_context=max_context, compile_cache=cache_dir)
 
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while a prompt is admitted, each running stream waits at most about this many decode "
                         "steps between tokens: longer prefill chunks run when their measured time fits "
                         f"(default {DecoderSettings.max_gap_steps}; 1 = short chunks only)")
+    p.add_argument("--max-gap-stretch", type=float,
+                   help="while more prompts wait to enter than streams decode, that wait may grow by their "
+                        f"ratio up to this factor (default {DecoderSettings.max_gap_stretch}; 1 = never longer)")
     p.add_argument("--min-context", type=int,
                    help="smallest context bucket (default 512); buckets double up to max context and a "
                         "decode step reads each sequence's cache up to the bucket of the longest")

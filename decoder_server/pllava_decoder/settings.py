@@ -34,6 +34,7 @@ class DecoderSettings:
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
     prefill_small_chunk: int = 32  # prompt tails, and the shortest chunk while other streams decode
     max_gap_steps: float = 3.5  # while a prompt enters, a running stream waits about this many decode steps per token at most
+    max_gap_stretch: float = 4.0  # up to this many times longer while more prompts wait to enter than decode
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     compile_in_child: bool = True  # cold cache: compile in a child process, then load (less memory kept)
@@ -72,6 +73,8 @@ class DecoderSettings:
             problems.append("encoder_token_file must name a file (or be left unset)")
         if not self.max_gap_steps >= 1:  # NaN too
             problems.append(f"max_gap_steps must be >= 1 (1 = short chunks only), got {self.max_gap_steps}")
+        if not self.max_gap_stretch >= 1:
+            problems.append(f"max_gap_stretch must be >= 1 (1 = never longer), got {self.max_gap_stretch}")
         for name in ("encoder_timeout_s", "encoder_ready_timeout_s"):
             if not getattr(self, name) > 0:  # NaN too
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")

@@ -173,6 +173,19 @@ def half_linear_vectorized() -> bool:
     return bool(ctypes.CDLL(str(library)).HalfLinearVectorized())
 
 
+@lru_cache(maxsize=None)
+def half_linear_tiles() -> bool:
+    """Whether the built ``HalfLinear`` runs calls of 16 rows or more (prefill chunks, frames)
+    on the CPU's AMX tiles: built where the compiler targets them (``-march=native`` on a CPU
+    with AMX-BF16) and allowed by the OS for this process."""
+    library = build_library()
+    if library is None:
+        return False
+    import ctypes
+
+    return bool(ctypes.CDLL(str(library)).HalfLinearTiles())
+
+
 def half_linear_op():
     """A ``mindspore.ops.Custom`` running ``HalfLinear`` (``kernels/half_linear.cc``): x (M, K)
     float32 and a weight kept in float16 or bfloat16, packed in panels of 32 output columns

@@ -8,6 +8,7 @@ device's where it has one (``Backend.fused_rms_norm``), the project's kernel on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import mindspore as ms
 import numpy as np
@@ -103,6 +104,21 @@ class Linear(nn.Cell):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(lead + (self.out_features,))
+
+
+#: makes a projection: (in_features, out_features, bias) -> Linear
+LinearFactory = Callable[[int, int, bool], "Linear"]
+
+
+def plain_linears(dtype) -> LinearFactory:
+    """Projections with ``dtype`` weights and MindSpore's matmul."""
+    return lambda in_features, out_features, bias: Linear(in_features, out_features, bias, dtype)
+
+
+def half_linears(dtype, half_op) -> LinearFactory:
+    """Projections whose weights stay in the half ``dtype`` the checkpoint stores, packed in
+    panels and multiplied in float32 by ``half_op`` (:func:`pllava.cpu_kernels.half_linear_op`)."""
+    return lambda in_features, out_features, bias: Linear(in_features, out_features, bias, dtype, half_op=half_op)
 
 
 #: output columns per panel of a packed weight (``kernels/half_linear.cc``)

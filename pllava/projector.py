@@ -11,7 +11,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .layers import Linear, to_tensor
+from .layers import LinearFactory, plain_linears, to_tensor
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -40,10 +40,11 @@ def frame_repeat_matrix(total_frames: int, num_frames: int) -> np.ndarray:
 class PllavaMultiModalProjector(nn.Cell):
     """(T, G*G, Dv) CLIP features of one video -> (T'*H'*W', Dt) visual tokens, (t, h, w) order."""
 
-    def __init__(self, vision_hidden: int, text_hidden: int, frame_shape, dtype):
+    def __init__(self, vision_hidden: int, text_hidden: int, frame_shape, dtype, linear: LinearFactory | None = None):
         super().__init__()
-        self.linear_1 = Linear(vision_hidden, text_hidden, True, dtype)
-        self.linear_2 = Linear(text_hidden, text_hidden, True, dtype)
+        linear = linear or plain_linears(dtype)
+        self.linear_1 = linear(vision_hidden, text_hidden, True)
+        self.linear_2 = linear(text_hidden, text_hidden, True)
         self.frame_shape = tuple(frame_shape)
         self.dtype = dtype
 

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from .config import VisionConfig
-from .layers import LayerNorm, Linear, new_param
+from .layers import LayerNorm, LinearFactory, new_param, plain_linears
 
 
 class CLIPVisionEmbeddings(nn.Cell):
@@ -56,16 +56,16 @@ class PositionEmbedding(nn.Cell):
 
 
 class CLIPAttention(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, linear: LinearFactory):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim ** -0.5
-        self.q_proj = Linear(d, d, True, dtype)
-        self.k_proj = Linear(d, d, True, dtype)
-        self.v_proj = Linear(d, d, True, dtype)
-        self.out_proj = Linear(d, d, True, dtype)
+        self.q_proj = linear(d, d, True)
+        self.k_proj = linear(d, d, True)
+        self.v_proj = linear(d, d, True)
+        self.out_proj = linear(d, d, True)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
 
@@ -81,13 +81,13 @@ class CLIPAttention(nn.Cell):
 
 
 class CLIPMLP(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, linear: LinearFactory):
         super().__init__()
         if cfg.hidden_act not in ("quick_gelu", "gelu"):
             raise ValueError(f"vision hidden_act={cfg.hidden_act!r} is not supported")
         self.quick = cfg.hidden_act == "quick_gelu"
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, True, dtype)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, True, dtype)
+        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, True)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, True)
 
     def construct(self, x):
         h = self.fc1(x)
@@ -96,12 +96,12 @@ class CLIPMLP(nn.Cell):
 
 
 class CLIPEncoderLayer(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, linear: LinearFactory):
         super().__init__()
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.self_attn = CLIPAttention(cfg, dtype)
+        self.self_attn = CLIPAttention(cfg, linear)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.mlp = CLIPMLP(cfg, dtype)
+        self.mlp = CLIPMLP(cfg, linear)
 
     def construct(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -109,9 +109,9 @@ class CLIPEncoderLayer(nn.Cell):
 
 
 class CLIPEncoder(nn.Cell):
-    def __init__(self, cfg: VisionConfig, num_layers: int, dtype):
+    def __init__(self, cfg: VisionConfig, num_layers: int, dtype, linear: LinearFactory):
         super().__init__()
-        self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype) for _ in range(num_layers)])
+        self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype, linear) for _ in range(num_layers)])
 
     def construct(self, x):
         for layer in self.layers:
@@ -120,13 +120,14 @@ class CLIPEncoder(nn.Cell):
 
 
 class CLIPVisionTransformer(nn.Cell):
-    """HF ``vision_model``: only the layers up to the selected one are built and run."""
+    """HF ``vision_model``: only the layers up to the selected one are built and run.
+    ``linear`` makes the encoder layers' projections (default: ``dtype`` weights)."""
 
-    def __init__(self, cfg: VisionConfig, num_layers: int, dtype):
+    def __init__(self, cfg: VisionConfig, num_layers: int, dtype, linear: LinearFactory | None = None):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg, dtype)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.encoder = CLIPEncoder(cfg, num_layers, dtype)
+        self.encoder = CLIPEncoder(cfg, num_layers, dtype, linear or plain_linears(dtype))
 
     def construct(self, pixel_values):
         """(N, C, S, S) -> selected hidden state without CLS, (N, G*G, D)."""
@@ -137,9 +138,9 @@ class CLIPVisionTransformer(nn.Cell):
 class CLIPVisionTower(nn.Cell):
     """Holds ``vision_model`` so parameter names read ``vision_tower.vision_model.*``."""
 
-    def __init__(self, cfg: VisionConfig, num_layers: int, dtype=ms.float32):
+    def __init__(self, cfg: VisionConfig, num_layers: int, dtype=ms.float32, linear: LinearFactory | None = None):
         super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg, num_layers, dtype)
+        self.vision_model = CLIPVisionTransformer(cfg, num_layers, dtype, linear)
 
     def construct(self, pixel_values):
         return self.vision_model(pixel_values)

@@ -129,6 +129,24 @@ def stored_weight_dtypes(source: str | Path) -> dict[str, str]:
     return {kind: next(iter(found)) for kind, found in dtypes.items() if len(found) == 1 and kind not in lora}
 
 
+_VISION_PROJECTION = re.compile(r"^(?:vision_tower\.vision_model\.encoder\.layers\.\d+\.(?:self_attn\.\w+_proj|mlp\.fc[12])"
+                                r"|multi_modal_projector\.linear_[12])\.weight$")
+
+
+def stored_vision_dtype(source: str | Path) -> str | None:
+    """The one dtype (safetensors spelling) a checkpoint folder stores every projection of the
+    vision tower and the projector in; None where they differ or for a .ckpt / no safetensors.
+    Read from the headers only."""
+    source = Path(source)
+    if not source.is_dir() or not any(source.glob("*.safetensors")):
+        return None
+    found: set[str] = set()
+    for path in checkpoint_files(source):
+        with safe_open(str(path), framework="np") as f:
+            found.update(f.get_slice(key).get_dtype() for key in f.keys() if _VISION_PROJECTION.match(canonical_name(key)))
+    return next(iter(found)) if len(found) == 1 else None
+
+
 def iter_safetensors(model_dir: str | Path, parts: Iterable[str] = PARTS,
                      lora_alpha: float = DEFAULT_LORA_ALPHA) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (canonical name, array in its stored dtype, or fp32 when LoRA was merged) for

@@ -3,6 +3,10 @@ one tested), they match numpy references op by op, and a model prefilling and de
 them gives the logits of the same model on MindSpore's own ops."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -48,6 +52,37 @@ def test_the_kernel_is_built_on_this_machine():
     assert cpu_kernels.decode_attention_op(4) is not None
     assert cpu_kernels.prefill_attention_op(4) is not None
     assert cpu_kernels.half_linear_op() is not None
+
+
+def test_the_half_linear_kernel_runs_on_amx_tiles_where_the_cpu_has_them():
+    """Calls of 16 rows or more take the tiles exactly where the CPU (and so -march=native)
+    has AMX-BF16; the kernel's tests below then run them at 16 rows and more."""
+    from pathlib import Path
+
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    wanted = {"amx_tile", "amx_bf16"} <= set(flags) and os.environ.get("PLLAVA_AMX") != "0"
+    assert cpu_kernels.half_linear_tiles() == wanted
+
+
+def test_the_vector_loop_runs_many_rows_too_when_the_tiles_are_ruled_out(tmp_path):
+    """PLLAVA_AMX=0 (read once per process): the AVX-512 loop takes calls of any row count,
+    with the same fp32 results (checked in a fresh process)."""
+    script = tmp_path / "no_tiles.py"
+    script.write_text(
+        "import numpy as np, mindspore as ms\n"
+        "from mindspore import Tensor\n"
+        "from pllava import cpu_kernels\n"
+        "from pllava.layers import pack_panels\n"
+        "assert not cpu_kernels.half_linear_tiles()\n"
+        "rng = np.random.default_rng(3)\n"
+        "x = rng.standard_normal((45, 96)).astype(np.float32)\n"
+        "w = rng.standard_normal((70, 96)).astype(np.float16)\n"
+        "out = cpu_kernels.half_linear_op()(Tensor(x), Tensor(pack_panels(w).astype(np.float32), ms.float16)).asnumpy()\n"
+        "np.testing.assert_allclose(out[:, :70], x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, str(script)], env={**os.environ, "PLLAVA_AMX": "0"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_the_half_linear_kernel_is_vector_code_where_the_cpu_has_avx512():
@@ -216,6 +251,9 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
     (8, 64, 48),    # a decode batch, two panels
     (14, 32, 16),   # one full group of rows
     (45, 40, 24),   # three groups and a partial one
+    (16, 40, 64),   # AMX tiles where there are any: one block of 32 rows, half of it padding
+    (45, 70, 96),   # ... a full block and a partial one, three panels
+    (96, 64, 128),  # ... full blocks only
 ])
 def test_half_linear_equals_an_fp32_matmul_over_the_stored_weights(half, rows, outs, width):
     import ml_dtypes

@@ -74,7 +74,7 @@ def cfg(tiny_model_dir):
 def loaded(model_dir, cfg, **kw) -> dict[str, np.ndarray]:
     vision = PllavaVision.from_pretrained(model_dir, cfg, **kw)
     language = PllavaLanguage.from_pretrained(model_dir, cfg, max_len=64, jit=False, **kw)
-    out = {n: p.asnumpy() for n, p in vision.parameters_and_names()}
+    out = checkpoint_tensors(vision)  # (packed half-precision projections unpacked)
     # fused and (in, out) weights back under the checkpoint's names and layout
     tensors = checkpoint_tensors(language.lm, skip=lambda n: n.endswith("_cache"))
     out.update({"language_model." + n: v for n, v in tensors.items()})
@@ -137,6 +137,33 @@ def test_half_precision_projections_stay_so_unless_lora_merged(tiny_model_dir, c
     kept = cpu_kernels.half_linear_vectorized()  # (without AVX-512 every weight stays float32)
     for linear in (layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj, language.lm.lm_head):
         assert linear.packed == kept and linear.weight.dtype == (ms.float16 if kept else ms.float32)
+
+
+def test_vision_projections_stay_in_the_half_precision_the_checkpoint_stores(tiny_model_dir, cfg, tmp_path):
+    """Stored in float16 (the tiny checkpoint), the tower's and the projector's projections keep
+    float16 weights in panels where the half-precision kernel runs on AMX tiles; stored in
+    float32, or in mixed dtypes, they stay float32."""
+    import mindspore as ms
+
+    assert W.stored_vision_dtype(tiny_model_dir) == "F16"
+    kept = cpu_kernels.half_linear_vectorized() and cpu_kernels.half_linear_tiles()
+    vision = PllavaVision.from_pretrained(tiny_model_dir, cfg)
+    layer = vision.vision_tower.vision_model.encoder.layers[0]
+    projections = (layer.self_attn.q_proj, layer.self_attn.out_proj, layer.mlp.fc1, layer.mlp.fc2,
+                   vision.multi_modal_projector.linear_1, vision.multi_modal_projector.linear_2)
+    for linear in projections:
+        assert linear.packed == kept and linear.weight.dtype == (ms.float16 if kept else ms.float32)
+        assert linear.bias.dtype == ms.float32
+    tensors = read_all(tiny_model_dir)
+    wide = copy_meta(tiny_model_dir, tmp_path / "fp32")
+    save_sharded({k: v.astype(np.float32) for k, v in tensors.items()}, wide)
+    assert W.stored_vision_dtype(wide) == "F32"
+    assert not PllavaVision.from_pretrained(wide, cfg).multi_modal_projector.linear_1.packed
+    mixed = copy_meta(tiny_model_dir, tmp_path / "mixed")
+    save_sharded({k: v.astype(np.float32) if k.endswith("linear_2.weight") else v for k, v in tensors.items()}, mixed)
+    assert W.stored_vision_dtype(mixed) is None
+    assert not PllavaVision.from_pretrained(mixed, cfg).vision_tower.vision_model.encoder.layers[0].mlp.fc1.packed
+    assert W.stored_vision_dtype(tmp_path) is None  # no safetensors here
 
 
 def test_values_half_precision_cannot_hold_are_named_when_rounded(tiny_model_dir, cfg, tmp_path, caplog):

@@ -127,6 +127,13 @@ def prefill_attention_op(num_heads: int):
     return _attention_op("PrefillAttention", num_heads)
 
 
+def full_attention_op():
+    """A ``mindspore.ops.Custom`` running ``FullAttention`` (``kernels/full_attention.cc``: the
+    vision tower's unmasked attention): q, k, v (N, L, H, D) and scale (1,) -> (N, L, H, D),
+    or None as for :func:`decode_attention_op`."""
+    return _same_shape_op("FullAttention", lambda q, *rest: q)
+
+
 def _attention_op(name: str, num_heads: int):
     """qkv (..., heads + 2 kv heads, D) and the rest (see the sources) -> (..., num_heads, D)."""
     library = _allowed_library()

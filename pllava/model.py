@@ -17,7 +17,7 @@ from mindspore import Tensor, nn, ops
 
 from . import weights as W
 from .config import PllavaConfig
-from .cpu_kernels import half_linear_op, half_linear_tiles
+from .cpu_kernels import full_attention_op, half_linear_op, half_linear_tiles
 from .layers import Backend, half_linears, to_tensor
 from .llama import LlamaForCausalLM, block_key_positions, half_weights_allowed
 from .projector import PllavaMultiModalProjector
@@ -52,7 +52,8 @@ class PllavaVision(nn.Cell):
         linear = None
         if half_dtype is not None and half_weights_allowed(backend) and half_linear_tiles():
             linear = half_linears(half_dtype, half_linear_op())
-        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, backend.dtype, linear)
+        attention_op = full_attention_op() if backend.cpu_kernels and cfg.vision.head_dim % 16 == 0 else None
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, backend.dtype, linear, attention_op)
         self.multi_modal_projector = PllavaMultiModalProjector(
             cfg.vision.hidden_size, cfg.text.hidden_size, cfg.frame_shape, backend.dtype, linear)
         self._frames = ms.jit(self.frame_activations) if jit else self.frame_activations

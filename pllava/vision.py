@@ -6,7 +6,8 @@ hidden_states[k] in HF is the output of layer k (k = 0 is the embeddings after
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 from .config import VisionConfig
 from .layers import LayerNorm, LinearFactory, new_param, plain_linears
@@ -56,7 +57,11 @@ class PositionEmbedding(nn.Cell):
 
 
 class CLIPAttention(nn.Cell):
-    def __init__(self, cfg: VisionConfig, linear: LinearFactory):
+    """``attention_op`` (:func:`pllava.cpu_kernels.full_attention_op`, the CPU in float32):
+    the softmax attention of the projections' outputs as one kernel, heads split off by a
+    reshape; None: MindSpore's ops (heads transposed first, every score made)."""
+
+    def __init__(self, cfg: VisionConfig, linear: LinearFactory, attention_op=None):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
@@ -68,10 +73,15 @@ class CLIPAttention(nn.Cell):
         self.out_proj = linear(d, d, True)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.av = ops.BatchMatMul()
+        self.attention_op = attention_op
+        self.scale_input = Tensor(np.array([self.scale], np.float32))
 
     def construct(self, x):
         n, l, d = x.shape
         shape = (n, l, self.num_heads, self.head_dim)
+        if self.attention_op is not None:
+            q, k, v = self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape), self.v_proj(x).reshape(shape)
+            return self.out_proj(self.attention_op(q, k, v, self.scale_input).reshape(n, l, d))
         q = (self.q_proj(x) * self.scale).reshape(shape).transpose(0, 2, 1, 3)  # (N, h, L, hd)
         k = self.k_proj(x).reshape(shape).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(shape).transpose(0, 2, 1, 3)
@@ -96,10 +106,10 @@ class CLIPMLP(nn.Cell):
 
 
 class CLIPEncoderLayer(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype, linear: LinearFactory):
+    def __init__(self, cfg: VisionConfig, dtype, linear: LinearFactory, attention_op=None):
         super().__init__()
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.self_attn = CLIPAttention(cfg, linear)
+        self.self_attn = CLIPAttention(cfg, linear, attention_op)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.mlp = CLIPMLP(cfg, linear)
 
@@ -109,9 +119,9 @@ class CLIPEncoderLayer(nn.Cell):
 
 
 class CLIPEncoder(nn.Cell):
-    def __init__(self, cfg: VisionConfig, num_layers: int, dtype, linear: LinearFactory):
+    def __init__(self, cfg: VisionConfig, num_layers: int, dtype, linear: LinearFactory, attention_op=None):
         super().__init__()
-        self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype, linear) for _ in range(num_layers)])
+        self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype, linear, attention_op) for _ in range(num_layers)])
 
     def construct(self, x):
         for layer in self.layers:
@@ -121,13 +131,15 @@ class CLIPEncoder(nn.Cell):
 
 class CLIPVisionTransformer(nn.Cell):
     """HF ``vision_model``: only the layers up to the selected one are built and run.
-    ``linear`` makes the encoder layers' projections (default: ``dtype`` weights)."""
+    ``linear`` makes the encoder layers' projections (default: ``dtype`` weights);
+    ``attention_op``: see :class:`CLIPAttention`."""
 
-    def __init__(self, cfg: VisionConfig, num_layers: int, dtype, linear: LinearFactory | None = None):
+    def __init__(self, cfg: VisionConfig, num_layers: int, dtype, linear: LinearFactory | None = None,
+                 attention_op=None):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg, dtype)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.encoder = CLIPEncoder(cfg, num_layers, dtype, linear or plain_linears(dtype))
+        self.encoder = CLIPEncoder(cfg, num_layers, dtype, linear or plain_linears(dtype), attention_op)
 
     def construct(self, pixel_values):
         """(N, C, S, S) -> selected hidden state without CLS, (N, G*G, D)."""
@@ -138,9 +150,10 @@ class CLIPVisionTransformer(nn.Cell):
 class CLIPVisionTower(nn.Cell):
     """Holds ``vision_model`` so parameter names read ``vision_tower.vision_model.*``."""
 
-    def __init__(self, cfg: VisionConfig, num_layers: int, dtype=ms.float32, linear: LinearFactory | None = None):
+    def __init__(self, cfg: VisionConfig, num_layers: int, dtype=ms.float32, linear: LinearFactory | None = None,
+                 attention_op=None):
         super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg, num_layers, dtype, linear)
+        self.vision_model = CLIPVisionTransformer(cfg, num_layers, dtype, linear, attention_op)
 
     def construct(self, pixel_values):
         return self.vision_model(pixel_values)

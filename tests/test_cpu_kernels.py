@@ -291,3 +291,28 @@ def test_rms_norm_and_silu_mul_kernels_match_float64(shape):
     gate, up = np.split(gate_up.astype(np.float64), 2, -1)
     assert out.shape == up.shape
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 77, 3, 32), (1, 130, 2, 64)])  # one key; partial tiles
+def test_full_attention_equals_softmax_attention(shape):
+    """The vision tower's attention kernel: every query over every key of its frame."""
+    rng = np.random.default_rng(sum(shape))
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    scale = np.float32(shape[-1] ** -0.5)
+    out = cpu_kernels.full_attention_op()(Tensor(q), Tensor(k), Tensor(v), Tensor(np.array([scale]))).asnumpy()
+    scores = np.einsum("nlhd,nmhd->nhlm", q.astype(np.float64), k.astype(np.float64)) * scale
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("nhlm,nmhd->nlhd", probs, v.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_vision_tower_runs_its_attention_through_the_kernel_where_heads_are_whole_vectors(tiny_model_dir, cfg):
+    """The tiny PLLaVA's heads are 16 wide (the kernel's vectors); the transformers-made tiny
+    LLaVA's 8: MindSpore's ops there (its parity tests cover that path)."""
+    from pllava.model import PllavaVision
+
+    for config, kernel in ((PllavaConfig.from_pretrained(tiny_model_dir), True), (cfg, False)):
+        assert (config.vision.head_dim % 16 == 0) == kernel
+        layers = PllavaVision(config).vision_tower.vision_model.encoder.layers
+        assert all((layer.self_attn.attention_op is not None) == kernel for layer in layers)

@@ -88,6 +88,27 @@ def test_compiled_frame_calls_give_transformers_visual_tokens(hf, vision, frames
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("frames", [1, 3])
+def test_the_tower_on_the_cpu_kernels_gives_transformers_visual_tokens(tiny_model_dir, frames):
+    """The tiny PLLaVA (336 px, heads 16 wide, float16 weights): its tower's attention runs
+    the project's kernel, and where the CPU has AMX tiles its projections keep their float16
+    weights on the half-precision kernel; 1 and 3 frames give transformers' visual tokens."""
+    from pllava import cpu_kernels
+
+    hf = R.load_hf(tiny_model_dir)
+    cfg = PllavaConfig.from_pretrained(tiny_model_dir)
+    vision = PllavaVision.from_pretrained(tiny_model_dir, cfg)
+    layer = vision.vision_tower.vision_model.encoder.layers[0]
+    assert layer.self_attn.attention_op is not None
+    assert layer.mlp.fc1.packed == (cpu_kernels.half_linear_vectorized() and cpu_kernels.half_linear_tiles())
+    size = cfg.vision.image_size
+    pixels = np.random.default_rng(frames).standard_normal((frames, 3, size, size)).astype(np.float32)
+    ours = vision.encode_videos([pixels])[0]
+    ref = R.project_and_pool(hf, R.clip_features(hf, pixels), cfg.num_frames, cfg.pooling_shape)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
 def test_pooling_before_gelu_would_differ(hf, vision):
     """Negative control: pooling the CLIP features before linear_1/GELU is not equivalent,
     so the parity test above can tell the orders apart."""

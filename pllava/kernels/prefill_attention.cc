@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention_args.h"
+#include "attention_tiles.h"
 #include "parallel.h"
 #include "rope.h"
 #include "vec.h"
@@ -36,52 +37,12 @@ using pllava::max16;
 using pllava::splat;
 using pllava::store;
 using pllava::v16;
-
-constexpr int kRowVecs = 2;                  // query rows per work item, in vectors: 32 rows
-constexpr int kRows = kRowVecs * kLanes;
-constexpr int kKeys = 64;                    // key positions per tile
-constexpr int kKeyGroup = 8;                 // keys whose scores stay in registers together
-constexpr int kDimGroup = 8;                 // output columns whose sums stay in registers together
-constexpr float kNone = -1e30f;              // a masked score (finite: no inf - inf)
-
-// Everything below runs over the work item's query rows as vectors (the "T" layouts are
-// [column][row]): scores[t][row] for a tile of keys, sums[d][row] of the output.
-
-// scores[t][.] = keys_t . q for the tile's keys, qt[d][row] the queries transposed
-void tile_scores(const float* qt, const float* const* keys, int64_t D, float* scores) {
-  for (int t0 = 0; t0 < kKeys; t0 += kKeyGroup) {
-    v16 acc[kKeyGroup][kRowVecs] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      v16 q[kRowVecs];
-      for (int c = 0; c < kRowVecs; ++c) q[c] = load(qt + d * kRows + c * kLanes);
-      for (int t = 0; t < kKeyGroup; ++t) {
-        const v16 k = splat(keys[t0 + t][d]);
-        for (int c = 0; c < kRowVecs; ++c) acc[t][c] += k * q[c];
-      }
-    }
-    for (int t = 0; t < kKeyGroup; ++t)
-      for (int c = 0; c < kRowVecs; ++c) store(scores + (t0 + t) * kRows + c * kLanes, acc[t][c]);
-  }
-}
-
-// sums[d][.] = sums[d][.] * corr + sum_t probs[t][.] v_t[d]
-void tile_values(const float* probs, const float* const* values, int64_t D, const v16* corr, float* sums) {
-  for (int64_t d0 = 0; d0 < D; d0 += kDimGroup) {
-    v16 acc[kDimGroup][kRowVecs];
-    for (int e = 0; e < kDimGroup; ++e)
-      for (int c = 0; c < kRowVecs; ++c) acc[e][c] = load(sums + (d0 + e) * kRows + c * kLanes) * corr[c];
-    for (int t = 0; t < kKeys; ++t) {
-      v16 p[kRowVecs];
-      for (int c = 0; c < kRowVecs; ++c) p[c] = load(probs + t * kRows + c * kLanes);
-      for (int e = 0; e < kDimGroup; ++e) {
-        const v16 v = splat(values[t][d0 + e]);
-        for (int c = 0; c < kRowVecs; ++c) acc[e][c] += v * p[c];
-      }
-    }
-    for (int e = 0; e < kDimGroup; ++e)
-      for (int c = 0; c < kRowVecs; ++c) store(sums + (d0 + e) * kRows + c * kLanes, acc[e][c]);
-  }
-}
+using pllava::tiles::kKeys;
+using pllava::tiles::kNone;
+using pllava::tiles::kRows;
+using pllava::tiles::kRowVecs;
+using pllava::tiles::tile_scores;
+using pllava::tiles::tile_values;
 
 }  // namespace
 
@@ -131,7 +92,8 @@ extern "C" int PrefillAttention(int nparam, void** params, int* ndims, int64_t**
         krow[t] = a.block(j, 0) + r * D;
         vrow[t] = a.block(j, 1) + r * D;
       }
-      tile_scores(qt.data(), krow.data(), D, scores.data());
+      const int count = static_cast<int>(std::min<int64_t>(kKeys, last - p0 + 1));  // the keys to read
+      tile_scores(qt.data(), krow.data(), D, scores.data(), count);  // (the rest: masked below)
       // running softmax: a row sees key p0 + t when p0 + t <= its position (every row sees
       // every key of a tile below the first position: no mask there)
       const bool masked = p0 + kKeys - 1 > first;
@@ -161,7 +123,7 @@ extern "C" int PrefillAttention(int nparam, void** params, int* ndims, int64_t**
           store(s, e);
           total[c] += e;
         }
-      tile_values(scores.data(), vrow.data(), D, corr, sums.data());
+      tile_values(scores.data(), vrow.data(), D, corr, sums.data(), count);
     }
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t l = l0 + i / G, g = i % G;

@@ -1,0 +1,58 @@
+// The tiles of attention shared by the prefill chunk's and the vision tower's kernels
+// (prefill_attention.cc, full_attention.cc): for a work item of up to kRows query rows (kept
+// transposed, [column][row], so that each product is vectorised over the rows), the scores of
+// a tile of kKeys keys, and the running sum of the values weighted by their probabilities.
+#pragma once
+
+#include <cstdint>
+
+#include "vec.h"
+
+namespace pllava::tiles {
+
+constexpr int kRowVecs = 2;                  // query rows per work item, in vectors: 32 rows
+constexpr int kRows = kRowVecs * kLanes;
+constexpr int kKeys = 64;                    // key positions per tile
+constexpr int kKeyGroup = 8;                 // keys whose scores stay in registers together
+constexpr int kDimGroup = 8;                 // output columns whose sums stay in registers together
+constexpr float kNone = -1e30f;              // a masked score (finite: no inf - inf)
+
+// scores[t][.] = keys_t . q for the tile's first ``count`` keys (rounded up to kKeyGroup),
+// qt[d][row] the queries transposed
+inline void tile_scores(const float* qt, const float* const* keys, int64_t D, float* scores, int count = kKeys) {
+  for (int t0 = 0; t0 < count; t0 += kKeyGroup) {
+    v16 acc[kKeyGroup][kRowVecs] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      v16 q[kRowVecs];
+      for (int c = 0; c < kRowVecs; ++c) q[c] = load(qt + d * kRows + c * kLanes);
+      for (int t = 0; t < kKeyGroup; ++t) {
+        const v16 k = splat(keys[t0 + t][d]);
+        for (int c = 0; c < kRowVecs; ++c) acc[t][c] += k * q[c];
+      }
+    }
+    for (int t = 0; t < kKeyGroup; ++t)
+      for (int c = 0; c < kRowVecs; ++c) store(scores + (t0 + t) * kRows + c * kLanes, acc[t][c]);
+  }
+}
+
+// sums[d][.] = sums[d][.] * corr + sum_t probs[t][.] v_t[d] over the tile's first ``count`` keys
+inline void tile_values(const float* probs, const float* const* values, int64_t D, const v16* corr, float* sums,
+                        int count = kKeys) {
+  for (int64_t d0 = 0; d0 < D; d0 += kDimGroup) {
+    v16 acc[kDimGroup][kRowVecs];
+    for (int e = 0; e < kDimGroup; ++e)
+      for (int c = 0; c < kRowVecs; ++c) acc[e][c] = load(sums + (d0 + e) * kRows + c * kLanes) * corr[c];
+    for (int t = 0; t < count; ++t) {
+      v16 p[kRowVecs];
+      for (int c = 0; c < kRowVecs; ++c) p[c] = load(probs + t * kRows + c * kLanes);
+      for (int e = 0; e < kDimGroup; ++e) {
+        const v16 v = splat(values[t][d0 + e]);
+        for (int c = 0; c < kRowVecs; ++c) acc[e][c] += v * p[c];
+      }
+    }
+    for (int e = 0; e < kDimGroup; ++e)
+      for (int c = 0; c < kRowVecs; ++c) store(sums + (d0 + e) * kRows + c * kLanes, acc[e][c]);
+  }
+}
+
+}  // namespace pllava::tiles

@@ -418,14 +418,27 @@ def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None) -> np.
         frames = resize_frames(frames, clip_resize_size(*frames.shape[1:3], cfg.shortest_edge), cfg.resample)
     if cfg.do_center_crop:
         frames = center_crop(frames, *cfg.crop_size)
-    pixels = frames.astype(np.float32)
-    if cfg.do_rescale:
-        pixels = (frames.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    table = pixel_table(cfg)
+    pixels = np.empty((frames.shape[0], 3) + frames.shape[1:3], np.float32)  # (T, 3, H, W)
+    for channel in range(3):
+        np.take(table[channel], frames[..., channel], out=pixels[:, channel])
+    return pixels
+
+
+def pixel_table(cfg: PreprocessorConfig) -> np.ndarray:
+    """(3, 256) float32: each channel's value of every uint8 after rescale and normalize, in
+    transformers' arithmetic (rescale in float64 then cast to float32, normalize in float32),
+    so a lookup gives its values bit for bit. Per pixel that arithmetic made a float64 copy of
+    the frames and three float32 ones (16 frames at 336 px: ~0.2 s of a 0.3 s preprocess)."""
+    values = np.arange(256, dtype=np.uint8)
+    pixels = (values.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale \
+        else values.astype(np.float32)
+    table = np.repeat(pixels[None], 3, axis=0)
     if cfg.do_normalize:
-        mean = np.asarray(cfg.image_mean, dtype=np.float32)
-        std = np.asarray(cfg.image_std, dtype=np.float32)
-        pixels = (pixels - mean) / std
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (T, 3, H, W)
+        mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(cfg.image_std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return table.astype(np.float32)
 
 
 def load_video(source: Source, num_frames: int, cfg: PreprocessorConfig | None = None,

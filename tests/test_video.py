@@ -27,6 +27,7 @@ from pllava.video import (
     get_index,
     load_frames,
     load_video,
+    pixel_table,
     pllava_resize_size,
     preprocess,
 )
@@ -416,6 +417,22 @@ def _assert_parity(frames: np.ndarray, cfg: PreprocessorConfig, shape: tuple[int
     ref = _reference(frames, cfg)
     assert ours.dtype == np.float32 and ours.shape == ref.shape == shape
     assert np.abs(ours - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("rescale, normalize", [(True, True), (True, False), (False, True), (False, False)])
+def test_the_pixel_table_is_transformers_rescale_and_normalize_bit_for_bit(rescale, normalize):
+    """preprocess looks each uint8 up in a (3, 256) table: the table holds what transformers'
+    arithmetic gives (rescale in float64 then float32, normalize in float32), exactly."""
+    cfg = PreprocessorConfig(do_rescale=rescale, do_normalize=normalize)
+    values = np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, axis=2)  # (1, 256, 3)
+    pixels = values.astype(np.float32)
+    if rescale:
+        pixels = (values.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    if normalize:
+        pixels = (pixels - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    table = pixel_table(cfg)
+    assert table.dtype == np.float32 and table.shape == (3, 256)
+    np.testing.assert_array_equal(table, pixels[0].T)
 
 
 def test_parity_orbit(orbit):

@@ -55,4 +55,47 @@ inline void tile_values(const float* probs, const float* const* values, int64_t 
   }
 }
 
+// The softmax of a work item's rows kept running across tiles: each row's largest score so
+// far and its sum of e^(score - largest).
+struct RunningSoftmax {
+  v16 best[kRowVecs], total[kRowVecs];
+
+  RunningSoftmax() {
+    for (int c = 0; c < kRowVecs; ++c) best[c] = splat(kNone), total[c] = v16{};
+  }
+
+  // A tile's scores -> e^(score - the new largest) in place, and ``corr``: the factor that
+  // rescales the sums so far. With ``masked``, ``visible(t, c)`` (a lane mask) hides keys:
+  // their probability is 0.
+  template <typename Visible>
+  void exponentiate(float* scores, bool masked, const Visible& visible, v16* corr) {
+    v16 top[kRowVecs];
+    for (int c = 0; c < kRowVecs; ++c) top[c] = best[c];
+    for (int t = 0; t < kKeys; ++t)
+      for (int c = 0; c < kRowVecs; ++c) {
+        float* s = scores + t * kRows + c * kLanes;
+        v16 x = load(s);
+        if (masked) {
+          x = visible(t, c) ? x : splat(kNone);
+          store(s, x);
+        }
+        top[c] = max16(top[c], x);
+      }
+    for (int c = 0; c < kRowVecs; ++c) {
+      corr[c] = exp16(best[c] - top[c]);
+      best[c] = top[c];
+      total[c] *= corr[c];
+    }
+    for (int t = 0; t < kKeys; ++t)
+      for (int c = 0; c < kRowVecs; ++c) {
+        float* s = scores + t * kRows + c * kLanes;
+        const v16 x = load(s);
+        v16 e = exp16(x - best[c]);
+        if (masked) e = x > splat(kNone) ? e : v16{};
+        store(s, e);
+        total[c] += e;
+      }
+  }
+};
+
 }  // namespace pllava::tiles

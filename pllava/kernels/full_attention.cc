@@ -28,17 +28,13 @@
 
 namespace {
 
-using pllava::exp16;
 using pllava::kLanes;
-using pllava::load;
-using pllava::max16;
 using pllava::splat;
-using pllava::store;
 using pllava::v16;
 using pllava::tiles::kKeys;
-using pllava::tiles::kNone;
 using pllava::tiles::kRows;
 using pllava::tiles::kRowVecs;
+using pllava::tiles::RunningSoftmax;
 using pllava::tiles::tile_scores;
 using pllava::tiles::tile_values;
 
@@ -75,8 +71,8 @@ extern "C" int FullAttention(int nparam, void** params, int* ndims, int64_t** sh
     std::vector<const float*> krow(kKeys), vrow(kKeys);
     for (int64_t i = 0; i < nq; ++i)  // the rows transposed and scaled (rows past L stay zeros)
       for (int64_t d = 0; d < D; ++d) qt[d * kRows + i] = frame_q[(l0 + i) * row + d] * scale;
-    v16 best[kRowVecs], total[kRowVecs], corr[kRowVecs];
-    for (int c = 0; c < kRowVecs; ++c) best[c] = splat(kNone), total[c] = v16{};
+    RunningSoftmax softmax;
+    v16 corr[kRowVecs];
     for (int64_t p0 = 0; p0 < L; p0 += kKeys) {
       const int keys = static_cast<int>(std::min<int64_t>(kKeys, L - p0));  // the tile's real keys; the rest masked
       for (int t = 0; t < kKeys; ++t) {
@@ -84,30 +80,13 @@ extern "C" int FullAttention(int nparam, void** params, int* ndims, int64_t** sh
         vrow[t] = t < keys ? frame_v + (p0 + t) * row : zeros.data();
       }
       tile_scores(qt.data(), krow.data(), D, scores.data(), keys);
-      v16 top[kRowVecs];
-      for (int c = 0; c < kRowVecs; ++c) top[c] = best[c];
-      for (int t = 0; t < kKeys; ++t)
-        for (int c = 0; c < kRowVecs; ++c) {
-          float* s = scores.data() + t * kRows + c * kLanes;
-          if (t >= keys) store(s, splat(kNone));
-          top[c] = max16(top[c], load(s));
-        }
-      for (int c = 0; c < kRowVecs; ++c) {
-        corr[c] = exp16(best[c] - top[c]);
-        best[c] = top[c];
-        total[c] *= corr[c];
-      }
-      for (int t = 0; t < kKeys; ++t)
-        for (int c = 0; c < kRowVecs; ++c) {
-          float* s = scores.data() + t * kRows + c * kLanes;
-          const v16 e = t < keys ? exp16(load(s) - best[c]) : v16{};
-          store(s, e);
-          total[c] += e;
-        }
+      softmax.exponentiate(scores.data(), keys < kKeys, [&](int t, int) {
+        return splat(static_cast<float>(t)) < splat(static_cast<float>(keys));
+      }, corr);
       tile_values(scores.data(), vrow.data(), D, corr, sums.data(), keys);
     }
     for (int64_t i = 0; i < nq; ++i) {
-      const float inv = 1.f / total[i / kLanes][i % kLanes];
+      const float inv = 1.f / softmax.total[i / kLanes][i % kLanes];
       float* dst = out + ((n * L + l0 + i) * H + h) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = sums[d * kRows + i] * inv;
     }

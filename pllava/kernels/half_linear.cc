@@ -217,7 +217,8 @@ void block(const uint16_t* const planes[3], int64_t block_index, int64_t K, cons
 template <Half T>
 void half_linear(const float* x, const uint16_t* w, float* y, int64_t M, int64_t panels, int64_t K) {
   const int64_t N = panels * kPanel, blocks = (M + kBlockRows - 1) / kBlockRows, padded = blocks * kBlockRows;
-  std::vector<uint16_t> storage(3 * padded * K + 32);
+  static thread_local std::vector<uint16_t> storage;  // kept between calls: no allocation per call
+  storage.resize(3 * padded * K + 32);
   uint16_t* base = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
   uint16_t* const planes[3] = {base, base + padded * K, base + 2 * padded * K};
   pllava::parallel_ranges(padded / 16, [&](int64_t begin, int64_t end) { cut_rows(x, M, K, planes, 16 * begin, 16 * end); });

@@ -30,17 +30,13 @@
 
 namespace {
 
-using pllava::exp16;
 using pllava::kLanes;
-using pllava::load;
-using pllava::max16;
 using pllava::splat;
-using pllava::store;
 using pllava::v16;
 using pllava::tiles::kKeys;
-using pllava::tiles::kNone;
 using pllava::tiles::kRows;
 using pllava::tiles::kRowVecs;
+using pllava::tiles::RunningSoftmax;
 using pllava::tiles::tile_scores;
 using pllava::tiles::tile_values;
 
@@ -80,8 +76,8 @@ extern "C" int PrefillAttention(int nparam, void** params, int* ndims, int64_t**
       last = std::max(last, p);
       if (i < nq) first = std::min(first, p);
     }
-    v16 best[kRowVecs], total[kRowVecs], corr[kRowVecs];
-    for (int c = 0; c < kRowVecs; ++c) best[c] = splat(kNone), total[c] = v16{};
+    RunningSoftmax softmax;
+    v16 corr[kRowVecs];
     for (int64_t p0 = 0, j = 0; p0 <= last; p0 += kKeys) {
       for (int t = 0; t < kKeys; ++t) {  // keys past the last position: zeros, masked
         if (p0 + t > last) {
@@ -97,38 +93,15 @@ extern "C" int PrefillAttention(int nparam, void** params, int* ndims, int64_t**
       // running softmax: a row sees key p0 + t when p0 + t <= its position (every row sees
       // every key of a tile below the first position: no mask there)
       const bool masked = p0 + kKeys - 1 > first;
-      v16 top[kRowVecs];
-      for (int c = 0; c < kRowVecs; ++c) top[c] = best[c];
-      for (int t = 0; t < kKeys; ++t)
-        for (int c = 0; c < kRowVecs; ++c) {
-          float* s = scores.data() + t * kRows + c * kLanes;
-          v16 x = load(s);
-          if (masked) {
-            x = pos[c] >= splat(static_cast<float>(p0 + t)) ? x : splat(kNone);
-            store(s, x);
-          }
-          top[c] = max16(top[c], x);
-        }
-      for (int c = 0; c < kRowVecs; ++c) {
-        corr[c] = exp16(best[c] - top[c]);
-        best[c] = top[c];
-        total[c] *= corr[c];
-      }
-      for (int t = 0; t < kKeys; ++t)
-        for (int c = 0; c < kRowVecs; ++c) {
-          float* s = scores.data() + t * kRows + c * kLanes;
-          const v16 x = load(s);
-          v16 e = exp16(x - best[c]);
-          if (masked) e = x > splat(kNone) ? e : v16{};
-          store(s, e);
-          total[c] += e;
-        }
+      softmax.exponentiate(scores.data(), masked, [&](int t, int c) {
+        return pos[c] >= splat(static_cast<float>(p0 + t));
+      }, corr);
       tile_values(scores.data(), vrow.data(), D, corr, sums.data(), count);
     }
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t l = l0 + i / G, g = i % G;
       float* dst = a.out + ((b * L + l) * a.H + h * G + g) * D;
-      const float sum = total[i / kLanes][i % kLanes];
+      const float sum = softmax.total[i / kLanes][i % kLanes];
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a padding row: zeros
       for (int64_t d = 0; d < D; ++d) dst[d] = sums[d * kRows + i] * inv;
     }

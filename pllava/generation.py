@@ -364,7 +364,8 @@ class Engine:
             with _stage("prefilling the prompt"):
                 chunk = self.language.plan.next_chunk(
                     seq.position, length,
-                    lambda size, context: self.pacer.allows(size, context, size in sizes, stretch))
+                    lambda size, context: self.pacer.allows(size, context, len(running) if size in sizes else 0,
+                                                            stretch))
         except SequenceError as error:
             return [self._fail(seq, error)]
         if chunk.size not in sizes:
@@ -380,7 +381,7 @@ class Engine:
                         len(running), exc)
             return None
         seconds = time.perf_counter() - start
-        self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=True)
+        self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=len(running))
         events = self._accept_decoded(running, logits) + self._chunk_done(seq, chunk, length, chunk_logits)
         self.last_step = StepTimes(seconds, chunk.length, seconds, len(running))
         return events

@@ -12,7 +12,15 @@ chunk alone on an idle machine; beside decode steps the same chunk ran up to 1.5
 (64 positions at context 2048: 212 ms at warm-up, ~320 ms in an admission, one wait of 4.7
 steps). So until a chunk has run while streams decode, its time counts ``untried_margin``
 times. Where the model runs a chunk and the decode rows as one call (the CPU kernels), the
-streams wait that call alone, timed as it runs.
+streams wait that call alone, timed as it runs; until it has run so, it counts as the chunk
+and a step apart, ``untried_margin`` times over (the first 64-position one of an admission
+beside 7 streams took 100-116 ms, 1.3x its parts apart: 3.6-4.1 steps).
+
+A chunk's time varies from run to run (a 64-position chunk in one call with 7 decode rows,
+at context 4096 on a 2-core AMD EPYC: 110-176 ms, mean ~120, beside a 31 ms step), and the
+longest wait is what a stream feels, so a chunk counts as its mean time plus ``spread_margin``
+times its mean deviation (both moving averages, as a TCP sender times its round trips): where
+a size runs close to the limit and scatters, the next smaller one runs instead.
 
 When more prompts wait to enter than streams decode, the wait allowed grows by their ratio (up
 to ``max_stretch``, the engine's choice): the users queued for a prompt's prefill wait too, and
@@ -27,46 +35,62 @@ class AdmissionPacer:
     """Decides, from measured times, which long chunks may run while streams decode.
 
     ``seconds`` maps ("prefill", size, context) to a chunk's time (the language model's
-    warm-up timings; kept up to date here), and ("mixed", size, context) to that of a chunk
-    run in one call with the decode rows (measured as they run). A chunk not timed yet is
-    not allowed until it has run once while nothing else decoded."""
+    warm-up timings; kept up to date here), and ("mixed", size, context, rows) to that of a
+    chunk run in one call with ``rows`` decode rows (measured as they run: a chunk timed beside
+    1-6 streams ran ~20% longer beside 7); ``deviation`` maps the same keys to the mean
+    deviation of those times. A chunk not timed yet is not allowed until it
+    has run once while nothing else decoded."""
 
     def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3,
-                 untried_margin: float = 1.5):
+                 untried_margin: float = 1.5, spread_margin: float = 2.0):
         if max_gap_steps < 1:
             raise ValueError(f"max_gap_steps must be at least 1 (one decode step), got {max_gap_steps}")
+        if not spread_margin >= 0:
+            raise ValueError(f"spread_margin must be at least 0 (0 = mean times only), got {spread_margin}")
         self.seconds = {} if seconds is None else seconds
         self.max_gap_steps = max_gap_steps
         self.smoothing = smoothing  # weight of the newest sample in each moving average
         self.untried_margin = untried_margin
+        self.spread_margin = spread_margin
+        self.deviation: dict[tuple, float] = {}
+        self._ran: set[tuple] = set()  # chunks timed here (not only at warm-up)
         self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
         self.step_s: float | None = None  # a decode step of the running streams, averaged
 
-    def allows(self, size: int, context: int, with_decode: bool = False, stretch: float = 1.0) -> bool:
+    def allows(self, size: int, context: int, with_decode: int = 0, stretch: float = 1.0) -> bool:
         """May a chunk of ``size`` at ``context`` run before the next decode step, or with
-        ``with_decode`` in one model call with the decode rows? The streams then wait that
+        ``with_decode`` (> 0) decode rows in one model call? The streams then wait that
         call alone: once it has run so, its measured time; until then the chunk's and a
-        decode step's, as apart. ``stretch`` (>= 1) scales the wait allowed (see
-        :func:`queue_stretch`)."""
+        decode step's, as apart, times ``untried_margin``. ``stretch`` (>= 1) scales the wait
+        allowed (see :func:`queue_stretch`)."""
         if self.step_s is None:
             return False
         allowed = self.max_gap_steps * self.step_s * max(1.0, stretch)
-        if with_decode and ("mixed", size, context) in self.seconds:
-            return self.seconds[("mixed", size, context)] <= allowed
+        if with_decode and ("mixed", size, context, with_decode) in self.seconds:
+            return self._likely_longest(("mixed", size, context, with_decode)) <= allowed
         key = ("prefill", size, context)
-        chunk = self.seconds.get(key)
-        if chunk is None:
+        if key not in self.seconds:
             return False
+        chunk = self._likely_longest(key)
+        if with_decode:  # not run with the decode rows yet: one such call took ~1.3x its parts apart
+            return (chunk + self.step_s) * self.untried_margin <= allowed
         if key not in self.tried:
             chunk *= self.untried_margin
         return chunk + self.step_s <= allowed
 
+    def _likely_longest(self, key: tuple) -> float:
+        return self.seconds[key] + self.spread_margin * self.deviation.get(key, 0.0)
+
     def chunk_ran(self, size: int, context: int, seconds: float, busy: bool = False,
-                  with_decode: bool = False) -> None:
+                  with_decode: int = 0) -> None:
         """A chunk took ``seconds``; ``busy``: while streams decoded; ``with_decode``: in one
-        call with their decode rows (timed apart from the chunk alone)."""
-        key = ("mixed" if with_decode else "prefill", size, context)
-        self.seconds[key] = self._average(self.seconds.get(key), seconds)
+        call with that many decode rows (timed apart from the chunk alone)."""
+        key = ("mixed", size, context, with_decode) if with_decode else ("prefill", size, context)
+        old = self.seconds.get(key)
+        if key in self._ran:  # a warm-up time is of an idle machine: no measure of the scatter
+            self.deviation[key] = self._average(self.deviation.get(key), abs(seconds - old))
+        self._ran.add(key)
+        self.seconds[key] = self._average(old, seconds)
         if busy and not with_decode:
             self.tried.add(key)
 

@@ -152,6 +152,8 @@ def test_get_info(decoder, encoder):
     assert (info.max_batch, info.max_context, info.max_queue, info.num_visual_tokens) == (8, CONTEXT, 32, 576)
     assert info.templates[0] == "plain" and info.encoder_target == f"dns:///127.0.0.1:{encoder.port}"
     assert info.dtype == pllava_pb2.DTYPE_FLOAT32 and info.text_hidden_size == 64
+    log = decoder.log_text()
+    assert log.index("warmed up in") < log.index("startup heap frozen") < log.index("serving; encoders at")
 
 
 def test_a_cold_compile_cache_is_compiled_by_a_child_then_loaded(tiny_model_dir, encoder, logs, captioner, media,

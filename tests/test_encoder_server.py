@@ -70,7 +70,8 @@ def test_health_is_serving_after_warm_up(encoder):
         for service in ("", "pllava.v1.Encoder"):
             assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == SERVING
     log = encoder.log_text()
-    assert log.index("listening on 127.0.0.1:") < log.index("vision encoder ready") < log.index("SERVING")
+    assert (log.index("listening on 127.0.0.1:") < log.index("vision encoder ready") < log.index("startup heap frozen")
+            < log.index("SERVING"))
 
 
 def test_reflection_lists_the_services(encoder):

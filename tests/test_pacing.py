@@ -40,7 +40,7 @@ def test_one_step_of_wait_means_short_chunks_only():
 
 def test_a_warm_up_time_counts_with_a_margin_until_the_chunk_ran_beside_decode_steps():
     seconds = {("prefill", 64, 2048): 0.212}
-    pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5, untried_margin=1.5)
+    pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5, untried_margin=1.5, spread_margin=0.0)
     pacer.step_ran(0.086)
     # 0.212 + 0.086 fits 3.5 steps (0.301), but 1.5 x 0.212 + 0.086 does not
     assert not pacer.allows(64, 2048)
@@ -57,12 +57,12 @@ def test_a_chunk_run_with_the_decode_rows_is_the_whole_wait():
     pacer = AdmissionPacer({("prefill", 64, 1024): 0.7}, max_gap_steps=3.5, untried_margin=1.0)
     pacer.step_ran(0.24)
     # apart: 0.7 + 0.24 > 3.5 x 0.24 = 0.84, and so until measured together
-    assert not pacer.allows(64, 1024) and not pacer.allows(64, 1024, with_decode=True)
-    pacer.chunk_ran(64, 1024, 0.8, busy=True, with_decode=True)
+    assert not pacer.allows(64, 1024) and not pacer.allows(64, 1024, with_decode=7)
+    pacer.chunk_ran(64, 1024, 0.8, busy=True, with_decode=7)
     assert pacer.seconds[("prefill", 64, 1024)] == 0.7 and ("prefill", 64, 1024) not in pacer.tried
-    assert pacer.allows(64, 1024, with_decode=True) and not pacer.allows(64, 1024)
-    pacer.chunk_ran(64, 1024, 1.0, busy=True, with_decode=True)  # measured longer: 0.8 -> 0.86
-    assert not pacer.allows(64, 1024, with_decode=True)
+    assert pacer.allows(64, 1024, with_decode=7) and not pacer.allows(64, 1024)
+    pacer.chunk_ran(64, 1024, 1.0, busy=True, with_decode=7)  # measured longer: 0.8 -> 0.86
+    assert not pacer.allows(64, 1024, with_decode=7)
 
 
 def test_the_wait_allowed_stretches_by_the_factor_given():
@@ -70,8 +70,8 @@ def test_the_wait_allowed_stretches_by_the_factor_given():
     pacer.step_ran(0.24)  # 1.2 + 0.24 > 3.5 x 0.24
     assert not pacer.allows(256, 512) and not pacer.allows(256, 512, stretch=0.5)
     assert pacer.allows(256, 512, stretch=2.0)  # <= 7 x 0.24
-    pacer.chunk_ran(256, 512, 1.6, busy=True, with_decode=True)  # one call with the decode rows
-    assert not pacer.allows(256, 512, with_decode=True, stretch=1.5) and pacer.allows(256, 512, True, 2.0)
+    pacer.chunk_ran(256, 512, 1.6, busy=True, with_decode=7)  # one call with the decode rows
+    assert not pacer.allows(256, 512, with_decode=7, stretch=1.5) and pacer.allows(256, 512, 7, 2.0)
 
 
 def test_the_stretch_is_prompts_entering_over_streams_decoding_within_its_cap():
@@ -80,3 +80,49 @@ def test_the_stretch_is_prompts_entering_over_streams_decoding_within_its_cap():
     assert queue_stretch(6, 1, 4.0) == 4.0  # capped
     assert queue_stretch(6, 1, 1.0) == 1.0  # stretching off
     assert queue_stretch(2, 0, 4.0) == 1.0  # nothing decodes: no wait to stretch
+
+
+def test_a_chunk_whose_time_scatters_counts_its_spread():
+    """Mean time plus ``spread_margin`` mean deviations: the longest waits are what a stream
+    feels, so a size that runs near the limit and scatters gives way to a shorter one."""
+    steady = AdmissionPacer({}, max_gap_steps=3.5, smoothing=0.5, spread_margin=2.0)
+    scattered = AdmissionPacer({}, max_gap_steps=3.5, smoothing=0.5, spread_margin=2.0)
+    for pacer, times in ((steady, (0.10, 0.10, 0.10)), (scattered, (0.08, 0.12, 0.08))):
+        pacer.step_ran(0.031)  # 3.5 steps: 0.1085
+        for seconds in times:
+            pacer.chunk_ran(64, 4096, seconds, busy=True, with_decode=7)
+    # both average ~0.1 (the scattered one 0.09), within 3.5 steps; only the steady one fits with its spread
+    assert scattered.seconds[("mixed", 64, 4096, 7)] == pytest.approx(0.09)
+    assert scattered.deviation[("mixed", 64, 4096, 7)] == pytest.approx(0.03)  # |0.12 - 0.08|, then |0.08 - 0.10|
+    assert steady.allows(64, 4096, with_decode=7) and steady.deviation[("mixed", 64, 4096, 7)] == 0
+    assert not scattered.allows(64, 4096, with_decode=7)
+    lenient = AdmissionPacer({}, max_gap_steps=3.5, smoothing=0.5, spread_margin=0.0)
+    lenient.step_ran(0.031)
+    for seconds in (0.08, 0.12, 0.08):
+        lenient.chunk_ran(64, 4096, seconds, busy=True, with_decode=7)
+    assert lenient.allows(64, 4096, with_decode=7)
+    with pytest.raises(ValueError, match="spread_margin must be at least 0"):
+        AdmissionPacer(spread_margin=-1.0)
+
+
+def test_a_chunk_not_yet_run_with_the_decode_rows_counts_its_parts_with_the_margin():
+    """Untried in one call with the decode rows, the chunk alone and a step count
+    ``untried_margin`` times: such a call ran ~1.3x its parts apart."""
+    pacer = AdmissionPacer({("prefill", 64, 128): 0.040}, max_gap_steps=3.5, untried_margin=1.5)
+    pacer.step_ran(0.028)  # 3.5 steps: 0.098
+    pacer.chunk_ran(64, 128, 0.040, busy=True)  # tried apart: 0.040 + 0.028 fits
+    assert pacer.allows(64, 128)
+    assert not pacer.allows(64, 128, with_decode=7)  # (0.040 + 0.028) x 1.5 = 0.102 does not
+    assert pacer.allows(64, 128, with_decode=7, stretch=1.1)
+
+
+def test_a_chunk_timed_beside_fewer_decode_rows_is_untried_beside_more():
+    """Times in one call are kept per number of decode rows: beside 2 streams a chunk ran
+    shorter than it does beside 7."""
+    pacer = AdmissionPacer({("prefill", 64, 512): 0.065}, max_gap_steps=3.5, untried_margin=1.5)
+    pacer.step_ran(0.028)  # 3.5 steps: 0.098
+    pacer.chunk_ran(64, 512, 0.080, busy=True, with_decode=2)
+    assert pacer.allows(64, 512, with_decode=2)
+    assert not pacer.allows(64, 512, with_decode=7)  # (0.065 + 0.028) x 1.5 > 0.098
+    pacer.chunk_ran(64, 512, 0.095, busy=True, with_decode=7)
+    assert pacer.seconds[("mixed", 64, 512, 7)] == 0.095 and pacer.allows(64, 512, with_decode=7)

@@ -3,6 +3,7 @@ draining, and binding. Real grpc.aio servers on 127.0.0.1 with stand-in servicer
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 
@@ -15,7 +16,7 @@ from pllava.generation import ContextOverflowError
 from pllava.video import VideoError
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Overloaded, Unavailable, current_request_id
-from pllava_serving.server import Service, create_server
+from pllava_serving.server import Service, create_server, freeze_startup_heap
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -255,3 +256,22 @@ def test_port_zero_picks_a_free_port_and_a_taken_port_is_an_error():
             with pytest.raises(OSError, match="cannot listen"):
                 await create_server(f"127.0.0.1:{taken}", [Service.pllava("Encoder", StandIn())])
         asyncio.run(bind_taken())
+
+
+def test_the_startup_heap_is_frozen_out_of_later_collections(caplog):
+    """What a server holds once warmed up is left out of later collections: a full pass then
+    walks only what was made since."""
+    kept = [[i] for i in range(50_000)]  # stands for a loaded model's objects
+    try:
+        with caplog.at_level(logging.INFO, logger="pllava_serving.server"):
+            frozen, seconds = freeze_startup_heap()
+        assert frozen >= len(kept) and gc.get_freeze_count() >= len(kept) and seconds >= 0
+        assert f"startup heap frozen: {frozen} objects" in caplog.text
+        gc.collect()
+        assert gc.get_freeze_count() >= len(kept)  # a later full pass leaves them frozen
+        cycle = [None]
+        cycle[0] = cycle
+        del cycle
+        assert gc.collect() >= 1  # and still collects new garbage
+    finally:
+        gc.unfreeze()

@@ -54,7 +54,8 @@ from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO, new_registry, star
 from pllava_serving.model_id import model_id
 from pllava_serving.parent_death import parent_death_env
 from pllava_serving.security import ServerSecurity, TokenFile
-from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
+from pllava_serving.server import (Service, create_server, format_address, freeze_startup_heap, run_main,
+                                   serve_forever)
 
 from .encoder_client import Encoded, EncoderClient
 from .engine_loop import EngineLoop
@@ -485,6 +486,7 @@ async def serve(settings: DecoderSettings) -> None:
         if exporter is not None:
             exporter.close()
 
+    freeze_startup_heap()
     await state.set_serving()
     log.info("serving; encoders at %s", settings.encoder)
     await serve_forever(server, state, settings.grace_s, on_shutdown=shut_down)

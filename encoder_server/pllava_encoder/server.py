@@ -20,7 +20,8 @@ from pllava_client.codec import encode_tensor, to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Unavailable
 from pllava_serving.security import ServerSecurity
-from pllava_serving.server import Service, create_server, format_address, run_main, serve_forever
+from pllava_serving.server import (Service, create_server, format_address, freeze_startup_heap, run_main,
+                                   serve_forever)
 
 from pllava_serving.settings import add_server_flags
 
@@ -113,6 +114,7 @@ async def serve(settings: EncoderSettings) -> None:
             exporter.close()
 
     servicer.engine = engine
+    freeze_startup_heap()
     await state.set_serving()
     log.info("SERVING")
     await serve_forever(server, state, settings.grace_s, on_shutdown=shut_down)

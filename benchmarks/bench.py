@@ -82,6 +82,7 @@ class Plan:
     large_clients: int = 8  # clients of the large-frames server run
     memory_tokens: int = 32
     ttft_repeats: int = 3
+    batch_repeats: int = 2  # in-process batch runs per cache (the faster one is reported)
     steady_steps: int = 16  # decode steps of 7 streams timed before an admission (their median: the step)
     encoders: int = 2
 
@@ -380,24 +381,17 @@ def section_engine(b: Bench) -> dict:
         st = drive(engine, [req])
         times, tokens = st["times"][req.request_id], st["tokens"][req.request_id]
         decode1 = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-        reqs = [b.request(ids, ours_visual, p.new_tokens) for _ in range(p.batch)]
-        st = drive(engine, reqs)
-        rows = [st["tokens"][r.request_id] for r in reqs]
-        firsts = [st["times"][r.request_id][0] for r in reqs]
-        lasts = [st["times"][r.request_id][-1] for r in reqs]
-        all_in, first_out = max(firsts), min(lasts)
-        window = "all streams decoding"
-        if first_out <= all_in:  # too few tokens for all to run at once (--quick): every token after a first
-            window, all_in, first_out = "after the first token", min(firsts), max(lasts)
-        in_window = sum(1 for r in reqs for x in st["times"][r.request_id] if all_in < x <= first_out)
-        steady = in_window / (first_out - all_in) if first_out > all_in else 0.0
-        total = sum(map(len, rows)) / (max(lasts) - st["added"])
+        # the batch run twice, the faster kept: the default and sized caches are compared
+        # across minutes of a shared machine, where one run alone drifted by 10%
+        batches = [batch_run(b, engine, ids, ours_visual) for _ in range(p.batch_repeats)]
+        best = max(batches, key=lambda r: r["decode_tok_s"])
+        rows = [row for r in batches for row in r.pop("rows")]
+        best["decode_tok_s_all"] = [r["decode_tok_s"] for r in batches]
+        steady = best["decode_tok_s"]
         out[name] = {
             **b.language_info[max_len], "ttft_s": statistics.median(ttft), "ttft_all_s": ttft,
             "batch1": {"tokens": tokens, "decode_tok_s": decode1},
-            "batch": {"size": p.batch, "decode_tok_s": steady, "steady_window": window, "steady_window_s": first_out - all_in,
-                      "steady_window_tokens": in_window, "end_to_end_tok_s": total,
-                      "wall_s": max(lasts) - st["added"]},
+            "batch": best,
             "agree_batch1": agreement([tokens], [reference]),
             "agree_batch": agreement(rows, [reference] * len(rows)),
         }
@@ -410,6 +404,26 @@ def section_engine(b: Bench) -> dict:
             gc.collect()
     out["agree"] = all(out[n]["agree_batch1"]["agree"] and out[n]["agree_batch"]["agree"] for n in ("sized", "default"))
     return out
+
+
+def batch_run(b: Bench, engine, ids, visual) -> dict:
+    """``plan.batch`` streams of the same prompt started together: decode tok/s while all of
+    them decode, end-to-end tok/s, and their tokens (``rows``)."""
+    p = b.plan
+    reqs = [b.request(ids, visual, p.new_tokens) for _ in range(p.batch)]
+    st = drive(engine, reqs)
+    rows = [st["tokens"][r.request_id] for r in reqs]
+    firsts = [st["times"][r.request_id][0] for r in reqs]
+    lasts = [st["times"][r.request_id][-1] for r in reqs]
+    all_in, first_out = max(firsts), min(lasts)
+    window = "all streams decoding"
+    if first_out <= all_in:  # too few tokens for all to run at once (--quick): every token after a first
+        window, all_in, first_out = "after the first token", min(firsts), max(lasts)
+    in_window = sum(1 for r in reqs for x in st["times"][r.request_id] if all_in < x <= first_out)
+    return {"size": p.batch, "decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else 0.0,
+            "steady_window": window, "steady_window_s": first_out - all_in, "steady_window_tokens": in_window,
+            "end_to_end_tok_s": sum(map(len, rows)) / (max(lasts) - st["added"]), "wall_s": max(lasts) - st["added"],
+            "rows": rows}
 
 
 # ----------------------------------------------------------------------------- b. admission

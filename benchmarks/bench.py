@@ -377,9 +377,9 @@ def section_engine(b: Bench) -> dict:
     # Both caches loaded at once and their runs interleaved: the ratio between them is
     # measured side by side (one after the other, minutes apart, it drifted 0.82-0.98x on a
     # shared host). The 8-stream run goes twice each, in alternating order, the faster kept.
-    # The default loads first, as the one model a server loads: the model loaded first in a
-    # process ran faster (8 streams, 512 loaded first: 262-287 tok/s vs 217-278 at 1024-4096
-    # loaded after it; 4096 first: 279-281 vs 273-298 at 512).
+    # The default loads first, as the one model a server loads: a model loaded after another
+    # ran at most as fast (8 streams, 512 loaded first: 262-287 tok/s vs 217-278 at 1024-4096
+    # loaded after it; 4096 first: 279-281 vs 273-298 at 512, alike).
     caches = {"default": p.default_context, "sized": p.sized_context}
     engines = {}
     for name, max_len in caches.items():

@@ -357,15 +357,14 @@ class Engine:
         tokens, which the pacer keeps under ``max_gap_steps`` decode steps. None when the
         pacer allows a longer chunk than the mixed steps take (it runs on its own, then the
         decode step), and when that call fails (the two parts are then run apart)."""
-        sizes = self._mixed_sizes
-        stretch = self._gap_stretch(len(running))
+        sizes, rows = self._mixed_sizes, len(running)
+        stretch = self._gap_stretch(rows)
         try:
             length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
                 chunk = self.language.plan.next_chunk(
                     seq.position, length,
-                    lambda size, context: self.pacer.allows(size, context, len(running) if size in sizes else 0,
-                                                            stretch))
+                    lambda size, context: self.pacer.allows(size, context, rows if size in sizes else 0, stretch))
         except SequenceError as error:
             return [self._fail(seq, error)]
         if chunk.size not in sizes:
@@ -381,7 +380,7 @@ class Engine:
                         len(running), exc)
             return None
         seconds = time.perf_counter() - start
-        self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=len(running))
+        self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=rows)
         events = self._accept_decoded(running, logits) + self._chunk_done(seq, chunk, length, chunk_logits)
         self.last_step = StepTimes(seconds, chunk.length, seconds, len(running))
         return events

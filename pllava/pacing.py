@@ -38,8 +38,8 @@ class AdmissionPacer:
     warm-up timings; kept up to date here), and ("mixed", size, context, rows) to that of a
     chunk run in one call with ``rows`` decode rows (measured as they run: a chunk timed beside
     1-6 streams ran ~20% longer beside 7); ``deviation`` maps the same keys to the mean
-    deviation of those times. A chunk not timed yet is not allowed until it
-    has run once while nothing else decoded."""
+    deviation of those times. A chunk not timed yet is not allowed until it has run once while
+    nothing else decoded."""
 
     def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3,
                  untried_margin: float = 1.5, spread_margin: float = 2.0):

@@ -190,7 +190,7 @@ class Engine:
     (:func:`pllava.pacing.queue_stretch`; 1 = never longer)."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
-                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.5, max_gap_stretch: float = 4.0):
+                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.0, max_gap_stretch: float = 4.0):
         if not max_gap_stretch >= 1:
             raise ValueError(f"max_gap_stretch must be at least 1 (1 = never longer), got {max_gap_stretch}")
         self.language = language

@@ -14,7 +14,16 @@ steps). So until a chunk has run while streams decode, its time counts ``untried
 times. Where the model runs a chunk and the decode rows as one call (the CPU kernels), the
 streams wait that call alone, timed as it runs; until it has run so, it counts as the chunk
 and a step apart, ``untried_margin`` times over (the first 64-position one of an admission
-beside 7 streams took 100-116 ms, 1.3x its parts apart: 3.6-4.1 steps).
+beside 7 streams took 100-116 ms, 1.3x its parts apart: 3.6-4.1 steps), or, once a shorter
+chunk has run so, as that call's chunk part scaled by the sizes.
+
+Late in a 16-frame prompt such a call is mostly the chunk's attention over the prompt so far
+(reading its cache rows: per step, whatever the chunk's size) and its rows through the
+weights: beside 7 streams on a 2-core AMD EPYC, 16 positions ~55 ms, 32 ~72 ms, against a
+~28 ms decode step. So the shortest chunk is 16 positions and the wait allowed is 3 steps by
+default: single steps there scatter by +30-50%, and the longest wait of ~100 such calls is
+what a stream feels (with 32 positions the shortest and 3.5 steps allowed: 3.0-4.8 steps over
+thirteen runs on two days; with these: 3.1-3.8 over nine).
 
 A chunk's time varies from run to run (a 64-position chunk in one call with 7 decode rows,
 at context 4096 on a 2-core AMD EPYC: 110-176 ms, mean ~120, beside a 31 ms step), and the
@@ -30,6 +39,9 @@ prompt entered in 32-token chunks, ~8.8 s each, while five more waited behind it
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 
 class AdmissionPacer:
     """Decides, from measured times, which long chunks may run while streams decode.
@@ -41,8 +53,8 @@ class AdmissionPacer:
     deviation of those times. A chunk not timed yet is not allowed until it has run once while
     nothing else decoded."""
 
-    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.5, smoothing: float = 0.3,
-                 untried_margin: float = 1.5, spread_margin: float = 2.0):
+    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.0, smoothing: float = 0.3,
+                 untried_margin: float = 1.5, spread_margin: float = 2.0, step_window: int = 9):
         if max_gap_steps < 1:
             raise ValueError(f"max_gap_steps must be at least 1 (one decode step), got {max_gap_steps}")
         if not spread_margin >= 0:
@@ -55,7 +67,8 @@ class AdmissionPacer:
         self.deviation: dict[tuple, float] = {}
         self._ran: set[tuple] = set()  # chunks timed here (not only at warm-up)
         self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
-        self.step_s: float | None = None  # a decode step of the running streams, averaged
+        self._steps: deque[float] = deque(maxlen=step_window)
+        self.step_s: float | None = None  # a decode step of the running streams: the median of the latest
 
     def allows(self, size: int, context: int, with_decode: int = 0, stretch: float = 1.0) -> bool:
         """May a chunk of ``size`` at ``context`` run before the next decode step, or with
@@ -72,11 +85,26 @@ class AdmissionPacer:
         if key not in self.seconds:
             return False
         chunk = self._likely_longest(key)
-        if with_decode:  # not run with the decode rows yet: one such call took ~1.3x its parts apart
-            return (chunk + self.step_s) * self.untried_margin <= allowed
+        if with_decode:  # not run with the decode rows yet
+            return self._untried_mixed(size, context, with_decode, chunk) <= allowed
         if key not in self.tried:
             chunk *= self.untried_margin
         return chunk + self.step_s <= allowed
+
+    def _untried_mixed(self, size: int, context: int, rows: int, chunk: float) -> float:
+        """A chunk not yet run in one call with ``rows`` decode rows: where a shorter chunk has
+        run so, a step and that call's chunk part scaled by the sizes (a chunk's rows and its
+        attention cost in proportion: a 16-position one beside 7 streams at context 4096 took
+        66 ms beside a 38 ms step, a 32 87 ms); with none, the chunk alone (``chunk``) and a
+        step, ``untried_margin`` times (one such call took ~1.3x its parts apart). Warm-up
+        times of two sizes differ too little to scale by (one run each on an idle machine, at
+        positions whose cache rows are still zero pages)."""
+        shorter = [s for kind, s, c, *r in self.seconds if kind == "mixed" and s < size and c == context and r == [rows]]
+        if not shorter:
+            return (chunk + self.step_s) * self.untried_margin
+        base = max(shorter)
+        part = max(0.0, self._likely_longest(("mixed", base, context, rows)) - self.step_s)
+        return self.step_s + part * size / base
 
     def _likely_longest(self, key: tuple) -> float:
         return self.seconds[key] + self.spread_margin * self.deviation.get(key, 0.0)
@@ -95,7 +123,11 @@ class AdmissionPacer:
             self.tried.add(key)
 
     def step_ran(self, seconds: float) -> None:
-        self.step_s = self._average(self.step_s, seconds)
+        """A decode step took ``seconds``. The wait allowed counts in the median of the latest
+        ``step_window`` steps, which one slow step does not move (in a moving average of weight
+        0.3, one 60 ms step among 28 ms ones raised the wait allowed by ~30 ms at 3 steps)."""
+        self._steps.append(seconds)
+        self.step_s = statistics.median(self._steps)
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)

@@ -58,9 +58,9 @@ class ShapePlan:
     max_len: int
     min_context: int = 512  # the smallest context bucket; buckets double up to max_len
     prefill_chunk: int = 256  # the longest prefill chunk (tokens), used while nothing else decodes
-    prefill_small_chunk: int = 32  # prompt tails, and every chunk while other sequences are decoding
+    prefill_small_chunk: int = 16  # prompt tails, and the shortest chunk while other sequences are decoding
     prefill_area: int = 128 * 1024  # chunk x context cap for long chunks (their compute and memory)
-    chunk_align: int = 32  # chunk lengths are multiples of this (and at least this)
+    chunk_align: int = 16  # chunk lengths are multiples of this (and at least this)
     attention_in_place: bool = False  # chunks read the cache in place: every size at every context
 
     def __post_init__(self):

@@ -190,6 +190,7 @@ def decode_logits(language: PllavaLanguage, cfg) -> list[np.ndarray]:
     (2, 37, 3, 1, 32, (65, 130), 2),    # two sequences; more rows than one work item takes
     (1, 33, 2, 3, 48, (100,), 1),       # a head width of three vectors; partial row blocks
     (1, 70, 1, 16, 64, (200, 7), 2),    # many heads per kv head; several key tiles
+    (1, 16, 2, 1, 64, (150, 80), 2),    # 16 rows: work items of one vector of rows; tiles across blocks
 ])
 def test_prefill_kernel_writes_the_chunk_and_matches_a_reference(batch, length, kvh, group, d, block_rows,
                                                                  slots_total):
@@ -240,7 +241,7 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
     assert fast.decode_contexts == (256,) and plain.decode_contexts == plain.plan.context_buckets
     assert {g for g in fast.plan.graphs(fast.decode_contexts) if g[0] == "decode"} == {
         ("decode", 1, 256), ("decode", 4, 256)}
-    assert all(fast.plan.chunk_sizes(c) == (256, 128, 64, 32) for c in fast.plan.context_buckets)
+    assert all(fast.plan.chunk_sizes(c) == (256, 128, 64, 32, 16) for c in fast.plan.context_buckets)
     for ours, theirs in zip(decode_logits(fast, cfg), decode_logits(plain, cfg)):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 

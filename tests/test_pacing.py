@@ -15,8 +15,18 @@ def test_a_chunk_runs_while_streams_decode_only_if_its_time_fits_the_wait():
     # wait = chunk + step: 0.6 + 0.24 <= 3.5 x 0.24, but 1.2 + 0.24 is not
     assert pacer.allows(128, 1024) and not pacer.allows(256, 512)
     assert not pacer.allows(64, 2048)  # never timed
-    pacer.step_ran(1.24)  # more streams: longer steps allow longer chunks (average 0.24 -> 0.54)
-    assert pacer.step_s == pytest.approx(0.54) and pacer.allows(256, 512)
+    pacer.step_ran(1.24)  # more streams: longer steps allow longer chunks (median 0.24 -> 0.74)
+    assert pacer.step_s == pytest.approx(0.74) and pacer.allows(256, 512)
+
+
+def test_the_wait_allowed_counts_in_the_median_step_which_one_slow_step_does_not_move():
+    pacer = AdmissionPacer({}, max_gap_steps=3.0, step_window=5)
+    for seconds in (0.028, 0.030, 0.029, 0.060, 0.028):  # one slow step
+        pacer.step_ran(seconds)
+    assert pacer.step_s == 0.029
+    for seconds in (0.040, 0.041, 0.042):  # a lasting change (more streams): the oldest steps leave the window
+        pacer.step_ran(seconds)
+    assert pacer.step_s == 0.041
 
 
 def test_measured_times_follow_the_machine():
@@ -126,3 +136,20 @@ def test_a_chunk_timed_beside_fewer_decode_rows_is_untried_beside_more():
     assert not pacer.allows(64, 512, with_decode=7)  # (0.065 + 0.028) x 1.5 > 0.098
     pacer.chunk_ran(64, 512, 0.095, busy=True, with_decode=7)
     assert pacer.seconds[("mixed", 64, 512, 7)] == 0.095 and pacer.allows(64, 512, with_decode=7)
+
+
+def test_a_chunk_untried_with_the_decode_rows_scales_a_shorter_ones_part_of_that_call():
+    """Once a shorter chunk has run with the same decode rows at the same context, a longer
+    one counts as a step plus that call's chunk part scaled by the sizes (the warm-up times
+    of the two chunks alone no longer matter)."""
+    seconds = {("prefill", 16, 4096): 0.032, ("prefill", 32, 4096): 0.033}  # warm-up: too close to scale by
+    pacer = AdmissionPacer(seconds, max_gap_steps=3.0, untried_margin=1.5, spread_margin=0.0)
+    pacer.step_ran(0.030)  # 3 steps: 0.090
+    assert not pacer.allows(16, 4096, with_decode=7)  # parts apart: (0.032 + 0.030) x 1.5
+    pacer.chunk_ran(16, 4096, 0.055, busy=True, with_decode=7)  # part of the call: 0.025
+    assert pacer.allows(16, 4096, with_decode=7)
+    assert pacer.allows(32, 4096, with_decode=7)  # 0.030 + 2 x 0.025 = 0.080
+    assert not pacer.allows(64, 4096, with_decode=7)  # 0.030 + 4 x 0.025 = 0.130
+    assert not pacer.allows(32, 4096, with_decode=6)  # beside other rows: untried, parts apart
+    pacer.chunk_ran(16, 4096, 0.085, busy=True, with_decode=7)  # slower now (average 0.0715): part 0.0415
+    assert not pacer.allows(32, 4096, with_decode=7)  # 0.030 + 2 x 0.0415 = 0.113

@@ -45,7 +45,8 @@ def test_decode_shapes_are_all_compiled():
 
 
 def test_short_prompt_tail_uses_a_short_chunk():
-    plan = ShapePlan(8, 4096)
+    plan = ShapePlan(8, 4096, prefill_small_chunk=32)
+    assert [(c.length, c.size) for c in ShapePlan(8, 4096).chunks(296)] == [(256, 256), (16, 16), (16, 16), (8, 16)]
     assert [(c.length, c.size, c.context) for c in plan.chunks(296)] == [(256, 256, 512), (32, 32, 512),
                                                                           (8, 32, 512)]
     assert [(c.length, c.size) for c in plan.chunks(296, allow=short_only)][:2] == [(32, 32), (32, 32)]
@@ -55,7 +56,7 @@ def test_short_prompt_tail_uses_a_short_chunk():
 
 def test_while_others_decode_a_chunk_is_the_longest_allowed_size():
     """``allow`` (the engine's pacer) picks which long chunks may run; the short one always may."""
-    plan = ShapePlan(8, 4096)
+    plan = ShapePlan(8, 4096, prefill_small_chunk=32)
     assert plan.chunk_sizes(512) == (256, 32) and plan.chunk_sizes(4096) == (32,)
     allowed = {(128, 1024), (64, 2048)}  # say 256 at 512 takes too long, 128 at 1024 does not
 
@@ -107,7 +108,7 @@ def test_in_place_a_chunk_is_the_longest_allowed_where_it_would_end():
 
 
 def test_bad_plans_are_refused():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         ShapePlan(1, 512, prefill_chunk=100)
     with pytest.raises(ValueError, match="at least 1 slot"):
         ShapePlan(0, 512)

@@ -413,11 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int,
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 32)")
     p.add_argument("--prefill-chunk", type=int,
-                   help="prompt tokens per prefill step while no other stream decodes, a multiple of 32 "
+                   help="prompt tokens per prefill step while no other stream decodes, a multiple of 16 "
                         "(default 256)")
     p.add_argument("--prefill-small-chunk", type=int,
                    help="prompt tokens of a prompt's tail, and the shortest prefill step while other streams "
-                        f"decode, a multiple of 32 (default {DecoderSettings.prefill_small_chunk})")
+                        f"decode, a multiple of 16 (default {DecoderSettings.prefill_small_chunk})")
     p.add_argument("--max-gap-steps", type=float,
                    help="while a prompt is admitted, each running stream waits at most about this many decode "
                         "steps between tokens: longer prefill chunks run when their measured time fits "

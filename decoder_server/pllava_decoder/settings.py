@@ -32,8 +32,8 @@ class DecoderSettings:
     max_context: int | None = None  # tokens per sequence; default: max_position_embeddings, at most 4096
     max_queue: int = 32  # requests waiting for a slot (encoding included) before RESOURCE_EXHAUSTED
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
-    prefill_small_chunk: int = 32  # prompt tails, and the shortest chunk while other streams decode
-    max_gap_steps: float = 3.5  # while a prompt enters, a running stream waits about this many decode steps per token at most
+    prefill_small_chunk: int = 16  # prompt tails, and the shortest chunk while other streams decode
+    max_gap_steps: float = 3.0  # while a prompt enters, a running stream waits about this many decode steps per token at most
     max_gap_stretch: float = 4.0  # up to this many times longer while more prompts wait to enter than decode
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
@@ -59,14 +59,14 @@ class DecoderSettings:
     def __post_init__(self):
         problems = server_problems(self, ENV_PREFIX, {
             "max_context": 2, "num_frames": 1, "max_batch": 1, "max_queue": 1, "max_new_tokens": 1,
-            "prefill_chunk": 32, "prefill_small_chunk": 32, "min_context": 1,
+            "prefill_chunk": 16, "prefill_small_chunk": 16, "min_context": 1,
             "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0,
             "max_video_bytes": 1, "max_prompt_chars": 1})
         if not self.encoder:
             problems.append("encoder must be a gRPC target such as dns:///encoder:50051")
         for name in ("prefill_chunk", "prefill_small_chunk"):
-            if getattr(self, name) % 32:
-                problems.append(f"{name} must be a multiple of 32, got {getattr(self, name)}")
+            if getattr(self, name) % 16:
+                problems.append(f"{name} must be a multiple of 16, got {getattr(self, name)}")
         problems += tls_problems(self.encoder_tls_cert, self.encoder_tls_key, self.encoder_tls_ca,
                                  "encoder_tls_cert", "encoder_tls_key", "encoder_tls_ca")
         if self.encoder_token_file == "":

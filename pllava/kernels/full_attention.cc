@@ -32,11 +32,10 @@ using pllava::kLanes;
 using pllava::splat;
 using pllava::v16;
 using pllava::tiles::kKeys;
-using pllava::tiles::kRows;
-using pllava::tiles::kRowVecs;
-using pllava::tiles::RunningSoftmax;
-using pllava::tiles::tile_scores;
-using pllava::tiles::tile_values;
+using Tiles = pllava::tiles::Tiles<2>;  // 32 query rows per work item
+constexpr int kRows = Tiles::kRows;
+constexpr int kRowVecs = Tiles::kRowVecs;
+using RunningSoftmax = Tiles::RunningSoftmax;
 
 bool is_float32(const char* dtype) { return std::strcmp(dtype, "float32") == 0; }
 
@@ -79,11 +78,11 @@ extern "C" int FullAttention(int nparam, void** params, int* ndims, int64_t** sh
         krow[t] = t < keys ? frame_k + (p0 + t) * row : zeros.data();
         vrow[t] = t < keys ? frame_v + (p0 + t) * row : zeros.data();
       }
-      tile_scores(qt.data(), krow.data(), D, scores.data(), keys);
+      Tiles::scores(qt.data(), krow.data(), D, scores.data(), keys);
       softmax.exponentiate(scores.data(), keys < kKeys, [&](int t, int) {
         return splat(static_cast<float>(t)) < splat(static_cast<float>(keys));
       }, corr);
-      tile_values(scores.data(), vrow.data(), D, corr, sums.data(), keys);
+      Tiles::values(scores.data(), vrow.data(), D, corr, sums.data(), keys);
     }
     for (int64_t i = 0; i < nq; ++i) {
       const float inv = 1.f / softmax.total[i / kLanes][i % kLanes];

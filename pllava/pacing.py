@@ -23,7 +23,7 @@ weights: beside 7 streams on a 2-core AMD EPYC, 16 positions ~55 ms, 32 ~72 ms, 
 ~28 ms decode step. So the shortest chunk is 16 positions and the wait allowed is 3 steps by
 default: single steps there scatter by +30-50%, and the longest wait of ~100 such calls is
 what a stream feels (with 32 positions the shortest and 3.5 steps allowed: 3.0-4.8 steps over
-thirteen runs on two days; with these: 3.1-3.8 over nine).
+thirteen runs on two days; with these: 2.8-3.8 over ten).
 
 A chunk's time varies from run to run (a 64-position chunk in one call with 7 decode rows,
 at context 4096 on a 2-core AMD EPYC: 110-176 ms, mean ~120, beside a 31 ms step), and the
@@ -68,7 +68,7 @@ class AdmissionPacer:
         self._ran: set[tuple] = set()  # chunks timed here (not only at warm-up)
         self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
         self._steps: deque[float] = deque(maxlen=step_window)
-        self.step_s: float | None = None  # a decode step of the running streams: the median of the latest
+        self.step_s: float | None = None  # a decode step of the running streams: median of ``_steps``
 
     def allows(self, size: int, context: int, with_decode: int = 0, stretch: float = 1.0) -> bool:
         """May a chunk of ``size`` at ``context`` run before the next decode step, or with

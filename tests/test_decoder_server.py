@@ -6,7 +6,7 @@ Servers (module-scoped):
   bad input);
 - ``narrow``: the same encoder, ONE slot, context 4096 (cancel and deadline free the slot);
 - ``pair``: two fresh encoders behind one static round-robin target, cache off (8 concurrent
-  captions, both replicas used, one replica killed mid-run).
+  captions as the decoder's first calls, both replicas used, one replica killed mid-run).
 
 Which replica served a request is read from the encoders' logs: the decoder forwards its
 request id, and the encoder logs one ``[<request id>] ... visual tokens`` line per video it
@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,13 +26,14 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from pllava.pipeline import Captioner, CaptionerSettings, CaptionResult as InProcessResult
 from pllava.sampling import SamplingParams
 from pllava_client.channel import channel_options
 from pllava_client.client import CaptionError, Client
 from pllava_proto.v1 import pllava_pb2
-from servers import start_decoder, start_encoder
+from servers import free_ports, start_decoder, start_encoder
 
 import odd_media
 
@@ -65,7 +67,10 @@ def narrow(tiny_model_dir, encoder, logs):
 
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir, logs):
-    with start_encoder(tiny_model_dir, log_dir=logs) as first, start_encoder(tiny_model_dir, log_dir=logs) as second:
+    metrics = free_ports(2)
+    with start_encoder(tiny_model_dir, log_dir=logs, extra_args=["--metrics-port", str(metrics)]) as first, \
+            start_encoder(tiny_model_dir, log_dir=logs, extra_args=["--metrics-port", str(metrics + 1)]) as second:
+        first.metrics_port, second.metrics_port = metrics, metrics + 1
         target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"  # a static address list
         with start_decoder(tiny_model_dir, target, logs, "--max-context", str(CONTEXT),
                            "--visual-cache-bytes", "0") as dec:
@@ -405,28 +410,59 @@ def run_jobs(address: str, media, tag: str, concurrent: bool):
     return results, time.perf_counter() - start
 
 
+def health_watches(encoder) -> float:
+    """Health.Watch calls the encoder has seen start: one per client channel connected to it
+    with health checking (the decoder's round robin)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{encoder.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "pllava_grpc_server_started_total"
+               and s.labels.get("grpc_service") == "grpc.health.v1.Health" and s.labels.get("grpc_method") == "Watch")
+
+
+def test_the_decoder_connects_to_every_replica_before_its_first_call(pair):
+    """Round robin picks among the replicas connected and SERVING: a decoder that connected at
+    its first call sent a first burst to whichever replica answered first (7 of 8 videos)."""
+    dec, first, second = pair
+    deadline = time.monotonic() + 15
+    while not (health_watches(first) and health_watches(second)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert health_watches(first) >= 1 and health_watches(second) >= 1
+    assert (encoded_ids(first) | encoded_ids(second)) <= {"-"}  # no call yet ("-": the start-up line)
+
+
 @pytest.fixture(scope="module")
-def singles(pair, media):
+def first_burst(pair, media):
+    """The eight jobs at once, the decoder's first calls to its encoders."""
+    dec, _, _ = pair
+    return run_jobs(dec.address, media, "together", concurrent=True)
+
+
+@pytest.fixture(scope="module")
+def singles(pair, media, first_burst):
     dec, _, _ = pair
     results, elapsed = run_jobs(dec.address, media, "single", concurrent=False)
     return results, elapsed
 
 
-def test_eight_concurrent_captions_equal_their_single_results(pair, media, singles):
+def test_eight_concurrent_captions_equal_their_single_results(pair, media, first_burst, singles):
     dec, first, second = pair
     single, sequential_s = singles
-    together, concurrent_s = run_jobs(dec.address, media, "together", concurrent=True)
+    together, concurrent_s = first_burst
     for (name, _, n), alone, both in zip(JOBS, single, together):
         assert len(alone.token_ids) == n, name
         assert (both.token_ids, both.caption) == (alone.token_ids, alone.caption), name
         assert not both.visual_tokens_cached
     print(f"\n8 captions: {sequential_s:.2f} s one after another, {concurrent_s:.2f} s together, "
           f"ratio {sequential_s / concurrent_s:.2f}")
-    # Round robin: both replicas encoded some of the 16 videos.
+    # Round robin: both replicas encoded some of the 16 videos, and some of the first burst
+    # (the decoder connects to both at start, not at its first call).
     ids = {f"{tag}-{i}" for tag in ("single", "together") for i in range(len(JOBS))}
     by_first, by_second = encoded_ids(first) & ids, encoded_ids(second) & ids
     print(f"encoded by replica 1: {len(by_first)}, by replica 2: {len(by_second)}")
-    assert by_first and by_second and by_first | by_second == ids
+    assert by_first | by_second == ids
+    burst = {f"together-{i}" for i in range(len(JOBS))}
+    assert by_first & burst and by_second & burst
 
 
 def test_a_killed_encoder_replica_is_routed_around(pair, media, singles):

@@ -127,6 +127,14 @@ class EncoderClient:
             self._stub = pllava_pb2_grpc.EncoderStub(self._channel)
         return self._stub
 
+    def connect(self) -> None:
+        """Start connecting to every replica now (call on the event loop that will make the
+        calls). Round robin picks among the replicas that are connected and SERVING, so a
+        channel first opened by a burst of calls sends the whole burst to whichever replica
+        answered first (7 of 8 videos on one of two replicas, on a first burst after start)."""
+        self._ensure_channel()
+        self._channel.get_state(try_to_connect=True)
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()

@@ -222,6 +222,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
                                      max_message_bytes=max_message_bytes(s.max_video_bytes),
                                      tls=self.encoder_tls,
                                      token=self.encoder_token.first if self.encoder_token else None)
+        self.encoder.connect()  # connected to every replica before the first burst of calls
         t1 = time.perf_counter()
         await self.warm_up()
         log.info("model %s loaded in %.1f s, warmed up in %.1f s: %d slots x %d tokens, %s on %s",

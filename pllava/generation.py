@@ -186,13 +186,17 @@ class Engine:
     :class:`pllava.sampling.Sampler`); the engine calls it once per generated token. While
     streams decode, a prompt enters in chunks that keep each stream's wait between two
     tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`),
-    up to ``max_gap_stretch`` times that while more prompts wait to enter than streams decode
-    (:func:`pllava.pacing.queue_stretch`; 1 = never longer)."""
+    up to ``max_gap_stretch`` times that while prompts queue behind it: by a factor 1 +
+    ``queued_weight`` x queued prompts / streams decoding (:func:`pllava.pacing.queue_stretch`;
+    a stretch of 1 or a weight of 0 = never longer)."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
-                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.0, max_gap_stretch: float = 4.0):
+                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.0, max_gap_stretch: float = 4.0,
+                 queued_weight: float = 4.0):
         if not max_gap_stretch >= 1:
             raise ValueError(f"max_gap_stretch must be at least 1 (1 = never longer), got {max_gap_stretch}")
+        if not queued_weight >= 0:
+            raise ValueError(f"queued_weight must be at least 0 (0 = never longer), got {queued_weight}")
         self.language = language
         self.tokenizer = tokenizer
         self.sampler = sampler
@@ -208,6 +212,7 @@ class Engine:
         self.last_step = StepTimes()  # what the latest step() ran (read by the serving metrics)
         self.pacer = AdmissionPacer(getattr(language, "graph_seconds", None), max_gap_steps)
         self.max_gap_stretch = max_gap_stretch
+        self.queued_weight = queued_weight
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -338,13 +343,12 @@ class Engine:
         return [event]
 
     def _gap_stretch(self, decoding: int) -> float:
-        """How much longer the ``decoding`` streams may wait per token now: the prompt being
-        fed and those with a free slot to enter next, over the streams (see
-        :func:`pllava.pacing.queue_stretch`)."""
+        """How much longer the ``decoding`` streams may wait per token now, given the prompt
+        being fed and those with a free slot to enter next (:func:`pllava.pacing.queue_stretch`)."""
         with self._lock:
             waiting = len(self._waiting)
         entering = 1 + min(waiting, self._slots.count(None))
-        return queue_stretch(entering, decoding, self.max_gap_stretch)
+        return queue_stretch(entering, decoding, self.max_gap_stretch, self.queued_weight)
 
     @property
     def _mixed_sizes(self) -> tuple[int, ...]:

@@ -281,3 +281,6 @@ def test_decoder_settings_layers_and_checks(tmp_path):
     assert DecoderSettings(model="m").max_gap_stretch == 4.0
     with pytest.raises(ValueError, match=r"max_gap_stretch must be >= 1 \(1 = never longer\), got nan"):
         DecoderSettings(model="m", max_gap_stretch=float("nan"))
+    assert DecoderSettings(model="m").queued_weight == 4.0 and DecoderSettings(model="m", queued_weight=0)
+    with pytest.raises(ValueError, match=r"queued_weight must be >= 0 \(0 = never longer\), got -1"):
+        DecoderSettings(model="m", queued_weight=-1)

@@ -344,28 +344,38 @@ class FixedTimes(AdmissionPacer):
         pass
 
 
-@pytest.mark.parametrize("max_gap_stretch, long", [(1.0, False), (4.0, True)])
-def test_the_wait_stretches_while_more_prompts_wait_to_enter_than_streams_decode(
-        language, tokenizer, cfg, max_gap_stretch, long):
-    """One stream decodes while two prompts wait with a slot free for each: a chunk and a
-    step (1.5 steps) exceed the wait of one step, but fit it stretched by 2 entering / 1
-    decoding, so the first prompt enters in a long chunk unless stretching is off."""
-    engine = Engine(language, tokenizer, max_gap_steps=1, max_gap_stretch=max_gap_stretch)
+@pytest.mark.parametrize("max_gap_stretch, queued_weight, newcomers, long",
+                         [(4.0, 4.0, 2, True), (1.0, 4.0, 2, False), (4.0, 0.0, 2, False), (4.0, 4.0, 1, False)])
+def test_the_wait_stretches_while_prompts_queue_behind_the_entering_one(
+        language, tokenizer, cfg, max_gap_stretch, queued_weight, newcomers, long):
+    """One stream decodes while prompts wait, a slot free for each: a chunk and a step (1.5
+    steps) exceed the wait of one step, but fit it stretched by one prompt queued behind the
+    entering one (1 + 4 x 1 / 1, capped at 4): the first prompt enters in a long chunk, unless
+    stretching is off (a stretch of 1 or a weight of 0) or it enters alone."""
+    engine = Engine(language, tokenizer, max_gap_steps=1, max_gap_stretch=max_gap_stretch,
+                    queued_weight=queued_weight)
     engine.pacer = FixedTimes(language.plan, max_gap_steps=1)
     first = Request(prompt_ids(tokenizer, "x"), visual(cfg, 0), SamplingParams(max_new_tokens=50))
     engine.add(first)
     while not any(e.request_id == first.request_id for e in engine.step()):
         pass
-    newcomers = [Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 5 + i),
-                         SamplingParams(max_new_tokens=2)) for i in range(2)]
-    for r in newcomers:
+    waiting = [Request(prompt_ids(tokenizer, "a longer question " * 3), visual(cfg, 5 + i),
+                       SamplingParams(max_new_tokens=2)) for i in range(newcomers)]
+    for r in waiting:
         engine.add(r)
-    length = len(newcomers[0].prompt_ids) - 1 + cfg.num_visual_tokens
+    length = len(waiting[0].prompt_ids) - 1 + cfg.num_visual_tokens
     long_chunk, short_chunk = language.plan.next_chunk(0, length), language.plan.next_chunk(0, length, short_only)
     assert long_chunk.length > short_chunk.length
     ids = [e.request_id for e in engine.step()]
     assert first.request_id in ids  # the running stream still got its token
     assert engine.last_step.prefill_tokens == (long_chunk if long else short_chunk).length
+
+
+def test_the_engine_refuses_stretch_settings_that_make_no_sense(language, tokenizer):
+    with pytest.raises(ValueError, match=r"max_gap_stretch must be at least 1 \(1 = never longer\), got 0.5"):
+        Engine(language, tokenizer, max_gap_stretch=0.5)
+    with pytest.raises(ValueError, match=r"queued_weight must be at least 0 \(0 = never longer\), got nan"):
+        Engine(language, tokenizer, queued_weight=float("nan"))
 
 
 def test_each_step_reports_what_it_ran_and_the_slots_it_holds(language, tokenizer, cfg):

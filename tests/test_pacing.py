@@ -84,11 +84,12 @@ def test_the_wait_allowed_stretches_by_the_factor_given():
     assert not pacer.allows(256, 512, with_decode=7, stretch=1.5) and pacer.allows(256, 512, 7, 2.0)
 
 
-def test_the_stretch_is_prompts_entering_over_streams_decoding_within_its_cap():
-    assert queue_stretch(1, 7, 4.0) == 1.0  # one prompt admitted beside 7 streams: no stretch
-    assert queue_stretch(3, 2, 4.0) == 1.5
+def test_the_stretch_grows_with_the_prompts_queued_behind_the_entering_one_over_the_streams():
+    assert queue_stretch(1, 7, 4.0) == queue_stretch(1, 1, 4.0) == 1.0  # a lone admission: no stretch
+    assert queue_stretch(2, 6, 4.0) == pytest.approx(1 + 4 / 6)  # the default weight: 4
+    assert queue_stretch(3, 4, 8.0) == 3.0 and queue_stretch(3, 4, 8.0, queued_weight=1.0) == 1.5
     assert queue_stretch(6, 1, 4.0) == 4.0  # capped
-    assert queue_stretch(6, 1, 1.0) == 1.0  # stretching off
+    assert queue_stretch(6, 1, 1.0) == queue_stretch(6, 1, 4.0, queued_weight=0.0) == 1.0  # stretching off
     assert queue_stretch(2, 0, 4.0) == 1.0  # nothing decodes: no wait to stretch
 
 

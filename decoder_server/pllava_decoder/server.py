@@ -123,7 +123,8 @@ class LanguageModel:
                                                   **shapes)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
                    engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps,
-                                 max_gap_stretch=settings.max_gap_stretch),
+                                 max_gap_stretch=settings.max_gap_stretch,
+                                 queued_weight=settings.queued_weight),
                    model_id=model_id(path, settings.lora_alpha),
                    dtype=dtype_name(backend.dtype), max_context=max_context, compile_cache=cache_dir)
 
@@ -424,8 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps between tokens: longer prefill chunks run when their measured time fits "
                         f"(default {DecoderSettings.max_gap_steps}; 1 = short chunks only)")
     p.add_argument("--max-gap-stretch", type=float,
-                   help="while more prompts wait to enter than streams decode, that wait may grow by their "
-                        f"ratio up to this factor (default {DecoderSettings.max_gap_stretch}; 1 = never longer)")
+                   help="while prompts queue behind the one entering, that wait may grow up to this factor "
+                        f"(default {DecoderSettings.max_gap_stretch}; 1 = never longer)")
+    p.add_argument("--queued-weight", type=float,
+                   help="that factor is 1 + this x the prompts queued behind the one entering / the streams "
+                        f"decoding (default {DecoderSettings.queued_weight}; 0 = never longer)")
     p.add_argument("--min-context", type=int,
                    help="smallest context bucket (default 512); buckets double up to max context and a "
                         "decode step reads each sequence's cache up to the bucket of the longest")

@@ -34,7 +34,8 @@ class DecoderSettings:
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
     prefill_small_chunk: int = 16  # prompt tails, and the shortest chunk while other streams decode
     max_gap_steps: float = 3.0  # while a prompt enters, a running stream waits about this many decode steps per token at most
-    max_gap_stretch: float = 4.0  # up to this many times longer while more prompts wait to enter than decode
+    max_gap_stretch: float = 4.0  # up to this many times longer while prompts queue behind the one entering
+    queued_weight: float = 4.0  # that factor is 1 + this x prompts queued behind the one entering / streams decoding
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     compile_in_child: bool = True  # cold cache: compile in a child process, then load (less memory kept)
@@ -75,6 +76,8 @@ class DecoderSettings:
             problems.append(f"max_gap_steps must be >= 1 (1 = short chunks only), got {self.max_gap_steps}")
         if not self.max_gap_stretch >= 1:
             problems.append(f"max_gap_stretch must be >= 1 (1 = never longer), got {self.max_gap_stretch}")
+        if not self.queued_weight >= 0:
+            problems.append(f"queued_weight must be >= 0 (0 = never longer), got {self.queued_weight}")
         for name in ("encoder_timeout_s", "encoder_ready_timeout_s"):
             if not getattr(self, name) > 0:  # NaN too
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")

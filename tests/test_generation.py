@@ -286,10 +286,11 @@ def test_streams_decode_in_the_steps_of_a_prompt_chunk_with_the_same_tokens(lang
     and every stream's tokens are those of an engine that runs the chunk and the decode apart."""
     requests = three_requests(tokenizer, cfg, marked=None)
     flaky = FlakyLanguage(language)
-    # short chunks only while others decode (no long one apart whatever the measured times)
-    mixed = drive(Engine(flaky, tokenizer, max_gap_steps=1), requests)
+    # short chunks only while others decode (no long one apart whatever the measured times,
+    # queued prompts or not)
+    mixed = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
     assert flaky.mixed_calls >= 2  # the 2nd and 3rd prompts entered beside decoding streams
-    apart = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1), requests)
+    apart = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1, queued_weight=0), requests)
     assert {rid: v[0] for rid, v in mixed.items()} == {rid: v[0] for rid, v in apart.items()}
 
 
@@ -300,7 +301,9 @@ def test_a_failed_mixed_step_is_retried_apart_and_fails_only_its_part(language, 
     requests = three_requests(tokenizer, cfg, marked=None)
     clean = drive(Engine(language, tokenizer), requests)
     flaky = FlakyLanguage(language, fail_batch=2)
-    got = drive(Engine(flaky, tokenizer, max_gap_steps=1), requests)
+    # short chunks only while others decode: the 2nd prompt ends in a mixed step with one decode
+    # row (a long chunk apart would put the 2 streams in a decode of their own before any mixed step)
+    got = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
     assert flaky.mixed_calls >= 1 and flaky.fail_batch is None  # the retried decode() took the failure
     for rid in ("r0", "r1"):
         assert got[rid][2].finish_reason == FinishReason.ERROR
@@ -557,8 +560,9 @@ def test_a_failed_prefill_fails_only_its_own_prompt(language, tokenizer, cfg):
     requests = three_requests(tokenizer, cfg, marked=None)
     clean = drive(Engine(language, tokenizer), requests)
     flaky = FlakyLanguage(language)
-    # short chunks only while others decode: the chunk count must not follow measured times
-    engine = Engine(flaky, tokenizer, max_gap_steps=1)
+    # short chunks only while others decode, queued prompts or not: the chunk count must not
+    # follow measured times
+    engine = Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0)
     first = drive(engine, requests[:2])  # count the prefill chunks two prompts take
     flaky.fail_prefill = {flaky.prefill_calls * 2 + 1}  # the third prompt's first chunk in the next run
     got = drive(engine, requests, add_at={0: requests[:2], 8: requests[2:]})

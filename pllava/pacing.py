@@ -41,8 +41,9 @@ four runs each: with the wait stretched by the ratio of prompts entering to stre
 (up to 4) they took 366-431 steps, mostly of 16-position chunks, the last first token at
 13.6-15.5 s and the last token at 16.6-18.5 s; with a weight of 4 per queued prompt, 190-213
 steps, 8.4-9.8 s and 13.1-14.2 s, the streams' longest wait between two tokens 191 ms against
-99 (one run each). On the servers (2 encoders + decoder, 8 clients at once, the videos reaching the decoder
-1-7 s apart): 22.2 videos/min against 20.2 on average, twelve runs each, alternating.
+99 (one run each). On the servers (2 encoders + decoder, 8 clients at once, the videos
+reaching the decoder 1-7 s apart): 22.2 videos/min against 20.2 on average, twelve runs each,
+alternating.
 """
 from __future__ import annotations
 

@@ -20,8 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from pllava_client.health import wait_until_serving
 from pllava_client.security import ClientTls
@@ -366,3 +369,18 @@ class PllavaUp:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def scrape(url: str) -> dict:
+    """``{(sample name, frozenset(labels)): value}`` and ``{family name: family}`` of one scrape."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families.values() for s in f.samples}
+    return {"families": families, "samples": samples}
+
+
+def value(snapshot: dict, name: str, **labels) -> float:
+    return snapshot["samples"].get((name, frozenset(labels.items())), 0.0)

@@ -18,7 +18,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,14 +25,13 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from pllava.pipeline import Captioner, CaptionerSettings, CaptionResult as InProcessResult
 from pllava.sampling import SamplingParams
 from pllava_client.channel import channel_options
 from pllava_client.client import CaptionError, Client
 from pllava_proto.v1 import pllava_pb2
-from servers import free_ports, start_decoder, start_encoder
+from servers import free_ports, scrape, start_decoder, start_encoder, value
 
 import odd_media
 
@@ -413,11 +411,8 @@ def run_jobs(address: str, media, tag: str, concurrent: bool):
 def health_watches(encoder) -> float:
     """Health.Watch calls the encoder has seen start: one per client channel connected to it
     with health checking (the decoder's round robin)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{encoder.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "pllava_grpc_server_started_total"
-               and s.labels.get("grpc_service") == "grpc.health.v1.Health" and s.labels.get("grpc_method") == "Watch")
+    return value(scrape(f"http://127.0.0.1:{encoder.metrics_port}/metrics"), "pllava_grpc_server_started_total",
+                 grpc_service="grpc.health.v1.Health", grpc_method="Watch", grpc_type="server_stream")
 
 
 def test_the_decoder_connects_to_every_replica_before_its_first_call(pair):

@@ -26,14 +26,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from pllava_client import CaptionError, Client
 from pllava_client.channel import channel_options
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.launcher import check_metrics_ports
 from pllava_serving.metrics import start_metrics_server
-from servers import console_script, free_ports
+from servers import console_script, free_ports, scrape, value
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"^pllava up: decoder at (\S+) \(")
@@ -101,21 +100,6 @@ def up(tiny_model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def scrape(url: str) -> dict:
-    """``{(sample name, frozenset(labels)): value}`` and ``{family name: family}`` of one scrape."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families.values() for s in f.samples}
-    return {"families": families, "samples": samples}
-
-
-def value(snapshot: dict, name: str, **labels) -> float:
-    return snapshot["samples"].get((name, frozenset(labels.items())), 0.0)
 
 
 def rpc(snapshot: dict, service: str, method: str, code: str) -> float:

@@ -111,14 +111,18 @@ def assert_blocks(tensors, expected_blocks):
         np.testing.assert_array_equal(tv.asnumpy(), v)
 
 
-@pytest.mark.parametrize("batch, slots_total, kvh, group, block_rows", [
-    (3, 4, 2, 2, (5, 9)),      # grouped-query heads, two blocks, some slots
-    (4, 4, 3, 1, (17,)),       # every slot, one block
-    (1, 2, 2, 4, (3, 4, 6)),   # one stream, three blocks
+@pytest.mark.parametrize("batch, slots_total, kvh, group, block_rows, d", [
+    (3, 4, 2, 2, (5, 9), 8),         # grouped-query heads, two blocks, some slots
+    (4, 4, 3, 1, (17,), 8),          # every slot, one block
+    (1, 2, 2, 4, (3, 4, 6), 8),      # one stream, three blocks
+    # head widths of whole vectors: scores 16 positions at a time, sums in registers
+    (3, 4, 2, 1, (40, 27), 64),      # runs of 16 and a partial one in each block
+    (2, 3, 1, 2, (70,), 128),        # grouped-query heads, 8 vectors of values
+    (2, 2, 2, 1, (18, 33, 9), 48),   # three vectors, three blocks
 ])
-def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_total, kvh, group, block_rows):
+def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_total, kvh, group, block_rows, d):
     rng = np.random.default_rng(batch + kvh)
-    d, heads = 8, kvh * group
+    heads = kvh * group
     qkv = rng.standard_normal((batch, heads + 2 * kvh, d)).astype(np.float32)
     blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
                rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]

@@ -40,11 +40,13 @@ struct AttentionArgs {
   float* block(int64_t j, int which) const { return static_cast<float*>(params[7 + 2 * j + which]); }
   // the head n of row (b, l): the H queries, then the KVH keys, then the KVH values
   const float* head(int64_t b, int64_t l, int64_t n) const { return qkv + ((b * L + l) * NH + n) * D; }
+  // the first cache row of (sequence b, kv head h) in block j: its positions follow in order
+  int64_t first_row(int64_t b, int64_t h, int64_t j) const { return (slots[b] * KVH + h) * rows[j]; }
   // the cache row of (sequence b, kv head h, position p), moving j to p's block first
   int64_t row_of(int64_t b, int64_t h, int64_t p, int64_t* j) const {
     while (p >= block_start[*j + 1]) ++*j;
     while (p < block_start[*j]) --*j;
-    return (slots[b] * KVH + h) * rows[*j] + (p - block_start[*j]);
+    return first_row(b, h, *j) + (p - block_start[*j]);
   }
 };
 

@@ -177,20 +177,17 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
     score.resize(G * n);
     for (int64_t g = 0; g < G; ++g)  // the queries rotated and scaled
       pllava::rope(a.head(b, 0, h * G + g), a.cos + (n - 1) * D, a.sin + (n - 1) * D, D, a.scale, &qs[g * D]);
-    // the positions lie in runs of contiguous rows, one per block
-    for (int64_t j = 0; a.block_start[j] < n; ++j) {
-      const int64_t start = a.block_start[j], count = std::min(n, a.block_start[j + 1]) - start;
-      const float* keys = a.block(j, 0) + (a.slots[b] * KVH + h) * a.rows[j] * D;
-      for (int64_t g = 0; g < G; ++g) dots(&qs[g * D], keys, count, D, &score[g * n + start]);
-    }
+    // the positions lie in runs of contiguous rows, one per block j below n: the keys (which
+    // 0) or values (1) of a run, and its length
+    const auto run = [&](int64_t j, int which) { return a.block(j, which) + a.first_row(b, h, j) * D; };
+    const auto run_length = [&](int64_t j) { return std::min(n, a.block_start[j + 1]) - a.block_start[j]; };
+    for (int64_t j = 0; a.block_start[j] < n; ++j)
+      for (int64_t g = 0; g < G; ++g) dots(&qs[g * D], run(j, 0), run_length(j), D, &score[g * n + a.block_start[j]]);
     for (int64_t g = 0; g < G; ++g) {
       float* s = score.data() + g * n;
       const float inv_sum = 1.f / exponentiate(s, n);
-      for (int64_t j = 0; a.block_start[j] < n; ++j) {
-        const int64_t start = a.block_start[j], count = std::min(n, a.block_start[j + 1]) - start;
-        const float* values = a.block(j, 1) + (a.slots[b] * KVH + h) * a.rows[j] * D;
-        weighted_sum(s + start, values, count, D, acc + g * D);
-      }
+      for (int64_t j = 0; a.block_start[j] < n; ++j)
+        weighted_sum(s + a.block_start[j], run(j, 1), run_length(j), D, acc + g * D);
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv_sum;
     }
   });

@@ -272,14 +272,15 @@ class Engine:
         if self._prefilling is not None:
             seq, start = self._prefilling, time.perf_counter()
             before = seq.position
-            events.extend(self._prefill_step(seq, len(running)))
+            events.extend(self._prefill_step(seq, running))
             prefill_s, prefill_tokens = time.perf_counter() - start, seq.position - before
         running = [s for s in self._slots if s is not None and s.generated]
         if running:
             start = time.perf_counter()
+            load = self._step_load(running)
             events.extend(self._decode(running))
             decode_s = time.perf_counter() - start
-            self.pacer.step_ran(decode_s)
+            self.pacer.step_ran(decode_s, load)
         self.last_step = StepTimes(prefill_s, prefill_tokens, decode_s, len(running))
         return events
 
@@ -304,18 +305,19 @@ class Engine:
         self._slots[seq.slot] = seq
         return seq
 
-    def _prefill_step(self, seq: Running, decoding: int) -> list[TokenEvent]:
-        """Feed the next chunk of ``seq``'s prompt (while ``decoding`` streams decode, one the
-        pacer allows); its last chunk yields the first token. A failure here is ``seq``'s alone:
-        the chunk is its own device call and writes only its own slot."""
-        busy = decoding > 0
-        stretch = self._gap_stretch(decoding)
+    def _prefill_step(self, seq: Running, running: list[Running]) -> list[TokenEvent]:
+        """Feed the next chunk of ``seq``'s prompt (while the ``running`` streams decode, one
+        the pacer allows); its last chunk yields the first token. A failure here is ``seq``'s
+        alone: the chunk is its own device call and writes only its own slot."""
+        busy = bool(running)
+        stretch, load = self._gap_stretch(len(running)), self._step_load(running)
         try:
             length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
                 chunk = self.language.plan.next_chunk(
                     seq.position, length,
-                    (lambda size, context: self.pacer.allows(size, context, stretch=stretch)) if busy else None)
+                    (lambda size, context: self.pacer.allows(size, context, stretch=stretch, load=load))
+                    if busy else None)
                 start = time.perf_counter()
                 logits = self.language.prefill_chunk(seq.slot, seq.embeds, chunk)
         except SequenceError as error:
@@ -350,6 +352,15 @@ class Engine:
         entering = 1 + min(waiting, self._slots.count(None))
         return queue_stretch(entering, decoding, self.max_gap_stretch, self.queued_weight)
 
+    def _step_load(self, running: list[Running]) -> float:
+        """What a decode step of ``running`` reads (``DecodeCost.reads``), by which the pacer
+        scales the decode steps it timed to the streams decoding now; 1 for a language
+        model without that estimate."""
+        cost = getattr(self.language, "decode_cost", None)
+        if cost is None or not running:
+            return 1.0
+        return cost.reads([seq.position + 1 for seq in running])
+
     @property
     def _mixed_sizes(self) -> tuple[int, ...]:
         """Chunk sizes the language model runs in one step with the decode rows."""
@@ -362,13 +373,13 @@ class Engine:
         pacer allows a longer chunk than the mixed steps take (it runs on its own, then the
         decode step), and when that call fails (the two parts are then run apart)."""
         sizes, rows = self._mixed_sizes, len(running)
-        stretch = self._gap_stretch(rows)
+        stretch, load = self._gap_stretch(rows), self._step_load(running)
         try:
             length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
                 chunk = self.language.plan.next_chunk(
                     seq.position, length,
-                    lambda size, context: self.pacer.allows(size, context, rows if size in sizes else 0, stretch))
+                    lambda size, context: self.pacer.allows(size, context, rows if size in sizes else 0, stretch, load))
         except SequenceError as error:
             return [self._fail(seq, error)]
         if chunk.size not in sizes:

@@ -25,6 +25,11 @@ default: single steps there scatter by +30-50%, and the longest wait of ~100 suc
 what a stream feels (with 32 positions the shortest and 3.5 steps allowed: 3.0-4.8 steps over
 thirteen runs on two days; with these: 2.8-3.8 over ten).
 
+A decode step counts at the load of the streams decoding now: each timed step is scaled by
+what a step reads now (the weights and each stream's cache rows) against what it read. While
+prompts enter, the streams decode inside the chunks' calls, so the latest steps run alone
+were often of 1-2 streams where 6-7 now decode, and 3 of those let only the shortest chunk in.
+
 A chunk's time varies from run to run (a 64-position chunk in one call with 7 decode rows,
 at context 4096 on a 2-core AMD EPYC: 110-176 ms, mean ~120, beside a 31 ms step), and the
 longest wait is what a stream feels, so a chunk counts as its mean time plus ``spread_margin``
@@ -75,18 +80,21 @@ class AdmissionPacer:
         self.deviation: dict[tuple, float] = {}
         self._ran: set[tuple] = set()  # chunks timed here (not only at warm-up)
         self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
-        self._steps: deque[float] = deque(maxlen=step_window)
-        self.step_s: float | None = None  # a decode step of the running streams: median of ``_steps``
+        self._steps: deque[tuple[float, float]] = deque(maxlen=step_window)  # (seconds, load)
+        self.step_s: float | None = None  # a decode step at the latest step's load
 
-    def allows(self, size: int, context: int, with_decode: int = 0, stretch: float = 1.0) -> bool:
+    def allows(self, size: int, context: int, with_decode: int = 0, stretch: float = 1.0,
+               load: float | None = None) -> bool:
         """May a chunk of ``size`` at ``context`` run before the next decode step, or with
         ``with_decode`` (> 0) decode rows in one model call? The streams then wait that
         call alone: once it has run so, its measured time; until then the chunk's and a
         decode step's, as apart, times ``untried_margin``. ``stretch`` (>= 1) scales the wait
-        allowed (see :func:`queue_stretch`)."""
-        if self.step_s is None:
+        allowed (see :func:`queue_stretch`); ``load``: what a decode step of the streams now
+        decoding reads (:meth:`step_ran`), None for those of the latest step."""
+        step = self.step_at(load)
+        if step is None:
             return False
-        allowed = self.max_gap_steps * self.step_s * max(1.0, stretch)
+        allowed = self.max_gap_steps * step * max(1.0, stretch)
         if with_decode and ("mixed", size, context, with_decode) in self.seconds:
             return self._likely_longest(("mixed", size, context, with_decode)) <= allowed
         key = ("prefill", size, context)
@@ -94,12 +102,21 @@ class AdmissionPacer:
             return False
         chunk = self._likely_longest(key)
         if with_decode:  # not run with the decode rows yet
-            return self._untried_mixed(size, context, with_decode, chunk) <= allowed
+            return self._untried_mixed(size, context, with_decode, chunk, step) <= allowed
         if key not in self.tried:
             chunk *= self.untried_margin
-        return chunk + self.step_s <= allowed
+        return chunk + step <= allowed
 
-    def _untried_mixed(self, size: int, context: int, rows: int, chunk: float) -> float:
+    def step_at(self, load: float | None = None) -> float | None:
+        """A decode step of streams whose step reads ``load`` (None: those of the latest
+        step): the recent steps' median time per unit of load, times ``load``."""
+        if not self._steps:
+            return None
+        if load is None:
+            return self.step_s
+        return statistics.median(seconds / ran for seconds, ran in self._steps) * load
+
+    def _untried_mixed(self, size: int, context: int, rows: int, chunk: float, step: float) -> float:
         """A chunk not yet run in one call with ``rows`` decode rows: where a shorter chunk has
         run so, a step and that call's chunk part scaled by the sizes (a chunk's rows and its
         attention cost in proportion: a 16-position one beside 7 streams at context 4096 took
@@ -109,10 +126,10 @@ class AdmissionPacer:
         positions whose cache rows are still zero pages)."""
         shorter = [s for kind, s, c, *r in self.seconds if kind == "mixed" and s < size and c == context and r == [rows]]
         if not shorter:
-            return (chunk + self.step_s) * self.untried_margin
+            return (chunk + step) * self.untried_margin
         base = max(shorter)
-        part = max(0.0, self._likely_longest(("mixed", base, context, rows)) - self.step_s)
-        return self.step_s + part * size / base
+        part = max(0.0, self._likely_longest(("mixed", base, context, rows)) - step)
+        return step + part * size / base
 
     def _likely_longest(self, key: tuple) -> float:
         return self.seconds[key] + self.spread_margin * self.deviation.get(key, 0.0)
@@ -130,12 +147,20 @@ class AdmissionPacer:
         if busy and not with_decode:
             self.tried.add(key)
 
-    def step_ran(self, seconds: float) -> None:
-        """A decode step took ``seconds``. The wait allowed counts in the median of the latest
-        ``step_window`` steps, which one slow step does not move (in a moving average of weight
-        0.3, one 60 ms step among 28 ms ones raised the wait allowed by ~30 ms at 3 steps)."""
-        self._steps.append(seconds)
-        self.step_s = statistics.median(self._steps)
+    def step_ran(self, seconds: float, load: float = 1.0) -> None:
+        """A decode step took ``seconds``; ``load``: what it read (any unit, the same for
+        every call: the engine counts bytes, ``pllava.shapes.DecodeCost.reads``). The wait
+        allowed counts in the median of the latest ``step_window`` steps, which one slow step
+        does not move (in a moving average of weight 0.3, one 60 ms step among 28 ms ones
+        raised the wait allowed by ~30 ms at 3 steps), each scaled to the load of the streams
+        decoding now: while prompts enter, the steps run with their chunks (the mixed calls),
+        so the latest steps run alone may be of fewer streams (1-2 at 15-18 ms beside 25-28
+        for 6-7 on the benchmark model at 4 frames), and a wait of 3 of those let in only the
+        shortest chunk."""
+        if not load > 0:
+            raise ValueError(f"a step's load must be positive, got {load}")
+        self._steps.append((seconds, load))
+        self.step_s = self.step_at(load)
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)

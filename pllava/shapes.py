@@ -178,6 +178,8 @@ class DecodeCost:
     table: dict[tuple[int, int], float]
     margin: float = 0.9  # split only when two steps cost under this share of one
     live_rows: bool = False
+    weight_bytes: float = 0.0
+    kv_bytes_per_position: float = 0.0
 
     @classmethod
     def estimate(cls, plan: ShapePlan, weight_bytes: float, kv_bytes_per_position: float,
@@ -187,7 +189,15 @@ class DecodeCost:
 
         table = {(b, c): weight_bytes + rows(b) * c * kv_bytes_per_position
                  for b in plan.batch_buckets for c in plan.context_buckets}
-        return cls(plan, table, live_rows=live_rows)
+        return cls(plan, table, live_rows=live_rows, weight_bytes=weight_bytes,
+                   kv_bytes_per_position=kv_bytes_per_position)
+
+    def reads(self, lengths) -> float:
+        """Bytes one step of sequences needing ``lengths`` positions reads: with
+        ``live_rows`` the weights and each sequence's own rows, else its buckets' step."""
+        if self.live_rows:
+            return self.weight_bytes + sum(lengths) * self.kv_bytes_per_position
+        return self.step(len(lengths), max(lengths))
 
     def step(self, n: int, longest: int) -> float:
         """One step of ``n`` sequences whose furthest needs ``longest`` positions."""

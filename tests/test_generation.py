@@ -343,8 +343,44 @@ class FixedTimes(AdmissionPacer):
     def chunk_ran(self, *args, **kwargs):
         pass
 
-    def step_ran(self, seconds):
+    def step_ran(self, seconds, load=1.0):
         pass
+
+    def step_at(self, load=None):
+        return 1.0
+
+
+class LoadRecorder(AdmissionPacer):
+    """A pacer that records the loads the engine reports with its decode steps and asks at."""
+
+    def __init__(self):
+        super().__init__({})
+        self.ran, self.asked = [], []
+
+    def step_ran(self, seconds, load=1.0):
+        self.ran.append(load)
+        super().step_ran(seconds, load)
+
+    def allows(self, size, context, with_decode=0, stretch=1.0, load=None):
+        self.asked.append(load)
+        return False
+
+
+def test_the_pacer_hears_what_a_step_of_the_streams_decoding_reads(language, tokenizer, cfg):
+    """Each decode step is reported with what it read (the weights and each stream's rows),
+    and an admission asks at the load of the streams decoding then."""
+    engine = Engine(language, tokenizer)
+    engine.pacer = recorder = LoadRecorder()
+    running, newcomer = two_streams_decoding(engine, tokenizer, cfg)
+    positions = [s.position + 1 for s in engine._slots if s is not None]
+    engine.step()
+    assert recorder.ran[-1] == language.decode_cost.reads(positions)
+    assert recorder.ran[-1] > language.decode_cost.reads(positions[:1])  # two streams read more than one
+    engine.add(newcomer)
+    positions = [s.position + 1 for s in engine._slots if s is not None]
+    recorder.asked.clear()
+    engine.step()
+    assert recorder.asked and set(recorder.asked) == {language.decode_cost.reads(positions)}
 
 
 @pytest.mark.parametrize("max_gap_stretch, queued_weight, newcomers, long",

@@ -29,6 +29,23 @@ def test_the_wait_allowed_counts_in_the_median_step_which_one_slow_step_does_not
     assert pacer.step_s == 0.041
 
 
+def test_steps_timed_beside_fewer_streams_count_at_the_load_of_those_decoding_now():
+    """While prompts enter, the streams decode in the chunks' calls, so the latest steps run
+    alone may be of fewer streams: each counts scaled by what a step reads now."""
+    pacer = AdmissionPacer({("prefill", 64, 1024): 0.05}, max_gap_steps=3.0, untried_margin=1.0)
+    for seconds in (0.015, 0.016, 0.014):  # one stream: a step reads 1 (any unit)
+        pacer.step_ran(seconds, load=1.0)
+    assert pacer.step_at(None) == pacer.step_s == pytest.approx(0.015)
+    assert pacer.step_at(2.0) == pytest.approx(0.030)
+    # a chunk and a step: 0.05 + 0.015 > 3 x 0.015 at one stream's load, 0.05 + 0.03 <= 3 x 0.03 at twice it
+    assert not pacer.allows(64, 1024, load=1.0) and pacer.allows(64, 1024, load=2.0)
+    assert not pacer.allows(64, 1024)  # no load given: that of the latest step
+    pacer.step_ran(0.060, load=4.0)  # the median of per-load times is unchanged (0.015)
+    assert pacer.step_s == pytest.approx(0.060) and pacer.step_at(1.0) == pytest.approx(0.015)
+    with pytest.raises(ValueError, match="load must be positive, got 0"):
+        pacer.step_ran(0.01, load=0)
+
+
 def test_measured_times_follow_the_machine():
     seconds = {("prefill", 128, 1024): 0.6}
     pacer = AdmissionPacer(seconds, max_gap_steps=3.5, smoothing=0.5, untried_margin=1.0)

@@ -141,3 +141,12 @@ def test_decode_never_splits_when_a_step_reads_only_live_rows():
     plan = ShapePlan(8, 4096)
     assert DecodeCost.estimate(plan, 1e8, 1e5).best_split([300] * 7 + [2600]) == 7
     assert DecodeCost.estimate(plan, 1e8, 1e5, live_rows=True).best_split([300] * 7 + [2600]) == 0
+
+
+def test_a_decode_step_reads_the_weights_and_its_rows():
+    plan = ShapePlan(8, 4096)
+    live = DecodeCost.estimate(plan, 1e8, 1e5, live_rows=True)
+    assert live.reads([300]) == 1e8 + 300 * 1e5
+    assert live.reads([300, 700, 1]) == 1e8 + 1001 * 1e5  # each sequence's own positions
+    bucketed = DecodeCost.estimate(plan, 1e8, 1e5)
+    assert bucketed.reads([300, 700]) == bucketed.step(2, 700) == 1e8 + 8 * 1024 * 1e5  # its buckets' step

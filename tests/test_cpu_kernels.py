@@ -255,7 +255,8 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
     (1, 37, 64),    # one row; the last panel partly zeros
     (8, 64, 48),    # a decode batch, two panels
     (14, 32, 16),   # one full group of rows
-    (45, 40, 24),   # three groups and a partial one
+    (45, 40, 24),   # four groups of 11-12 rows
+    (17, 33, 32),   # two groups of 9 and 8 rows, not 14 and 3
     (16, 40, 64),   # AMX tiles where there are any: one block of 32 rows, half of it padding
     (45, 70, 96),   # ... a full block and a partial one, three panels
     (96, 64, 128),  # ... full blocks only

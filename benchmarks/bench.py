@@ -409,6 +409,9 @@ def section_engine(b: Bench) -> dict:
         best = max(batches[name], key=lambda r: r["decode_tok_s"])
         rows = [row for r in batches[name] for row in r.pop("rows")]
         best["decode_tok_s_all"] = [r["decode_tok_s"] for r in batches[name]]
+        medians = [r["median_step_s"] for r in batches[name] if r["median_step_s"] is not None]
+        best["median_step_s_all"] = medians
+        best["median_step_s"] = statistics.median(medians) if medians else None
         out[name] = {
             **b.language_info[max_len], "ttft_s": statistics.median(ttft[name]), "ttft_all_s": ttft[name],
             "batch1": {"tokens": tokens, "decode_tok_s": decode1},
@@ -439,7 +442,9 @@ def batch_run(b: Bench, engine, ids, visual) -> dict:
     if first_out <= all_in:  # too few tokens for all to run at once (--quick): every token after a first
         window, all_in, first_out = "after the first token", min(firsts), max(lasts)
     in_window = sum(1 for r in reqs for x in st["times"][r.request_id] if all_in < x <= first_out)
+    steps = [end - start for start, end, _ in st["steps"] if all_in < end <= first_out]
     return {"size": p.batch, "decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else 0.0,
+            "median_step_s": statistics.median(steps) if steps else None,
             "steady_window": window, "steady_window_s": first_out - all_in, "steady_window_tokens": in_window,
             "end_to_end_tok_s": sum(map(len, rows)) / (max(lasts) - st["added"]), "wall_s": max(lasts) - st["added"],
             "rows": rows}
@@ -875,6 +880,10 @@ def table(results: dict, plan: Plan) -> list[str]:
                  ratio(o["batch"]["end_to_end_tok_s"], hf["batch"]["end_to_end_tok_s"], True)))
         add((f"decode, {plan.batch} streams: default cache / sized cache (same engine)",
              ratio(e["default"]["batch"]["decode_tok_s"], e["sized"]["batch"]["decode_tok_s"], True), "—", "—"))
+        steps = [e[k]["batch"].get("median_step_s") for k in ("default", "sized")]
+        if None not in steps:  # the runs' median step times: less swayed by one fast or slow run
+            add((f"decode, {plan.batch} streams: default cache / sized cache, the median step of those runs "
+                 f"(ms: {fmt(steps[0] * 1e3, 1)} / {fmt(steps[1] * 1e3, 1)})", ratio(steps[0], steps[1], False), "—", "—"))
         add(("engine warm-up, default cache: graphs compiled in s", f"{e['default']['graphs']} in "
              f"{fmt(e['default']['warm_up_s'], 1)}", "—", "—"))
         agree = {"agree": e["agree"], "pairs": 2 * (1 + plan.batch),

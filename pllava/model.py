@@ -44,7 +44,8 @@ class PllavaVision(nn.Cell):
     the language model's, :func:`pllava.llama.half_weights_allowed`): the same values, half the
     bytes. Without the tiles that kernel is no faster than MindSpore's matmul for the tower's
     1154-row calls (fc1 9.9 against 8.3 ms; with its panels asked for further ahead, 4 frames
-    encoded in 0.41-0.46 s against 0.40-0.43), so the weights are widened to float32 there."""
+    encoded in 0.41-0.46 s through it against 0.40-0.43 through MindSpore's), so the weights
+    are widened to float32 there."""
 
     def __init__(self, cfg: PllavaConfig, backend: Backend = Backend(), jit: bool = True, half_dtype=None):
         super().__init__()

@@ -90,3 +90,15 @@ def test_agreement_can_fail():
     differ = bench.agreement([[1, 2, 3], [1, 2, 3]], [[1, 2, 3], [1, 5, 3]])
     assert not differ["agree"] and differ["first_mismatch"] == {"pair": 1, "index": 1}
     assert not bench.agreement([[1, 2]], [[1, 2, 3]])["agree"]  # one stopped early
+
+
+def test_the_default_over_sized_ratio_is_also_read_from_the_runs_median_steps(quick):
+    """Beside the fastest runs' rates, the median decode step of each cache's runs: a ratio
+    that one fast or slow ~3-s run does not sway."""
+    proc, out = quick
+    data = json.loads(out.read_text())
+    steps = {k: data["engine"][k]["batch"]["median_step_s"] for k in ("default", "sized")}
+    assert all(v > 0 for v in steps.values())
+    assert all(len(data["engine"][k]["batch"]["median_step_s_all"]) == 4 for k in steps)  # one per run
+    row = [line for line in proc.stdout.splitlines() if "the median step of those runs" in line]
+    assert len(row) == 1 and f"| {steps['sized'] / steps['default']:.2f}x |" in row[0]

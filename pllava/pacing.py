@@ -81,7 +81,6 @@ class AdmissionPacer:
         self._ran: set[tuple] = set()  # chunks timed here (not only at warm-up)
         self.tried: set[tuple[str, int, int]] = set()  # chunks timed while streams decoded
         self._steps: deque[tuple[float, float]] = deque(maxlen=step_window)  # (seconds, load)
-        self.step_s: float | None = None  # a decode step at the latest step's load
 
     def allows(self, size: int, context: int, with_decode: int = 0, stretch: float = 1.0,
                load: float | None = None) -> bool:
@@ -107,13 +106,18 @@ class AdmissionPacer:
             chunk *= self.untried_margin
         return chunk + step <= allowed
 
+    @property
+    def step_s(self) -> float | None:
+        """A decode step at the latest step's load (None before any)."""
+        return self.step_at()
+
     def step_at(self, load: float | None = None) -> float | None:
         """A decode step of streams whose step reads ``load`` (None: those of the latest
         step): the recent steps' median time per unit of load, times ``load``."""
         if not self._steps:
             return None
         if load is None:
-            return self.step_s
+            load = self._steps[-1][1]
         return statistics.median(seconds / ran for seconds, ran in self._steps) * load
 
     def _untried_mixed(self, size: int, context: int, rows: int, chunk: float, step: float) -> float:
@@ -160,7 +164,6 @@ class AdmissionPacer:
         if not load > 0:
             raise ValueError(f"a step's load must be positive, got {load}")
         self._steps.append((seconds, load))
-        self.step_s = self.step_at(load)
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)

@@ -338,7 +338,6 @@ class FixedTimes(AdmissionPacer):
     def __init__(self, plan, max_gap_steps: float):
         keys = [g for g in plan.graphs() if g[0] == "prefill"]
         super().__init__({k: 0.5 for k in keys}, max_gap_steps, untried_margin=1.0)
-        self.step_s = 1.0
 
     def chunk_ran(self, *args, **kwargs):
         pass

@@ -1,7 +1,7 @@
 """The project's own CPU kernels (``kernels/*.cc``), built with the machine's C++ compiler on
 first use and run as MindSpore "aot" custom ops: attention for decode steps and prefill
 chunks (RoPE included), projections by weights kept in half precision, RMSNorm and the MLP's
-activation.
+activation, and the copy of a prompt's leading cache rows from one slot to another.
 
 Why: the KV cache is stored in 2-D blocks so that its rows are written in place, and
 MindSpore's CPU backend copies such a written Parameter to reshape it for ``BatchMatMul``
@@ -143,6 +143,20 @@ def _attention_op(name: str, num_heads: int):
 
     return ops.Custom(f"{library}:{name}", out_shape=lambda qkv, *rest: list(qkv[:-2]) + [num_heads, qkv[-1]],
                       out_dtype=lambda qkv, *rest: qkv, func_type="aot")
+
+
+def copy_cache_rows_op():
+    """A ``mindspore.ops.Custom`` running ``CopyCacheRows`` (``kernels/copy_rows.cc``): one
+    layer's keys and values of positions 0..count-1 copied from a cache slot to another in
+    place; src, dst, count, kv_heads (1,) int32, block_rows (J,) int32, then the layer's
+    blocks -> (1,) int32; or None as for :func:`decode_attention_op`."""
+    library = _allowed_library()
+    if library is None:
+        return None
+    from mindspore import ops
+
+    return ops.Custom(f"{library}:CopyCacheRows", out_shape=lambda src, *rest: src,
+                      out_dtype=lambda src, *rest: src, func_type="aot")
 
 
 def rms_norm_op():

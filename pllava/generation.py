@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .pacing import AdmissionPacer, queue_stretch
+from .prefix_reuse import leading_text
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -109,6 +110,7 @@ class SequenceStats:
     first_token: float = 0.0
     finished: float = 0.0
     prompt_tokens: int = 0  # merged length: text tokens + visual tokens
+    reused_tokens: int = 0  # leading prompt positions found in the cache, not prefilled
     generated_tokens: int = 0
 
     @property
@@ -175,6 +177,7 @@ class Running:
         self.seen = np.asarray([i for i in request.prompt_ids], dtype=np.int64)
         self.slot = -1
         self.position = 0  # where the next fed token is written
+        self.leading_ids = np.zeros(0, np.int32)  # the prompt ids a slot's rows may already hold
         self.embeds = None  # merged prompt embeddings while the prompt is being prefilled
         self.stats = SequenceStats(added=time.perf_counter())
 
@@ -188,11 +191,12 @@ class Engine:
     tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`),
     up to ``max_gap_stretch`` times that while prompts queue behind it: by a factor 1 +
     ``queued_weight`` x queued prompts / streams decoding (:func:`pllava.pacing.queue_stretch`;
-    a stretch of 1 or a weight of 0 = never longer)."""
+    a stretch of 1 or a weight of 0 = never longer). With ``reuse_prefixes`` a prompt starts
+    after the leading text ids whose cache rows a slot still holds (:meth:`_place`)."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
                  sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.0, max_gap_stretch: float = 4.0,
-                 queued_weight: float = 4.0):
+                 queued_weight: float = 4.0, reuse_prefixes: bool = True):
         if not max_gap_stretch >= 1:
             raise ValueError(f"max_gap_stretch must be at least 1 (1 = never longer), got {max_gap_stretch}")
         if not queued_weight >= 0:
@@ -213,6 +217,7 @@ class Engine:
         self.pacer = AdmissionPacer(getattr(language, "graph_seconds", None), max_gap_steps)
         self.max_gap_stretch = max_gap_stretch
         self.queued_weight = queued_weight
+        self.reuse_prefixes = reuse_prefixes
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -225,6 +230,8 @@ class Engine:
                 f"but the context holds {self.max_len}: shorten the prompt or raise the max context")
         seq = Running(request, self.tokenizer, self.sampler)
         seq.stats.prompt_tokens = prompt_len
+        image_id = self.language.cfg.image_token_index if request.visual is not None else None
+        seq.leading_ids = leading_text(request.prompt_ids, image_id)[:prompt_len - 1]  # (one position left to feed)
         with self._lock:
             self._waiting.append(seq)
 
@@ -301,9 +308,30 @@ class Engine:
             if not self._waiting or None not in self._slots:
                 return None
             seq = self._waiting.popleft()
-        seq.slot = self._slots.index(None)
+        seq.slot, seq.position = self._place(seq)
+        seq.stats.reused_tokens = seq.position
         self._slots[seq.slot] = seq
         return seq
+
+    def _place(self, seq: Running) -> tuple[int, int]:
+        """A free slot for ``seq`` and how many of its leading positions are already there
+        (:mod:`pllava.prefix_reuse`): the free slot holding the most of its leading text ids,
+        and where another slot holds more of them, their rows copied into it."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        prefixes = getattr(self.language, "prefixes", None)
+        if prefixes is None or not self.reuse_prefixes:
+            return free[0], 0
+        slot, rows = prefixes.best(seq.leading_ids, free)
+        if getattr(self.language, "copies_prefixes", False):
+            source, more = prefixes.best(seq.leading_ids, range(self.num_slots))
+            if more > rows:
+                try:
+                    rows = self.language.copy_prefix(source, slot, more)
+                except Exception as exc:  # noqa: BLE001 - the prompt is then fed from its start
+                    log.warning("copying %d cached prompt positions from slot %d to %d failed (%.300r); "
+                                "prefilling them", more, source, slot, exc)
+                    rows = 0
+        return slot, rows
 
     def _prefill_step(self, seq: Running, running: list[Running]) -> list[TokenEvent]:
         """Feed the next chunk of ``seq``'s prompt (while the ``running`` streams decode, one
@@ -336,6 +364,9 @@ class Engine:
     def _chunk_done(self, seq: Running, chunk, length: int, logits: np.ndarray) -> list[TokenEvent]:
         """After a chunk of ``seq``'s prompt: its first token when the chunk was the last."""
         seq.position = chunk.start + chunk.length
+        prefixes = getattr(self.language, "prefixes", None)
+        if prefixes is not None:
+            prefixes.keep(seq.slot, seq.leading_ids, seq.position)
         if seq.position < length:
             return []
         self._prefilling = None

@@ -17,9 +17,10 @@ from mindspore import Tensor, nn, ops
 
 from . import weights as W
 from .config import PllavaConfig
-from .cpu_kernels import full_attention_op, half_linear_op, half_linear_tiles
+from .cpu_kernels import copy_cache_rows_op, full_attention_op, half_linear_op, half_linear_tiles
 from .layers import Backend, half_linears, to_tensor
 from .llama import LlamaForCausalLM, block_key_positions, half_weights_allowed
+from .prefix_reuse import SlotPrefixes
 from .projector import PllavaMultiModalProjector
 from .shapes import Chunk, DecodeCost, ShapePlan, smallest_at_least
 from .vision import CLIPVisionTower
@@ -179,6 +180,9 @@ class PllavaLanguage:
         self._every_slot = to_tensor(np.arange(num_slots, dtype=np.int32))  # the slots of those rows
         self.mixed_sizes = (tuple(s for s in self.plan.chunk_sizes(0) if s <= MIXED_CHUNK_MAX)
                             if self.lm.kernel_attention and num_slots > 1 else ())
+        #: which prompt ids each slot's leading rows hold (every write below updates it)
+        self.prefixes = SlotPrefixes(num_slots)
+        self._copy_rows = copy_cache_rows_op() if self.lm.kernel_attention and num_slots > 1 else None
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
         tied = self.cfg.text.tie_word_embeddings
@@ -224,6 +228,7 @@ class PllavaLanguage:
         logits (1, vocab) at the chunk's last position, or (chunk.length, vocab) at each of
         its positions with ``all_logits``."""
         piece, positions = _chunk_rows(embeds, chunk, self.lm.dtype)
+        self.prefixes.written(slot, chunk.start)
         index = np.arange(chunk.size) if all_logits else np.array([chunk.length - 1])
         logits = self._prefill(piece, positions, to_tensor(np.array([slot], dtype=np.int32)),
                                self._graph_context(chunk.context), to_tensor(index.astype(np.int32)))
@@ -237,11 +242,48 @@ class PllavaLanguage:
         read once for both. The decode rows go as :meth:`_rows_in_slot_order` puts them (the
         chunk's own slot gets a dummy). -> (chunk logits (1, vocab), decode logits (n, vocab))."""
         piece, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
+        self._written(slots, positions)
+        self.prefixes.written(slot, chunk.start)
         feed, where = self._rows_in_slot_order(tokens, positions, slots)
         index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
         logits = self._mixed(piece, where_chunk, to_tensor(np.array([slot], dtype=np.int32)), feed, where,
                              self._every_slot, to_tensor(index)).asnumpy()
         return logits[:1], logits[1:][np.asarray(slots)]
+
+    def _written(self, slots, positions) -> None:
+        for slot, position in zip(np.asarray(slots).tolist(), np.asarray(positions).tolist()):
+            self.prefixes.written(slot, position)
+
+    @property
+    def copies_prefixes(self) -> bool:
+        """Whether :meth:`copy_prefix` can run (the CPU kernels, more than one slot)."""
+        return self._copy_rows is not None
+
+    def copy_prefix(self, src: int, dst: int, rows: int) -> int:
+        """Copy the keys and values of positions 0..rows-1 from slot ``src`` to ``dst`` in
+        every layer (at most what ``src`` holds of its recorded prompt ids, which ``dst`` then
+        holds too); returns the positions ``dst`` now holds of them."""
+        if self._copy_rows is None:
+            raise RuntimeError("copying cache rows between slots needs the CPU kernels and more than one slot")
+        for slot in (src, dst):
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot {slot} is outside the cache's {self.num_slots} slots")
+        rows = max(0, min(rows, self.prefixes.rows(src)))
+        if src == dst:
+            return rows
+        ids = self.prefixes.ids(src)[:rows]
+        self.prefixes.written(dst, 0)
+        if rows == 0:
+            return 0
+        scalars = [to_tensor(np.array([v], np.int32)) for v in (src, dst, rows, self.cfg.text.num_key_value_heads)]
+        done = None
+        for layer in self.lm.model.layers:
+            attention = layer.self_attn
+            blocks = [cache[j] for j in range(len(attention.blocks)) for cache in (attention.k_cache, attention.v_cache)]
+            done = self._copy_rows(*scalars, attention.block_row_counts, *blocks)
+        done.asnumpy()  # (waits for the copies: the ops launch asynchronously)
+        self.prefixes.keep(dst, ids, rows)
+        return rows
 
     def _rows_in_slot_order(self, tokens, positions, slots) -> tuple[Tensor, Tensor]:
         """Decode rows at the batch of every slot, in slot order: (tokens, positions), with
@@ -277,6 +319,7 @@ class PllavaLanguage:
         long ones, when ``decode_cost`` says two steps cost less than one at the longest
         context), each at its batch bucket and the context bucket of its furthest position."""
         tokens, positions, slots = (np.asarray(a, dtype=np.int32) for a in (tokens, positions, slots))
+        self._written(slots, positions)
         order = np.argsort(positions, kind="stable")
         split = self.decode_cost.best_split(positions[order] + 1)
         logits = np.empty((len(tokens), self.vocab_size), np.float32)
@@ -309,6 +352,7 @@ class PllavaLanguage:
         (kind, size, context). Returns the number of graphs compiled."""
         shapes = self.plan.graphs(self.decode_contexts) + [("mixed", size, self.max_len) for size in self.mixed_sizes]
         width = self.cfg.text.hidden_size
+        self.prefixes.forget()
         compiled = set()
         for done, (kind, size, context) in enumerate(shapes, 1):
             if kind == "mixed":  # a chunk with every decode row a dummy

@@ -224,7 +224,7 @@ def two_streams_decoding(engine: Engine, tokenizer, cfg):
 def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(language, tokenizer, cfg):
     """Chunked prefill: a new prompt enters one chunk per step, and each step still decodes
     one token for every running sequence (short chunks only: a wait of one decode step)."""
-    engine = Engine(language, tokenizer, max_gap_steps=1)
+    engine = Engine(language, tokenizer, max_gap_steps=1, reuse_prefixes=False)  # (every chunk counted)
     running, newcomer = two_streams_decoding(engine, tokenizer, cfg)
     engine.add(newcomer)
     chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, allow=short_only))
@@ -318,7 +318,7 @@ def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model
     language = PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=1024)
     graphs = language.warm_up()
     assert set(language.graph_seconds) == {g for g in language.plan.graphs() if g[0] == "prefill"} and graphs > 4
-    engine = Engine(language, tokenizer, max_gap_steps=1e6)
+    engine = Engine(language, tokenizer, max_gap_steps=1e6, reuse_prefixes=False)  # (every chunk counted)
     running, newcomer = two_streams_decoding(engine, tokenizer, cfg)
     length = len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens
     long_chunks = language.plan.chunks(length)
@@ -419,7 +419,7 @@ def test_the_engine_refuses_stretch_settings_that_make_no_sense(language, tokeni
 def test_each_step_reports_what_it_ran_and_the_slots_it_holds(language, tokenizer, cfg):
     """What the serving metrics read: the last step's prefill chunk and decode batch, and the
     sequences and cache positions held."""
-    engine = Engine(language, tokenizer)
+    engine = Engine(language, tokenizer, reuse_prefixes=False)  # (every prompt position fed)
     assert (engine.last_step.prefill_tokens, engine.last_step.decode_batch) == (0, 0)
     first = Request(prompt_ids(tokenizer, "x"), visual(cfg, 0), SamplingParams(max_new_tokens=50))
     engine.add(first)

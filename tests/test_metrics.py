@@ -210,7 +210,9 @@ def test_a_caption_a_repeat_and_refusals_move_the_right_counters(up, videos_dir,
     assert sent == delta(dec0, dec1, "pllava_decoder_visual_token_bytes_received_total")
     assert sent == first.num_visual_tokens * info.text_hidden_size * 4  # float32 on CPU
     assert delta(dec0, dec1, "pllava_decoder_generated_tokens_total") == len(first.token_ids)
-    assert delta(dec0, dec1, "pllava_decoder_prompt_tokens_total") == len(first.prompt_token_ids) - 1 \
+    reused = delta(dec0, dec1, "pllava_decoder_prompt_tokens_reused_total")
+    assert reused > 0  # the template's text before <image>, which the warm-up request's prompt wrote
+    assert delta(dec0, dec1, "pllava_decoder_prompt_tokens_total") + reused == len(first.prompt_token_ids) - 1 \
         + first.num_visual_tokens  # the <image> id becomes the visual tokens
     assert delta(dec0, dec1, "pllava_decoder_prefill_step_seconds_count") >= 1
     assert delta(dec0, dec1, "pllava_decoder_decode_step_seconds_count") >= len(first.token_ids) - 1

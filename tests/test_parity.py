@@ -304,3 +304,33 @@ def test_a_half_precision_checkpoint_keeps_its_weights_so_and_matches_transforme
     ref = R.logits(hf, R.merged_embeddings(hf, PROMPT, visual))
     assert np.abs(ours - ref).max() <= 1e-4
     assert greedy_with_cache(language, 0, embeds, 30) == R.greedy(hf, R.merged_embeddings(hf, PROMPT, visual), 30)
+
+
+def test_prompts_sharing_leading_text_match_transformers(hf, chunked, vision, pixels, tiny_model_dir):
+    """Prompts whose first 90 text ids (across two context blocks) are the same: the second,
+    admitted beside the first, gets those rows copied from the first one's slot, the third
+    finds them in the slot it takes; each one's greedy tokens are transformers' for it alone."""
+    from pllava.generation import Engine, Request
+    from pllava.sampling import SamplingParams
+    from pllava.tokenizer import Tokenizer
+
+    visual = vision.encode_videos([pixels])[0]
+    rng = np.random.default_rng(2)
+    lead = [1] + rng.integers(3, 300, 89).tolist()
+    prompts = [lead + [300] + rng.integers(3, 300, n).tolist() for n in (5, 9, 7)]
+    visuals = [visual, visual[::-1].copy(), visual * 0.5]
+    requests = [Request(p, v, SamplingParams(max_new_tokens=20)) for p, v in zip(prompts, visuals)]
+    engine = Engine(chunked, Tokenizer.from_pretrained(tiny_model_dir), eos_token_id=-1)  # (text unused)
+    tokens, reused = {}, {}
+    for batch in (requests[:2], requests[2:]):
+        for r in batch:
+            engine.add(r)
+        while engine.has_work():
+            for e in engine.step():
+                if e.token_id is not None:
+                    tokens.setdefault(e.request_id, []).append(e.token_id)
+                if e.finish_reason is not None:
+                    reused[e.request_id] = e.stats.reused_tokens
+    assert [reused[r.request_id] for r in requests] == [0, 90, 90]
+    for r in requests:
+        assert tokens[r.request_id] == R.greedy(hf, R.merged_embeddings(hf, r.prompt_ids, r.visual), 20)

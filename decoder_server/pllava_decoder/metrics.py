@@ -56,6 +56,10 @@ class DecoderMetrics:
                                      buckets=STEP_BUCKETS, registry=r)
         self.prompt_tokens = Counter("pllava_decoder_prompt_tokens",
                                      "Prompt positions prefilled (text and visual tokens)", registry=r)
+        self.prompt_tokens_reused = Counter(
+            "pllava_decoder_prompt_tokens_reused",
+            "Leading prompt positions of finished captions found in the KV cache, not prefilled (reuse_prefixes)",
+            registry=r)
         self.generated_tokens = Counter("pllava_decoder_generated_tokens",
                                         "Tokens generated (rate: the decoder's tokens per second)", registry=r)
         self.captions = Counter("pllava_decoder_captions", "Captions finished, by finish reason",
@@ -112,8 +116,10 @@ class DecoderMetrics:
     def record_first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
 
-    def record_caption(self, finish_reason: str, generated: int, decode_s: float) -> None:
-        """A caption that ended with ``generated`` tokens, ``decode_s`` after its first."""
+    def record_caption(self, finish_reason: str, generated: int, decode_s: float, reused: int = 0) -> None:
+        """A caption that ended with ``generated`` tokens, ``decode_s`` after its first, its
+        prompt's first ``reused`` positions found in the cache."""
         self.captions.labels(finish_reason).inc()
+        self.prompt_tokens_reused.inc(reused)
         if generated >= 2 and decode_s > 0:
             self.time_per_output_token.observe(decode_s / (generated - 1))

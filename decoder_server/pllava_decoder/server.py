@@ -124,7 +124,7 @@ class LanguageModel:
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
                    engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps,
                                  max_gap_stretch=settings.max_gap_stretch,
-                                 queued_weight=settings.queued_weight),
+                                 queued_weight=settings.queued_weight, reuse_prefixes=settings.reuse_prefixes),
                    model_id=model_id(path, settings.lora_alpha),
                    dtype=dtype_name(backend.dtype), max_context=max_context, compile_cache=cache_dir)
 
@@ -309,14 +309,16 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             return
 
         stats: SequenceStats = last.stats
-        self.metrics.record_caption(last.finish_reason.value, len(token_ids), stats.finished - stats.first_token)
+        self.metrics.record_caption(last.finish_reason.value, len(token_ids), stats.finished - stats.first_token,
+                                    stats.reused_tokens)
         video_s, encode_s = ((encoded.video_decode_ms / 1e3, encoded.encode_ms / 1e3) if encoded else (0.0, 0.0))
         timings = timings_from(stats, video_s, encode_s, start, transfer_s=encoded.transfer_ms / 1e3 if encoded else 0.0)
         reason = FINISH_REASONS[last.finish_reason]
         stop = (matched_stop(m.tokenizer.decode(token_ids), caption, params.stop)
                 if reason == pllava_pb2.FINISH_REASON_STOP_STRING else "")
-        log.info("captioned %s: %d prompt + %d visual tokens -> %d tokens (%s), ttft %.0f ms, %.1f tok/s%s",
-                 request.video_name or "video", len(prompt_ids), len(visual.visual), len(token_ids),
+        log.info("captioned %s: %d prompt (%d positions reused) + %d visual tokens -> %d tokens (%s), "
+                 "ttft %.0f ms, %.1f tok/s%s", request.video_name or "video", len(prompt_ids), stats.reused_tokens,
+                 len(visual.visual), len(token_ids),
                  pllava_pb2.FinishReason.Name(reason), timings["time_to_first_token_ms"],
                  timings["decode_tokens_per_s"], ", visual tokens cached" if encoded is None else "")
         yield pllava_pb2.CaptionEvent(final=pllava_pb2.FinalEvent(

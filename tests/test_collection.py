@@ -209,6 +209,7 @@ def test_a_collection_is_captioned_resumed_and_finished(decoders, both, collecti
         assert line["status"] == "ok" and line["finish_reason"] == "length"
         assert line["num_generated_tokens"] == 7 and line["num_visual_tokens"] == 576
         assert line["caption"] and line["timings"]["total_ms"] > 0 and line["num_prompt_tokens"] > 0
+        assert 0 < line["num_prompt_tokens_reused"] < line["num_prompt_tokens"]  # the template's leading text
     # A still image is one frame; the model repeats it in time, so it gives a video's 576 tokens.
     assert by_path["still.jpg"]["num_frames"] == 1 and by_path["orbit.mp4"]["num_frames"] == 4
     # The same caption as one call would give (greedy), and both decoders did some of the work.

@@ -212,6 +212,7 @@ def test_a_caption_a_repeat_and_refusals_move_the_right_counters(up, videos_dir,
     assert delta(dec0, dec1, "pllava_decoder_generated_tokens_total") == len(first.token_ids)
     reused = delta(dec0, dec1, "pllava_decoder_prompt_tokens_reused_total")
     assert reused > 0  # the template's text before <image>, which the warm-up request's prompt wrote
+    assert first.num_prompt_tokens_reused == reused  # and the caption says so
     assert delta(dec0, dec1, "pllava_decoder_prompt_tokens_total") + reused == len(first.prompt_token_ids) - 1 \
         + first.num_visual_tokens  # the <image> id becomes the visual tokens
     assert delta(dec0, dec1, "pllava_decoder_prefill_step_seconds_count") >= 1

@@ -267,6 +267,8 @@ def test_greedy_answer_equals_the_grpc_caption(oa, grpc_client, model_id, part, 
     assert answer.usage.prompt_tokens == prompt_tokens(expected) > expected.num_visual_tokens == 576
     assert answer.usage.completion_tokens == 24
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + 24
+    # the template's text before the video, already in the decoder's cache (both prompts share it)
+    assert answer.usage.prompt_tokens_details.cached_tokens == expected.num_prompt_tokens_reused > 0
 
 
 def test_stream_is_the_grpc_stream_piece_by_piece(oa, grpc_client, model_id):

@@ -111,6 +111,8 @@ class CaptionResult:
     visual_tokens_cached: bool = False
     model_id: str = ""
     request_id: str = ""
+    #: leading prompt positions the decoder found in its KV cache rather than prefilled
+    num_prompt_tokens_reused: int = 0
 
     def to_json(self) -> dict:
         """The object ``pllava-caption --json`` prints (the in-process command's keys)."""
@@ -129,7 +131,8 @@ class CaptionResult:
                    num_visual_tokens=final.num_visual_tokens, num_frames=final.num_frames,
                    finish_reason=reason[len("FINISH_REASON_"):].lower(), timings=timings,
                    stop_string=final.stop_string, visual_tokens_cached=final.visual_tokens_cached,
-                   model_id=final.model_id, request_id=final.request_id)
+                   model_id=final.model_id, request_id=final.request_id,
+                   num_prompt_tokens_reused=final.num_prompt_tokens_reused)
 
 
 class CaptionStream:

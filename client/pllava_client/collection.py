@@ -156,7 +156,8 @@ class VideoResult:
         if self.ok:
             r = self.result
             line.update(caption=r.caption, finish_reason=r.finish_reason,
-                        num_prompt_tokens=len(r.prompt_token_ids), num_generated_tokens=len(r.token_ids),
+                        num_prompt_tokens=len(r.prompt_token_ids), num_prompt_tokens_reused=r.num_prompt_tokens_reused,
+                        num_generated_tokens=len(r.token_ids),
                         num_visual_tokens=r.num_visual_tokens, num_frames=r.num_frames,
                         visual_tokens_cached=r.visual_tokens_cached, timings=dict(r.timings),
                         prompt=self.prompt, model_id=r.model_id, request_id=r.request_id)

@@ -326,7 +326,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             token_ids=token_ids, num_visual_tokens=len(visual.visual), num_prompt_tokens=len(prompt_ids),
             num_generated_tokens=len(token_ids), num_frames=visual.num_frames,
             timings=pllava_pb2.Timings(**timings), visual_tokens_cached=encoded is None, stop_string=stop,
-            model_id=m.model_id, request_id=current_request_id()))
+            model_id=m.model_id, request_id=current_request_id(), num_prompt_tokens_reused=stats.reused_tokens))
 
     async def GetInfo(self, request: pllava_pb2.GetInfoRequest, context) -> pllava_pb2.ModelInfo:
         m, _ = self._ready()

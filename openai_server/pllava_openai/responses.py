@@ -3,7 +3,9 @@ server-sent events) and ``usage``.
 
 ``usage.prompt_tokens`` counts what the model read: the prompt's text tokens with the image
 placeholder replaced by the video's visual tokens (``len(prompt_token_ids) - 1 +
-num_visual_tokens``); ``completion_tokens`` the generated tokens.
+num_visual_tokens``), ``prompt_tokens_details.cached_tokens`` how many of those the decoder
+found in its KV cache (the leading text an earlier prompt shared); ``completion_tokens`` the
+generated tokens.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ def finish_reason(result: CaptionResult) -> str:
 def usage(result: CaptionResult) -> dict:
     prompt = max(0, len(result.prompt_token_ids) - 1) + result.num_visual_tokens
     completion = len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": result.num_prompt_tokens_reused}}
 
 
 def completion(completion_id: str, created: int, model: str, result: CaptionResult) -> dict:

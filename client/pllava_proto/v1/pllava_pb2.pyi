@@ -231,7 +231,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., video_decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class FinalEvent(_message.Message):
-    __slots__ = ("finish_reason", "caption", "prompt", "prompt_token_ids", "token_ids", "num_visual_tokens", "num_prompt_tokens", "num_generated_tokens", "num_frames", "timings", "visual_tokens_cached", "stop_string", "model_id", "request_id")
+    __slots__ = ("finish_reason", "caption", "prompt", "prompt_token_ids", "token_ids", "num_visual_tokens", "num_prompt_tokens", "num_generated_tokens", "num_frames", "timings", "visual_tokens_cached", "stop_string", "model_id", "request_id", "num_prompt_tokens_reused")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +246,7 @@ class FinalEvent(_message.Message):
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     caption: str
     prompt: str
@@ -260,7 +261,8 @@ class FinalEvent(_message.Message):
     stop_string: str
     model_id: str
     request_id: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., caption: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., num_frames: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., visual_tokens_cached: _Optional[bool] = ..., stop_string: _Optional[str] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    num_prompt_tokens_reused: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., caption: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_visual_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., num_frames: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., visual_tokens_cached: _Optional[bool] = ..., stop_string: _Optional[str] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., num_prompt_tokens_reused: _Optional[int] = ...) -> None: ...
 
 class CaptionEvent(_message.Message):
     __slots__ = ("token", "final")

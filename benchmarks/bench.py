@@ -314,7 +314,7 @@ def drive(engine, requests, until=None) -> dict:
 
     freeze_startup_heap()  # as the servers do once warmed up: no full collection of this heap mid-run
     state = {"added": time.perf_counter(), "tokens": {r.request_id: [] for r in requests},
-             "times": {r.request_id: [] for r in requests}, "finish": {}, "steps": []}
+             "times": {r.request_id: [] for r in requests}, "finish": {}, "steps": [], "ran": []}
     for r in requests:
         engine.add(r)
     while engine.has_work():
@@ -330,6 +330,8 @@ def drive(engine, requests, until=None) -> dict:
             if ev.finish_reason is not None:
                 state["finish"][ev.request_id] = ev.finish_reason.value
         state["steps"].append((s, e, n))
+        ran = engine.last_step
+        state["ran"].append((ran.prefill_tokens, ran.decode_batch))  # what each step ran, for diagnosis
         if until is not None and until(state):
             break
     return state
@@ -518,10 +520,19 @@ def section_admission(b: Bench) -> dict:
            "gap_over_step": max_gap / steady_step, "admission_ttft_s": admitted - added,
            "admission_steps": sum(1 for _, e, _ in st["steps"] if added < e <= admitted),
            "gaps_s": sorted(gaps, reverse=True)[:20],
+           "slowest_steps": slowest_steps(st, added, admitted),
            "streams_finished_early": {k: v for k, v in st["finish"].items() if k != new.request_id}}
     log(f"admission: steady step {steady_step * 1e3:.0f} ms, longest gap {max_gap * 1e3:.0f} ms "
         f"({out['gap_over_step']:.1f}x), admitted in {out['admission_steps']} steps, {out['admission_ttft_s']:.1f} s")
     return out
+
+
+def slowest_steps(state: dict, start: float, end: float, n: int = 10) -> list[dict]:
+    """The ``n`` longest engine steps that ended in (start, end]: seconds, the prompt positions
+    the step fed and the streams it decoded (what a long inter-token gap was made of)."""
+    steps = [{"seconds": e - s, "prefill_tokens": fed, "decode_rows": rows}
+             for (s, e, _), (fed, rows) in zip(state["steps"], state["ran"]) if start < e <= end]
+    return sorted(steps, key=lambda step: -step["seconds"])[:n]
 
 
 # ----------------------------------------------------------------------------- c. memory

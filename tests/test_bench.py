@@ -56,6 +56,10 @@ def test_json_has_every_section_without_errors(quick):
         assert name in data, f"section {name} missing from the JSON"
         assert "error" not in data[name], f"section {name} failed: {data[name].get('traceback', data[name])}"
     assert data["machine"]["cores"] >= 1 and data["total_s"] > 0
+    slowest = data["admission"]["slowest_steps"]  # what the longest waits of the admission were made of
+    assert slowest and all(s["decode_rows"] > 0 for s in slowest)
+    assert [s["seconds"] for s in slowest] == sorted((s["seconds"] for s in slowest), reverse=True)
+    assert max(s["seconds"] for s in slowest) <= data["admission"]["admission_ttft_s"]
 
 
 def test_greedy_tokens_agree_with_transformers(quick):

@@ -218,6 +218,7 @@ class Engine:
         self.max_gap_stretch = max_gap_stretch
         self.queued_weight = queued_weight
         self.reuse_prefixes = reuse_prefixes
+        self._prefixes = getattr(language, "prefixes", None)  # what its slots hold (pllava.prefix_reuse)
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -318,12 +319,11 @@ class Engine:
         (:mod:`pllava.prefix_reuse`): the free slot holding the most of its leading text ids,
         and where another slot holds more of them, their rows copied into it."""
         free = [i for i, s in enumerate(self._slots) if s is None]
-        prefixes = getattr(self.language, "prefixes", None)
-        if prefixes is None or not self.reuse_prefixes:
+        if self._prefixes is None or not self.reuse_prefixes:
             return free[0], 0
-        slot, rows = prefixes.best(seq.leading_ids, free)
+        slot, rows = self._prefixes.best(seq.leading_ids, free)
         if getattr(self.language, "copies_prefixes", False):
-            source, more = prefixes.best(seq.leading_ids, range(self.num_slots))
+            source, more = self._prefixes.best(seq.leading_ids, range(self.num_slots))
             if more > rows:
                 try:
                     rows = self.language.copy_prefix(source, slot, more)
@@ -364,9 +364,8 @@ class Engine:
     def _chunk_done(self, seq: Running, chunk, length: int, logits: np.ndarray) -> list[TokenEvent]:
         """After a chunk of ``seq``'s prompt: its first token when the chunk was the last."""
         seq.position = chunk.start + chunk.length
-        prefixes = getattr(self.language, "prefixes", None)
-        if prefixes is not None:
-            prefixes.keep(seq.slot, seq.leading_ids, seq.position)
+        if self._prefixes is not None:
+            self._prefixes.keep(seq.slot, seq.leading_ids, seq.position)
         if seq.position < length:
             return []
         self._prefilling = None

@@ -4,8 +4,8 @@ A slot keeps the keys and values a prompt wrote until something writes over them
 the prompt's leading text (the ids before ``<image>``) depend on nothing else, attention being
 causal, so a later prompt that starts with the same ids can begin its prefill after them, in
 that slot or in one the rows are copied to. Every request of a deployment usually starts
-with the same system prompt: the default template puts 260 of a 4-frame prompt's 865
-positions (30%) before the video.
+with the same system prompt: with the benchmark checkpoint's tokenizer the default template
+puts 260 of a 4-frame prompt's 865 positions (30%) before the video.
 
 :class:`SlotPrefixes` is the record the language model keeps of its own cache: every write
 into a slot forgets that slot's rows from the written position on (so a caller writing

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine_runs import visual
 from pllava.config import PllavaConfig
 from pllava.generation import (ContextOverflowError, Engine, FinishReason, Request, SequenceError,
                                StopStringFilter, generate)
@@ -119,10 +120,6 @@ def cfg(tiny_model_dir):
 @pytest.fixture(scope="module")
 def language(tiny_model_dir, cfg):
     return PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=1024)
-
-
-def visual(cfg, seed):
-    return np.random.default_rng(seed).standard_normal((cfg.num_visual_tokens, cfg.text.hidden_size)).astype(np.float32)
 
 
 def prompt_ids(tokenizer, question):

@@ -310,6 +310,7 @@ def test_prompts_sharing_leading_text_match_transformers(hf, chunked, vision, pi
     """Prompts whose first 90 text ids (across two context blocks) are the same: the second,
     admitted beside the first, gets those rows copied from the first one's slot, the third
     finds them in the slot it takes; each one's greedy tokens are transformers' for it alone."""
+    from engine_runs import run_batches
     from pllava.generation import Engine, Request
     from pllava.sampling import SamplingParams
     from pllava.tokenizer import Tokenizer
@@ -321,16 +322,7 @@ def test_prompts_sharing_leading_text_match_transformers(hf, chunked, vision, pi
     visuals = [visual, visual[::-1].copy(), visual * 0.5]
     requests = [Request(p, v, SamplingParams(max_new_tokens=20)) for p, v in zip(prompts, visuals)]
     engine = Engine(chunked, Tokenizer.from_pretrained(tiny_model_dir), eos_token_id=-1)  # (text unused)
-    tokens, reused = {}, {}
-    for batch in (requests[:2], requests[2:]):
-        for r in batch:
-            engine.add(r)
-        while engine.has_work():
-            for e in engine.step():
-                if e.token_id is not None:
-                    tokens.setdefault(e.request_id, []).append(e.token_id)
-                if e.finish_reason is not None:
-                    reused[e.request_id] = e.stats.reused_tokens
-    assert [reused[r.request_id] for r in requests] == [0, 90, 90]
+    tokens, stats = run_batches(engine, (requests[:2], requests[2:]))
+    assert [stats[r.request_id].reused_tokens for r in requests] == [0, 90, 90]
     for r in requests:
         assert tokens[r.request_id] == R.greedy(hf, R.merged_embeddings(hf, r.prompt_ids, r.visual), 20)

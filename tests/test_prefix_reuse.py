@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from engine_runs import run_batches, visual
 from pllava import cpu_kernels
 from pllava.config import PllavaConfig
 from pllava.generation import Engine, Request
@@ -99,27 +100,13 @@ def language(tiny_model_dir, cfg):
     return PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=1024, min_context=64)
 
 
-def visual(cfg, seed):
-    return np.random.default_rng(seed).standard_normal((cfg.num_visual_tokens, cfg.text.hidden_size)).astype(np.float32)
-
-
 def caption_request(tokenizer, cfg, seed, question="Describe the video.", tokens=12):
     return Request(tokenizer.encode(build_prompt(question)), visual(cfg, seed), SamplingParams(max_new_tokens=tokens))
 
 
 def run(engine, requests, together=False):
     """Each request's tokens and final stats; ``together``: all added at once (else one by one)."""
-    tokens, stats = {}, {}
-    batches = [requests] if together else [[r] for r in requests]
-    for batch in batches:
-        for r in batch:
-            engine.add(r)
-        while engine.has_work():
-            for e in engine.step():
-                if e.token_id is not None:
-                    tokens.setdefault(e.request_id, []).append(e.token_id)
-                if e.finish_reason is not None:
-                    stats[e.request_id] = e.stats
+    tokens, stats = run_batches(engine, [requests] if together else [[r] for r in requests])
     return [tokens[r.request_id] for r in requests], [stats[r.request_id] for r in requests]
 
 

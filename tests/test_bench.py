@@ -106,3 +106,17 @@ def test_the_default_over_sized_ratio_is_also_read_from_the_runs_median_steps(qu
     assert all(len(data["engine"][k]["batch"]["median_step_s_all"]) == 4 for k in steps)  # one per run
     row = [line for line in proc.stdout.splitlines() if "the median step of those runs" in line]
     assert len(row) == 1 and f"| {steps['sized'] / steps['default']:.2f}x |" in row[0]
+
+
+def test_one_stream_runs_as_often_as_eight_and_its_default_over_sized_ratio_is_printed(quick):
+    """One stream's rate is the fastest of as many alternating runs as 8 streams get (one run
+    each swayed the default/sized ratio by a tenth), every run's tokens checked."""
+    proc, out = quick
+    data = json.loads(out.read_text())
+    repeats = data["plan"]["batch_repeats"]
+    rates = {k: data["engine"][k]["batch1"]["decode_tok_s_all"] for k in ("default", "sized")}
+    for k, runs in rates.items():
+        assert len(runs) == repeats and data["engine"][k]["batch1"]["decode_tok_s"] == max(runs)
+        assert data["engine"][k]["agree_batch1"]["pairs"] == repeats
+    row = [line for line in proc.stdout.splitlines() if "decode, 1 stream: default cache / sized cache" in line]
+    assert len(row) == 1 and f"| {max(rates['default']) / max(rates['sized']):.2f}x |" in row[0]

@@ -256,14 +256,15 @@ def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir,
         decode_alone = apart.decode(tokens, positions, slots)
         chunk_mixed, decode_mixed = together.prefill_chunk_and_decode(2, newcomer, chunk, tokens, positions, slots)
         # (with the chunk's rows, the decode rows' projections may take the AMX tiles: the same
-        # float32 products summed in another order)
-        np.testing.assert_allclose(chunk_mixed, chunk_alone, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(decode_mixed, decode_alone, rtol=1e-5, atol=1e-5)
+        # float32 products summed in another order, up to ~2e-5 apart on logits of ~10 on a
+        # Xeon with AMX; a row swapped or a cache row missed moves them by ~1)
+        np.testing.assert_allclose(chunk_mixed, chunk_alone, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(decode_mixed, decode_alone, rtol=1e-5, atol=1e-4)
         assert np.abs(decode_mixed[0] - decode_mixed[1]).max() > 1e-3  # rows not swapped or shared
         tokens, positions = tokens + 1, positions + 1
     # the caches agree: the next decode of every slot, the newcomer's included
     step = (np.array([11, 7, 12], np.int32), np.array([102, 70, 62], np.int32), np.array([1, 2, 3], np.int32))
-    np.testing.assert_allclose(together.decode(*step), apart.decode(*step), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(together.decode(*step), apart.decode(*step), rtol=1e-5, atol=1e-4)
 
 
 class Unmixed:

@@ -192,7 +192,9 @@ class Engine:
     up to ``max_gap_stretch`` times that while prompts queue behind it: by a factor 1 +
     ``queued_weight`` x queued prompts / streams decoding (:func:`pllava.pacing.queue_stretch`;
     a stretch of 1 or a weight of 0 = never longer). With ``reuse_prefixes`` a prompt starts
-    after the leading text ids whose cache rows a slot still holds (:meth:`_place`)."""
+    after the leading text ids whose cache rows a slot still holds (:meth:`_place`), and the
+    streams holding the same leading text read it from one slot as they decode
+    (``PllavaLanguage.share_prefixes``): the engine records which ids a slot's rows hold."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
                  sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.0, max_gap_stretch: float = 4.0,
@@ -364,7 +366,7 @@ class Engine:
     def _chunk_done(self, seq: Running, chunk, length: int, logits: np.ndarray) -> list[TokenEvent]:
         """After a chunk of ``seq``'s prompt: its first token when the chunk was the last."""
         seq.position = chunk.start + chunk.length
-        if self._prefixes is not None:
+        if self._prefixes is not None and self.reuse_prefixes:
             self._prefixes.keep(seq.slot, seq.leading_ids, seq.position)
         if seq.position < length:
             return []

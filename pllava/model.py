@@ -177,12 +177,14 @@ class PllavaLanguage:
         # One compiled step for a prefill chunk and the running streams' decode rows (the
         # CPU kernels only): the chunk sizes the engine takes while streams decode.
         self._mixed = ms.jit(self.lm.mixed) if jit else self.lm.mixed
-        self._every_slot = to_tensor(np.arange(num_slots, dtype=np.int32))  # the slots of those rows
         self.mixed_sizes = (tuple(s for s in self.plan.chunk_sizes(0) if s <= MIXED_CHUNK_MAX)
                             if self.lm.kernel_attention and num_slots > 1 else ())
         #: which prompt ids each slot's leading rows hold (every write below updates it)
         self.prefixes = SlotPrefixes(num_slots)
         self._copy_rows = copy_cache_rows_op() if self.lm.kernel_attention and num_slots > 1 else None
+        #: whether decode rows whose slots hold the same leading text read it from one slot (the
+        #: CPU decode kernel; their slots go as (slot, prefix slot, prefix rows) rows)
+        self.share_prefixes = self.lm.kernel_attention
 
     def load(self, source: str | Path, lora_alpha: float = W.DEFAULT_LORA_ALPHA) -> "PllavaLanguage":
         tied = self.cfg.text.tie_word_embeddings
@@ -247,7 +249,7 @@ class PllavaLanguage:
         feed, where = self._rows_in_slot_order(tokens, positions, slots)
         index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
         logits = self._mixed(piece, where_chunk, to_tensor(np.array([slot], dtype=np.int32)), feed, where,
-                             self._every_slot, to_tensor(index)).asnumpy()
+                             self._slot_rows(np.arange(self.num_slots), slots), to_tensor(index)).asnumpy()
         return logits[:1], logits[1:][np.asarray(slots)]
 
     def _written(self, slots, positions) -> None:
@@ -294,6 +296,22 @@ class PllavaLanguage:
         feed[slots], where[slots] = tokens, positions
         return to_tensor(feed), to_tensor(where)
 
+    def _slot_rows(self, rows: np.ndarray, decoding) -> Tensor:
+        """The slots a decode kernel's ``rows`` read (slot numbers, one per row): with the CPU
+        kernels (slot, prefix slot, prefix rows) rows (B, 3), where the sequences ``decoding``
+        in this step that hold the same leading text read it from one of them
+        (:meth:`SlotPrefixes.sources`, within the first cache block); elsewhere the slots (B,)."""
+        rows = np.asarray(rows, dtype=np.int32)
+        if not self.lm.kernel_attention:
+            return to_tensor(rows)
+        table = np.stack([rows, rows, np.zeros_like(rows)], 1)
+        if self.share_prefixes:
+            decoding = sorted(set(np.asarray(decoding).tolist()))
+            shared = dict(zip(decoding, self.prefixes.sources(decoding, self.lm.blocks[0][1])))
+            for i, slot in enumerate(rows.tolist()):
+                table[i, 1:] = shared.get(slot, (slot, 0))
+        return to_tensor(table)
+
     def _graph_context(self, context: int) -> Tensor:
         """The ``key_positions`` a prefill graph gets for a chunk at ``context``: the kernels
         ignore it, so every chunk gets the same (one graph per chunk size)."""
@@ -338,9 +356,10 @@ class PllavaLanguage:
         context = self._contexts[smallest_at_least(self.decode_contexts, int(np.max(positions)) + 1, "context")]
         if batch == self.num_slots:
             feed, where = self._rows_in_slot_order(tokens, positions, slots)
-            return self._decode(feed, where, self._every_slot, context).asnumpy()[slots]
+            return self._decode(feed, where, self._slot_rows(np.arange(self.num_slots), slots), context).asnumpy()[slots]
         pick = np.minimum(np.arange(batch), n - 1)
-        logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), to_tensor(slots[pick]), context)
+        logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), self._slot_rows(slots[pick], ()),
+                              context)
         return logits.asnumpy()[:n]
 
     def warm_up(self, progress=None, timed: bool = True) -> int:

@@ -68,6 +68,22 @@ class SlotPrefixes:
         """How many leading positions of a prompt starting with ``ids`` ``slot`` holds."""
         return common_length(self.ids(slot), ids)
 
+    def sources(self, slots: Sequence[int], limit: int, least: int = 16) -> list[tuple[int, int]]:
+        """For each of ``slots`` (the sequences of one decode step): (the slot to read its first
+        rows from, how many), where an earlier slot of the step holds at least ``least`` of the
+        same leading ids (the one holding the most; at most ``limit`` rows), else (itself, 0).
+        Sequences sharing a system prompt then read its keys and values from one slot, which
+        a step reads from memory once for all of them."""
+        out, firsts = [], []
+        for slot in slots:
+            found, most = self.best(self.ids(slot), firsts)
+            if found >= 0 and most >= least:
+                out.append((found, min(most, limit)))
+            else:
+                out.append((slot, 0))
+                firsts.append(slot)
+        return out
+
     def best(self, ids: np.ndarray, slots: Iterable[int]) -> tuple[int, int]:
         """(the slot among ``slots`` holding the most of ``ids``, how many); the first of
         equals; (-1, 0) for no slot."""

@@ -153,6 +153,64 @@ def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_
     assert not out[0].any()
 
 
+@pytest.mark.parametrize("block_rows, shared", [((40, 27), (20, 39, 0)), ((12, 30), (11, 5, 11))])
+def test_decode_rows_read_their_prefix_from_the_slot_given(block_rows, shared):
+    """Slots as (slot, prefix slot, prefix rows): a row reads its positions below its prefix
+    rows (block 0) from the prefix slot and the rest from its own; equal to a reference over
+    its own slot with those rows replaced by the prefix slot's. A prefix slot of its own or
+    zero rows reads as the (B,) form does."""
+    rng = np.random.default_rng(len(block_rows) + shared[0])
+    batch, slots_total, kvh, group, d = 3, 4, 2, 2, 64
+    heads = kvh * group
+    qkv = rng.standard_normal((batch, heads + 2 * kvh, d)).astype(np.float32)
+    blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
+               rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
+    last = sum(r - 1 for r in block_rows) - 1
+    cos, sin = rope_tables(d, last + 1, 10000.0)
+    positions = np.array([last, block_rows[0] - 1, 30], np.int32)  # every one past its prefix rows
+    slots = np.array([1, 3, 0], np.int32)
+    prefix_slots = np.array([2, 2, 0], np.int32)  # two rows share slot 2's rows; the last its own
+    table = np.stack([slots, prefix_slots, np.array(shared, np.int32)], 1)
+    q = rope(qkv[:, :heads], positions[:, None], cos, sin).reshape(batch, kvh, group, d)
+    k_new = rope(qkv[:, heads:heads + kvh], positions[:, None], cos, sin)
+    written = [(k.copy(), v.copy()) for k, v in blocks]
+    for i in range(batch):
+        for h in range(kvh):
+            j, r = block_row(block_rows, slots[i], h, kvh, positions[i])
+            written[j][0][r], written[j][1][r] = k_new[i, h], qkv[i, heads + kvh + h]
+    expected = np.zeros((batch, kvh, group, d))
+    for i in range(batch):
+        seen = [(k.copy(), v.copy()) for k, v in written]
+        for h in range(kvh):
+            own, src = (slots[i] * kvh + h) * block_rows[0], (prefix_slots[i] * kvh + h) * block_rows[0]
+            for side in (0, 1):
+                seen[0][side][own:own + shared[i]] = written[0][side][src:src + shared[i]]
+        expected[i] = reference(q, positions, slots, 0.37, seen, block_rows)[i]
+    tensors = [Tensor(x) for pair in blocks for x in pair]
+    op = cpu_kernels.decode_attention_op(heads)
+    args = (Tensor(np.array([0.37], np.float32)), Tensor(np.array(block_rows, np.int32)), Tensor(cos), Tensor(sin))
+    out = op(Tensor(qkv), Tensor(positions), Tensor(table), *args, *tensors).asnumpy()
+    assert_blocks(tensors, written)
+    np.testing.assert_allclose(out.reshape(q.shape), expected, atol=2e-5, rtol=1e-4)
+    own = reference(q, positions, slots, 0.37, written, block_rows)
+    assert np.abs(out.reshape(q.shape)[0] - own[0]).max() > 1e-3  # the prefix slot was read, not its own
+    np.testing.assert_allclose(out.reshape(q.shape)[2], own[2], atol=2e-5, rtol=1e-4)
+
+
+def test_decode_prefix_rows_past_the_first_block_are_refused():
+    batch, kvh, d, block_rows = 1, 1, 16, (5, 9)
+    qkv = np.zeros((batch, 3 * kvh, d), np.float32)
+    cos, sin = rope_tables(d, 16, 10000.0)
+    blocks = [Tensor(np.zeros((2 * kvh * r, d), np.float32)) for r in block_rows for _ in range(2)]
+    op = cpu_kernels.decode_attention_op(kvh)
+    args = (Tensor(np.array([1.0], np.float32)), Tensor(np.array(block_rows, np.int32)), Tensor(cos), Tensor(sin))
+    ok = op(Tensor(qkv), Tensor(np.array([8], np.int32)), Tensor(np.array([[0, 1, 4]], np.int32)), *args, *blocks)
+    assert ok.asnumpy().shape == (1, 1, d)
+    with pytest.raises(RuntimeError):
+        op(Tensor(qkv), Tensor(np.array([8], np.int32)), Tensor(np.array([[0, 1, 5]], np.int32)), *args,
+           *blocks).asnumpy()
+
+
 def test_the_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("PLLAVA_CPU_KERNELS", "0")
     cpu_kernels.build_library.cache_clear()

@@ -53,6 +53,18 @@ def test_slot_prefixes_forget_what_is_written_over():
     assert [p.rows(s) for s in range(3)] == [0, 0, 0]
 
 
+def test_sources_send_the_slots_holding_the_same_text_to_one_of_them():
+    p = SlotPrefixes(5)
+    system = np.arange(100, 140, dtype=np.int32)
+    p.keep(0, system, 40)
+    p.keep(2, system, 40)
+    p.keep(3, np.concatenate((system[:30], [7, 8, 9])), 33)  # 30 ids alike, then its own
+    p.keep(4, system[:10], 10)  # too few alike to be worth it
+    assert p.sources([0, 1, 2, 3, 4], limit=64) == [(0, 0), (1, 0), (0, 40), (0, 30), (4, 0)]
+    assert p.sources([2, 3, 0], limit=32) == [(2, 0), (2, 30), (2, 32)]  # capped at the first block
+    assert p.sources([3, 4], limit=64, least=8) == [(3, 0), (3, 10)]
+
+
 def random_blocks(slots, kvh, block_rows, d, seed):
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal((slots * kvh * rows, d)).astype(np.float32),
@@ -135,6 +147,29 @@ def test_a_prompt_admitted_beside_a_running_one_gets_its_rows_copied(language, t
     language.warm_up(timed=False)
     alone, _ = run(Engine(language, tokenizer, reuse_prefixes=False), requests)
     assert together == alone
+
+
+def test_streams_holding_the_same_text_read_it_from_one_slot_with_the_same_logits(language, tokenizer, cfg):
+    """After prompts that start alike entered together (rows copied), a decode step of all
+    three reads the shared text from the first slot (within the first cache block), with the
+    logits of each stream reading its own rows."""
+    requests = [caption_request(tokenizer, cfg, seed, tokens=6) for seed in (1, 2, 3)]
+    language.warm_up(timed=False)
+    run(Engine(language, tokenizer), requests, together=True)
+    block = language.lm.blocks[0][1]
+    assert min(language.prefixes.rows(s) for s in range(3)) > block
+    rows = language._slot_rows(np.arange(3), [0, 1, 2]).asnumpy()
+    assert rows.tolist() == [[0, 0, 0], [1, 0, block], [2, 0, block]]
+    tokens, slots = np.array([5, 9, 11], np.int32), np.arange(3, dtype=np.int32)
+    positions = np.array([700, 710, 720], np.int32)  # past every prompt: rows no one reads later
+    shared = language.decode(tokens, positions, slots)
+    language.share_prefixes = False
+    try:
+        assert language._slot_rows(np.arange(3), [0, 1, 2]).asnumpy()[:, 2].tolist() == [0, 0, 0]
+        apart = language.decode(tokens, positions, slots)
+    finally:
+        language.share_prefixes = True
+    np.testing.assert_allclose(shared, apart, rtol=1e-5, atol=1e-5)
 
 
 def test_every_write_forgets_the_rows_it_reaches(language, tokenizer, cfg):

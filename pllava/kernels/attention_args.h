@@ -4,7 +4,12 @@
 //                                        as the fused projection made them; kv head h serves
 //                                        query heads hG..hG+G-1, G = H / KVH
 //   positions (B[, L]) int32             each row's position; -1: a padding row (no write, zeros out)
-//   slots (B,) int32                     the cache slot of each sequence
+//   slots (B,) int32                     the cache slot of each sequence; for a decode step also
+//         or (B, 3) int32                    (slot, prefix slot, prefix rows): the row reads its
+//                                            positions below ``prefix rows`` (within block 0) from
+//                                            ``prefix slot``, which holds the same keys and values
+//                                            there (a prompt's leading text that several sequences
+//                                            share: read once from memory for all of them)
 //   scale (1,) float32                   applied to q.k
 //   block_rows (J,) int32                rows of each block per (slot, kv head): positions + 1 spare
 //   cos, sin (P, D) float32              the RoPE tables (rope.h), P > every position
@@ -30,6 +35,7 @@ struct AttentionArgs {
   const float* qkv = nullptr;
   const int32_t* positions = nullptr;  // (B, L)
   const int32_t* slots = nullptr;
+  int64_t slot_stride = 1;  // 3 where ``slots`` also gives each row's prefix slot and rows
   float scale = 1.f;
   const float* cos = nullptr;
   const float* sin = nullptr;
@@ -41,7 +47,11 @@ struct AttentionArgs {
   // the head n of row (b, l): the H queries, then the KVH keys, then the KVH values
   const float* head(int64_t b, int64_t l, int64_t n) const { return qkv + ((b * L + l) * NH + n) * D; }
   // the first cache row of (sequence b, kv head h) in block j: its positions follow in order
-  int64_t first_row(int64_t b, int64_t h, int64_t j) const { return (slots[b] * KVH + h) * rows[j]; }
+  int64_t first_row(int64_t b, int64_t h, int64_t j) const { return (slot(b) * KVH + h) * rows[j]; }
+  int64_t slot(int64_t b) const { return slots[b * slot_stride]; }
+  // where row b reads its positions below prefix_rows(b): another slot's first rows of block 0
+  int64_t prefix_slot(int64_t b) const { return slot_stride == 3 ? slots[b * 3 + 1] : slot(b); }
+  int64_t prefix_rows(int64_t b) const { return slot_stride == 3 ? slots[b * 3 + 2] : 0; }
   // the cache row of (sequence b, kv head h, position p), moving j to p's block first
   int64_t row_of(int64_t b, int64_t h, int64_t p, int64_t* j) const {
     while (p >= block_start[*j + 1]) ++*j;
@@ -59,7 +69,8 @@ inline int parse_attention_args(int nparam, void** params, int* ndims, int64_t**
                                 int rank, AttentionArgs* a) {
   if (nparam < 10 || (nparam - 8) % 2 != 0) return 1;
   const int nblocks = (nparam - 8) / 2, out = nparam - 1;
-  if (ndims[0] != rank || ndims[1] != rank - 2 || ndims[2] != 1 || ndims[3] != 1 || ndims[4] != 1 ||
+  const bool prefixed = rank == 3 && ndims[2] == 2;  // a decode step's (B, 3) slots
+  if (ndims[0] != rank || ndims[1] != rank - 2 || (ndims[2] != 1 && !prefixed) || ndims[3] != 1 || ndims[4] != 1 ||
       ndims[5] != 2 || ndims[6] != 2 || ndims[out] != rank)
     return 2;
   const char* wanted[] = {"float32", "int32", "int32", "float32", "int32", "float32", "float32"};
@@ -78,6 +89,8 @@ inline int parse_attention_args(int nparam, void** params, int* ndims, int64_t**
   for (int i = 0; i < rank - 2; ++i)
     if (shapes[out][i] != q[i] || shapes[1][i] != q[i]) return 4;
   const int64_t P = shapes[5][0];
+  if (prefixed && shapes[2][1] != 3) return 4;
+  a->slot_stride = prefixed ? 3 : 1;
   if (shapes[out][rank - 1] != a->D || shapes[2][0] != a->B || shapes[4][0] != nblocks || shapes[5][1] != a->D ||
       shapes[6][0] != P || shapes[6][1] != a->D)
     return 4;
@@ -106,7 +119,9 @@ inline int parse_attention_args(int nparam, void** params, int* ndims, int64_t**
   a->sin = static_cast<const float*>(params[6]);
   a->out = static_cast<float*>(params[out]);
   for (int64_t b = 0; b < a->B; ++b) {
-    if (a->slots[b] < 0 || a->slots[b] >= a->S) return 7;
+    if (a->slot(b) < 0 || a->slot(b) >= a->S || a->prefix_slot(b) < 0 || a->prefix_slot(b) >= a->S ||
+        a->prefix_rows(b) < 0 || a->prefix_rows(b) > a->block_start[1])
+      return 7;
     for (int64_t l = 0; l < a->L; ++l) {
       const int64_t p = a->positions[b * a->L + l];
       if (p >= a->block_start[nblocks] || p >= P) return 7;

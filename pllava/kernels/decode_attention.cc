@@ -166,8 +166,11 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
   if (const int error = pllava::parse_attention_args(nparam, params, ndims, shapes, dtypes, 3, &a)) return error;
   pllava::write_keys_values(a);
   const int64_t KVH = a.KVH, G = a.G, D = a.D;
-  pllava::parallel_for(a.B * KVH, [&](int64_t bh) {
-    const int64_t b = bh / KVH, h = bh % KVH;
+  // Work items head by head, each head's rows one after another: rows that read their first
+  // positions from one prefix slot find those keys and values in the CPU's caches after the
+  // first of them (8 streams at position 900 with 260 shared: 56-58 -> 52 ms a step).
+  pllava::parallel_for(a.B * KVH, [&](int64_t item) {
+    const int64_t b = item % a.B, h = item / a.B, bh = b * KVH + h;
     const int64_t n = static_cast<int64_t>(a.positions[b]) + 1;  // positions 0..pos are visible
     float* acc = a.out + bh * G * D;
     std::memset(acc, 0, sizeof(float) * G * D);
@@ -177,17 +180,25 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
     score.resize(G * n);
     for (int64_t g = 0; g < G; ++g)  // the queries rotated and scaled
       pllava::rope(a.head(b, 0, h * G + g), a.cos + (n - 1) * D, a.sin + (n - 1) * D, D, a.scale, &qs[g * D]);
-    // the positions lie in runs of contiguous rows, one per block j below n: the keys (which
-    // 0) or values (1) of a run, and its length
-    const auto run = [&](int64_t j, int which) { return a.block(j, which) + a.first_row(b, h, j) * D; };
-    const auto run_length = [&](int64_t j) { return std::min(n, a.block_start[j + 1]) - a.block_start[j]; };
+    // the positions lie in runs of contiguous rows: the first ``shared`` of block 0 in the
+    // prefix slot, then one per block j below n in the row's own slot: the keys (which 0) or
+    // values (1) of a run, where it starts, and its length
+    const int64_t shared = a.prefix_slot(b) == a.slot(b) ? 0 : std::min(n, a.prefix_rows(b));
+    const auto prefix = [&](int which) { return a.block(0, which) + (a.prefix_slot(b) * KVH + h) * a.rows[0] * D; };
+    const auto start = [&](int64_t j) { return j == 0 ? shared : a.block_start[j]; };
+    const auto run = [&](int64_t j, int which) {
+      return a.block(j, which) + (a.first_row(b, h, j) + start(j) - a.block_start[j]) * D;
+    };
+    const auto run_length = [&](int64_t j) { return std::min(n, a.block_start[j + 1]) - start(j); };
+    for (int64_t g = 0; g < G && shared > 0; ++g) dots(&qs[g * D], prefix(0), shared, D, &score[g * n]);
     for (int64_t j = 0; a.block_start[j] < n; ++j)
-      for (int64_t g = 0; g < G; ++g) dots(&qs[g * D], run(j, 0), run_length(j), D, &score[g * n + a.block_start[j]]);
+      for (int64_t g = 0; g < G; ++g) dots(&qs[g * D], run(j, 0), run_length(j), D, &score[g * n + start(j)]);
     for (int64_t g = 0; g < G; ++g) {
       float* s = score.data() + g * n;
       const float inv_sum = 1.f / exponentiate(s, n);
+      if (shared > 0) weighted_sum(s, prefix(1), shared, D, acc + g * D);
       for (int64_t j = 0; a.block_start[j] < n; ++j)
-        weighted_sum(s + a.block_start[j], run(j, 1), run_length(j), D, acc + g * D);
+        weighted_sum(s + start(j), run(j, 1), run_length(j), D, acc + g * D);
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv_sum;
     }
   });

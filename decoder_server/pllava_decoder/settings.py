@@ -37,7 +37,7 @@ class DecoderSettings:
     max_gap_stretch: float = 4.0  # up to this many times longer while prompts queue behind the one entering
     queued_weight: float = 4.0  # that factor is 1 + this x prompts queued behind the one entering / streams decoding
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
-    reuse_prefixes: bool = True  # a prompt starts after the leading text (before <image>) a cache slot still holds
+    reuse_prefixes: bool = True  # a prompt starts after the leading text (before <image>) a cache slot holds; decode reads it once for all
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     compile_in_child: bool = True  # cold cache: compile in a child process, then load (less memory kept)
     visual_cache_bytes: int = 256 << 20  # visual tokens cached by video content; 0 disables

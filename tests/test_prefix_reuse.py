@@ -147,6 +147,9 @@ def test_a_prompt_admitted_beside_a_running_one_gets_its_rows_copied(language, t
     language.warm_up(timed=False)
     alone, _ = run(Engine(language, tokenizer, reuse_prefixes=False), requests)
     assert together == alone
+    # without reuse nothing is recorded, so no decode row read another slot's rows either
+    assert [language.prefixes.rows(s) for s in range(3)] == [0, 0, 0]
+    assert language._slot_rows(np.arange(3), [0, 1, 2]).asnumpy()[:, 2].tolist() == [0, 0, 0]
 
 
 def test_streams_holding_the_same_text_read_it_from_one_slot_with_the_same_logits(language, tokenizer, cfg):

@@ -161,7 +161,7 @@ class LlamaAttention(nn.Cell):
     def _mixed_attention(self, qkv, positions, slots, cos, sin):
         """A step of one prefill chunk and one decode row per sequence, (1, L + n, ...) with
         the chunk's rows first: ``positions`` = (chunk positions (1, L), decode positions
-        (n,)), ``slots`` = (the chunk's slot (1,), decode slots (n,)). Each part goes through
+        (n,)), ``slots`` = (the chunk's slot (1,), decode slots (n, 3)). Each part goes through
         its own kernel; every other op of the step runs on all rows at once. -> (1, L + n,
         heads, hd)."""
         n = positions[1].shape[0]
@@ -394,7 +394,7 @@ class LlamaForCausalLM(nn.Cell):
 
     def mixed(self, embeds, chunk_positions, chunk_slot, tokens, positions, slots, logit_index):
         """One prefill chunk (1, L, D) at ``chunk_positions`` (1, L) into ``chunk_slot`` (1,)
-        and one decode token per sequence (``tokens``, ``positions``, ``slots``: (n,)) in ONE
+        and one decode token per sequence (``tokens``, ``positions``: (n,), ``slots``: (n, 3)) in ONE
         pass: the projections read their weights once for both. CPU kernels only.
         -> fp32 logits at the flat row indices ``logit_index`` of the L + n rows."""
         l, n, d = embeds.shape[1], tokens.shape[0], embeds.shape[2]
@@ -404,7 +404,9 @@ class LlamaForCausalLM(nn.Cell):
         return self._logits(ops.gather(h.reshape(l + n, d), logit_index, 0))
 
     def decode(self, tokens, positions, slots, key_positions):
-        """One token per sequence: tokens, positions, slots (B,) -> fp32 logits (B, vocab)."""
+        """One token per sequence: tokens, positions, slots (B,) -> fp32 logits (B, vocab).
+        Through the CPU kernels ``slots`` is (B, 3): (slot, prefix slot, prefix rows) per row
+        (``kernels/attention_args.h``; ``PllavaLanguage._slot_rows`` makes them)."""
         b = tokens.shape[0]
         h = self._run(self.embed(tokens).reshape(b, 1, -1), positions.reshape(b, 1), slots, key_positions)
         return self._logits(h.reshape(b, -1))

@@ -111,6 +111,31 @@ def assert_blocks(tensors, expected_blocks):
         np.testing.assert_array_equal(tv.asnumpy(), v)
 
 
+def random_decode_inputs(rng, batch, slots_total, kvh, group, block_rows, d):
+    """A decode step's fused q/k/v rows, random cache blocks, their last position and the
+    RoPE tables that cover it."""
+    qkv = rng.standard_normal((batch, kvh * group + 2 * kvh, d)).astype(np.float32)
+    blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
+               rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
+    last = sum(r - 1 for r in block_rows) - 1
+    return qkv, blocks, last, *rope_tables(d, last + 1, 10000.0)
+
+
+def decode_written(qkv, blocks, positions, slots, cos, sin, kvh, group, block_rows):
+    """The step's queries (rotated, (B, kvh, group, d)) and the blocks as the kernel should
+    leave them: each row's rotated key and its value at its position (none at -1)."""
+    heads = kvh * group
+    q = rope(qkv[:, :heads], positions[:, None], cos, sin).reshape(len(qkv), kvh, group, qkv.shape[-1])
+    k_new = rope(qkv[:, heads:heads + kvh], positions[:, None], cos, sin)
+    written = [(k.copy(), v.copy()) for k, v in blocks]
+    for i in range(len(qkv)):
+        for h in range(kvh):
+            if positions[i] >= 0:
+                j, r = block_row(block_rows, slots[i], h, kvh, positions[i])
+                written[j][0][r], written[j][1][r] = k_new[i, h], qkv[i, heads + kvh + h]
+    return q, written
+
+
 @pytest.mark.parametrize("batch, slots_total, kvh, group, block_rows, d", [
     (3, 4, 2, 2, (5, 9), 8),         # grouped-query heads, two blocks, some slots
     (4, 4, 3, 1, (17,), 8),          # every slot, one block
@@ -123,25 +148,13 @@ def assert_blocks(tensors, expected_blocks):
 def test_decode_kernel_writes_the_new_rows_and_matches_a_reference(batch, slots_total, kvh, group, block_rows, d):
     rng = np.random.default_rng(batch + kvh)
     heads = kvh * group
-    qkv = rng.standard_normal((batch, heads + 2 * kvh, d)).astype(np.float32)
-    blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
-               rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
-    last = sum(r - 1 for r in block_rows) - 1
-    cos, sin = rope_tables(d, last + 1, 10000.0)
+    qkv, blocks, last, cos, sin = random_decode_inputs(rng, batch, slots_total, kvh, group, block_rows, d)
     positions = rng.integers(0, last + 1, batch).astype(np.int32)
     positions[0] = -1                    # a dummy row: writes nothing, gets zeros
     if batch > 1:
         positions[1] = last              # the last position of the last block
     slots = rng.permutation(slots_total)[:batch].astype(np.int32)
-    q = rope(qkv[:, :heads], positions[:, None], cos, sin).reshape(batch, kvh, group, d)
-    k_new = rope(qkv[:, heads:heads + kvh], positions[:, None], cos, sin)
-    v_new = qkv[:, heads + kvh:]
-    expected_blocks = [(k.copy(), v.copy()) for k, v in blocks]
-    for i in range(batch):
-        for h in range(kvh):
-            if positions[i] >= 0:
-                j, r = block_row(block_rows, slots[i], h, kvh, positions[i])
-                expected_blocks[j][0][r], expected_blocks[j][1][r] = k_new[i, h], v_new[i, h]
+    q, expected_blocks = decode_written(qkv, blocks, positions, slots, cos, sin, kvh, group, block_rows)
     tensors = [Tensor(x) for pair in blocks for x in pair]
     op = cpu_kernels.decode_attention_op(heads)
     out = op(Tensor(qkv), Tensor(positions), Tensor(slots), Tensor(np.array([0.37], np.float32)),
@@ -162,22 +175,12 @@ def test_decode_rows_read_their_prefix_from_the_slot_given(block_rows, shared):
     rng = np.random.default_rng(len(block_rows) + shared[0])
     batch, slots_total, kvh, group, d = 3, 4, 2, 2, 64
     heads = kvh * group
-    qkv = rng.standard_normal((batch, heads + 2 * kvh, d)).astype(np.float32)
-    blocks = [(rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32),
-               rng.standard_normal((slots_total * kvh * r, d)).astype(np.float32)) for r in block_rows]
-    last = sum(r - 1 for r in block_rows) - 1
-    cos, sin = rope_tables(d, last + 1, 10000.0)
+    qkv, blocks, last, cos, sin = random_decode_inputs(rng, batch, slots_total, kvh, group, block_rows, d)
     positions = np.array([last, block_rows[0] - 1, 30], np.int32)  # every one past its prefix rows
     slots = np.array([1, 3, 0], np.int32)
     prefix_slots = np.array([2, 2, 0], np.int32)  # two rows share slot 2's rows; the last its own
     table = np.stack([slots, prefix_slots, np.array(shared, np.int32)], 1)
-    q = rope(qkv[:, :heads], positions[:, None], cos, sin).reshape(batch, kvh, group, d)
-    k_new = rope(qkv[:, heads:heads + kvh], positions[:, None], cos, sin)
-    written = [(k.copy(), v.copy()) for k, v in blocks]
-    for i in range(batch):
-        for h in range(kvh):
-            j, r = block_row(block_rows, slots[i], h, kvh, positions[i])
-            written[j][0][r], written[j][1][r] = k_new[i, h], qkv[i, heads + kvh + h]
+    q, written = decode_written(qkv, blocks, positions, slots, cos, sin, kvh, group, block_rows)
     expected = np.zeros((batch, kvh, group, d))
     for i in range(batch):
         seen = [(k.copy(), v.copy()) for k, v in written]

@@ -47,7 +47,9 @@ struct AttentionArgs {
   // the head n of row (b, l): the H queries, then the KVH keys, then the KVH values
   const float* head(int64_t b, int64_t l, int64_t n) const { return qkv + ((b * L + l) * NH + n) * D; }
   // the first cache row of (sequence b, kv head h) in block j: its positions follow in order
-  int64_t first_row(int64_t b, int64_t h, int64_t j) const { return (slot(b) * KVH + h) * rows[j]; }
+  int64_t first_row(int64_t b, int64_t h, int64_t j) const { return slot_row(slot(b), h, j); }
+  // the first cache row of (cache slot s, kv head h) in block j
+  int64_t slot_row(int64_t s, int64_t h, int64_t j) const { return (s * KVH + h) * rows[j]; }
   int64_t slot(int64_t b) const { return slots[b * slot_stride]; }
   // where row b reads its positions below prefix_rows(b): another slot's first rows of block 0
   int64_t prefix_slot(int64_t b) const { return slot_stride == 3 ? slots[b * 3 + 1] : slot(b); }

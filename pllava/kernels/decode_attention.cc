@@ -184,7 +184,7 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
     // prefix slot, then one per block j below n in the row's own slot: the keys (which 0) or
     // values (1) of a run, where it starts, and its length
     const int64_t shared = a.prefix_slot(b) == a.slot(b) ? 0 : std::min(n, a.prefix_rows(b));
-    const auto prefix = [&](int which) { return a.block(0, which) + (a.prefix_slot(b) * KVH + h) * a.rows[0] * D; };
+    const auto prefix = [&](int which) { return a.block(0, which) + a.slot_row(a.prefix_slot(b), h, 0) * D; };
     const auto start = [&](int64_t j) { return j == 0 ? shared : a.block_start[j]; };
     const auto run = [&](int64_t j, int which) {
       return a.block(j, which) + (a.first_row(b, h, j) + start(j) - a.block_start[j]) * D;

@@ -256,6 +256,7 @@ def decode_logits(language: PllavaLanguage, cfg) -> list[np.ndarray]:
     (1, 33, 2, 3, 48, (100,), 1),       # a head width of three vectors; partial row blocks
     (1, 70, 1, 16, 64, (200, 7), 2),    # many heads per kv head; several key tiles
     (1, 16, 2, 1, 64, (150, 80), 2),    # 16 rows: work items of one vector of rows; tiles across blocks
+    (1, 40, 2, 2, 128, (150, 90), 2),   # LLaMA-7B's head width: whole tiles in one block, one across two
 ])
 def test_prefill_kernel_writes_the_chunk_and_matches_a_reference(batch, length, kvh, group, d, block_rows,
                                                                  slots_total):

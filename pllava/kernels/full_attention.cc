@@ -32,6 +32,7 @@ using pllava::kLanes;
 using pllava::splat;
 using pllava::v16;
 using pllava::tiles::kKeys;
+using pllava::tiles::ScatteredRows;
 using Tiles = pllava::tiles::Tiles<2>;  // 32 query rows per work item
 constexpr int kRows = Tiles::kRows;
 constexpr int kRowVecs = Tiles::kRowVecs;
@@ -67,22 +68,29 @@ extern "C" int FullAttention(int nparam, void** params, int* ndims, int64_t** sh
     const float* frame_k = k + n * L * row + h * D;
     const float* frame_v = v + n * L * row + h * D;
     std::vector<float> qt(D * kRows, 0.f), sums(D * kRows, 0.f), scores(kKeys * kRows), zeros(D, 0.f);
-    std::vector<const float*> krow(kKeys), vrow(kKeys);
+    // this tile's rows of keys and values, and the next tile's (prefetched as this one is worked on)
+    std::vector<const float*> krow(kKeys), vrow(kKeys), knext(kKeys), vnext(kKeys);
+    const auto rows_of = [&](int64_t p0, const float** keys, const float** values) {
+      for (int t = 0; t < kKeys; ++t) {  // past the frame's last key: zeros, masked
+        keys[t] = p0 + t < L ? frame_k + (p0 + t) * row : zeros.data();
+        values[t] = p0 + t < L ? frame_v + (p0 + t) * row : zeros.data();
+      }
+    };
     for (int64_t i = 0; i < nq; ++i)  // the rows transposed and scaled (rows past L stay zeros)
       for (int64_t d = 0; d < D; ++d) qt[d * kRows + i] = frame_q[(l0 + i) * row + d] * scale;
     RunningSoftmax softmax;
     v16 corr[kRowVecs];
+    rows_of(0, knext.data(), vnext.data());
     for (int64_t p0 = 0; p0 < L; p0 += kKeys) {
+      krow.swap(knext);
+      vrow.swap(vnext);
+      rows_of(p0 + kKeys, knext.data(), vnext.data());
       const int keys = static_cast<int>(std::min<int64_t>(kKeys, L - p0));  // the tile's real keys; the rest masked
-      for (int t = 0; t < kKeys; ++t) {
-        krow[t] = t < keys ? frame_k + (p0 + t) * row : zeros.data();
-        vrow[t] = t < keys ? frame_v + (p0 + t) * row : zeros.data();
-      }
-      Tiles::scores(qt.data(), krow.data(), D, scores.data(), keys);
+      Tiles::scores(qt.data(), ScatteredRows{krow.data()}, D, scores.data(), keys, knext.data());
       softmax.exponentiate(scores.data(), keys < kKeys, [&](int t, int) {
         return splat(static_cast<float>(t)) < splat(static_cast<float>(keys));
       }, corr);
-      Tiles::values(scores.data(), vrow.data(), D, corr, sums.data(), keys);
+      Tiles::values(scores.data(), ScatteredRows{vrow.data()}, D, corr, sums.data(), keys, vnext.data());
     }
     for (int64_t i = 0; i < nq; ++i) {
       const float inv = 1.f / softmax.total[i / kLanes][i % kLanes];

@@ -16,9 +16,12 @@
 //
 // Late in a long prompt the chunk reads far more cache than it computes on (16 rows at
 // position 2560: ~21 MB of keys and values per layer), so while a tile is worked on the next
-// tile's rows are prefetched. Measured per layer, the two kernels alternating over cache rows
-// not in the CPU's caches (2-core AMD EPYC): 16 rows at 2560 1.9 -> 1.0 ms (prefetch 0.71x,
-// 16-row items rather than 32 half empty 0.72x), 32 rows 0.82-0.86x (prefetch).
+// tile's rows are prefetched, a line per step of its products (attention_tiles.h). Measured
+// per layer, the two kernels alternating over cache rows not in the CPU's caches (2-core AMD
+// EPYC): 16 rows at 2560 1.9 -> 1.0 ms (prefetch all at once before each tile 0.71x, 16-row
+// items rather than 32 half empty 0.72x), 32 rows 0.82-0.86x (that prefetch); the prefetch
+// spread over the products and whole tiles' keys addressed from one register, on a 2-core
+// Xeon: 0.81x the time again at 16 rows, 0.86x at 32 (attention_tiles.h).
 //
 // Inputs and output: attention_args.h, qkv (B, L, H + 2 KVH, D) and positions (B, L); D must
 // be a multiple of 16; errors are nonzero return codes.
@@ -40,6 +43,7 @@ using pllava::kLanes;
 using pllava::splat;
 using pllava::v16;
 using pllava::tiles::kKeys;
+using pllava::tiles::with_rows;
 
 // Every (sequence, kv head, run of positions) of the chunk as a work item of up to
 // Tiles<V>::kRows query rows.
@@ -57,7 +61,8 @@ void attend(const pllava::AttentionArgs& a) {
     const int64_t nq = (std::min(L, l0 + span) - l0) * G;
     // the rows (position l, head g) transposed, and their positions (-1: none, past nq too)
     std::vector<float> qt(D * kRows, 0.f), sums(D * kRows, 0.f), scores(kKeys * kRows), zeros(D, 0.f), rotated(D);
-    std::vector<const float*> krow(kKeys), vrow(kKeys);
+    // this tile's rows of keys and values, and the next tile's (prefetched as this one is worked on)
+    std::vector<const float*> krow(kKeys), vrow(kKeys), knext(kKeys), vnext(kKeys);
     v16 pos[kRowVecs];
     int64_t last = -1, first = std::numeric_limits<int64_t>::max();  // over the real rows
     for (int64_t i = 0; i < kRows; ++i) {
@@ -76,32 +81,39 @@ void attend(const pllava::AttentionArgs& a) {
     }
     typename Tiles::RunningSoftmax softmax;
     v16 corr[kRowVecs];
-    for (int64_t p0 = 0, j = 0; p0 <= last; p0 += kKeys) {
+    const auto rows_of = [&](int64_t p0, int64_t* j, const float** keys, const float** values) {
       for (int t = 0; t < kKeys; ++t) {  // keys past the last position: zeros, masked
         if (p0 + t > last) {
-          krow[t] = vrow[t] = zeros.data();
+          keys[t] = values[t] = zeros.data();
           continue;
         }
-        const int64_t r = a.row_of(b, h, p0 + t, &j);
-        krow[t] = a.block(j, 0) + r * D;
-        vrow[t] = a.block(j, 1) + r * D;
+        const int64_t r = a.row_of(b, h, p0 + t, j);
+        keys[t] = a.block(*j, 0) + r * D;
+        values[t] = a.block(*j, 1) + r * D;
       }
-      for (int64_t t = 0, jn = j; t < kKeys && p0 + kKeys + t <= last; ++t) {  // the next tile's rows
-        const int64_t r = a.row_of(b, h, p0 + kKeys + t, &jn);
-        for (int64_t d = 0; d < D; d += kLanes) {
-          __builtin_prefetch(a.block(jn, 0) + r * D + d);
-          __builtin_prefetch(a.block(jn, 1) + r * D + d);
-        }
-      }
+    };
+    int64_t j = 0;  // the block of the latest row found (rows are found in order)
+    rows_of(0, &j, knext.data(), vnext.data());
+    for (int64_t p0 = 0; p0 <= last; p0 += kKeys) {
+      krow.swap(knext);
+      vrow.swap(vnext);
+      rows_of(p0 + kKeys, &j, knext.data(), vnext.data());
       const int count = static_cast<int>(std::min<int64_t>(kKeys, last - p0 + 1));  // the keys to read
-      Tiles::scores(qt.data(), krow.data(), D, scores.data(), count);  // (the rest: masked below)
+      // a whole tile within one block: its rows one after another
+      const bool consecutive = count == kKeys && krow[kKeys - 1] == krow[0] + (kKeys - 1) * D &&
+                               vrow[kKeys - 1] == vrow[0] + (kKeys - 1) * D;
+      with_rows(consecutive, D, krow.data(), [&](auto keys) {  // (the rest of the tile: masked below)
+        Tiles::scores(qt.data(), keys, D, scores.data(), count, knext.data());
+      });
       // running softmax: a row sees key p0 + t when p0 + t <= its position (every row sees
       // every key of a tile below the first position: no mask there)
       const bool masked = p0 + kKeys - 1 > first;
       softmax.exponentiate(scores.data(), masked, [&](int t, int c) {
         return pos[c] >= splat(static_cast<float>(p0 + t));
       }, corr);
-      Tiles::values(scores.data(), vrow.data(), D, corr, sums.data(), count);
+      with_rows(consecutive, D, vrow.data(), [&](auto values) {
+        Tiles::values(scores.data(), values, D, corr, sums.data(), count, vnext.data());
+      });
     }
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t l = l0 + i / G, g = i % G;

@@ -4,6 +4,7 @@ never asserted."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def test_json_has_every_section_without_errors(quick):
     assert slowest and all(s["decode_rows"] > 0 for s in slowest)
     assert [s["seconds"] for s in slowest] == sorted((s["seconds"] for s in slowest), reverse=True)
     assert max(s["seconds"] for s in slowest) <= data["admission"]["admission_ttft_s"]
+    a = data["admission"]  # the steady steps after the admission as well as before it
+    assert len(a["steady_after_steps_s"]) == len(a["steady_steps_s"]) == data["plan"]["steady_steps"]
+    assert a["gap_over_step_after"] == pytest.approx(a["max_gap_s"] / statistics.median(a["steady_after_steps_s"]))
 
 
 def test_greedy_tokens_agree_with_transformers(quick):

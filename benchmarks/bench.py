@@ -524,11 +524,12 @@ def section_admission(b: Bench) -> dict:
     # The same steps after the admission: a host that slowed during it shows here too (the
     # target compares against the step before).
     after = [e - s for s, e, _ in st["steps"][phase["after_from"]:phase["stop_after"]]]
+    after_step = statistics.median(after)
     max_gap = max(gaps) if gaps else float("nan")
     out = {"running_streams": running, "admitted_positions": big_positions, "admitted_frames": p.large_frames,
            "steady_step_s": steady_step, "steady_steps_s": steady, "max_gap_s": max_gap,
-           "gap_over_step": max_gap / steady_step, "steady_after_step_s": statistics.median(after),
-           "steady_after_steps_s": after, "gap_over_step_after": max_gap / statistics.median(after),
+           "gap_over_step": max_gap / steady_step, "steady_after_step_s": after_step,
+           "steady_after_steps_s": after, "gap_over_step_after": max_gap / after_step,
            "admission_ttft_s": admitted - added,
            "admission_steps": sum(1 for _, e, _ in st["steps"] if added < e <= admitted),
            "gaps_s": sorted(gaps, reverse=True)[:20],

@@ -220,7 +220,8 @@ class Engine:
         self.max_gap_stretch = max_gap_stretch
         self.queued_weight = queued_weight
         self.reuse_prefixes = reuse_prefixes
-        self._prefixes = getattr(language, "prefixes", None)  # what its slots hold (pllava.prefix_reuse)
+        # what its slots hold (pllava.prefix_reuse); None: nothing recorded, nothing reused
+        self._prefixes = getattr(language, "prefixes", None) if reuse_prefixes else None
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -321,7 +322,7 @@ class Engine:
         (:mod:`pllava.prefix_reuse`): the free slot holding the most of its leading text ids,
         and where another slot holds more of them, their rows copied into it."""
         free = [i for i, s in enumerate(self._slots) if s is None]
-        if self._prefixes is None or not self.reuse_prefixes:
+        if self._prefixes is None:
             return free[0], 0
         slot, rows = self._prefixes.best(seq.leading_ids, free)
         if getattr(self.language, "copies_prefixes", False):
@@ -366,7 +367,7 @@ class Engine:
     def _chunk_done(self, seq: Running, chunk, length: int, logits: np.ndarray) -> list[TokenEvent]:
         """After a chunk of ``seq``'s prompt: its first token when the chunk was the last."""
         seq.position = chunk.start + chunk.length
-        if self._prefixes is not None and self.reuse_prefixes:
+        if self._prefixes is not None:
             self._prefixes.keep(seq.slot, seq.leading_ids, seq.position)
         if seq.position < length:
             return []

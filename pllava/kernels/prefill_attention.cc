@@ -99,9 +99,8 @@ void attend(const pllava::AttentionArgs& a) {
       vrow.swap(vnext);
       rows_of(p0 + kKeys, &j, knext.data(), vnext.data());
       const int count = static_cast<int>(std::min<int64_t>(kKeys, last - p0 + 1));  // the keys to read
-      // a whole tile within one block: its rows one after another
-      const bool consecutive = count == kKeys && krow[kKeys - 1] == krow[0] + (kKeys - 1) * D &&
-                               vrow[kKeys - 1] == vrow[0] + (kKeys - 1) * D;
+      // a whole tile within one block: its rows one after another (the values lie as the keys do)
+      const bool consecutive = count == kKeys && krow[kKeys - 1] == krow[0] + (kKeys - 1) * D;
       with_rows(consecutive, D, krow.data(), [&](auto keys) {  // (the rest of the tile: masked below)
         Tiles::scores(qt.data(), keys, D, scores.data(), count, knext.data());
       });

@@ -332,7 +332,7 @@ def drive(engine, requests, until=None) -> dict:
                 state["finish"][ev.request_id] = ev.finish_reason.value
         state["steps"].append((s, e, n))
         ran = engine.last_step
-        state["ran"].append((ran.prefill_tokens, ran.decode_batch))  # what each step ran, for diagnosis
+        state["ran"].append((ran.prefill_tokens, ran.decode_batch, ran.prefill_part))  # what each step ran, for diagnosis
         if until is not None and until(state):
             break
     return state
@@ -534,6 +534,7 @@ def section_admission(b: Bench) -> dict:
            "admission_steps": sum(1 for _, e, _ in st["steps"] if added < e <= admitted),
            "gaps_s": sorted(gaps, reverse=True)[:20],
            "slowest_steps": slowest_steps(st, added, admitted),
+           "chunks_fed": chunks_fed(st, added, admitted),
            "streams_finished_early": {k: v for k, v in st["finish"].items() if k != new.request_id}}
     log(f"admission: steady step {steady_step * 1e3:.0f} ms ({out['steady_after_step_s'] * 1e3:.0f} after), "
         f"longest gap {max_gap * 1e3:.0f} ms ({out['gap_over_step']:.1f}x), "
@@ -543,10 +544,24 @@ def section_admission(b: Bench) -> dict:
 
 def slowest_steps(state: dict, start: float, end: float, n: int = 10) -> list[dict]:
     """The ``n`` longest engine steps that ended in (start, end]: seconds, the prompt positions
-    the step fed and the streams it decoded (what a long inter-token gap was made of)."""
-    steps = [{"seconds": e - s, "prefill_tokens": fed, "decode_rows": rows}
-             for (s, e, _), (fed, rows) in zip(state["steps"], state["ran"]) if start < e <= end]
+    the step fed, the streams it decoded and which part of a chunk run in parts it ran, if one
+    (what a long inter-token gap was made of)."""
+    steps = [{"seconds": e - s, "prefill_tokens": fed, "decode_rows": rows, "chunk_part": part}
+             for (s, e, _), (fed, rows, part) in zip(state["steps"], state["ran"]) if start < e <= end]
     return sorted(steps, key=lambda step: -step["seconds"])[:n]
+
+
+def chunks_fed(state: dict, start: float, end: float) -> dict:
+    """How the steps that ended in (start, end] fed the prompt: a count per chunk length, whole
+    or "in parts" (those counted at the part that completed them), and the steps of parts."""
+    fed: dict = {}
+    for (_, e, _), (tokens, _, part) in zip(state["steps"], state["ran"]):
+        if start < e <= end and tokens:
+            key = f"{tokens} in parts" if part else str(tokens)
+            fed[key] = fed.get(key, 0) + 1
+        if start < e <= end and part:
+            fed["steps of parts"] = fed.get("steps of parts", 0) + 1
+    return fed
 
 
 # ----------------------------------------------------------------------------- c. memory

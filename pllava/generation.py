@@ -34,6 +34,7 @@ import numpy as np
 from .pacing import AdmissionPacer, queue_stretch
 from .prefix_reuse import leading_text
 from .sampling import Sampler, SamplingParams
+from .shapes import Chunk
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,10 @@ class StepTimes:
     step that ran both in one model call reports its time as each."""
 
     prefill_s: float = 0.0
-    prefill_tokens: int = 0  # prompt positions the chunk fed
+    prefill_tokens: int = 0  # prompt positions the chunk fed (a chunk run in parts: at its last)
     decode_s: float = 0.0
     decode_batch: int = 0  # sequences the decode advanced by one token
+    prefill_part: int = 0  # which part (1, 2, ...) of a chunk run in parts the step ran; 0: none
 
 
 class StopStringFilter:
@@ -165,6 +167,18 @@ class StopStringFilter:
         return out
 
 
+@dataclass
+class ChunkInParts:
+    """A prompt chunk run in several steps beside the decode rows, each through a share of the
+    layers (``PllavaLanguage.chunk_layer_parts``): the next part, the chunk's rows after
+    the parts run so far, and their seconds."""
+
+    chunk: Chunk
+    part: int = 0
+    hidden: object = None
+    seconds: list[float] = field(default_factory=list)
+
+
 class Running:
     """A request in flight: its slot, position, generated ids and text state."""
 
@@ -179,6 +193,7 @@ class Running:
         self.position = 0  # where the next fed token is written
         self.leading_ids = np.zeros(0, np.int32)  # the prompt ids a slot's rows may already hold
         self.embeds = None  # merged prompt embeddings while the prompt is being prefilled
+        self.chunk_parts: ChunkInParts | None = None  # its chunk being run in parts, if one is
         self.stats = SequenceStats(added=time.perf_counter())
 
 
@@ -342,6 +357,7 @@ class Engine:
         alone: the chunk is its own device call and writes only its own slot."""
         busy = bool(running)
         stretch, load = self._gap_stretch(len(running)), self._step_load(running)
+        seq.chunk_parts = None  # a chunk left in parts (its streams ended, or a part failed) runs again whole
         try:
             length = self._embed_prompt(seq)
             with _stage("prefilling the prompt"):
@@ -402,21 +418,30 @@ class Engine:
     def _mixed_step(self, seq: Running, running: list[Running]) -> list[TokenEvent] | None:
         """A chunk of ``seq``'s prompt and a token for every running stream in ONE model call
         (the weights read once for both): the streams then wait one such step between two
-        tokens, which the pacer keeps under ``max_gap_steps`` decode steps. None when the
-        pacer allows a longer chunk than the mixed steps take (it runs on its own, then the
-        decode step), and when that call fails (the two parts are then run apart)."""
+        tokens, which the pacer keeps under ``max_gap_steps`` decode steps. Where even the
+        shortest chunk's step is judged longer, that chunk runs in parts, a share of the
+        layers per step (:meth:`_chunk_part_step`). None when the pacer allows a longer
+        chunk than the mixed steps take (it runs on its own, then the decode step), and when
+        that call fails (the two parts are then run apart)."""
         sizes, rows = self._mixed_sizes, len(running)
         stretch, load = self._gap_stretch(rows), self._step_load(running)
-        try:
-            length = self._embed_prompt(seq)
-            with _stage("prefilling the prompt"):
-                chunk = self.language.plan.next_chunk(
-                    seq.position, length,
-                    lambda size, context: self.pacer.allows(size, context, rows if size in sizes else 0, stretch, load))
-        except SequenceError as error:
-            return [self._fail(seq, error)]
-        if chunk.size not in sizes:
-            return None
+        if seq.chunk_parts is None:
+            try:
+                length = self._embed_prompt(seq)
+                with _stage("prefilling the prompt"):
+                    chunk = self.language.plan.next_chunk(
+                        seq.position, length,
+                        lambda size, context: self.pacer.allows(size, context, rows if size in sizes else 0, stretch,
+                                                                load))
+            except SequenceError as error:
+                return [self._fail(seq, error)]
+            if chunk.size not in sizes:
+                return None
+            if (chunk.size == min(sizes) and getattr(self.language, "chunk_layer_parts", ())
+                    and self.pacer.judged_too_long(chunk.size, chunk.context, rows, stretch, load)):
+                seq.chunk_parts = ChunkInParts(chunk)
+        if seq.chunk_parts is not None:
+            return self._chunk_part_step(seq, running, load)
         start = time.perf_counter()
         try:
             chunk_logits, logits = self.language.prefill_chunk_and_decode(seq.slot, seq.embeds, chunk,
@@ -431,6 +456,35 @@ class Engine:
         self.pacer.chunk_ran(chunk.size, chunk.context, seconds, busy=True, with_decode=rows)
         events = self._accept_decoded(running, logits) + self._chunk_done(seq, chunk, length, chunk_logits)
         self.last_step = StepTimes(seconds, chunk.length, seconds, len(running))
+        return events
+
+    def _chunk_part_step(self, seq: Running, running: list[Running], load: float) -> list[TokenEvent] | None:
+        """The next part of ``seq``'s chunk run in parts, and a token for every running stream,
+        in ONE model call; after the last part the chunk counts for the pacer as the whole step
+        it stands for. None when that call fails: the chunk then runs again whole, apart
+        (rewriting the rows its earlier parts wrote with the same values)."""
+        parts = seq.chunk_parts
+        chunk = parts.chunk
+        start = time.perf_counter()
+        try:
+            hidden, chunk_logits, logits = self.language.prefill_chunk_part_and_decode(
+                seq.slot, seq.embeds, chunk, parts.part, parts.hidden, *_decode_rows(running))
+        except Exception as exc:  # noqa: BLE001 - retried whole and apart, where a failure is placed
+            log.warning("part %d of a prompt chunk beside %d decode rows failed (%.300r); running them apart",
+                        parts.part + 1, len(running), exc)
+            seq.chunk_parts = None
+            return None
+        seconds = time.perf_counter() - start
+        parts.part, parts.hidden = parts.part + 1, hidden
+        parts.seconds.append(seconds)
+        events = self._accept_decoded(running, logits)
+        fed = 0
+        if chunk_logits is not None:
+            seq.chunk_parts = None
+            self.pacer.parts_ran(chunk.size, chunk.context, parts.seconds, len(running), load)
+            events += self._chunk_done(seq, chunk, seq.embeds.shape[1], chunk_logits)
+            fed = chunk.length
+        self.last_step = StepTimes(seconds, fed, seconds, len(running), prefill_part=parts.part)
         return events
 
     def _decode(self, running: list[Running]) -> list[TokenEvent]:

@@ -403,6 +403,29 @@ class LlamaForCausalLM(nn.Cell):
             h = layer(h, self.rope_cos, self.rope_sin, (chunk_positions, positions), (chunk_slot, slots), slots)
         return self._logits(ops.gather(h.reshape(l + n, d), logit_index, 0))
 
+    def mixed_part(self, hidden, chunk_positions, chunk_slot, tokens, positions, slots, logit_index, first, last):
+        """:meth:`mixed` for one part of a chunk run in several steps: the chunk's rows (1, L,
+        D) enter at layer ``first`` (``hidden``: its embeddings when 0) and go through layers
+        ``first`` to ``last`` - 1 beside the decode rows, which go through every layer (alone
+        outside those). ``first``/``last`` are constants of the graph. -> (the chunk's rows
+        after layer ``last`` - 1, fp32 logits at the flat row indices ``logit_index`` of the
+        L + n rows after the last layer: a chunk row's are its own only when ``last`` is the
+        layer count)."""
+        l, n, d = hidden.shape[1], tokens.shape[0], hidden.shape[2]
+        layers = self.model.layers
+        rows = self.embed(tokens).reshape(n, 1, d)
+        for i in range(first):
+            rows = layers[i](rows, self.rope_cos, self.rope_sin, (positions,), (slots,), slots)
+        h = ops.concat((hidden, rows.reshape(1, n, d)), 1)
+        for i in range(first, last):
+            h = layers[i](h, self.rope_cos, self.rope_sin, (chunk_positions, positions), (chunk_slot, slots), slots)
+        chunk, rows = ops.split(h, (l, n), 1)
+        rows = rows.reshape(n, 1, d)
+        for i in range(last, len(layers)):
+            rows = layers[i](rows, self.rope_cos, self.rope_sin, (positions,), (slots,), slots)
+        h = ops.concat((chunk, rows.reshape(1, n, d)), 1)
+        return chunk, self._logits(ops.gather(h.reshape(l + n, d), logit_index, 0))
+
     def decode(self, tokens, positions, slots, key_positions):
         """One token per sequence: tokens, positions, slots (B,) -> fp32 logits (B, vocab).
         Through the CPU kernels ``slots`` is (B, 3): (slot, prefix slot, prefix rows) per row

@@ -177,8 +177,15 @@ class PllavaLanguage:
         # One compiled step for a prefill chunk and the running streams' decode rows (the
         # CPU kernels only): the chunk sizes the engine takes while streams decode.
         self._mixed = ms.jit(self.lm.mixed) if jit else self.lm.mixed
+        self._mixed_part = ms.jit(self.lm.mixed_part) if jit else self.lm.mixed_part
         self.mixed_sizes = (tuple(s for s in self.plan.chunk_sizes(0) if s <= MIXED_CHUNK_MAX)
                             if self.lm.kernel_attention and num_slots > 1 else ())
+        #: the layers [first, last) of each step a shortest chunk beside decode rows may also run
+        #: in (one compiled step each; empty: whole chunks only): the streams then wait a decode
+        #: step and a share of the chunk per token, where late in a long prompt the whole
+        #: chunk's step is the longest wait the pacer can choose
+        self.chunk_layer_parts = (layer_parts(cfg.text.num_hidden_layers, self.plan.small_chunk_parts)
+                                  if self.mixed_sizes and self.plan.small_chunk_parts > 1 else ())
         #: which prompt ids each slot's leading rows hold (every write below updates it)
         self.prefixes = SlotPrefixes(num_slots)
         self._copy_rows = copy_cache_rows_op() if self.lm.kernel_attention and num_slots > 1 else None
@@ -244,13 +251,36 @@ class PllavaLanguage:
         read once for both. The decode rows go as :meth:`_rows_in_slot_order` puts them (the
         chunk's own slot gets a dummy). -> (chunk logits (1, vocab), decode logits (n, vocab))."""
         piece, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
+        logits = self._mixed(piece, where_chunk, *self._mixed_inputs(slot, chunk, tokens, positions, slots)).asnumpy()
+        return logits[:1], logits[1:][np.asarray(slots)]
+
+    def prefill_chunk_part_and_decode(self, slot: int, embeds, chunk: Chunk, part: int, hidden, tokens: np.ndarray,
+                                      positions: np.ndarray, slots: np.ndarray) -> tuple:
+        """Part ``part`` of :attr:`chunk_layer_parts` of a chunk beside ``decode`` of the
+        sequences, as ONE compiled step: the chunk's rows through that part's layers (from
+        ``embeds`` at part 0, else from ``hidden``, the previous part's output), the decode rows
+        through every layer. -> (the chunk's rows after the part: the next part's ``hidden``;
+        the chunk logits (1, vocab) after the last part, else None; decode logits (n, vocab))."""
+        if chunk.size != min(self.mixed_sizes) or not 0 <= part < len(self.chunk_layer_parts):
+            raise ValueError(f"no compiled step for part {part} of a {chunk.size}-position chunk")
+        first, last = self.chunk_layer_parts[part]
+        rows, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype) if part == 0 else (hidden, _chunk_positions(chunk))
+        hidden, logits = self._mixed_part(rows, where_chunk, *self._mixed_inputs(slot, chunk, tokens, positions, slots),
+                                          first, last)
+        logits = logits.asnumpy()
+        return (hidden, logits[:1] if last == self.cfg.text.num_hidden_layers else None,
+                logits[1:][np.asarray(slots)])
+
+    def _mixed_inputs(self, slot: int, chunk: Chunk, tokens, positions, slots) -> tuple:
+        """A mixed step's inputs after the chunk's rows and positions: the chunk's slot, the
+        decode rows in slot order (:meth:`_rows_in_slot_order`), their slot rows and the
+        logit rows (the chunk's last, then every slot's); records what the step writes."""
         self._written(slots, positions)
         self.prefixes.written(slot, chunk.start)
         feed, where = self._rows_in_slot_order(tokens, positions, slots)
         index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
-        logits = self._mixed(piece, where_chunk, to_tensor(np.array([slot], dtype=np.int32)), feed, where,
-                             self._slot_rows(np.arange(self.num_slots), slots), to_tensor(index)).asnumpy()
-        return logits[:1], logits[1:][np.asarray(slots)]
+        return (to_tensor(np.array([slot], dtype=np.int32)), feed, where,
+                self._slot_rows(np.arange(self.num_slots), slots), to_tensor(index))
 
     def _written(self, slots, positions) -> None:
         for slot, position in zip(np.asarray(slots).tolist(), np.asarray(positions).tolist()):
@@ -369,16 +399,22 @@ class PllavaLanguage:
         the faster of two runs, as the first runs still allocate; at a further context of the
         same graph one run). ``progress(done, total, kind, a, context)`` is called after each
         (kind, size, context). Returns the number of graphs compiled."""
-        shapes = self.plan.graphs(self.decode_contexts) + [("mixed", size, self.max_len) for size in self.mixed_sizes]
+        shapes = (self.plan.graphs(self.decode_contexts) + [("mixed", size, self.max_len) for size in self.mixed_sizes]
+                  + [("mixed part", min(self.mixed_sizes, default=0), self.max_len)] * len(self.chunk_layer_parts))
         width = self.cfg.text.hidden_size
         self.prefixes.forget()
         compiled = set()
+        none = np.zeros(0, np.int32)
         for done, (kind, size, context) in enumerate(shapes, 1):
             if kind == "mixed":  # a chunk with every decode row a dummy
-                none = np.zeros(0, np.int32)
                 self.prefill_chunk_and_decode(0, ops.zeros((1, size, width), self.lm.dtype),
                                               Chunk(0, size, size, context), none, none, none)
                 compiled.add((kind, size, context))
+            elif kind == "mixed part":  # (the parts in order)
+                part = sum(1 for graph in compiled if graph[0] == kind)
+                rows = ops.zeros((1, size, width), self.lm.dtype)
+                self.prefill_chunk_part_and_decode(0, rows, Chunk(0, size, size, context), part, rows, none, none, none)
+                compiled.add((kind, size, part))
             elif kind == "decode":
                 self._decode_group(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
                                    np.zeros(size, np.int32))
@@ -417,9 +453,22 @@ def _chunk_rows(embeds, chunk: Chunk, dtype) -> tuple[Tensor, Tensor]:
     elif chunk.size > chunk.length:
         pad = ops.zeros((1, chunk.size - chunk.length, embeds.shape[2]), embeds.dtype)
         piece = ops.concat((piece, pad), 1)
+    return piece, _chunk_positions(chunk)
+
+
+def _chunk_positions(chunk: Chunk) -> Tensor:
+    """A chunk's positions (1, size); padding rows at -1 (they feed nothing)."""
     positions = np.arange(chunk.start, chunk.start + chunk.size)
     positions[chunk.length:] = -1
-    return piece, to_tensor(positions.astype(np.int32).reshape(1, -1))
+    return to_tensor(positions.astype(np.int32).reshape(1, -1))
+
+
+def layer_parts(layers: int, parts: int) -> tuple[tuple[int, int], ...]:
+    """``layers`` split into ``parts`` (at most one a layer) consecutive runs as even as can be:
+    ((first, last), ...) with ``last`` exclusive."""
+    parts = min(parts, layers)
+    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    return tuple(zip(bounds, bounds[1:]))
 
 
 def _seconds(fn, *args) -> float:

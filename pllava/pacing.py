@@ -106,6 +106,27 @@ class AdmissionPacer:
             chunk *= self.untried_margin
         return chunk + step <= allowed
 
+    def judged_too_long(self, size: int, context: int, with_decode: int, stretch: float = 1.0,
+                        load: float | None = None) -> bool:
+        """Whether a chunk beside ``with_decode`` decode rows is judged to keep the streams
+        waiting longer than allowed (:meth:`allows`) on its own measured steps of that kind:
+        until it has run so, there is nothing to judge by (False)."""
+        return (("mixed", size, context, with_decode) in self.seconds and self.step_at(load) is not None
+                and not self.allows(size, context, with_decode, stretch, load))
+
+    def parts_ran(self, size: int, context: int, seconds: list[float], with_decode: int,
+                  load: float | None = None) -> None:
+        """A chunk ran in ``len(seconds)`` steps beside ``with_decode`` decode rows, each
+        through a share of the layers: it counts as the one step it stands for
+        (:meth:`chunk_ran`), the parts' sum less the decode steps they repeat (each part
+        holds a decode step of the streams and its share of the chunk), so that the whole
+        chunk is judged again as times change."""
+        step = self.step_at(load)
+        if step is None or not seconds:
+            return
+        whole = max(max(seconds), sum(seconds) - (len(seconds) - 1) * step)
+        self.chunk_ran(size, context, whole, busy=True, with_decode=with_decode)
+
     @property
     def step_s(self) -> float | None:
         """A decode step at the latest step's load (None before any)."""

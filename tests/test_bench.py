@@ -61,6 +61,10 @@ def test_json_has_every_section_without_errors(quick):
     assert slowest and all(s["decode_rows"] > 0 for s in slowest)
     assert [s["seconds"] for s in slowest] == sorted((s["seconds"] for s in slowest), reverse=True)
     assert max(s["seconds"] for s in slowest) <= data["admission"]["admission_ttft_s"]
+    assert all(s["chunk_part"] in (0, 1, 2) for s in slowest)  # (2 parts by default)
+    fed = data["admission"]["chunks_fed"]  # how the prompt entered: positions fed per chunk, whole or in parts
+    positions = sum(int(kind.split()[0]) * n for kind, n in fed.items() if kind != "steps of parts")
+    assert fed and all(n > 0 for n in fed.values()) and 0 < positions <= data["admission"]["admitted_positions"]
     a = data["admission"]  # the steady steps after the admission as well as before it
     assert len(a["steady_after_steps_s"]) == len(a["steady_steps_s"]) == data["plan"]["steady_steps"]
     assert a["gap_over_step_after"] == pytest.approx(a["max_gap_s"] / statistics.median(a["steady_after_steps_s"]))

@@ -278,9 +278,25 @@ def test_decoder_settings_layers_and_checks(tmp_path):
         DecoderSettings(model="m", prefill_small_chunk=40)
     with pytest.raises(ValueError, match=r"max_gap_steps must be >= 1 \(1 = short chunks only\), got 0.5"):
         DecoderSettings(model="m", max_gap_steps=0.5)
+    assert DecoderSettings(model="m").small_chunk_parts == 2 and DecoderSettings(model="m", small_chunk_parts=1)
+    with pytest.raises(ValueError, match=r"small_chunk_parts must be >= 1, got 0"):
+        DecoderSettings(model="m", small_chunk_parts=0)
     assert DecoderSettings(model="m").max_gap_stretch == 4.0
     with pytest.raises(ValueError, match=r"max_gap_stretch must be >= 1 \(1 = never longer\), got nan"):
         DecoderSettings(model="m", max_gap_stretch=float("nan"))
     assert DecoderSettings(model="m").queued_weight == 4.0 and DecoderSettings(model="m", queued_weight=0)
     with pytest.raises(ValueError, match=r"queued_weight must be >= 0 \(0 = never longer\), got -1"):
         DecoderSettings(model="m", queued_weight=-1)
+
+
+@pytest.mark.parametrize("parts, layer_parts", [(None, ((0, 1), (1, 2))), (1, ())])
+def test_the_decoder_runs_a_shortest_chunk_in_the_parts_its_settings_say(tiny_model_dir, parts, layer_parts):
+    """``small_chunk_parts`` reaches the language model the decoder loads (the tiny
+    checkpoint's 2 layers: one a part by default, whole chunks only with 1)."""
+    from pllava_decoder.server import LanguageModel
+
+    fields = {"model": str(tiny_model_dir), "compile_cache": "", "max_batch": 2}
+    if parts is not None:
+        fields["small_chunk_parts"] = parts
+    language = LanguageModel.load(DecoderSettings(**fields)).engine.language
+    assert language.chunk_layer_parts == layer_parts and language.mixed_sizes

@@ -218,18 +218,25 @@ def two_streams_decoding(engine: Engine, tokenizer, cfg):
     return running, newcomer
 
 
-def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(language, tokenizer, cfg):
-    """Chunked prefill: a new prompt enters one chunk per step, and each step still decodes
-    one token for every running sequence (short chunks only: a wait of one decode step)."""
+def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(tiny_model_dir, tokenizer, cfg):
+    """Chunked prefill: a new prompt enters in short chunks (a wait of one decode step: each
+    whole or in parts, a share of the layers per step), and each step still decodes one
+    token for every running sequence."""
+    # (room for the running streams' tokens while two prompts of ~850 positions enter in parts)
+    language = PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=2048)
     engine = Engine(language, tokenizer, max_gap_steps=1, reuse_prefixes=False)  # (every chunk counted)
     running, newcomer = two_streams_decoding(engine, tokenizer, cfg)
     engine.add(newcomer)
-    chunks = len(language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, allow=short_only))
-    assert chunks >= 3
-    for step in range(1, chunks + 1):
+    chunks = language.plan.chunks(len(newcomer.prompt_ids) - 1 + cfg.num_visual_tokens, allow=short_only)
+    assert len(chunks) >= 3
+    fed = []
+    for _ in range(len(chunks) * len(language.chunk_layer_parts)):
         ids = [e.request_id for e in engine.step()]
         assert sorted(r.request_id for r in running) == sorted(i for i in ids if i != newcomer.request_id)
-        assert (newcomer.request_id in ids) == (step == chunks)  # its first token ends its prefill
+        fed.append(engine.last_step.prefill_tokens)
+        if newcomer.request_id in ids:  # its first token ends its prefill
+            break
+    assert [n for n in fed if n] == [c.length for c in chunks] and fed[-1]
 
 
 def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir, cfg):
@@ -267,6 +274,46 @@ def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir,
     np.testing.assert_allclose(together.decode(*step), apart.decode(*step), rtol=1e-5, atol=1e-4)
 
 
+def test_a_chunk_in_parts_beside_decode_rows_equals_the_chunk_and_the_decode_steps_apart(tiny_model_dir, cfg):
+    """A shortest chunk run in parts, each part a share of the layers beside a decode step of
+    the streams: its logits after the last part, each part's decode logits and the cache are
+    those of the chunk run whole and the decode steps run apart; at a full chunk and at a
+    padded tail."""
+    import mindspore as ms
+
+    from pllava.shapes import Chunk
+
+    apart, parts = (PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=4, max_len=512) for _ in "ab")
+    layers = cfg.text.num_hidden_layers
+    assert layers >= 2 and parts.chunk_layer_parts == ((0, layers // 2), (layers // 2, layers))
+    size = min(parts.mixed_sizes)
+    rng = np.random.default_rng(1)
+    width = cfg.text.hidden_size
+    first = ms.Tensor(rng.standard_normal((1, 100, width)).astype(np.float32) * 0.1)
+    newcomer = ms.Tensor(rng.standard_normal((1, 2 * size - 5, width)).astype(np.float32) * 0.1)
+    for lang in (apart, parts):
+        lang.prefill(1, first)
+        lang.prefill(3, first[:, :60])
+    tokens, positions, slots = np.array([5, 9], np.int32), np.array([60, 100], np.int32), np.array([3, 1], np.int32)
+    for chunk in (Chunk(0, size, size, 512), Chunk(size, size - 5, size, 512)):
+        chunk_alone = apart.prefill_chunk(2, newcomer, chunk)
+        hidden = None
+        for part in range(2):
+            decode_alone = apart.decode(tokens, positions, slots)
+            hidden, chunk_logits, decode_part = parts.prefill_chunk_part_and_decode(2, newcomer, chunk, part, hidden,
+                                                                                  tokens, positions, slots)
+            np.testing.assert_allclose(decode_part, decode_alone, rtol=1e-5, atol=1e-4)
+            assert np.abs(decode_part[0] - decode_part[1]).max() > 1e-3  # rows not swapped or shared
+            tokens, positions = tokens + 1, positions + 1
+        assert chunk_logits is not None and hidden.shape == (1, size, width)
+        np.testing.assert_allclose(chunk_logits, chunk_alone, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="no compiled step for part 2 of a 16-position chunk"):
+        parts.prefill_chunk_part_and_decode(2, newcomer, Chunk(0, size, size, 512), 2, hidden, tokens, positions, slots)
+    # the caches agree: the next decode of every slot, the newcomer's included
+    step = (np.array([11, 7, 12], np.int32), np.array([104, 2 * size - 5, 64], np.int32), np.array([1, 2, 3], np.int32))
+    np.testing.assert_allclose(parts.decode(*step), apart.decode(*step), rtol=1e-5, atol=1e-4)
+
+
 class Unmixed:
     """The language model without its mixed steps: a chunk and the decode run apart."""
 
@@ -287,9 +334,48 @@ def test_streams_decode_in_the_steps_of_a_prompt_chunk_with_the_same_tokens(lang
     # short chunks only while others decode (no long one apart whatever the measured times,
     # queued prompts or not)
     mixed = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
-    assert flaky.mixed_calls >= 2  # the 2nd and 3rd prompts entered beside decoding streams
+    assert flaky.mixed_calls + flaky.part_calls >= 2  # the 2nd and 3rd prompts entered beside decoding streams (whole or in parts)
     apart = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1, queued_weight=0), requests)
     assert {rid: v[0] for rid, v in mixed.items()} == {rid: v[0] for rid, v in apart.items()}
+
+
+def test_a_prompt_enters_in_parts_where_its_shortest_chunk_is_judged_too_long(language, tokenizer, cfg):
+    """A shortest chunk beside the decode rows judged longer than the wait (the pacer's fixed
+    times: 0.5 s and a 1 s step apart, a wait of 1 step) runs in parts, one per step, each
+    still with a token for every running stream; the tokens are those of an engine that runs
+    each chunk and the decode apart."""
+    requests = three_requests(tokenizer, cfg, marked=None)
+    flaky = FlakyLanguage(language)
+    engine = Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0)
+    engine.pacer = FixedTimes(language.plan, max_gap_steps=1)
+    parts = []
+    engine_step = engine.step
+
+    def step():
+        events = engine_step()
+        parts.append(engine.last_step.prefill_part)
+        return events
+
+    engine.step = step
+    in_parts = drive(engine, requests)
+    assert flaky.part_calls >= 4 and flaky.mixed_calls == 0  # the 2nd and 3rd prompts entered in parts
+    assert "1, 2, 1, 2" in ", ".join(map(str, parts))
+    apart = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1, queued_weight=0), requests)
+    assert {rid: v[0] for rid, v in in_parts.items()} == {rid: v[0] for rid, v in apart.items()}
+
+
+def test_a_failed_part_of_a_chunk_reruns_the_chunk_whole_apart(language, tokenizer, cfg):
+    """The second part of a chunk beside two decode rows fails: the chunk runs again whole on
+    its own (its first part's rows rewritten with the same values) and the decode apart; every
+    token is that of an engine that never failed."""
+    requests = three_requests(tokenizer, cfg, marked=None)
+    clean = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1, queued_weight=0), requests)
+    flaky = FlakyLanguage(language, fail_part=2)
+    engine = Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0)
+    engine.pacer = FixedTimes(language.plan, max_gap_steps=1)
+    got = drive(engine, requests)
+    assert flaky.fail_part is None and flaky.part_calls >= 3  # it failed once, then parts ran on
+    assert {rid: v[0] for rid, v in got.items()} == {rid: v[0] for rid, v in clean.items()}
 
 
 def test_a_failed_mixed_step_is_retried_apart_and_fails_only_its_part(language, tokenizer, cfg):
@@ -298,9 +384,10 @@ def test_a_failed_mixed_step_is_retried_apart_and_fails_only_its_part(language, 
     carries on and finishes, and the engine serves on."""
     requests = three_requests(tokenizer, cfg, marked=None)
     clean = drive(Engine(language, tokenizer), requests)
-    flaky = FlakyLanguage(language, fail_batch=2)
-    # short chunks only while others decode: the 2nd prompt ends in a mixed step with one decode
-    # row (a long chunk apart would put the 2 streams in a decode of their own before any mixed step)
+    flaky = FlakyLanguage(language, fail_batch=2, in_parts=False)
+    # short chunks only while others decode, whole: the 2nd prompt ends in a mixed step with one
+    # decode row (a long chunk apart would put the 2 streams in a decode of their own before any
+    # mixed step; chunks in parts would take steps enough for the 1st stream to end first)
     got = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
     assert flaky.mixed_calls >= 1 and flaky.fail_batch is None  # the retried decode() took the failure
     for rid in ("r0", "r1"):
@@ -330,12 +417,15 @@ def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model
 
 
 class FixedTimes(AdmissionPacer):
-    """A pacer whose times stay as given (every chunk 0.5 s, a decode step 1 s), so that what
-    it allows depends on the wait alone, not on this machine's timings."""
+    """A pacer whose times stay as given (every chunk 0.5 s, a decode step 1 s, the shortest
+    chunk beside decode rows 1.5 s), so that what it allows depends on the wait alone, not on
+    this machine's timings."""
 
     def __init__(self, plan, max_gap_steps: float):
         keys = [g for g in plan.graphs() if g[0] == "prefill"]
-        super().__init__({k: 0.5 for k in keys}, max_gap_steps, untried_margin=1.0)
+        mixed = {("mixed", plan.prefill_small_chunk, context, rows): 1.5
+                 for context in plan.context_buckets for rows in range(1, plan.num_slots + 1)}
+        super().__init__({**{k: 0.5 for k in keys}, **mixed}, max_gap_steps, untried_margin=1.0)
 
     def chunk_ran(self, *args, **kwargs):
         pass
@@ -387,7 +477,8 @@ def test_the_wait_stretches_while_prompts_queue_behind_the_entering_one(
     """One stream decodes while prompts wait, a slot free for each: a chunk and a step (1.5
     steps) exceed the wait of one step, but fit it stretched by one prompt queued behind the
     entering one (1 + 4 x 1 / 1, capped at 4): the first prompt enters in a long chunk, unless
-    stretching is off (a stretch of 1 or a weight of 0) or it enters alone."""
+    stretching is off (a stretch of 1 or a weight of 0) or it enters alone (then in shortest
+    chunks, each in parts)."""
     engine = Engine(language, tokenizer, max_gap_steps=1, max_gap_stretch=max_gap_stretch,
                     queued_weight=queued_weight)
     engine.pacer = FixedTimes(language.plan, max_gap_steps=1)
@@ -404,7 +495,12 @@ def test_the_wait_stretches_while_prompts_queue_behind_the_entering_one(
     assert long_chunk.length > short_chunk.length
     ids = [e.request_id for e in engine.step()]
     assert first.request_id in ids  # the running stream still got its token
-    assert engine.last_step.prefill_tokens == (long_chunk if long else short_chunk).length
+    if long:
+        assert engine.last_step.prefill_tokens == long_chunk.length
+    else:  # the shortest chunk, and in parts: its step too is longer than the wait
+        assert engine.last_step.prefill_part == 1 and engine.last_step.prefill_tokens == 0
+        assert first.request_id in [e.request_id for e in engine.step()]
+        assert engine.last_step.prefill_part == 2 and engine.last_step.prefill_tokens == short_chunk.length
 
 
 def test_the_engine_refuses_stretch_settings_that_make_no_sense(language, tokenizer):
@@ -484,10 +580,13 @@ class FlakyLanguage:
     ``fail_batch`` sequences raises, and so do the prefill calls listed in ``fail_prefill``
     (1-based)."""
 
-    def __init__(self, language, fail_batch: int | None = None, fail_prefill=()):
+    def __init__(self, language, fail_batch: int | None = None, fail_prefill=(), fail_part: int | None = None,
+                 in_parts: bool = True):
         self._language = language
-        self.fail_batch, self.fail_prefill = fail_batch, set(fail_prefill)
-        self.prefill_calls = self.mixed_calls = 0
+        self.fail_batch, self.fail_prefill, self.fail_part = fail_batch, set(fail_prefill), fail_part
+        self.prefill_calls = self.mixed_calls = self.part_calls = 0
+        if not in_parts:  # every chunk beside decode rows whole
+            self.chunk_layer_parts = ()
         self._failing = None  # (slot, chunk start) of a failed chunk step, until retried alone
 
     def __getattr__(self, name):
@@ -522,6 +621,17 @@ class FlakyLanguage:
         if len(tokens) == self.fail_batch:
             raise RuntimeError("device lost during decode")  # fails again in decode(), run apart
         return self._language.prefill_chunk_and_decode(slot, embeds, chunk, tokens, positions, slots)
+
+    def prefill_chunk_part_and_decode(self, slot, embeds, chunk, part, hidden, tokens, positions, slots):
+        self.part_calls += 1
+        if part == 0 and self._prefill_fails(slot, chunk, retry=False):
+            raise RuntimeError("device lost during prefill")
+        if len(tokens) == self.fail_batch:
+            raise RuntimeError("device lost during decode")  # fails again in decode(), run apart
+        if part + 1 == self.fail_part:
+            self.fail_part = None
+            raise RuntimeError("device lost during a part of a chunk")
+        return self._language.prefill_chunk_part_and_decode(slot, embeds, chunk, part, hidden, tokens, positions, slots)
 
 
 def drive(engine: Engine, requests, add_at=None) -> dict:

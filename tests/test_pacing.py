@@ -171,3 +171,20 @@ def test_a_chunk_untried_with_the_decode_rows_scales_a_shorter_ones_part_of_that
     assert not pacer.allows(32, 4096, with_decode=6)  # beside other rows: untried, parts apart
     pacer.chunk_ran(16, 4096, 0.085, busy=True, with_decode=7)  # slower now (average 0.0715): part 0.0415
     assert not pacer.allows(32, 4096, with_decode=7)  # 0.030 + 2 x 0.0415 = 0.113
+
+
+def test_a_chunk_run_in_parts_counts_as_the_whole_step_it_stands_for():
+    """Each part of a chunk run in parts holds a decode step of the streams and a share of the
+    chunk: the parts' sum less the steps they repeat is the whole step, judged as one."""
+    pacer = AdmissionPacer({("prefill", 16, 4096): 0.1}, max_gap_steps=3.0, untried_margin=1.0, spread_margin=0.0)
+    assert not pacer.judged_too_long(16, 4096, 7)  # no decode step measured: nothing to judge by
+    pacer.parts_ran(16, 4096, [0.058, 0.060], 7)  # (nor anything to count a part's step by)
+    assert ("mixed", 16, 4096, 7) not in pacer.seconds
+    pacer.step_ran(0.040)
+    # not run beside the decode rows yet: not judged (though 0.1 + 0.04 > 3 x 0.04 is not allowed)
+    assert not pacer.allows(16, 4096, 7) and not pacer.judged_too_long(16, 4096, 7)
+    pacer.parts_ran(16, 4096, [0.085, 0.085], 7)  # 0.17 - 0.04: the whole step took 0.13 > 0.12
+    assert pacer.seconds[("mixed", 16, 4096, 7)] == pytest.approx(0.13)
+    assert pacer.judged_too_long(16, 4096, 7) and not pacer.judged_too_long(16, 4096, 7, stretch=1.5)
+    pacer.parts_ran(16, 4096, [0.06, 0.06], 7)  # the host sped up: 0.08, averaged in (0.13 -> 0.115)
+    assert pacer.seconds[("mixed", 16, 4096, 7)] == pytest.approx(0.115) and not pacer.judged_too_long(16, 4096, 7)

@@ -111,12 +111,14 @@ class LanguageModel:
                 cache_dir = enable_compile_cache(
                     settings.compile_cache, (folder / "config.json").read_text(), half_weights,
                     backend.device, dtype_name(backend.dtype), settings.max_batch, max_context,
-                    settings.prefill_chunk, settings.prefill_small_chunk, settings.min_context)
+                    settings.prefill_chunk, settings.prefill_small_chunk, settings.small_chunk_parts,
+                    settings.min_context)
                 log.info("compiled graphs cached in %s", cache_dir)
             except OSError as exc:
                 log.warning("no compile cache (%s): every start compiles all graphs", exc)
         shapes = dict(num_slots=settings.max_batch, max_len=max_context, prefill_chunk=settings.prefill_chunk,
-                      prefill_small_chunk=settings.prefill_small_chunk, min_context=settings.min_context)
+                      prefill_small_chunk=settings.prefill_small_chunk, small_chunk_parts=settings.small_chunk_parts,
+                      min_context=settings.min_context)
         if cache_dir is not None and settings.compile_in_child:
             precompile(folder, cache_dir, ShapePlan(**shapes), settings, dtype_name(backend.dtype))
         language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha, half_weights=half_weights,
@@ -426,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while a prompt is admitted, each running stream waits at most about this many decode "
                         "steps between tokens: longer prefill chunks run when their measured time fits "
                         f"(default {DecoderSettings.max_gap_steps}; 1 = short chunks only)")
+    p.add_argument("--small-chunk-parts", type=int,
+                   help="a shortest prefill step measured longer than that wait runs in this many steps, each "
+                        "through a share of the layers beside the decode rows "
+                        f"(default {DecoderSettings.small_chunk_parts}; 1 = whole only)")
     p.add_argument("--max-gap-stretch", type=float,
                    help="while prompts queue behind the one entering, that wait may grow up to this factor "
                         f"(default {DecoderSettings.max_gap_stretch}; 1 = never longer)")

@@ -34,6 +34,7 @@ class DecoderSettings:
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
     prefill_small_chunk: int = 16  # prompt tails, and the shortest chunk while other streams decode
     max_gap_steps: float = 3.0  # while a prompt enters, a running stream waits about this many decode steps per token at most
+    small_chunk_parts: int = 2  # a shortest chunk measured longer than that wait runs in this many steps, a share of the layers each (1 = whole only)
     max_gap_stretch: float = 4.0  # up to this many times longer while prompts queue behind the one entering
     queued_weight: float = 4.0  # that factor is 1 + this x prompts queued behind the one entering / streams decoding
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
@@ -61,7 +62,7 @@ class DecoderSettings:
     def __post_init__(self):
         problems = server_problems(self, ENV_PREFIX, {
             "max_context": 2, "num_frames": 1, "max_batch": 1, "max_queue": 1, "max_new_tokens": 1,
-            "prefill_chunk": 16, "prefill_small_chunk": 16, "min_context": 1,
+            "prefill_chunk": 16, "prefill_small_chunk": 16, "small_chunk_parts": 1, "min_context": 1,
             "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0,
             "max_video_bytes": 1, "max_prompt_chars": 1})
         if not self.encoder:

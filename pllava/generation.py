@@ -4,7 +4,8 @@
 a free slot when no prompt is in progress), then advances every running sequence by one
 token in a single batched decode call (continuous batching: new requests join while others
 keep decoding, and a long prompt delays running streams by one chunk per step, not by its
-whole prefill). Each step returns the tokens it produced as
+whole prefill; where even the shortest chunk is too long a wait, by a part of its layers per
+step). Each step returns the tokens it produced as
 ``TokenEvent``s, so a caller can stream them. ``generate()`` drives one request alone.
 
 ``add`` and ``cancel`` may be called from other threads; ``step`` runs on one thread only.

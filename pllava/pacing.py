@@ -25,6 +25,15 @@ default: single steps there scatter by +30-50%, and the longest wait of ~100 suc
 what a stream feels (with 32 positions the shortest and 3.5 steps allowed: 3.0-4.8 steps over
 thirteen runs on two days; with these: 2.8-3.8 over ten).
 
+Where even the shortest chunk's call, measured beside the decode rows at its context, is
+judged longer than the wait allowed, the engine runs that chunk in parts: a call per part,
+each the decode rows through every layer and the chunk's rows through a share of the layers
+(``PllavaLanguage.chunk_layer_parts``). A stream then waits a decode step and a share of the
+chunk per token (at position 2400 beside 7 streams on a 2-core Xeon: 58-60 ms a part, the
+whole call 77-80, the decode step 40). A chunk run in parts counts as the whole call it
+stands for (:meth:`AdmissionPacer.parts_ran`), so the whole chunk is judged again as times
+change; until it has run whole at a context there is nothing to judge it by.
+
 A decode step counts at the load of the streams decoding now: each timed step is scaled by
 what a step reads now (the weights and each stream's cache rows) against what it read. While
 prompts enter, the streams decode inside the chunks' calls, so the latest steps run alone

@@ -112,6 +112,16 @@ def test_bad_plans_are_refused():
         ShapePlan(1, 512, prefill_chunk=100)
     with pytest.raises(ValueError, match="at least 1 slot"):
         ShapePlan(0, 512)
+    with pytest.raises(ValueError, match=r"small_chunk_parts must be at least 1 \(1 = whole chunks only\), got 0"):
+        ShapePlan(1, 512, small_chunk_parts=0)
+
+
+def test_a_chunk_in_parts_takes_consecutive_even_shares_of_the_layers():
+    from pllava.model import layer_parts
+
+    assert layer_parts(12, 2) == ((0, 6), (6, 12)) and layer_parts(12, 1) == ((0, 12),)
+    assert layer_parts(5, 3) == ((0, 2), (2, 3), (3, 5))
+    assert layer_parts(2, 4) == ((0, 1), (1, 2))  # at most one part a layer
 
 
 def test_decode_splits_long_and_short_sequences_only_when_it_costs_less():

@@ -264,7 +264,10 @@ class PllavaLanguage:
         if chunk.size != min(self.mixed_sizes) or not 0 <= part < len(self.chunk_layer_parts):
             raise ValueError(f"no compiled step for part {part} of a {chunk.size}-position chunk")
         first, last = self.chunk_layer_parts[part]
-        rows, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype) if part == 0 else (hidden, _chunk_positions(chunk))
+        if part == 0:
+            rows, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
+        else:
+            rows, where_chunk = hidden, _chunk_positions(chunk)
         hidden, logits = self._mixed_part(rows, where_chunk, *self._mixed_inputs(slot, chunk, tokens, positions, slots),
                                           first, last)
         logits = logits.asnumpy()

@@ -61,7 +61,9 @@ class ShapePlan:
     prefill_small_chunk: int = 16  # prompt tails, and the shortest chunk while other sequences are decoding
     prefill_area: int = 128 * 1024  # chunk x context cap for long chunks (their compute and memory)
     chunk_align: int = 16  # chunk lengths are multiples of this (and at least this)
-    small_chunk_parts: int = 2  # beside decoding streams a shortest chunk may run in this many steps, each through a share of the layers (1 = whole only)
+    # beside decoding streams a shortest chunk may run in this many steps, each through a
+    # share of the layers (1 = whole only)
+    small_chunk_parts: int = 2
     attention_in_place: bool = False  # chunks read the cache in place: every size at every context
 
     def __post_init__(self):
@@ -72,7 +74,8 @@ class ShapePlan:
             if value < self.chunk_align or value % self.chunk_align:
                 raise ValueError(f"{name} must be a positive multiple of {self.chunk_align}, got {value}")
         if self.small_chunk_parts < 1:
-            raise ValueError(f"small_chunk_parts must be at least 1 (1 = whole chunks only), got {self.small_chunk_parts}")
+            raise ValueError(f"small_chunk_parts must be at least 1 (1 = whole chunks only), "
+                             f"got {self.small_chunk_parts}")
         if self.min_context < 1 or self.prefill_area < self.chunk_align:
             raise ValueError("min_context and prefill_area must be positive")
 

@@ -334,16 +334,17 @@ def test_streams_decode_in_the_steps_of_a_prompt_chunk_with_the_same_tokens(lang
     # short chunks only while others decode (no long one apart whatever the measured times,
     # queued prompts or not)
     mixed = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
-    assert flaky.mixed_calls + flaky.part_calls >= 2  # the 2nd and 3rd prompts entered beside decoding streams (whole or in parts)
+    # the 2nd and 3rd prompts entered beside decoding streams (whole or in parts)
+    assert flaky.mixed_calls + flaky.part_calls >= 2
     apart = drive(Engine(Unmixed(language), tokenizer, max_gap_steps=1, queued_weight=0), requests)
     assert {rid: v[0] for rid, v in mixed.items()} == {rid: v[0] for rid, v in apart.items()}
 
 
 def test_a_prompt_enters_in_parts_where_its_shortest_chunk_is_judged_too_long(language, tokenizer, cfg):
     """A shortest chunk beside the decode rows judged longer than the wait (the pacer's fixed
-    times: 0.5 s and a 1 s step apart, a wait of 1 step) runs in parts, one per step, each
-    still with a token for every running stream; the tokens are those of an engine that runs
-    each chunk and the decode apart."""
+    times: its step 1.5 s against a 1 s decode step, a wait of 1 step) runs in parts, one per
+    step, each still with a token for every running stream; the tokens are those of an engine
+    that runs each chunk and the decode apart."""
     requests = three_requests(tokenizer, cfg, marked=None)
     flaky = FlakyLanguage(language)
     engine = Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0)
@@ -578,7 +579,8 @@ class FailingSampler:
 class FlakyLanguage:
     """The real language model, failing as a device would: the first decode call of
     ``fail_batch`` sequences raises, and so do the prefill calls listed in ``fail_prefill``
-    (1-based)."""
+    (1-based) and the first call of part ``fail_part`` (1-based) of a chunk run in parts;
+    without ``in_parts`` it runs no chunk in parts."""
 
     def __init__(self, language, fail_batch: int | None = None, fail_prefill=(), fail_part: int | None = None,
                  in_parts: bool = True):

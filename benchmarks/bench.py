@@ -556,10 +556,12 @@ def chunks_fed(state: dict, start: float, end: float) -> dict:
     or "in parts" (those counted at the part that completed them), and the steps of parts."""
     fed: dict = {}
     for (_, e, _), (tokens, _, part) in zip(state["steps"], state["ran"]):
-        if start < e <= end and tokens:
+        if not start < e <= end:
+            continue
+        if tokens:
             key = f"{tokens} in parts" if part else str(tokens)
             fed[key] = fed.get(key, 0) + 1
-        if start < e <= end and part:
+        if part:
             fed["steps of parts"] = fed.get("steps of parts", 0) + 1
     return fed
 

@@ -261,7 +261,7 @@ class PllavaLanguage:
         ``embeds`` at part 0, else from ``hidden``, the previous part's output), the decode rows
         through every layer. -> (the chunk's rows after the part: the next part's ``hidden``;
         the chunk logits (1, vocab) after the last part, else None; decode logits (n, vocab))."""
-        if chunk.size != min(self.mixed_sizes) or not 0 <= part < len(self.chunk_layer_parts):
+        if not 0 <= part < len(self.chunk_layer_parts) or chunk.size != min(self.mixed_sizes):
             raise ValueError(f"no compiled step for part {part} of a {chunk.size}-position chunk")
         first, last = self.chunk_layer_parts[part]
         if part == 0:
@@ -408,16 +408,17 @@ class PllavaLanguage:
         self.prefixes.forget()
         compiled = set()
         none = np.zeros(0, np.int32)
+        part = 0  # the next "mixed part" graph (they come in order)
         for done, (kind, size, context) in enumerate(shapes, 1):
             if kind == "mixed":  # a chunk with every decode row a dummy
                 self.prefill_chunk_and_decode(0, ops.zeros((1, size, width), self.lm.dtype),
                                               Chunk(0, size, size, context), none, none, none)
                 compiled.add((kind, size, context))
-            elif kind == "mixed part":  # (the parts in order)
-                part = sum(1 for graph in compiled if graph[0] == kind)
+            elif kind == "mixed part":
                 rows = ops.zeros((1, size, width), self.lm.dtype)
                 self.prefill_chunk_part_and_decode(0, rows, Chunk(0, size, size, context), part, rows, none, none, none)
                 compiled.add((kind, size, part))
+                part += 1
             elif kind == "decode":
                 self._decode_group(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
                                    np.zeros(size, np.int32))

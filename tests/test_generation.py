@@ -704,9 +704,10 @@ def test_a_failed_prefill_fails_only_its_own_prompt(language, tokenizer, cfg):
     running ones finish unchanged."""
     requests = three_requests(tokenizer, cfg, marked=None)
     clean = drive(Engine(language, tokenizer), requests)
-    flaky = FlakyLanguage(language)
-    # short chunks only while others decode, queued prompts or not: the chunk count must not
-    # follow measured times
+    flaky = FlakyLanguage(language, in_parts=False)
+    # short chunks only while others decode, queued prompts or not, and whole: the chunk count
+    # must not follow measured times (chunks in parts, judged on measured steps, take more steps,
+    # and a running stream that ends sooner lets the rest of a prompt enter in fewer, longer chunks)
     engine = Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0)
     first = drive(engine, requests[:2])  # count the prefill chunks two prompts take
     flaky.fail_prefill = {flaky.prefill_calls * 2 + 1}  # the third prompt's first chunk in the next run

@@ -213,7 +213,7 @@ class Engine:
     (``PllavaLanguage.share_prefixes``): the engine records which ids a slot's rows hold."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
-                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 3.0, max_gap_stretch: float = 4.0,
+                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 2.5, max_gap_stretch: float = 4.0,
                  queued_weight: float = 4.0, reuse_prefixes: bool = True):
         if not max_gap_stretch >= 1:
             raise ValueError(f"max_gap_stretch must be at least 1 (1 = never longer), got {max_gap_stretch}")

@@ -20,10 +20,14 @@ chunk has run so, as that call's chunk part scaled by the sizes.
 Late in a 16-frame prompt such a call is mostly the chunk's attention over the prompt so far
 (reading its cache rows: per step, whatever the chunk's size) and its rows through the
 weights: beside 7 streams on a 2-core AMD EPYC, 16 positions ~55 ms, 32 ~72 ms, against a
-~28 ms decode step. So the shortest chunk is 16 positions and the wait allowed is 3 steps by
-default: single steps there scatter by +30-50%, and the longest wait of ~100 such calls is
+~28 ms decode step. So the shortest chunk is 16 positions and the wait allowed is 2.5 steps
+by default: single steps there scatter by +30-50%, and the longest wait of ~100 such calls is
 what a stream feels (with 32 positions the shortest and 3.5 steps allowed: 3.0-4.8 steps over
-thirteen runs on two days; with these: 2.8-3.8 over ten).
+thirteen runs on two days; with 16 and 3: 2.8-3.8 over ten). The longest waits are the
+longest chunks let in: each counts as its likely longest time, yet the longest of ~40 such
+calls still ran past it by 10-15% (on a 2-core Xeon, six admissions each, alternating: 3
+steps allowed, 2.6-3.5x the step, median 3.2, the prompt in 8.6-11.4 s; 2.5 steps, 2.5-3.1x,
+median 2.7, in 9.4-12.1 s).
 
 Where even the shortest chunk's call, measured beside the decode rows at its context, is
 judged longer than the wait allowed, the engine runs that chunk in parts: a call per part,
@@ -75,7 +79,7 @@ class AdmissionPacer:
     deviation of those times. A chunk not timed yet is not allowed until it has run once while
     nothing else decoded."""
 
-    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 3.0, smoothing: float = 0.3,
+    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 2.5, smoothing: float = 0.3,
                  untried_margin: float = 1.5, spread_margin: float = 2.0, step_window: int = 9):
         if max_gap_steps < 1:
             raise ValueError(f"max_gap_steps must be at least 1 (one decode step), got {max_gap_steps}")

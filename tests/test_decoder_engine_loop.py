@@ -271,8 +271,8 @@ def test_decoder_settings_layers_and_checks(tmp_path):
     with pytest.raises(ValueError, match="encoder_timeout_s must be > 0, got nan"):
         DecoderSettings(model="m", encoder_timeout_s=float("nan"))
     paced = load_settings(DecoderSettings, env_prefix=ENV_PREFIX,
-                          environ={f"{ENV_PREFIX}MODEL": "m", f"{ENV_PREFIX}MAX_GAP_STEPS": "2.5"})
-    assert paced.max_gap_steps == 2.5 and DecoderSettings(model="m").max_gap_steps == 3.0
+                          environ={f"{ENV_PREFIX}MODEL": "m", f"{ENV_PREFIX}MAX_GAP_STEPS": "3.5"})
+    assert paced.max_gap_steps == 3.5 and DecoderSettings(model="m").max_gap_steps == 2.5
     assert DecoderSettings(model="m").prefill_small_chunk == 16 and DecoderSettings(model="m", prefill_chunk=48)
     with pytest.raises(ValueError, match="prefill_small_chunk must be a multiple of 16, got 40"):
         DecoderSettings(model="m", prefill_small_chunk=40)

@@ -418,6 +418,8 @@ def section_engine(b: Bench) -> dict:
         rates = [(len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0 for t, _ in single[name]]
         decode1 = max(rates)
         tokens = single[name][rates.index(decode1)][1]
+        # each run's median time between two tokens: one run's rate swayed the ratio by a tenth
+        medians1 = [statistics.median(b_ - a_ for a_, b_ in zip(t, t[1:])) for t, _ in single[name] if len(t) > 1]
         best = max(batches[name], key=lambda r: r["decode_tok_s"])
         rows = [row for r in batches[name] for row in r.pop("rows")]
         best["decode_tok_s_all"] = [r["decode_tok_s"] for r in batches[name]]
@@ -426,7 +428,9 @@ def section_engine(b: Bench) -> dict:
         best["median_step_s"] = statistics.median(medians) if medians else None
         out[name] = {
             **b.language_info[max_len], "ttft_s": statistics.median(ttft[name]), "ttft_all_s": ttft[name],
-            "batch1": {"tokens": tokens, "decode_tok_s": decode1, "decode_tok_s_all": rates},
+            "batch1": {"tokens": tokens, "decode_tok_s": decode1, "decode_tok_s_all": rates,
+                       "median_step_s": statistics.median(medians1) if medians1 else None,
+                       "median_step_s_all": medians1},
             "batch": best,
             "agree_batch1": agreement([t for _, t in single[name]], [reference] * len(single[name])),
             "agree_batch": agreement(rows, [reference] * len(rows)),
@@ -905,6 +909,14 @@ def agree_text(a: dict | None) -> str:
     return f"NO: {a['equal']}/{a['pairs']} equal, first mismatch at token {m['index']} (pair {m['pair']})"
 
 
+def median_step_row(add, streams: str, steps: list) -> None:
+    """The default/sized ratio read from the runs' median step times (default, sized): less
+    swayed by one fast or slow run than the fastest runs' rates."""
+    if None not in steps:  # (saved runs from before this row have none)
+        add((f"decode, {streams}: default cache / sized cache, the median step of those runs "
+             f"(ms: {fmt(steps[0] * 1e3, 1)} / {fmt(steps[1] * 1e3, 1)})", ratio(steps[0], steps[1], False), "—", "—"))
+
+
 def table(results: dict, plan: Plan) -> list[str]:
     rows: list[tuple[str, str, str, str]] = []
     add = rows.append
@@ -927,12 +939,10 @@ def table(results: dict, plan: Plan) -> list[str]:
                  ratio(o["batch"]["end_to_end_tok_s"], hf["batch"]["end_to_end_tok_s"], True)))
         add(("decode, 1 stream: default cache / sized cache (same engine)",
              ratio(e["default"]["batch1"]["decode_tok_s"], e["sized"]["batch1"]["decode_tok_s"], True), "—", "—"))
+        median_step_row(add, "1 stream", [e[k]["batch1"].get("median_step_s") for k in ("default", "sized")])
         add((f"decode, {plan.batch} streams: default cache / sized cache (same engine)",
              ratio(e["default"]["batch"]["decode_tok_s"], e["sized"]["batch"]["decode_tok_s"], True), "—", "—"))
-        steps = [e[k]["batch"].get("median_step_s") for k in ("default", "sized")]
-        if None not in steps:  # the runs' median step times: less swayed by one fast or slow run
-            add((f"decode, {plan.batch} streams: default cache / sized cache, the median step of those runs "
-                 f"(ms: {fmt(steps[0] * 1e3, 1)} / {fmt(steps[1] * 1e3, 1)})", ratio(steps[0], steps[1], False), "—", "—"))
+        median_step_row(add, f"{plan.batch} streams", [e[k]["batch"].get("median_step_s") for k in ("default", "sized")])
         add(("engine warm-up, default cache: graphs compiled in s", f"{e['default']['graphs']} in "
              f"{fmt(e['default']['warm_up_s'], 1)}", "—", "—"))
         agree = {"agree": e["agree"],

@@ -104,15 +104,16 @@ def test_agreement_can_fail():
     assert not bench.agreement([[1, 2]], [[1, 2, 3]])["agree"]  # one stopped early
 
 
-def test_the_default_over_sized_ratio_is_also_read_from_the_runs_median_steps(quick):
-    """Beside the fastest runs' rates, the median decode step of each cache's runs: a ratio
-    that one fast or slow ~3-s run does not sway."""
+@pytest.mark.parametrize("run,streams", [("batch", "8 streams"), ("batch1", "1 stream")])
+def test_the_default_over_sized_ratio_is_also_read_from_the_runs_median_steps(quick, run, streams):
+    """Beside the fastest runs' rates, the median decode step of each cache's runs (8 streams,
+    and 1): a ratio that one fast or slow ~3-s run does not sway."""
     proc, out = quick
     data = json.loads(out.read_text())
-    steps = {k: data["engine"][k]["batch"]["median_step_s"] for k in ("default", "sized")}
+    steps = {k: data["engine"][k][run]["median_step_s"] for k in ("default", "sized")}
     assert all(v > 0 for v in steps.values())
-    assert all(len(data["engine"][k]["batch"]["median_step_s_all"]) == 4 for k in steps)  # one per run
-    row = [line for line in proc.stdout.splitlines() if "the median step of those runs" in line]
+    assert all(len(data["engine"][k][run]["median_step_s_all"]) == 4 for k in steps)  # one per run
+    row = [line for line in proc.stdout.splitlines() if f"decode, {streams}: default cache / sized cache, the median" in line]
     assert len(row) == 1 and f"| {steps['sized'] / steps['default']:.2f}x |" in row[0]
 
 
@@ -126,5 +127,5 @@ def test_one_stream_runs_as_often_as_eight_and_its_default_over_sized_ratio_is_p
     for k, runs in rates.items():
         assert len(runs) == repeats and data["engine"][k]["batch1"]["decode_tok_s"] == max(runs)
         assert data["engine"][k]["agree_batch1"]["pairs"] == repeats
-    row = [line for line in proc.stdout.splitlines() if "decode, 1 stream: default cache / sized cache" in line]
+    row = [line for line in proc.stdout.splitlines() if "decode, 1 stream: default cache / sized cache (same" in line]
     assert len(row) == 1 and f"| {max(rates['default']) / max(rates['sized']):.2f}x |" in row[0]

@@ -32,7 +32,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .pacing import AdmissionPacer, queue_stretch
+from .pacing import (DEFAULT_MAX_GAP_STEPS, DEFAULT_MAX_GAP_STRETCH, DEFAULT_QUEUED_WEIGHT, AdmissionPacer,
+                     queue_stretch)
 from .prefix_reuse import leading_text
 from .sampling import Sampler, SamplingParams
 from .shapes import Chunk
@@ -213,8 +214,9 @@ class Engine:
     (``PllavaLanguage.share_prefixes``): the engine records which ids a slot's rows hold."""
 
     def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
-                 sampler: SamplerFactory = Sampler, max_gap_steps: float = 2.5, max_gap_stretch: float = 4.0,
-                 queued_weight: float = 4.0, reuse_prefixes: bool = True):
+                 sampler: SamplerFactory = Sampler, max_gap_steps: float = DEFAULT_MAX_GAP_STEPS,
+                 max_gap_stretch: float = DEFAULT_MAX_GAP_STRETCH, queued_weight: float = DEFAULT_QUEUED_WEIGHT,
+                 reuse_prefixes: bool = True):
         if not max_gap_stretch >= 1:
             raise ValueError(f"max_gap_stretch must be at least 1 (1 = never longer), got {max_gap_stretch}")
         if not queued_weight >= 0:

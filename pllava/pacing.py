@@ -68,6 +68,13 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
+#: the defaults the engine and the decoder's settings share: the wait allowed per token of a
+#: running stream while a prompt enters (decode steps), how far it may stretch while prompts
+#: queue, and the weight of each queued prompt in that stretch (see the module docstring)
+DEFAULT_MAX_GAP_STEPS = 2.5
+DEFAULT_MAX_GAP_STRETCH = 4.0
+DEFAULT_QUEUED_WEIGHT = 4.0
+
 
 class AdmissionPacer:
     """Decides, from measured times, which long chunks may run while streams decode.
@@ -79,7 +86,7 @@ class AdmissionPacer:
     deviation of those times. A chunk not timed yet is not allowed until it has run once while
     nothing else decoded."""
 
-    def __init__(self, seconds: dict | None = None, max_gap_steps: float = 2.5, smoothing: float = 0.3,
+    def __init__(self, seconds: dict | None = None, max_gap_steps: float = DEFAULT_MAX_GAP_STEPS, smoothing: float = 0.3,
                  untried_margin: float = 1.5, spread_margin: float = 2.0, step_window: int = 9):
         if max_gap_steps < 1:
             raise ValueError(f"max_gap_steps must be at least 1 (one decode step), got {max_gap_steps}")
@@ -203,7 +210,8 @@ class AdmissionPacer:
         return new if old is None else old + self.smoothing * (new - old)
 
 
-def queue_stretch(entering: int, decoding: int, max_stretch: float, queued_weight: float = 4.0) -> float:
+def queue_stretch(entering: int, decoding: int, max_stretch: float,
+                  queued_weight: float = DEFAULT_QUEUED_WEIGHT) -> float:
     """How much longer than ``max_gap_steps`` the decoding streams may wait per token while
     ``entering`` prompts (the one being fed and those with a free slot to take next) wait for
     the prefill: 1 + ``queued_weight`` x (prompts queued behind the one being fed) / streams,

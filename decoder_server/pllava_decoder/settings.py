@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pllava.pacing import DEFAULT_MAX_GAP_STEPS, DEFAULT_MAX_GAP_STRETCH, DEFAULT_QUEUED_WEIGHT
 from pllava_serving.settings import server_problems, tls_problems
 
 ENV_PREFIX = "PLLAVA_DECODER_"
@@ -33,10 +34,10 @@ class DecoderSettings:
     max_queue: int = 32  # requests waiting for a slot (encoding included) before RESOURCE_EXHAUSTED
     prefill_chunk: int = 256  # prompt tokens per prefill step while nothing else decodes
     prefill_small_chunk: int = 16  # prompt tails, and the shortest chunk while other streams decode
-    max_gap_steps: float = 2.5  # while a prompt enters, a running stream waits about this many decode steps per token at most
+    max_gap_steps: float = DEFAULT_MAX_GAP_STEPS  # while a prompt enters, a running stream waits about this many decode steps per token at most
     small_chunk_parts: int = 2  # a shortest chunk measured longer than that wait runs in this many steps, a share of the layers each (1 = whole only)
-    max_gap_stretch: float = 4.0  # up to this many times longer while prompts queue behind the one entering
-    queued_weight: float = 4.0  # that factor is 1 + this x prompts queued behind the one entering / streams decoding
+    max_gap_stretch: float = DEFAULT_MAX_GAP_STRETCH  # up to this many times longer while prompts queue behind the one entering
+    queued_weight: float = DEFAULT_QUEUED_WEIGHT  # that factor is 1 + this x prompts queued behind the one entering / streams decoding
     min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
     reuse_prefixes: bool = True  # a prompt starts after the leading text (before <image>) a cache slot holds; decode reads it once for all
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off

@@ -36,7 +36,8 @@ each the decode rows through every layer and the chunk's rows through a share of
 chunk per token (at position 2400 beside 7 streams on a 2-core Xeon: 58-60 ms a part, the
 whole call 77-80, the decode step 40). A chunk run in parts counts as the whole call it
 stands for (:meth:`AdmissionPacer.parts_ran`), so the whole chunk is judged again as times
-change; until it has run whole at a context there is nothing to judge it by.
+change; until it has run at a context, it is judged by its calls at the context bucket below
+(the positions just under the new bucket's first), and with none there, not at all.
 
 A decode step counts at the load of the streams decoding now: each timed step is scaled by
 what a step reads now (the weights and each stream's cache rows) against what it read. While
@@ -120,7 +121,7 @@ class AdmissionPacer:
         if key not in self.seconds:
             return False
         chunk = self._likely_longest(key)
-        if with_decode:  # not run with the decode rows yet
+        if with_decode:  # not run with the decode rows at this context yet
             return self._untried_mixed(size, context, with_decode, chunk, step) <= allowed
         if key not in self.tried:
             chunk *= self.untried_margin
@@ -129,10 +130,20 @@ class AdmissionPacer:
     def judged_too_long(self, size: int, context: int, with_decode: int, stretch: float = 1.0,
                         load: float | None = None) -> bool:
         """Whether a chunk beside ``with_decode`` decode rows is judged to keep the streams
-        waiting longer than allowed (:meth:`allows`) on its own measured steps of that kind:
-        until it has run so, there is nothing to judge by (False)."""
-        return (("mixed", size, context, with_decode) in self.seconds and self.step_at(load) is not None
+        waiting longer than allowed (:meth:`allows`) on measured steps of its kind: its own
+        at ``context``, or before it has run at this context, those at the context bucket
+        below (see :meth:`_untried_mixed`). Until it has run so at either, there is nothing
+        to judge by (False)."""
+        return (self._measured_mixed(size, context, with_decode) is not None and self.step_at(load) is not None
                 and not self.allows(size, context, with_decode, stretch, load))
+
+    def _measured_mixed(self, size: int, context: int, rows: int) -> tuple | None:
+        """The measured one-call time to judge a chunk beside ``rows`` decode rows by: its own
+        at ``context``, else its own at the nearest context below (None: neither)."""
+        if ("mixed", size, context, rows) in self.seconds:
+            return ("mixed", size, context, rows)
+        below = [c for kind, s, c, *r in self.seconds if kind == "mixed" and s == size and c < context and r == [rows]]
+        return ("mixed", size, max(below), rows) if below else None
 
     def parts_ran(self, size: int, context: int, seconds: list[float], with_decode: int,
                   load: float | None = None) -> None:
@@ -165,13 +176,17 @@ class AdmissionPacer:
         """A chunk not yet run in one call with ``rows`` decode rows: where a shorter chunk has
         run so, a step and that call's chunk part scaled by the sizes (a chunk's rows and its
         attention cost in proportion: a 16-position one beside 7 streams at context 4096 took
-        66 ms beside a 38 ms step, a 32 87 ms); with none, the chunk alone (``chunk``) and a
-        step, ``untried_margin`` times (one such call took ~1.3x its parts apart). Warm-up
+        66 ms beside a 38 ms step, a 32 87 ms); with none, the same chunk's call at the nearest
+        context bucket below (its latest times are of the positions just under this bucket's
+        first, so the first chunk of a new bucket is judged, not run whole on trust); with
+        none, the chunk alone (``chunk``) and a step, ``untried_margin`` times (one such call
+        took ~1.3x its parts apart). Warm-up
         times of two sizes differ too little to scale by (one run each on an idle machine, at
         positions whose cache rows are still zero pages)."""
         shorter = [s for kind, s, c, *r in self.seconds if kind == "mixed" and s < size and c == context and r == [rows]]
         if not shorter:
-            return (chunk + step) * self.untried_margin
+            below = self._measured_mixed(size, context, rows)
+            return (chunk + step) * self.untried_margin if below is None else self._likely_longest(below)
         base = max(shorter)
         part = max(0.0, self._likely_longest(("mixed", base, context, rows)) - step)
         return step + part * size / base

@@ -188,3 +188,24 @@ def test_a_chunk_run_in_parts_counts_as_the_whole_step_it_stands_for():
     assert pacer.judged_too_long(16, 4096, 7) and not pacer.judged_too_long(16, 4096, 7, stretch=1.5)
     pacer.parts_ran(16, 4096, [0.06, 0.06], 7)  # the host sped up: 0.08, averaged in (0.13 -> 0.115)
     assert pacer.seconds[("mixed", 16, 4096, 7)] == pytest.approx(0.115) and not pacer.judged_too_long(16, 4096, 7)
+
+
+def test_a_chunk_not_yet_run_at_a_context_is_judged_by_its_calls_at_the_bucket_below():
+    """The first chunk of a new context bucket lies just past the last one of the bucket
+    below: it is judged by that bucket's times, so it runs in parts when those were too long
+    rather than whole until measured; once it has run at its own context, its own times count."""
+    seconds = {("prefill", 16, 2048): 0.030, ("prefill", 16, 4096): 0.031, ("prefill", 32, 4096): 0.033}
+    pacer = AdmissionPacer(seconds, max_gap_steps=2.5, untried_margin=1.5, spread_margin=0.0)
+    pacer.step_ran(0.040)  # 2.5 steps: 0.100
+    assert not pacer.judged_too_long(16, 4096, 7)  # run nowhere beside 7 rows: nothing to judge by
+    pacer.chunk_ran(16, 1024, 0.050, busy=True, with_decode=7)
+    pacer.chunk_ran(16, 2048, 0.110, busy=True, with_decode=7)
+    assert pacer.judged_too_long(16, 4096, 7) and not pacer.allows(16, 4096, 7)  # the nearest: 0.110 at 2048
+    assert not pacer.judged_too_long(16, 4096, 6)  # beside other rows: nothing to judge by
+    assert not pacer.judged_too_long(16, 1024, 7)  # a bucket above is no measure of one below
+    assert not pacer.allows(32, 4096, 7)  # a longer chunk: its own calls below, none; untried margin
+    pacer.chunk_ran(32, 2048, 0.090, busy=True, with_decode=7)
+    assert pacer.allows(32, 4096, 7)  # its own call below: 0.090
+    pacer.chunk_ran(16, 4096, 0.070, busy=True, with_decode=7)  # run at 4096: its own time counts
+    assert not pacer.judged_too_long(16, 4096, 7) and pacer.allows(16, 4096, 7)
+    assert pacer.allows(32, 4096, 7)  # now scaled from the 16 here: 0.040 + 2 x 0.030 = 0.100

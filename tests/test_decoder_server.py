@@ -261,13 +261,18 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, med
     assert len(after.token_ids) == 2
 
 
+#: long enough that the three steady captions outlast the refusals on a loaded machine (600
+#: left a window of ~1 s after the last one started), within the 2048 context with the prompt
+STEADY_TOKENS = 1000
+
+
 def test_nan_temperature_is_refused_while_other_captions_keep_streaming(tiny_model_dir, encoder, logs, media):
     """Three captions are streaming; requests with NaN or infinite sampling parameters are
     refused at once with INVALID_ARGUMENT, and the three run to their full length. (Before,
     a NaN temperature passed validation and its sampling failed every caption in flight.)"""
     def caption(address, i):
         with Client(address, timeout=300) as client:
-            stream = client.caption(media[f"still{i}"], max_new_tokens=600, request_id=f"steady-{i}")
+            stream = client.caption(media[f"still{i}"], max_new_tokens=STEADY_TOKENS, request_id=f"steady-{i}")
             next(stream)  # streaming now
             started[i].set()
             for _ in stream:
@@ -290,7 +295,7 @@ def test_nan_temperature_is_refused_while_other_captions_keep_streaming(tiny_mod
         assert not any(f.done() for f in futures), "a caption ended before the refusals: raise max_new_tokens"
         streams = [f.result(timeout=300) for f in futures]
     for stream in streams:
-        assert stream.result.finish_reason == "length" and len(stream.token_ids) == 600
+        assert stream.result.finish_reason == "length" and len(stream.token_ids) == STEADY_TOKENS
 
 
 def test_operator_limits_on_video_bytes_and_prompt_characters(tiny_model_dir, encoder, logs, media, videos_dir):

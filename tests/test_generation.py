@@ -122,6 +122,17 @@ def language(tiny_model_dir, cfg):
     return PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=3, max_len=1024)
 
 
+@pytest.fixture(autouse=True)
+def same_chunk_times_in_every_test(language):
+    """The pacer writes the chunk times it measures into the language's table, which every
+    engine over that language shares: restored after each test, so that no test's chunks
+    follow times measured in another (a first call's compile included)."""
+    saved = dict(language.graph_seconds)
+    yield
+    language.graph_seconds.clear()
+    language.graph_seconds.update(saved)
+
+
 def prompt_ids(tokenizer, question):
     return tokenizer.encode(build_prompt(question))
 
@@ -150,6 +161,9 @@ def test_concurrent_requests_equal_their_solo_results(language, tokenizer, cfg):
     ]
     solo = [run_alone(language, tokenizer, r)[0] for r in requests]
     engine = Engine(language, tokenizer)
+    # long chunks whatever this machine's timings: the later prompts enter within the first
+    # one's 60 tokens (in parts, judged on a slow first step, they could take ~76 steps)
+    engine.pacer = FixedTimes(language.plan, max_gap_steps=100)
     got = {r.request_id: [] for r in requests}
     engine.add(requests[0])
     steps = 0
@@ -688,6 +702,9 @@ def test_a_failing_sequence_ends_alone_and_the_others_are_unchanged(language, to
 def test_a_failed_decode_step_fails_its_batch_and_the_engine_keeps_serving(language, tokenizer, cfg):
     clean = drive(Engine(language, tokenizer), three_requests(tokenizer, cfg, marked=None))
     engine = Engine(FlakyLanguage(language, fail_batch=3), tokenizer)
+    # long chunks whatever this machine's timings: the third prompt is in before the first two
+    # streams end, so that a decode step of 3 rows comes (chunks in parts could take longer)
+    engine.pacer = FixedTimes(language.plan, max_gap_steps=100)
     got = drive(engine, three_requests(tokenizer, cfg, marked=None))
     for rid, (tokens, _, final) in got.items():
         assert final.finish_reason == FinishReason.ERROR and tokens
@@ -709,6 +726,7 @@ def test_a_failed_prefill_fails_only_its_own_prompt(language, tokenizer, cfg):
     # must not follow measured times (chunks in parts, judged on measured steps, take more steps,
     # and a running stream that ends sooner lets the rest of a prompt enter in fewer, longer chunks)
     engine = Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0)
+    engine.pacer = FixedTimes(language.plan, max_gap_steps=1)  # (times measured could let longer ones in)
     first = drive(engine, requests[:2])  # count the prefill chunks two prompts take
     flaky.fail_prefill = {flaky.prefill_calls * 2 + 1}  # the third prompt's first chunk in the next run
     got = drive(engine, requests, add_at={0: requests[:2], 8: requests[2:]})

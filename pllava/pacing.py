@@ -180,9 +180,8 @@ class AdmissionPacer:
         context bucket below (its latest times are of the positions just under this bucket's
         first, so the first chunk of a new bucket is judged, not run whole on trust); with
         none, the chunk alone (``chunk``) and a step, ``untried_margin`` times (one such call
-        took ~1.3x its parts apart). Warm-up
-        times of two sizes differ too little to scale by (one run each on an idle machine, at
-        positions whose cache rows are still zero pages)."""
+        took ~1.3x its parts apart). Warm-up times of two sizes differ too little to scale by
+        (one run each on an idle machine, at positions whose cache rows are still zero pages)."""
         shorter = [s for kind, s, c, *r in self.seconds if kind == "mixed" and s < size and c == context and r == [rows]]
         if not shorter:
             below = self._measured_mixed(size, context, rows)

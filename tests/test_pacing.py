@@ -202,7 +202,7 @@ def test_a_chunk_not_yet_run_at_a_context_is_judged_by_its_calls_at_the_bucket_b
     pacer.chunk_ran(16, 2048, 0.110, busy=True, with_decode=7)
     assert pacer.judged_too_long(16, 4096, 7) and not pacer.allows(16, 4096, 7)  # the nearest: 0.110 at 2048
     assert not pacer.judged_too_long(16, 4096, 6)  # beside other rows: nothing to judge by
-    assert not pacer.judged_too_long(16, 1024, 7)  # a bucket above is no measure of one below
+    assert not pacer.judged_too_long(16, 512, 7)  # the buckets above are no measure of one below
     assert not pacer.allows(32, 4096, 7)  # a longer chunk: its own calls below, none; untried margin
     pacer.chunk_ran(32, 2048, 0.090, busy=True, with_decode=7)
     assert pacer.allows(32, 4096, 7)  # its own call below: 0.090

@@ -50,7 +50,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -85,6 +85,7 @@ class Plan:
     ttft_repeats: int = 3
     batch_repeats: int = 4  # in-process 1- and 8-stream runs per cache, interleaved (the fastest one is reported)
     steady_steps: int = 16  # decode steps of 7 streams timed before an admission (their median: the step), and after
+    admissions: int = 1  # 16-frame admissions in a row (--admissions): the first is the table's, all show the spread
     encoders: int = 2
 
 
@@ -469,6 +470,24 @@ def batch_run(b: Bench, engine, ids, visual) -> dict:
 # ----------------------------------------------------------------------------- b. admission
 
 def section_admission(b: Bench) -> dict:
+    """``plan.admissions`` admissions of a long prompt beside running streams, each into a
+    fresh engine over the default language: the first one's numbers (a server's first such
+    admission: no chunk has run beside decode rows at the long prompt's contexts yet), and
+    each one's longest wait in ``admissions``; the later ones run over the chunk times the
+    earlier ones measured, as a server's later admissions do."""
+    runs = []
+    for n in range(b.plan.admissions):
+        if b.plan.admissions > 1:
+            log(f"admission {n + 1} of {b.plan.admissions}")
+        runs.append(one_admission(b))
+    out = runs[0]
+    out["admissions"] = [{k: r[k] for k in ("gap_over_step", "gap_over_step_after", "max_gap_s", "steady_step_s",
+                                           "admission_steps", "admission_ttft_s", "chunks_fed")}
+                         | {"slowest_steps": r["slowest_steps"][:3]} for r in runs]
+    return out
+
+
+def one_admission(b: Bench) -> dict:
     import numpy as np
 
     from pllava.generation import Engine
@@ -966,6 +985,10 @@ def table(results: dict, plan: Plan) -> list[str]:
         if "admission_steps" in a:
             add(("that admission: engine steps (one prefill chunk each) / seconds to its first token",
                  f"{a['admission_steps']} / {fmt(a['admission_ttft_s'], 1)}", "—", "—"))
+        if len(a.get("admissions", ())) > 1:
+            over = [r["gap_over_step"] for r in a["admissions"]]
+            add((f"longest inter-token gap over {len(over)} such admissions in a row, x the step before each: "
+                 f"median / max", f"{statistics.median(over):.1f}x / {max(over):.1f}x", "—", "—"))
     m = results.get("memory")
     if isinstance(m, dict) and "error" not in m:
         w = m["weights_bytes"]
@@ -1076,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="NAME",
                         help=f"sections to run (default all: {' '.join(SECTIONS)})")
     parser.add_argument("--videos-dir", metavar="DIR", help="where the test clips are made (default: cache)")
+    parser.add_argument("--admissions", type=int, metavar="N",
+                        help="admissions of the long prompt in a row in the admission section (default 1): the "
+                             "table adds the median and largest of their longest waits")
     parser.add_argument("--from-json", nargs="+", metavar="JSON",
                         help="measure nothing: print the table of earlier runs' JSON (later files' sections win)")
     args = parser.parse_args(argv)
@@ -1083,6 +1109,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         return print_saved([Path(f) for f in args.from_json])
     plan = QUICK if args.quick else DEFAULT
+    if args.admissions is not None:
+        if args.admissions < 1:
+            parser.error(f"--admissions must be at least 1, got {args.admissions}")
+        plan = replace(plan, admissions=args.admissions)
     tmp = Path(tempfile.mkdtemp(prefix="pllava-bench-")) if args.quick else None
     try:
         if args.model:

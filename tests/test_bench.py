@@ -19,7 +19,7 @@ SECTIONS = ("engine", "admission", "memory", "servers", "sequential")
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out), "--admissions", "2"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     return proc, out
 
@@ -68,6 +68,21 @@ def test_json_has_every_section_without_errors(quick):
     a = data["admission"]  # the steady steps after the admission as well as before it
     assert len(a["steady_after_steps_s"]) == len(a["steady_steps_s"]) == data["plan"]["steady_steps"]
     assert a["gap_over_step_after"] == pytest.approx(a["max_gap_s"] / statistics.median(a["steady_after_steps_s"]))
+
+
+def test_admissions_in_a_row_each_report_their_longest_wait(quick):
+    """--admissions 2: the JSON holds both admissions (the first is the section's own numbers)
+    and the table their longest waits' median and largest, over the step before each."""
+    proc, out = quick
+    a = json.loads(out.read_text())["admission"]
+    runs = a["admissions"]
+    assert len(runs) == 2 and runs[0]["max_gap_s"] == a["max_gap_s"] and runs[0]["chunks_fed"] == a["chunks_fed"]
+    for r in runs:
+        assert r["gap_over_step"] == pytest.approx(r["max_gap_s"] / r["steady_step_s"])
+        assert r["admission_steps"] > 0 and r["chunks_fed"] and len(r["slowest_steps"]) <= 3
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| longest inter-token gap over 2 such"))
+    over = [r["gap_over_step"] for r in runs]
+    assert row.split("|")[2].strip() == f"{statistics.median(over):.1f}x / {max(over):.1f}x"
 
 
 def test_greedy_tokens_agree_with_transformers(quick):

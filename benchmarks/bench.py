@@ -472,7 +472,7 @@ def batch_run(b: Bench, engine, ids, visual) -> dict:
 def section_admission(b: Bench) -> dict:
     """``plan.admissions`` admissions of a long prompt beside running streams, each into a
     fresh engine over the default language: the first one's numbers (a server's first such
-    admission: no chunk has run beside decode rows at the long prompt's contexts yet), and
+    admission: no chunk has run beside decode rows past the short prompts' context yet), and
     each one's longest wait in ``admissions``; the later ones run over the chunk times the
     earlier ones measured, as a server's later admissions do."""
     runs = []

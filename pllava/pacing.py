@@ -142,8 +142,12 @@ class AdmissionPacer:
         at ``context``, else its own at the nearest context below (None: neither)."""
         if ("mixed", size, context, rows) in self.seconds:
             return ("mixed", size, context, rows)
-        below = [c for kind, s, c, *r in self.seconds if kind == "mixed" and s == size and c < context and r == [rows]]
+        below = [c for s, c in self._mixed_ran(rows) if s == size and c < context]
         return ("mixed", size, max(below), rows) if below else None
+
+    def _mixed_ran(self, rows: int) -> list[tuple[int, int]]:
+        """(size, context) of every chunk timed in one call with ``rows`` decode rows."""
+        return [(s, c) for kind, s, c, *r in self.seconds if kind == "mixed" and r == [rows]]
 
     def parts_ran(self, size: int, context: int, seconds: list[float], with_decode: int,
                   load: float | None = None) -> None:
@@ -182,7 +186,7 @@ class AdmissionPacer:
         none, the chunk alone (``chunk``) and a step, ``untried_margin`` times (one such call
         took ~1.3x its parts apart). Warm-up times of two sizes differ too little to scale by
         (one run each on an idle machine, at positions whose cache rows are still zero pages)."""
-        shorter = [s for kind, s, c, *r in self.seconds if kind == "mixed" and s < size and c == context and r == [rows]]
+        shorter = [s for s, c in self._mixed_ran(rows) if s < size and c == context]
         if not shorter:
             below = self._measured_mixed(size, context, rows)
             return (chunk + step) * self.untried_margin if below is None else self._likely_longest(below)

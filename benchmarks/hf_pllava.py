@@ -4,7 +4,7 @@ The checkpoint is loaded as ``LlavaForConditionalGeneration`` (the llava-hf layo
 and PLLaVA's forward is put together from its modules in the official order:
 CLIP ``hidden_states[vision_feature_layer][:, 1:]`` per frame -> linear_1 -> GELU -> linear_2
 -> ``AdaptiveAvgPool3d`` to the pooled (T, h, w) grid -> the tokens replace ``<image>`` in the
-prompt embeddings -> LLaMA, greedy with transformers' own KV cache (``past_key_values``).
+prompt embeddings -> LLaMA, greedy with transformers' own KV cache (its ``cache`` argument).
 """
 from __future__ import annotations
 
@@ -74,15 +74,15 @@ def greedy(hf, embeds: torch.Tensor, max_new_tokens: int, eos: int | None) -> Ge
     lm = hf.model.language_model
     t0 = time.perf_counter()
     out = lm(inputs_embeds=embeds, use_cache=True)
-    past = out.past_key_values
+    past = out.cache
     token = hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1)  # (B,)
     t1 = time.perf_counter()
     gen = Generation(tokens=[[int(x)] for x in token], prefill_s=t1 - t0)
     live = [eos is None or int(x) != eos for x in token]
     while any(live) and max(len(t) for t in gen.tokens) < max_new_tokens:
         s = time.perf_counter()
-        out = lm(input_ids=token[:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = lm(input_ids=token[:, None], cache=past, use_cache=True)
+        past = out.cache
         token = hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
         gen.step_s.append(time.perf_counter() - s)
         for row, x in enumerate(token.tolist()):

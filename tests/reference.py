@@ -55,12 +55,12 @@ def logits(hf, embeds: torch.Tensor) -> np.ndarray:
 def greedy(hf, embeds: torch.Tensor, max_new_tokens: int, eos: int | None = None) -> list[int]:
     """Greedy decoding with HF's own KV cache."""
     out = hf.model.language_model(inputs_embeds=embeds, use_cache=True)
-    past = out.past_key_values
+    past = out.cache
     token = int(hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
     tokens = [token]
     while len(tokens) < max_new_tokens and token != eos:
-        out = hf.model.language_model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = hf.model.language_model(input_ids=torch.tensor([[token]]), cache=past, use_cache=True)
+        past = out.cache
         token = int(hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
         tokens.append(token)
     return tokens

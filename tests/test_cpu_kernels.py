@@ -305,6 +305,8 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
     # the kernels read each sequence's own positions: one decode graph per batch bucket, and
     # every chunk size at every context
     assert fast.decode_contexts == (256,) and plain.decode_contexts == plain.plan.context_buckets
+    # and the kernels' cache is one block; MindSpore's ops read theirs up to a context bucket
+    assert fast.lm.blocks == ((0, 256),) and plain.lm.blocks == ((0, 64), (64, 64), (128, 128))
     assert {g for g in fast.plan.graphs(fast.decode_contexts) if g[0] == "decode"} == {
         ("decode", 1, 256), ("decode", 4, 256)}
     assert all(fast.plan.chunk_sizes(c) == (256, 128, 64, 32, 16) for c in fast.plan.context_buckets)

@@ -154,15 +154,15 @@ def test_a_prompt_admitted_beside_a_running_one_gets_its_rows_copied(language, t
 
 def test_streams_holding_the_same_text_read_it_from_one_slot_with_the_same_logits(language, tokenizer, cfg):
     """After prompts that start alike entered together (rows copied), a decode step of all
-    three reads the shared text from the first slot (within the first cache block), with the
-    logits of each stream reading its own rows."""
+    three reads the shared text from the first slot, with the logits of each stream reading
+    its own rows."""
     requests = [caption_request(tokenizer, cfg, seed, tokens=6) for seed in (1, 2, 3)]
     language.warm_up(timed=False)
     run(Engine(language, tokenizer), requests, together=True)
-    block = language.lm.blocks[0][1]
-    assert min(language.prefixes.rows(s) for s in range(3)) > block
+    lead = len(leading_text(requests[0].prompt_ids, cfg.image_token_index))
+    assert [language.prefixes.rows(s) for s in range(3)] == [lead] * 3
     rows = language._slot_rows(np.arange(3), [0, 1, 2]).asnumpy()
-    assert rows.tolist() == [[0, 0, 0], [1, 0, block], [2, 0, block]]
+    assert rows.tolist() == [[0, 0, 0], [1, 0, lead], [2, 0, lead]]
     tokens, slots = np.array([5, 9, 11], np.int32), np.arange(3, dtype=np.int32)
     positions = np.array([700, 710, 720], np.int32)  # past every prompt: rows no one reads later
     shared = language.decode(tokens, positions, slots)
@@ -172,7 +172,7 @@ def test_streams_holding_the_same_text_read_it_from_one_slot_with_the_same_logit
         apart = language.decode(tokens, positions, slots)
     finally:
         language.share_prefixes = True
-    np.testing.assert_allclose(shared, apart, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shared, apart, rtol=1e-5, atol=1e-4)  # the sums split elsewhere: rounding
 
 
 def test_every_write_forgets_the_rows_it_reaches(language, tokenizer, cfg):

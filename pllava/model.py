@@ -333,7 +333,8 @@ class PllavaLanguage:
         """The slots a decode kernel's ``rows`` read (slot numbers, one per row): with the CPU
         kernels (slot, prefix slot, prefix rows) rows (B, 3), where the sequences ``decoding``
         in this step that hold the same leading text read it from one of them
-        (:meth:`SlotPrefixes.sources`, within the first cache block); elsewhere the slots (B,)."""
+        (:meth:`SlotPrefixes.sources`, within the cache's first block: with the kernels, the
+        only one); elsewhere the slots (B,)."""
         rows = np.asarray(rows, dtype=np.int32)
         if not self.lm.kernel_attention:
             return to_tensor(rows)

@@ -322,7 +322,11 @@ class LlamaForCausalLM(nn.Cell):
         blocks = tuple(blocks or (max_len,))
         if blocks[-1] != max_len:
             raise ValueError(f"the last cache block must end at max_len {max_len}, got {blocks}")
-        if attention_kernels_for(backend, cfg.num_attention_heads, cfg.head_dim)[0] is not None:
+        #: whether the CPU kernels do attention (then every step reads each sequence's own
+        #: positions, whatever its context bucket: one graph per batch bucket and chunk size,
+        #: and the cache one block)
+        self.kernel_attention = attention_kernels_for(backend, cfg.num_attention_heads, cfg.head_dim)[0] is not None
+        if self.kernel_attention:
             blocks = (max_len,)
         self.cfg = cfg
         self.num_slots = num_slots
@@ -339,9 +343,6 @@ class LlamaForCausalLM(nn.Cell):
         self.rope_sin = Tensor(sin)
         self.kv_head_offsets = Tensor(np.arange(cfg.num_key_value_heads, dtype=np.int32))
         self.block_rows = tuple(Tensor(np.arange(size + 1, dtype=np.int32)) for _, size in self.blocks)
-        #: whether the CPU kernels do attention (then every step reads each sequence's own
-        #: positions, whatever its context bucket: one graph per batch bucket and chunk size)
-        self.kernel_attention = self.model.layers[0].self_attn.decode_kernel is not None
         #: whether any projection keeps its weights in half precision
         self.half_weights_kept = any(isinstance(c, Linear) and c.packed for _, c in self.cells_and_names())
         self.tied_logits = ops.MatMul(transpose_b=True)

@@ -18,7 +18,8 @@ One run on one machine (issue 6, "The benchmark"):
                 TTFT, batch 1 and a static batch of 8 of the same prompt. Greedy tokens compared.
    admission    7 streams decoding, then a 16-frame request is admitted: the longest gap between
                 two tokens of a running stream during the admission, against the steady step
-                before it (and, to tell a host that slowed meanwhile, the step after it).
+                before it (and, to tell a host that slowed meanwhile, the step after it); then
+                the same beside a lone stream, whose step hides the least of a chunk.
    memory       peak RSS of a 16-frame caption (32 tokens) in a subprocess: ``pllava caption``
                 against transformers (``hf_caption.py``), with the budget terms of issue 6.
    servers      2 encoders + 1 decoder (default settings) as processes, warm-up time, a compile
@@ -86,6 +87,7 @@ class Plan:
     batch_repeats: int = 4  # in-process 1- and 8-stream runs per cache, interleaved (the fastest one is reported)
     steady_steps: int = 16  # decode steps of 7 streams timed before an admission (their median: the step), and after
     admissions: int = 1  # 16-frame admissions in a row (--admissions): the first is the table's, all show the spread
+    lone_admissions: int = 1  # then the same beside one stream (the lightest step: a chunk's share of a wait is largest)
     encoders: int = 2
 
 
@@ -474,20 +476,27 @@ def section_admission(b: Bench) -> dict:
     fresh engine over the default language: the first one's numbers (a server's first such
     admission: no chunk has run beside decode rows past the short prompts' context yet), and
     each one's longest wait in ``admissions``; the later ones run over the chunk times the
-    earlier ones measured, as a server's later admissions do."""
+    earlier ones measured, as a server's later admissions do. Then ``plan.lone_admissions``
+    such admissions beside one stream (in ``lone_stream``)."""
     runs = []
     for n in range(b.plan.admissions):
         if b.plan.admissions > 1:
             log(f"admission {n + 1} of {b.plan.admissions}")
         runs.append(one_admission(b))
     out = runs[0]
-    out["admissions"] = [{k: r[k] for k in ("gap_over_step", "gap_over_step_after", "max_gap_s", "steady_step_s",
-                                           "admission_steps", "admission_ttft_s", "chunks_fed")}
-                         | {"slowest_steps": r["slowest_steps"][:3]} for r in runs]
+    out["admissions"] = [admission_summary(r) for r in runs]
+    out["lone_stream"] = [admission_summary(one_admission(b, running=1)) for _ in range(b.plan.lone_admissions)]
     return out
 
 
-def one_admission(b: Bench) -> dict:
+def admission_summary(run: dict) -> dict:
+    return ({k: run[k] for k in ("running_streams", "gap_over_step", "gap_over_step_after", "max_gap_s", "steady_step_s",
+                                 "admission_steps", "admission_ttft_s", "chunks_fed")}
+            | {"slowest_steps": run["slowest_steps"][:3]})
+
+
+def one_admission(b: Bench, running: int | None = None) -> dict:
+    """A long prompt admitted beside ``running`` streams decoding (default: every other slot)."""
     import numpy as np
 
     from pllava.generation import Engine
@@ -497,7 +506,7 @@ def one_admission(b: Bench) -> dict:
     ids, visual, _ = b.short_prompt()
     lang = b.default_language()
     engine = Engine(lang, b.tokenizer)
-    running = p.batch - 1
+    running = p.batch - 1 if running is None else running
     long_ids = b.tokenizer.encode(build_prompt(DEFAULT_QUESTION, DEFAULT_TEMPLATE))
     big_cfg = b.cfg.with_frames(p.large_frames)
     # The admitted prompt's values do not change its cost: random visual tokens at the scale of real ones.
@@ -989,6 +998,11 @@ def table(results: dict, plan: Plan) -> list[str]:
             over = [r["gap_over_step"] for r in a["admissions"]]
             add((f"longest inter-token gap over {len(over)} such admissions in a row, x the step before each: "
                  f"median / max", f"{statistics.median(over):.1f}x / {max(over):.1f}x", "—", "—"))
+        for lone in a.get("lone_stream", ()):
+            add((f"the same admission beside {lone['running_streams']} stream: longest gap (ms) / steps / seconds to "
+                 f"its first token", f"{fmt(lone['max_gap_s'] * 1e3, 0)} ({lone['gap_over_step']:.1f}x a "
+                 f"{fmt(lone['steady_step_s'] * 1e3, 0)} ms step) / {lone['admission_steps']} / "
+                 f"{fmt(lone['admission_ttft_s'], 1)}", "—", "—"))
     m = results.get("memory")
     if isinstance(m, dict) and "error" not in m:
         w = m["weights_bytes"]

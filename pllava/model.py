@@ -245,17 +245,20 @@ class PllavaLanguage:
         return out[:chunk.length] if all_logits else out
 
     def prefill_chunk_and_decode(self, slot: int, embeds, chunk: Chunk, tokens: np.ndarray,
-                                 positions: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                                 positions: np.ndarray, slots: np.ndarray,
+                                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``prefill_chunk`` into ``slot`` and ``decode`` of the sequences (tokens, positions,
         slots: (n,)) as ONE compiled step (``chunk.size`` in ``mixed_sizes``): the weights are
-        read once for both. The decode rows go as :meth:`_rows_in_slot_order` puts them (the
-        chunk's own slot gets a dummy). -> (chunk logits (1, vocab), decode logits (n, vocab))."""
+        read once for both. The decode rows go at their batch bucket as :meth:`_mixed_rows`
+        puts them (``batch``: that bucket, for a step with no sequence). -> (chunk logits
+        (1, vocab), decode logits (n, vocab))."""
         piece, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
-        logits = self._mixed(piece, where_chunk, *self._mixed_inputs(slot, chunk, tokens, positions, slots)).asnumpy()
-        return logits[:1], logits[1:][np.asarray(slots)]
+        inputs, pick = self._mixed_inputs(slot, chunk, tokens, positions, slots, batch)
+        logits = self._mixed(piece, where_chunk, *inputs).asnumpy()
+        return logits[:1], logits[1:][pick]
 
     def prefill_chunk_part_and_decode(self, slot: int, embeds, chunk: Chunk, part: int, hidden, tokens: np.ndarray,
-                                      positions: np.ndarray, slots: np.ndarray) -> tuple:
+                                      positions: np.ndarray, slots: np.ndarray, batch: int | None = None) -> tuple:
         """Part ``part`` of :attr:`chunk_layer_parts` of a chunk beside ``decode`` of the
         sequences, as ONE compiled step: the chunk's rows through that part's layers (from
         ``embeds`` at part 0, else from ``hidden``, the previous part's output), the decode rows
@@ -268,22 +271,43 @@ class PllavaLanguage:
             rows, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
         else:
             rows, where_chunk = hidden, _chunk_positions(chunk)
-        hidden, logits = self._mixed_part(rows, where_chunk, *self._mixed_inputs(slot, chunk, tokens, positions, slots),
-                                          first, last)
+        inputs, pick = self._mixed_inputs(slot, chunk, tokens, positions, slots, batch)
+        hidden, logits = self._mixed_part(rows, where_chunk, *inputs, first, last)
         logits = logits.asnumpy()
-        return (hidden, logits[:1] if last == self.cfg.text.num_hidden_layers else None,
-                logits[1:][np.asarray(slots)])
+        return hidden, logits[:1] if last == self.cfg.text.num_hidden_layers else None, logits[1:][pick]
 
-    def _mixed_inputs(self, slot: int, chunk: Chunk, tokens, positions, slots) -> tuple:
-        """A mixed step's inputs after the chunk's rows and positions: the chunk's slot, the
-        decode rows in slot order (:meth:`_rows_in_slot_order`), their slot rows and the
-        logit rows (the chunk's last, then every slot's); records what the step writes."""
+    def _mixed_inputs(self, slot: int, chunk: Chunk, tokens, positions, slots, batch: int | None) -> tuple:
+        """A mixed step's inputs after the chunk's rows and positions (the chunk's slot, the
+        decode rows of :meth:`_mixed_rows`, the logit rows: the chunk's last, then each
+        decode row's), and where each sequence's logits are among the decode rows'; records
+        what the step writes."""
         self._written(slots, positions)
         self.prefixes.written(slot, chunk.start)
-        feed, where = self._rows_in_slot_order(tokens, positions, slots)
-        index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(self.num_slots))).astype(np.int32)
-        return (to_tensor(np.array([slot], dtype=np.int32)), feed, where,
-                self._slot_rows(np.arange(self.num_slots), slots), to_tensor(index))
+        batch = self.plan.batch_bucket(max(len(tokens), 1)) if batch is None else batch
+        feed, where, table, pick = self._mixed_rows(tokens, positions, slots, batch)
+        index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(batch))).astype(np.int32)
+        return (to_tensor(np.array([slot], dtype=np.int32)), feed, where, table, to_tensor(index)), pick
+
+    def _mixed_rows(self, tokens, positions, slots, batch: int) -> tuple:
+        """A mixed step's ``batch`` decode rows, as a decode step puts them
+        (:meth:`_decode_group`): at every slot's batch in slot order, a dummy row (position -1)
+        for each slot not decoding; at a smaller one the sequences, padded by repeating the
+        last (dummy rows when there are none: warm-up). A lone stream beside a chunk then
+        carries one row, not one per slot: on the serving-scale checkpoint each of the
+        seven dummy rows cost ~2 ms of a step through the weights (a 16-position chunk's
+        step late in a 16-frame prompt ~50 ms in two parts beside a 18 ms step).
+        -> (tokens, positions, slot rows, where each sequence's logits are among the rows)."""
+        tokens, positions, slots = (np.asarray(a, dtype=np.int32) for a in (tokens, positions, slots))
+        n = len(tokens)
+        if batch == self.num_slots:
+            feed, where = self._rows_in_slot_order(tokens, positions, slots)
+            return feed, where, self._slot_rows(np.arange(batch), slots), slots
+        if not n:
+            dummy = np.zeros(batch, np.int32)
+            return to_tensor(dummy), to_tensor(dummy - 1), self._slot_rows(dummy, ()), np.zeros(0, np.int64)
+        pick = np.minimum(np.arange(batch), n - 1)
+        return (to_tensor(tokens[pick]), to_tensor(positions[pick]), self._slot_rows(slots[pick], ()),
+                np.arange(n))
 
     def _written(self, slots, positions) -> None:
         for slot, position in zip(np.asarray(slots).tolist(), np.asarray(positions).tolist()):
@@ -403,23 +427,25 @@ class PllavaLanguage:
         the faster of two runs, as the first runs still allocate; at a further context of the
         same graph one run). ``progress(done, total, kind, a, context)`` is called after each
         (kind, size, context). Returns the number of graphs compiled."""
-        shapes = (self.plan.graphs(self.decode_contexts) + [("mixed", size, self.max_len) for size in self.mixed_sizes]
-                  + [("mixed part", min(self.mixed_sizes, default=0), self.max_len)] * len(self.chunk_layer_parts))
+        # the mixed steps at each decode batch bucket: (kind, chunk size, max_len, batch[, part])
+        mixed = ([("mixed", size, self.max_len, batch) for batch in self.plan.batch_buckets for size in self.mixed_sizes]
+                 + [("mixed part", min(self.mixed_sizes, default=0), self.max_len, batch, part)
+                    for batch in self.plan.batch_buckets for part in range(len(self.chunk_layer_parts))])
+        shapes = self.plan.graphs(self.decode_contexts) + mixed
         width = self.cfg.text.hidden_size
         self.prefixes.forget()
         compiled = set()
         none = np.zeros(0, np.int32)
-        part = 0  # the next "mixed part" graph (they come in order)
-        for done, (kind, size, context) in enumerate(shapes, 1):
+        for done, (kind, size, context, *batch_part) in enumerate(shapes, 1):
             if kind == "mixed":  # a chunk with every decode row a dummy
                 self.prefill_chunk_and_decode(0, ops.zeros((1, size, width), self.lm.dtype),
-                                              Chunk(0, size, size, context), none, none, none)
-                compiled.add((kind, size, context))
+                                              Chunk(0, size, size, context), none, none, none, batch=batch_part[0])
+                compiled.add((kind, size, *batch_part))
             elif kind == "mixed part":
                 rows = ops.zeros((1, size, width), self.lm.dtype)
-                self.prefill_chunk_part_and_decode(0, rows, Chunk(0, size, size, context), part, rows, none, none, none)
-                compiled.add((kind, size, part))
-                part += 1
+                self.prefill_chunk_part_and_decode(0, rows, Chunk(0, size, size, context), batch_part[1], rows,
+                                                   none, none, none, batch=batch_part[0])
+                compiled.add((kind, size, *batch_part))
             elif kind == "decode":
                 self._decode_group(np.zeros(size, np.int32), np.zeros(size, np.int32) + context - 1,
                                    np.zeros(size, np.int32))

@@ -85,6 +85,19 @@ def test_admissions_in_a_row_each_report_their_longest_wait(quick):
     assert row.split("|")[2].strip() == f"{statistics.median(over):.1f}x / {max(over):.1f}x"
 
 
+def test_the_admission_is_measured_beside_a_lone_stream_too(quick):
+    """The admission section admits the same prompt beside one stream (the step that hides
+    the least of a chunk) and the table prints its longest wait over that stream's step."""
+    proc, out = quick
+    a = json.loads(out.read_text())["admission"]
+    assert a["running_streams"] == json.loads(out.read_text())["plan"]["batch"] - 1
+    (lone,) = a["lone_stream"]
+    assert lone["running_streams"] == 1 and lone["admission_steps"] > 0 and lone["chunks_fed"]
+    assert lone["gap_over_step"] == pytest.approx(lone["max_gap_s"] / lone["steady_step_s"])
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| the same admission beside 1 stream"))
+    assert row.split("|")[2].strip().startswith(f"{lone['max_gap_s'] * 1e3:.0f} ({lone['gap_over_step']:.1f}x a ")
+
+
 def test_greedy_tokens_agree_with_transformers(quick):
     _, out = quick
     data = json.loads(out.read_text())

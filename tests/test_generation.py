@@ -253,16 +253,37 @@ def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(tiny_
     assert [n for n in fed if n] == [c.length for c in chunks] and fed[-1]
 
 
-def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir, cfg):
+def decode_rows_fed(language) -> list[int]:
+    """Records the decode rows each mixed step of ``language`` carries (whole or in parts)."""
+    fed = []
+    for name in ("_mixed", "_mixed_part"):
+        step = getattr(language, name)
+
+        def recorded(*args, _step=step):
+            fed.append(args[3].shape[0])  # (chunk rows, chunk positions, chunk slot, tokens, ...)
+            return _step(*args)
+        setattr(language, name, recorded)
+    return fed
+
+
+# two streams out of slot order (slot 3 holds 60 positions, slot 1 holds 100): the rows of
+# every slot, in slot order; a lone stream: its own row alone
+STREAMS = {"two streams": ([5, 9], [60, 100], [3, 1]), "a lone stream": ([5], [60], [3])}
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir, cfg, streams):
     """The mixed step (one prompt chunk and a decode row per running stream through the
     weights once) gives the logits, and leaves the cache, that the chunk and the decode step
-    run one after the other do: at a full chunk and at a padded tail."""
+    run one after the other do: at a full chunk and at a padded tail; at the batch of every
+    slot and at a lone stream's, which carries its one row."""
     import mindspore as ms
 
     from pllava.shapes import Chunk
 
     apart, together = (PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=4, max_len=512) for _ in "ab")
     assert together.mixed_sizes and min(together.mixed_sizes) == together.plan.prefill_small_chunk
+    fed = decode_rows_fed(together)
     rng = np.random.default_rng(0)
     width = cfg.text.hidden_size
     first = ms.Tensor(rng.standard_normal((1, 100, width)).astype(np.float32) * 0.1)
@@ -270,8 +291,7 @@ def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir,
     for lang in (apart, together):
         lang.prefill(1, first)
         lang.prefill(3, first[:, :60])
-    # out of slot order: slot 3 holds 60 positions, slot 1 holds 100
-    tokens, positions, slots = np.array([5, 9], np.int32), np.array([60, 100], np.int32), np.array([3, 1], np.int32)
+    tokens, positions, slots = (np.array(a, np.int32) for a in STREAMS[streams])
     for chunk in (Chunk(0, 32, 32, 512), Chunk(32, 38, 64, 512)):
         chunk_alone = apart.prefill_chunk(2, newcomer, chunk)
         decode_alone = apart.decode(tokens, positions, slots)
@@ -281,18 +301,24 @@ def test_a_chunk_and_decode_rows_in_one_step_equal_the_two_apart(tiny_model_dir,
         # Xeon with AMX; a row swapped or a cache row missed moves them by ~1)
         np.testing.assert_allclose(chunk_mixed, chunk_alone, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(decode_mixed, decode_alone, rtol=1e-5, atol=1e-4)
-        assert np.abs(decode_mixed[0] - decode_mixed[1]).max() > 1e-3  # rows not swapped or shared
+        assert len(decode_mixed) == len(tokens)
+        if len(tokens) > 1:
+            assert np.abs(decode_mixed[0] - decode_mixed[1]).max() > 1e-3  # rows not swapped or shared
         tokens, positions = tokens + 1, positions + 1
+    assert fed == [4 if len(tokens) > 1 else 1] * 2
     # the caches agree: the next decode of every slot, the newcomer's included
-    step = (np.array([11, 7, 12], np.int32), np.array([102, 70, 62], np.int32), np.array([1, 2, 3], np.int32))
+    step = (np.array([11, 7, 12], np.int32), np.array([100 + 2 * (len(tokens) > 1), 70, 62], np.int32),
+            np.array([1, 2, 3], np.int32))
     np.testing.assert_allclose(together.decode(*step), apart.decode(*step), rtol=1e-5, atol=1e-4)
 
 
-def test_a_chunk_in_parts_beside_decode_rows_equals_the_chunk_and_the_decode_steps_apart(tiny_model_dir, cfg):
+@pytest.mark.parametrize("streams", STREAMS)
+def test_a_chunk_in_parts_beside_decode_rows_equals_the_chunk_and_the_decode_steps_apart(tiny_model_dir, cfg,
+                                                                                        streams):
     """A shortest chunk run in parts, each part a share of the layers beside a decode step of
     the streams: its logits after the last part, each part's decode logits and the cache are
     those of the chunk run whole and the decode steps run apart; at a full chunk and at a
-    padded tail."""
+    padded tail; beside every slot's rows and beside a lone stream's one row."""
     import mindspore as ms
 
     from pllava.shapes import Chunk
@@ -300,6 +326,7 @@ def test_a_chunk_in_parts_beside_decode_rows_equals_the_chunk_and_the_decode_ste
     apart, parts = (PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=4, max_len=512) for _ in "ab")
     layers = cfg.text.num_hidden_layers
     assert layers >= 2 and parts.chunk_layer_parts == ((0, layers // 2), (layers // 2, layers))
+    fed = decode_rows_fed(parts)
     size = min(parts.mixed_sizes)
     rng = np.random.default_rng(1)
     width = cfg.text.hidden_size
@@ -308,7 +335,7 @@ def test_a_chunk_in_parts_beside_decode_rows_equals_the_chunk_and_the_decode_ste
     for lang in (apart, parts):
         lang.prefill(1, first)
         lang.prefill(3, first[:, :60])
-    tokens, positions, slots = np.array([5, 9], np.int32), np.array([60, 100], np.int32), np.array([3, 1], np.int32)
+    tokens, positions, slots = (np.array(a, np.int32) for a in STREAMS[streams])
     for chunk in (Chunk(0, size, size, 512), Chunk(size, size - 5, size, 512)):
         chunk_alone = apart.prefill_chunk(2, newcomer, chunk)
         hidden = None
@@ -317,14 +344,18 @@ def test_a_chunk_in_parts_beside_decode_rows_equals_the_chunk_and_the_decode_ste
             hidden, chunk_logits, decode_part = parts.prefill_chunk_part_and_decode(2, newcomer, chunk, part, hidden,
                                                                                   tokens, positions, slots)
             np.testing.assert_allclose(decode_part, decode_alone, rtol=1e-5, atol=1e-4)
-            assert np.abs(decode_part[0] - decode_part[1]).max() > 1e-3  # rows not swapped or shared
+            assert len(decode_part) == len(tokens)
+            if len(tokens) > 1:
+                assert np.abs(decode_part[0] - decode_part[1]).max() > 1e-3  # rows not swapped or shared
             tokens, positions = tokens + 1, positions + 1
         assert chunk_logits is not None and hidden.shape == (1, size, width)
         np.testing.assert_allclose(chunk_logits, chunk_alone, rtol=1e-5, atol=1e-4)
+    assert fed == [4 if len(tokens) > 1 else 1] * 4
     with pytest.raises(ValueError, match="no compiled step for part 2 of a 16-position chunk"):
         parts.prefill_chunk_part_and_decode(2, newcomer, Chunk(0, size, size, 512), 2, hidden, tokens, positions, slots)
     # the caches agree: the next decode of every slot, the newcomer's included
-    step = (np.array([11, 7, 12], np.int32), np.array([104, 2 * size - 5, 64], np.int32), np.array([1, 2, 3], np.int32))
+    step = (np.array([11, 7, 12], np.int32), np.array([100 + 4 * (len(tokens) > 1), 2 * size - 5, 64], np.int32),
+            np.array([1, 2, 3], np.int32))
     np.testing.assert_allclose(parts.decode(*step), apart.decode(*step), rtol=1e-5, atol=1e-4)
 
 

@@ -516,7 +516,8 @@ def one_admission(b: Bench, running: int | None = None) -> dict:
     budget = lang.max_len - (len(ids) - 1 + len(visual)) - 2
     streams = [b.request(ids, visual, budget) for _ in range(running)]
     new = b.request(long_ids, big_visual, 2)
-    log(f"admission: {running} streams decoding, then a {p.large_frames}-frame request of {big_positions} positions")
+    plural = "" if running == 1 else "s"
+    log(f"admission: {running} stream{plural} decoding, then a {p.large_frames}-frame request of {big_positions} positions")
     phase = {"name": "start", "steady_from": 0, "added_at": None, "stop_after": None}
 
     def until(state):

@@ -147,9 +147,9 @@ def _attention_op(name: str, num_heads: int):
 
 def copy_cache_rows_op():
     """A ``mindspore.ops.Custom`` running ``CopyCacheRows`` (``kernels/copy_rows.cc``): one
-    layer's keys and values of positions 0..count-1 copied from a cache slot to another in
-    place; src, dst, count, kv_heads (1,) int32, block_rows (J,) int32, then the layer's
-    blocks -> (1,) int32; or None as for :func:`decode_attention_op`."""
+    layer's keys and values of positions first..count-1 copied from a cache slot to another
+    in place; src, dst, first, count, kv_heads (1,) int32, block_rows (J,) int32, then the
+    layer's blocks -> (1,) int32; or None as for :func:`decode_attention_op`."""
     library = _allowed_library()
     if library is None:
         return None

@@ -196,7 +196,13 @@ class Running:
         self.leading_ids = np.zeros(0, np.int32)  # the prompt ids a slot's rows may already hold
         self.embeds = None  # merged prompt embeddings while the prompt is being prefilled
         self.chunk_parts: ChunkInParts | None = None  # its chunk being run in parts, if one is
+        self.prefix_copy: tuple[int, int] | None = None  # (slot, rows): its leading rows still to copy from there
         self.stats = SequenceStats(added=time.perf_counter())
+
+
+#: leading prompt positions copied from another slot per piece while streams decode
+#: (:meth:`Engine._copy_prefix`): ~20 ms into a slot never written before on a 2-core VM
+PREFIX_COPY_PIECE = 64
 
 
 class Engine:
@@ -292,13 +298,14 @@ class Engine:
         running = [s for s in self._slots if s is not None and s.generated]
         if self._prefilling is None:
             self._prefilling = self._next_admission()
-        if self._prefilling is not None and running and self._mixed_sizes:
+        copying = self._prefilling is not None and not self._copy_prefix(self._prefilling, running)
+        if self._prefilling is not None and not copying and running and self._mixed_sizes:
             mixed = self._mixed_step(self._prefilling, running)
             if mixed is not None:
                 return events + mixed
         prefill_s = decode_s = 0.0
         prefill_tokens = 0
-        if self._prefilling is not None:
+        if self._prefilling is not None and not copying:
             seq, start = self._prefilling, time.perf_counter()
             before = seq.position
             events.extend(self._prefill_step(seq, running))
@@ -337,8 +344,9 @@ class Engine:
 
     def _place(self, seq: Running) -> tuple[int, int]:
         """A free slot for ``seq`` and how many of its leading positions are already there
-        (:mod:`pllava.prefix_reuse`): the free slot holding the most of its leading text ids,
-        and where another slot holds more of them, their rows copied into it."""
+        (:mod:`pllava.prefix_reuse`): the free slot holding the most of its leading text ids;
+        where another slot holds more of them, ``seq.prefix_copy`` says so (their rows are
+        copied into it by :meth:`_copy_prefix`)."""
         free = [i for i, s in enumerate(self._slots) if s is None]
         if self._prefixes is None:
             return free[0], 0
@@ -346,13 +354,38 @@ class Engine:
         if getattr(self.language, "copies_prefixes", False):
             source, more = self._prefixes.best(seq.leading_ids, range(self.num_slots))
             if more > rows:
-                try:
-                    rows = self.language.copy_prefix(source, slot, more)
-                except Exception as exc:  # noqa: BLE001 - the prompt is then fed from its start
-                    log.warning("copying %d cached prompt positions from slot %d to %d failed (%.300r); "
-                                "prefilling them", more, source, slot, exc)
-                    rows = 0
+                seq.prefix_copy = (source, more)
         return slot, rows
+
+    def _copy_prefix(self, seq: Running, running: list[Running]) -> bool:
+        """Copy the leading rows ``seq.prefix_copy`` names into ``seq``'s slot; whether that is
+        done. While streams decode, in pieces of ``PREFIX_COPY_PIECE`` positions, as many as
+        fit the wait allowed less a decode step (the first always), the rest at later steps:
+        into a slot never written before, whose pages fault at their first write, 260
+        positions took 81-87 ms on a 2-core VM (7 ms over written rows), 4-5 steps of a lone
+        stream waiting on one copy. A failed copy leaves the rest to be prefilled."""
+        if seq.prefix_copy is None:
+            return True
+        source, rows = seq.prefix_copy
+        budget = None
+        if running:
+            step = self.pacer.step_at(self._step_load(running))
+            budget = None if step is None else max(0.0, self.pacer.max_gap_steps - 1) * step
+        start = time.perf_counter()
+        while seq.prefix_copy is not None:
+            begun, before = time.perf_counter(), seq.position
+            try:
+                held = self.language.copy_prefix(source, seq.slot, rows, None if budget is None else PREFIX_COPY_PIECE)
+            except Exception as exc:  # noqa: BLE001 - the prompt is then fed from where the copy stopped
+                log.warning("copying %d cached prompt positions from slot %d to %d failed (%.300r); "
+                            "prefilling them", rows - seq.position, source, seq.slot, exc)
+                held = before
+            seq.position = seq.stats.reused_tokens = max(before, held)
+            if seq.position >= rows or seq.position <= before:
+                seq.prefix_copy = None
+            elif budget is not None and 2 * time.perf_counter() - start - begun > budget:
+                break  # (the next piece, as long as this one, would pass the budget)
+        return seq.prefix_copy is None
 
     def _prefill_step(self, seq: Running, running: list[Running]) -> list[TokenEvent]:
         """Feed the next chunk of ``seq``'s prompt (while the ``running`` streams decode, one

@@ -9,7 +9,7 @@ from mindspore import Tensor
 from engine_runs import run_batches, visual
 from pllava import cpu_kernels
 from pllava.config import PllavaConfig
-from pllava.generation import Engine, Request
+from pllava.generation import PREFIX_COPY_PIECE, Engine, Request
 from pllava.model import PllavaLanguage
 from pllava.prefix_reuse import SlotPrefixes, common_length, leading_text
 from pllava.prompt import build_prompt
@@ -71,23 +71,25 @@ def random_blocks(slots, kvh, block_rows, d, seed):
              rng.standard_normal((slots * kvh * rows, d)).astype(np.float32)) for rows in block_rows]
 
 
-@pytest.mark.parametrize("count", [0, 3, 4, 9, 12])
-def test_the_copy_kernel_copies_the_leading_rows_of_every_head_and_nothing_else(count):
+@pytest.mark.parametrize("first, count", [(0, 0), (0, 3), (0, 4), (0, 9), (0, 12), (2, 9), (4, 7), (5, 12), (9, 9)])
+def test_the_copy_kernel_copies_the_rows_asked_of_every_head_and_nothing_else(first, count):
+    """Positions first..count-1 (the leading rows, or a piece of them), across blocks."""
     slots, kvh, d, block_rows = 3, 2, 16, (5, 4, 6)  # positions 0-3, 4-6, 7-11 (+ a spare row each)
-    blocks = random_blocks(slots, kvh, block_rows, d, seed=count)
+    blocks = random_blocks(slots, kvh, block_rows, d, seed=count + 13 * first)
     expected = [(k.copy(), v.copy()) for k, v in blocks]
     src, dst = 2, 0
     start = 0
     for j, rows in enumerate(block_rows):
-        here = max(0, min(count, start + rows - 1) - start)
+        lo, hi = max(first, start) - start, min(count, start + rows - 1) - start
         for h in range(kvh):
             for side in (0, 1):
                 at = lambda slot: (slot * kvh + h) * rows  # noqa: E731
-                expected[j][side][at(dst):at(dst) + here] = blocks[j][side][at(src):at(src) + here]
+                if lo < hi:
+                    expected[j][side][at(dst) + lo:at(dst) + hi] = blocks[j][side][at(src) + lo:at(src) + hi]
         start += rows - 1
     tensors = [Tensor(x) for pair in blocks for x in pair]
     op = cpu_kernels.copy_cache_rows_op()
-    scalars = [Tensor(np.array([v], np.int32)) for v in (src, dst, count, kvh)]
+    scalars = [Tensor(np.array([v], np.int32)) for v in (src, dst, first, count, kvh)]
     out = op(*scalars, Tensor(np.array(block_rows, np.int32)), *tensors).asnumpy()
     assert out.tolist() == [count]
     for (k, v), (tk, tv) in zip(expected, zip(tensors[::2], tensors[1::2])):
@@ -152,11 +154,84 @@ def test_a_prompt_admitted_beside_a_running_one_gets_its_rows_copied(language, t
     assert language._slot_rows(np.arange(3), [0, 1, 2]).asnumpy()[:, 2].tolist() == [0, 0, 0]
 
 
+def admitted_beside_a_stream(engine, first, second, steps):
+    """``second`` added once ``first`` decodes, then run to the end: each request's tokens,
+    ``second``'s stats and the positions it held after each of the ``steps`` steps after
+    it was added (each checked to give ``first`` a token)."""
+    tokens = {first.request_id: [], second.request_id: []}
+    stats = {}
+
+    def take(events):
+        for e in events:
+            if e.token_id is not None:
+                tokens[e.request_id].append(e.token_id)
+            if e.finish_reason is not None:
+                stats[e.request_id] = e.stats
+        return events
+
+    engine.add(first)
+    while not tokens[first.request_id]:
+        take(engine.step())
+    engine.add(second)
+    held = []
+    for _ in range(steps):
+        events = take(engine.step())
+        assert [e.request_id for e in events if e.token_id is not None] == [first.request_id]
+        held.append(engine._prefilling.position)
+    while engine.has_work():
+        take(engine.step())
+    return [tokens[first.request_id], tokens[second.request_id]], stats[second.request_id], held
+
+
+def test_beside_a_decoding_stream_the_rows_are_copied_a_piece_per_step(language, tokenizer, cfg):
+    """While a stream decodes, a prompt's leading rows are copied in pieces of
+    PREFIX_COPY_PIECE positions, as many per step as fit the wait allowed less a decode step
+    (none here: one piece per step), each step still a token for the stream; the copy's
+    last step goes on to the prompt's first chunk (whole or its first part, as the pacer
+    judges); the tokens are those of no reuse."""
+    requests = [caption_request(tokenizer, cfg, seed, tokens=30) for seed in (5, 6)]
+    lead = len(leading_text(requests[1].prompt_ids, cfg.image_token_index))
+    pieces = -(-lead // PREFIX_COPY_PIECE)
+    assert pieces >= 3
+    language.warm_up(timed=False)
+    engine = Engine(language, tokenizer, max_gap_steps=1)  # a wait of one step allowed: no time for more
+    tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=pieces)
+    assert held[:-1] == [PREFIX_COPY_PIECE * (k + 1) for k in range(pieces - 1)] and held[-1] >= lead
+    assert stats.reused_tokens == lead
+    language.warm_up(timed=False)
+    assert tokens == run(Engine(language, tokenizer, reuse_prefixes=False), requests)[0]
+
+
+def test_a_copy_that_fails_leaves_the_rest_of_the_prompt_to_be_prefilled(language, tokenizer, cfg, monkeypatch,
+                                                                        caplog):
+    requests = [caption_request(tokenizer, cfg, seed, tokens=30) for seed in (5, 6)]
+    language.warm_up(timed=False)
+    real, calls = language.copy_prefix, []
+
+    def second_piece_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("no memory for the copy")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(language, "copy_prefix", second_piece_fails)
+    engine = Engine(language, tokenizer, max_gap_steps=1)
+    with caplog.at_level("WARNING", logger="pllava.generation"):
+        tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=2)
+    assert len(calls) == 2 and held[0] == PREFIX_COPY_PIECE <= held[1]  # no piece more: its chunks follow
+    assert stats.reused_tokens == PREFIX_COPY_PIECE
+    assert "no memory for the copy" in caplog.text and "prefilling them" in caplog.text
+    monkeypatch.undo()
+    language.warm_up(timed=False)
+    assert tokens == run(Engine(language, tokenizer, reuse_prefixes=False), requests)[0]
+
+
 def test_streams_holding_the_same_text_read_it_from_one_slot_with_the_same_logits(language, tokenizer, cfg):
     """After prompts that start alike entered together (rows copied), a decode step of all
     three reads the shared text from the first slot, with the logits of each stream reading
     its own rows."""
-    requests = [caption_request(tokenizer, cfg, seed, tokens=6) for seed in (1, 2, 3)]
+    # (enough tokens that the first stream still decodes while the third prompt's rows are copied)
+    requests = [caption_request(tokenizer, cfg, seed, tokens=20) for seed in (1, 2, 3)]
     language.warm_up(timed=False)
     run(Engine(language, tokenizer), requests, together=True)
     lead = len(leading_text(requests[0].prompt_ids, cfg.image_token_index))

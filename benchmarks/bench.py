@@ -490,6 +490,7 @@ def section_admission(b: Bench) -> dict:
 
 
 def admission_summary(run: dict) -> dict:
+    """What the JSON keeps of each admission of a series: its longest wait and how it ran."""
     return ({k: run[k] for k in ("running_streams", "gap_over_step", "gap_over_step_after", "max_gap_s", "steady_step_s",
                                  "admission_steps", "admission_ttft_s", "chunks_fed")}
             | {"slowest_steps": run["slowest_steps"][:3]})

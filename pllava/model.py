@@ -249,7 +249,7 @@ class PllavaLanguage:
                                  batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``prefill_chunk`` into ``slot`` and ``decode`` of the sequences (tokens, positions,
         slots: (n,)) as ONE compiled step (``chunk.size`` in ``mixed_sizes``): the weights are
-        read once for both. The decode rows go at their batch bucket as :meth:`_mixed_rows`
+        read once for both. The decode rows go at their batch bucket as :meth:`_rows_at_batch`
         puts them (``batch``: that bucket, for a step with no sequence). -> (chunk logits
         (1, vocab), decode logits (n, vocab))."""
         piece, where_chunk = _chunk_rows(embeds, chunk, self.lm.dtype)
@@ -278,22 +278,23 @@ class PllavaLanguage:
 
     def _mixed_inputs(self, slot: int, chunk: Chunk, tokens, positions, slots, batch: int | None) -> tuple:
         """A mixed step's inputs after the chunk's rows and positions (the chunk's slot, the
-        decode rows of :meth:`_mixed_rows`, the logit rows: the chunk's last, then each
+        decode rows of :meth:`_rows_at_batch`, the logit rows: the chunk's last, then each
         decode row's), and where each sequence's logits are among the decode rows'; records
         what the step writes."""
         self._written(slots, positions)
         self.prefixes.written(slot, chunk.start)
         batch = self.plan.batch_bucket(max(len(tokens), 1)) if batch is None else batch
-        feed, where, table, pick = self._mixed_rows(tokens, positions, slots, batch)
+        feed, where, table, pick = self._rows_at_batch(tokens, positions, slots, batch)
         index = np.concatenate(([chunk.length - 1], chunk.size + np.arange(batch))).astype(np.int32)
         return (to_tensor(np.array([slot], dtype=np.int32)), feed, where, table, to_tensor(index)), pick
 
-    def _mixed_rows(self, tokens, positions, slots, batch: int) -> tuple:
-        """A mixed step's ``batch`` decode rows, as a decode step puts them
-        (:meth:`_decode_group`): at every slot's batch in slot order, a dummy row (position -1)
-        for each slot not decoding; at a smaller one the sequences, padded by repeating the
-        last (dummy rows when there are none: warm-up). A lone stream beside a chunk then
-        carries one row, not one per slot: on the serving-scale checkpoint a decode step of
+    def _rows_at_batch(self, tokens, positions, slots, batch: int) -> tuple:
+        """The ``batch`` decode rows of a decode or mixed step: at every slot's batch in slot
+        order (the step then attends over the cache blocks in place), a dummy row (position
+        -1, which writes only spare rows) for each slot not decoding; at a smaller one the
+        sequences, padded by repeating the last (an identical write; dummy rows when there
+        are none: warm-up). A lone stream beside a chunk then carries one row, not one per
+        slot: on the serving-scale checkpoint a decode step of
         one stream took 18-19 ms at batch 1 and 24-25 at every slot's batch, and a late
         16-position chunk of a 16-frame prompt ran in two parts of ~50 ms each beside it.
         -> (tokens, positions, slot rows, where each sequence's logits are among the rows)."""
@@ -335,7 +336,7 @@ class PllavaLanguage:
         if src == dst:
             return rows
         ids = self.prefixes.ids(src)[:rows]
-        first = min(self.prefixes.reusable(dst, ids), rows)
+        first = self.prefixes.reusable(dst, ids)  # (at most rows)
         self.prefixes.written(dst, first)
         if most is not None:
             rows = min(rows, first + max(0, most))
@@ -413,20 +414,11 @@ class PllavaLanguage:
         return logits
 
     def _decode_group(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """One step at the group's batch and context buckets. At the batch of every slot,
-        rows go in slot order (the step then attends over the cache blocks in place) and
-        slots outside the group feed a dummy row at position -1, which writes only spare
-        rows; a smaller batch is padded by repeating the last sequence (an identical write)."""
-        n = len(tokens)
-        batch = self.plan.batch_bucket(n)
+        """One step at the group's batch and context buckets, its rows as
+        :meth:`_rows_at_batch` puts them."""
         context = self._contexts[smallest_at_least(self.decode_contexts, int(np.max(positions)) + 1, "context")]
-        if batch == self.num_slots:
-            feed, where = self._rows_in_slot_order(tokens, positions, slots)
-            return self._decode(feed, where, self._slot_rows(np.arange(self.num_slots), slots), context).asnumpy()[slots]
-        pick = np.minimum(np.arange(batch), n - 1)
-        logits = self._decode(to_tensor(tokens[pick]), to_tensor(positions[pick]), self._slot_rows(slots[pick], ()),
-                              context)
-        return logits.asnumpy()[:n]
+        feed, where, table, pick = self._rows_at_batch(tokens, positions, slots, self.plan.batch_bucket(len(tokens)))
+        return self._decode(feed, where, table, context).asnumpy()[pick]
 
     def warm_up(self, progress=None, timed: bool = True) -> int:
         """Compile every graph of the shape plan and the mixed steps (writes only garbage into

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="how long the clients run (default 10)")
     p.add_argument("--seconds", type=float, help="the same in seconds (overrides --minutes)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
-    p.add_argument("--encoders", type=int, default=2)
+    p.add_argument("--encoders", type=int, default=2, help="encoder servers (default 2)")
     p.add_argument("--model", metavar="DIR", help="checkpoint (default: the tiny one pllava up uses)")
     p.add_argument("--max-new-tokens", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"),
                    help="each caption's length, drawn in this range (default 16 64)")
@@ -208,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--visual-cache-bytes", type=int, default=0,
                    help="the decoder's visual-token cache (default 0: every caption is encoded)")
     p.add_argument("--sample-s", type=float, default=30.0, help="seconds between memory samples (default 30)")
-    p.add_argument("--decoder-setting", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--encoder-setting", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoder-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other decoder setting (see pllava-decoder --help); repeatable")
+    p.add_argument("--encoder-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="any encoder setting (see pllava-encoder --help); repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seeds the questions, lengths and cancels (default 0)")
     p.add_argument("--json", metavar="OUT", help="write every number here, memory samples included")
     args = p.parse_args(argv)
 

@@ -184,3 +184,29 @@ def test_the_readme_lists_every_setting_of_both_servers():
         missing = [f.name for f in dataclasses.fields(cls)
                    if (f.name, server) not in listed and (f.name, "both") not in listed]
         assert not missing, f"README's settings table lacks {server} settings {missing}"
+
+
+@pytest.mark.parametrize("server", ["encoder", "decoder", "openai"])
+def test_every_setting_has_its_flag(server):
+    """The README promises a flag per setting: its name with dashes."""
+    import dataclasses
+    import importlib
+
+    settings = {"encoder": EncoderSettings, "decoder": importlib.import_module("pllava_decoder.settings").DecoderSettings,
+                "openai": importlib.import_module("pllava_openai.settings").OpenAISettings}[server]
+    parser = importlib.import_module(f"pllava_{server}.server").build_parser()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    missing = [f.name for f in dataclasses.fields(settings) if "--" + f.name.replace("_", "-") not in flags]
+    assert not missing, f"pllava-{server} has no flag for {missing}"
+
+
+def test_prefix_reuse_is_turned_off_by_its_flag():
+    from pllava_decoder.server import build_parser as decoder_parser
+    from pllava_decoder.settings import ENV_PREFIX as DECODER_ENV, DecoderSettings
+
+    def reuse(*flags):
+        args = decoder_parser().parse_args(["--model", "m", *flags])
+        return load_settings(DecoderSettings, env_prefix=DECODER_ENV, overrides=given_flags(args, DecoderSettings),
+                             environ={}).reuse_prefixes
+
+    assert reuse() is True and reuse("--no-reuse-prefixes") is False and reuse("--reuse-prefixes") is True

@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-context", type=int,
                    help="smallest context bucket (default 512); buckets double up to max context and a "
                         "decode step reads each sequence's cache up to the bucket of the longest")
+    p.add_argument("--reuse-prefixes", action=argparse.BooleanOptionalAction, default=None,
+                   help="start a prompt after the leading text (before <image>) whose cache rows a slot still "
+                        "holds, and let streams with the same leading text read it from one slot as they "
+                        "decode: the same tokens, less prefill (default on)")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="folder that keeps compiled graphs across restarts (default ~/.cache/pllava/compile; "
                         "'' = off)")

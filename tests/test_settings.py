@@ -210,3 +210,26 @@ def test_prefix_reuse_is_turned_off_by_its_flag():
                              environ={}).reuse_prefixes
 
     assert reuse() is True and reuse("--no-reuse-prefixes") is False and reuse("--reuse-prefixes") is True
+
+
+def test_deployment_files_name_only_known_setting_variables():
+    """A server refuses an unknown variable with its prefix, so a misspelt (or compose-only)
+    PLLAVA_DECODER_* name in a compose file or manifest stops it at start."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from pllava_decoder.settings import DecoderSettings
+    from pllava_openai.settings import OpenAISettings
+
+    repo = Path(__file__).resolve().parents[1]
+    known = {f"PLLAVA_{server}_{f.name.upper()}"
+             for server, cls in (("ENCODER", EncoderSettings), ("DECODER", DecoderSettings), ("OPENAI", OpenAISettings))
+             for f in dataclasses.fields(cls)}
+    files = [*repo.glob("docker-compose*.yml"), *(p for p in (repo / "deploy").rglob("*") if p.is_file()),
+             *(p for p in (repo / "docker").rglob("*") if p.is_file())]
+    named = {(path.name, name) for path in files
+             for name in re.findall(r"PLLAVA_(?:ENCODER|DECODER|OPENAI)_[A-Z0-9_]+", path.read_text(errors="ignore"))}
+    assert len(named) >= 10  # (the TLS overlay alone names a dozen)
+    unknown = sorted((file, name) for file, name in named if name not in known)
+    assert not unknown, f"not a setting of its server: {unknown}"

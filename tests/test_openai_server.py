@@ -548,7 +548,7 @@ def test_the_front_ends_own_limit_answers_429(decoder, logs, model_id):
             next(iter(running))
             with pytest.raises(openai.RateLimitError) as err:
                 oa.chat.completions.create(model=model_id, messages=user(video_part()), max_tokens=4)
-            assert "max_concurrent_requests" in err.value.message
+            assert "max_concurrent_requests" in err.value.message and err.value.code == "resource_exhausted"
         finally:
             running.close()
         # the place is free again once the stream is gone

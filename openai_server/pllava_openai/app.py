@@ -115,7 +115,7 @@ class FrontEnd:
         with self._lock:
             if self._in_flight >= self.settings.max_concurrent_requests:
                 raise ApiError(429, f"{self._in_flight} captions are in flight, the most this server takes "
-                                    "(max_concurrent_requests); retry shortly")
+                                    "(max_concurrent_requests); retry shortly", code="resource_exhausted")
             self._in_flight += 1
         return Slot(self._leave)
 

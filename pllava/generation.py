@@ -1,12 +1,14 @@
 """The generation engine: sequences in KV-cache slots, one prefill or decode step at a time.
 
-``Engine.step()`` prefills one chunk of at most one prompt (admitting a waiting request into
-a free slot when no prompt is in progress), then advances every running sequence by one
-token in a single batched decode call (continuous batching: new requests join while others
-keep decoding, and a long prompt delays running streams by one chunk per step, not by its
-whole prefill; where even the shortest chunk is too long a wait, by a part of its layers per
-step). Each step returns the tokens it produced as
-``TokenEvent``s, so a caller can stream them. ``generate()`` drives one request alone.
+``Engine.step()`` feeds one chunk of at most one prompt (admitting a waiting request into a
+free slot when no prompt is in progress), then advances every running sequence by one token
+in one batched decode (continuous batching: new requests join while others keep decoding,
+and a long prompt delays running streams by one chunk per step, not by its whole prefill).
+Where the language model can, the chunk and the decode rows run as one call; where even the
+shortest chunk is too long a wait, the step runs a part of its layers instead; and where a
+prompt's leading rows are copied from another slot, the copy is that step's prompt work.
+Each step returns the tokens it produced as ``TokenEvent``s, so a caller can stream them.
+``generate()`` drives one request alone.
 
 ``add`` and ``cancel`` may be called from other threads; ``step`` runs on one thread only.
 
@@ -209,7 +211,7 @@ class Engine:
     """Owns a ``PllavaLanguage`` (its KV-cache slots) and schedules requests onto it.
 
     ``sampler`` makes each request's token chooser from its ``SamplingParams`` (default
-    :class:`pllava.sampling.Sampler`); the engine calls it once per generated token. While
+    :class:`pllava.sampling.Sampler`): called once per request, the chooser once per token. While
     streams decode, a prompt enters in chunks that keep each stream's wait between two
     tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`),
     up to ``max_gap_stretch`` times that while prompts queue behind it: by a factor 1 +
@@ -291,21 +293,26 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """Cancel, prefill one chunk of the admitted prompt (admitting the next waiting one
-        if none is in progress), then decode one token for every running sequence. Running
-        streams therefore wait at most one chunk per token while a long prompt enters."""
+        """Cancel, feed one chunk of the admitted prompt (admitting the next waiting one if
+        none is in progress; a part of a chunk, or a piece of a copy of its leading rows, as
+        the module docstring says), then decode one token for every running sequence.
+        Running streams therefore wait at most one chunk per token while a long prompt enters."""
         events = self._apply_cancellations()
         running = [s for s in self._slots if s is not None and s.generated]
         if self._prefilling is None:
             self._prefilling = self._next_admission()
-        copying = self._prefilling is not None and not self._copy_prefix(self._prefilling, running)
-        if self._prefilling is not None and not copying and running and self._mixed_sizes:
-            mixed = self._mixed_step(self._prefilling, running)
+        feeding = self._prefilling is not None
+        if feeding and self._prefilling.prefix_copy is not None:
+            # while streams decode, a step that copies cached rows feeds no chunk besides: the
+            # pieces take the wait allowed (all at once, and the chunk after, when none decodes)
+            feeding = self._copy_prefix(self._prefilling, running) and not running
+        if feeding and running and self._mixed_sizes:
+            mixed = self._mixed_step(self._prefilling, running, events)
             if mixed is not None:
                 return events + mixed
         prefill_s = decode_s = 0.0
         prefill_tokens = 0
-        if self._prefilling is not None and not copying:
+        if feeding and self._prefilling is not None:
             seq, start = self._prefilling, time.perf_counter()
             before = seq.position
             events.extend(self._prefill_step(seq, running))
@@ -451,14 +458,16 @@ class Engine:
         """Chunk sizes the language model runs in one step with the decode rows."""
         return getattr(self.language, "mixed_sizes", ())
 
-    def _mixed_step(self, seq: Running, running: list[Running]) -> list[TokenEvent] | None:
+    def _mixed_step(self, seq: Running, running: list[Running], events: list[TokenEvent]) -> list[TokenEvent] | None:
         """A chunk of ``seq``'s prompt and a token for every running stream in ONE model call
         (the weights read once for both): the streams then wait one such step between two
         tokens, which the pacer keeps under ``max_gap_steps`` decode steps. Where even the
         shortest chunk's step is judged longer, that chunk runs in parts, a share of the
         layers per step (:meth:`_chunk_part_step`). None when the pacer allows a longer
-        chunk than the mixed steps take (it runs on its own, then the decode step), and when
-        that call fails (the two parts are then run apart)."""
+        chunk than the mixed steps take (it runs on its own, then the decode step), when
+        that call fails (the two parts are then run apart), and when ``seq`` fails before it
+        (merging its prompt, planning its chunk): its ERROR event goes to ``events`` and the
+        step decodes the streams alone."""
         sizes, rows = self._mixed_sizes, len(running)
         stretch, load = self._gap_stretch(rows), self._step_load(running)
         if seq.chunk_parts is None:
@@ -470,7 +479,8 @@ class Engine:
                         lambda size, context: self.pacer.allows(size, context, rows if size in sizes else 0, stretch,
                                                                 load))
             except SequenceError as error:
-                return [self._fail(seq, error)]
+                events.append(self._fail(seq, error))  # (no longer prefilling: the step decodes)
+                return None
             if chunk.size not in sizes:
                 return None
             if (chunk.size == min(sizes) and getattr(self.language, "chunk_layer_parts", ())
@@ -564,7 +574,7 @@ class Engine:
             return self._finish(seq, token, text, FinishReason.STOP_STRING, flush=False)
         if len(seq.generated) >= seq.request.params.max_new_tokens:
             return self._finish(seq, token, text, FinishReason.LENGTH)
-        if seq.position + 1 >= self.max_len:
+        if seq.position >= self.max_len:  # (the next token has no position to be fed at)
             return self._finish(seq, token, text, FinishReason.CONTEXT_LENGTH)
         return TokenEvent(seq.request.request_id, token, text)
 

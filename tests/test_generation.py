@@ -592,13 +592,17 @@ def test_prompt_longer_than_context_is_refused(language, tokenizer, cfg):
         Engine(language, tokenizer).add(Request(prompt_ids(tokenizer, long_question), visual(cfg, 0)))
 
 
-def test_generation_stops_at_the_context_limit(tiny_model_dir, cfg, tokenizer):
+def test_generation_stops_at_the_context_limit(tiny_model_dir, cfg, tokenizer, language):
+    """Every cache position is used (the last token is never fed, so it needs none), and the
+    tokens up to there are those of a longer cache."""
     small = PllavaLanguage.from_pretrained(tiny_model_dir, cfg, num_slots=1, max_len=896)
     ids = prompt_ids(tokenizer, "Hi.")
     prompt_len = len(ids) - 1 + cfg.num_visual_tokens
     tokens, _, final = run_alone(small, tokenizer, Request(ids, visual(cfg, 0), SamplingParams(max_new_tokens=500)))
     assert final.finish_reason == FinishReason.CONTEXT_LENGTH
-    assert prompt_len + len(tokens) == 896
+    assert prompt_len + len(tokens) - 1 == 896
+    longer, _, _ = run_alone(language, tokenizer, Request(ids, visual(cfg, 0), SamplingParams(max_new_tokens=len(tokens))))
+    assert language.max_len > 896 and longer == tokens
 
 
 # ---- one sequence's failure is its own -----------------------------------------------------------
@@ -745,6 +749,29 @@ def test_a_failed_decode_step_fails_its_batch_and_the_engine_keeps_serving(langu
     assert engine.num_running == 0
     after = drive(engine, three_requests(tokenizer, cfg, marked=None))
     assert {rid: v[0] for rid, v in after.items()} == {rid: v[0] for rid, v in clean.items()}
+
+
+def test_a_prompt_that_fails_to_merge_beside_decoding_streams_costs_them_no_token(language, tokenizer, cfg):
+    """A prompt whose visual tokens cannot be merged (one column too wide) fails at the first
+    step that would feed it beside the decoding streams: the same step still decodes a token
+    for each of them and says so."""
+    assert language.mixed_sizes  # (that step would run a chunk and the decode rows in one call)
+    engine = Engine(language, tokenizer)
+    running, _ = two_streams_decoding(engine, tokenizer, cfg)
+    wide = np.zeros((cfg.num_visual_tokens, cfg.text.hidden_size + 1), np.float32)
+    bad = Request(prompt_ids(tokenizer, "x"), wide, SamplingParams(max_new_tokens=5))
+    engine.add(bad)
+    for _ in range(10):  # (its leading text copied from a stream's slot first, a step a piece)
+        events = engine.step()
+        failed = [e for e in events if e.request_id == bad.request_id]
+        if failed:
+            break
+        assert sorted(e.request_id for e in events) == sorted(r.request_id for r in running)
+    assert len(failed) == 1 and failed[0].finish_reason == FinishReason.ERROR
+    assert failed[0].error.stage == "merging the prompt with its visual tokens"
+    assert sorted(e.request_id for e in events if e.token_id is not None) == sorted(r.request_id for r in running)
+    assert (engine.last_step.decode_batch, engine.last_step.prefill_tokens) == (2, 0) and engine.last_step.decode_s > 0
+    assert engine.num_running == 2
 
 
 def test_a_failed_prefill_fails_only_its_own_prompt(language, tokenizer, cfg):

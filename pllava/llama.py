@@ -11,13 +11,14 @@ tokens each, write their keys/values into their cache slots, and attend over the
 * chunked prefill: ``B = 1``, ``L`` a chunk of the prompt, ``P`` covering the chunk's end.
   Memory grows with ``L x P`` per chunk, never with the square of the prompt.
 
-The cache of each layer is split by position into *blocks* whose ends are the context
-buckets ([0, 512), [512, 1024), [1024, 2048), ...), one Parameter per block of shape
+Without the CPU kernels the cache of each layer is split by position into *blocks* whose
+ends are the context buckets ([0, 512), [512, 1024), [1024, 2048), ...; with them it is one
+block of ``max_len``: see ``LlamaForCausalLM``), one Parameter per block of shape
 (slots * kv_heads * (block + 1), head_dim): rows of one (slot, kv head) are contiguous by
 position, followed by one *spare row* that takes every write aimed outside the block (and
 the writes of rows that feed nothing). In fp32 the blocks hold numpy's zero pages as they are
 (``zeros_parameter``), so only written rows become resident memory. A step at context bucket
-``P`` reads exactly the blocks below ``P``. A decode step (``L = 1``) on the CPU hands every
+``P`` reads exactly the blocks below ``P``. A decode step (``L = 1``) on the CPU hands the
 block to the project's kernel (:mod:`pllava.cpu_kernels`), which writes each row's key and
 value and reads each row's own positions in place: one graph per batch bucket serves every
 context (``P`` is then ``max_len``, and costs nothing). Elsewhere a decode step concatenates
@@ -88,10 +89,12 @@ class LlamaAttention(nn.Cell):
         """x (B, L, D); cos/sin (B, L, 1, hd); per block read: write_index[j] (B, kvh, L)
         and read_index[j] (B, kvh, block + 1) cache rows; mask (B, 1, 1, L, P') additive
         over the read blocks' rows. Softmax in fp32 as the reference's eager path does.
-        With the CPU kernels a step gets the whole RoPE tables (max_len, hd) as cos/sin, the
-        positions ((B,) for decode, (B, L) for a prefill chunk) as ``write_index``, the slots
-        (B,) as ``read_index`` and no mask (the kernels rotate, write and read the rows
-        themselves)."""
+        With the CPU kernels a step gets the whole RoPE tables (max_len, hd) as cos/sin, a
+        1-tuple of the positions ((B,) for decode, (B, L) for a prefill chunk) as
+        ``write_index`` and of the slots as ``read_index`` (decode: (B, 3) rows of slot,
+        prefix slot, prefix rows; a chunk: (B,)), or 2-tuples (the chunk's, then the decode
+        rows') for a mixed step, and in place of the mask an unused tensor (the kernels
+        rotate, write and read the rows themselves)."""
         b, l, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).reshape(b, l, heads, self.head_dim)
@@ -361,7 +364,8 @@ class LlamaForCausalLM(nn.Cell):
         whose rows ``key_positions`` (P',) lists (``block_key_positions``) -> hidden
         states (B, L, D). A position of -1 feeds nothing: its keys/values go to spare rows.
         Through the CPU kernels a step reads each sequence's positions 0..pos whatever
-        ``key_positions`` says."""
+        ``key_positions`` says, and a decode step's ``slots`` are (B, 3) rows of slot,
+        prefix slot and prefix rows (``PllavaLanguage.share_prefixes``)."""
         b, l = positions.shape
         if self.kernel_attention:  # the kernels rotate, write and read the rows themselves
             where = positions.reshape(b) if l == 1 else positions

@@ -402,7 +402,9 @@ class PllavaLanguage:
         """One token for each of n sequences: tokens, positions and cache slots (n,) ->
         fp32 logits (n, vocab). The sequences run in at most two groups (short ones and
         long ones, when ``decode_cost`` says two steps cost less than one at the longest
-        context), each at its batch bucket and the context bucket of its furthest position."""
+        context), each at its batch bucket and the context bucket of its furthest position.
+        With the CPU kernels, one group at context ``max_len`` (each row reads its own
+        positions: the bucket costs nothing, and the step never splits)."""
         tokens, positions, slots = (np.asarray(a, dtype=np.int32) for a in (tokens, positions, slots))
         self._written(slots, positions)
         order = np.argsort(positions, kind="stable")

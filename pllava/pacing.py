@@ -89,7 +89,7 @@ class AdmissionPacer:
 
     def __init__(self, seconds: dict | None = None, max_gap_steps: float = DEFAULT_MAX_GAP_STEPS, smoothing: float = 0.3,
                  untried_margin: float = 1.5, spread_margin: float = 2.0, step_window: int = 9):
-        if max_gap_steps < 1:
+        if not max_gap_steps >= 1:  # (NaN too)
             raise ValueError(f"max_gap_steps must be at least 1 (one decode step), got {max_gap_steps}")
         if not spread_margin >= 0:
             raise ValueError(f"spread_margin must be at least 0 (0 = mean times only), got {spread_margin}")
@@ -107,8 +107,8 @@ class AdmissionPacer:
                load: float | None = None) -> bool:
         """May a chunk of ``size`` at ``context`` run before the next decode step, or with
         ``with_decode`` (> 0) decode rows in one model call? The streams then wait that
-        call alone: once it has run so, its measured time; until then the chunk's and a
-        decode step's, as apart, times ``untried_margin``. ``stretch`` (>= 1) scales the wait
+        call alone: once it has run so, its measured time; until then as
+        :meth:`_untried_mixed` estimates it. ``stretch`` (>= 1) scales the wait
         allowed (see :func:`queue_stretch`); ``load``: what a decode step of the streams now
         decoding reads (:meth:`step_ran`), None for those of the latest step."""
         step = self.step_at(load)

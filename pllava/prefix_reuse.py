@@ -9,8 +9,9 @@ puts 260 of a 4-frame prompt's 865 positions (30%) before the video.
 
 :class:`SlotPrefixes` is the record the language model keeps of its own cache: every write
 into a slot forgets that slot's rows from the written position on (so a caller writing
-through any path cannot leave a stale record), and only the engine says which ids a slot's
-rows hold, after a chunk of a prompt has written them.
+through any path cannot leave a stale record), and only the engine (after a chunk of a
+prompt has written them) and ``PllavaLanguage.copy_prefix`` (after copying them) say which
+ids a slot's rows hold.
 """
 from __future__ import annotations
 

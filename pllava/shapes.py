@@ -161,8 +161,10 @@ class ShapePlan:
         return out
 
     def graphs(self, decode_contexts: tuple[int, ...] | None = None) -> list[tuple[str, int, int]]:
-        """Every shape a step can take: ("decode", batch, context) and ("prefill", chunk, context).
-        ``decode_contexts``: the contexts decode runs at (default every context bucket)."""
+        """Every decode and prefill shape a step can take: ("decode", batch, context) and
+        ("prefill", chunk, context); ``decode_contexts``: the contexts decode runs at (default
+        every context bucket). The steps of a chunk and decode rows in one call are the
+        language model's to add (``PllavaLanguage.warm_up``)."""
         contexts = self.context_buckets if decode_contexts is None else decode_contexts
         decode = [("decode", b, c) for c in contexts for b in self.batch_buckets]
         prefill = []

@@ -422,3 +422,17 @@ def test_a_taken_metrics_port_stops_the_server_with_a_clear_message(tiny_model_d
                                "--metrics-port", str(port)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+
+
+def test_every_part_of_a_chunk_run_in_parts_is_a_prefill_step_and_its_tokens_count_once():
+    from pllava.generation import StepTimes
+    from pllava_decoder.metrics import DecoderMetrics
+
+    metrics = DecoderMetrics(CollectorRegistry())
+    for part, fed in ((1, 0), (2, 16)):  # a 16-position chunk in two parts, beside 3 streams
+        metrics.record_step(StepTimes(0.04, fed, 0.04, 3, prefill_part=part), generated_tokens=3)
+    metrics.record_step(StepTimes(0.0, 0, 0.02, 3), generated_tokens=3)  # a decode step alone
+    value = metrics.registry.get_sample_value
+    assert value("pllava_decoder_prefill_step_seconds_count") == 2
+    assert value("pllava_decoder_decode_step_seconds_count") == 3
+    assert value("pllava_decoder_prompt_tokens_total") == 16

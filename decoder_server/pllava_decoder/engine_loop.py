@@ -21,7 +21,7 @@ Metrics: after each step the thread records the step's prefill and decode second
 engine's slots when Prometheus scrapes.
 
 Admission control: a request counts as *waiting* from ``admit()`` (before its video is
-encoded) until it holds a KV slot (its first token) or ends. When ``max_queue`` requests
+encoded) until its first token (its prompt then fed into a KV slot) or its end. When ``max_queue`` requests
 are already waiting, ``admit()`` raises :class:`Overloaded` (RESOURCE_EXHAUSTED on the wire)
 instead of letting the queue grow without bound.
 
@@ -153,7 +153,7 @@ class EngineLoop:
     # ---- event-loop side --------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        """Requests admitted that do not hold a KV slot yet (encoding or queued)."""
+        """Requests admitted that have no token yet (encoding, queued, or their prompt being fed)."""
         return self._waiting
 
     @property
@@ -194,8 +194,9 @@ class EngineLoop:
         """Queue ``request`` in the engine and return the stream of its events.
 
         Call from a coroutine (the events are delivered to the running event loop). Raises
-        ContextOverflowError (the prompt does not fit) or Overloaded (no ``admission`` given
-        and the queue is full) before anything is queued.
+        ContextOverflowError (the prompt does not fit), Overloaded (no ``admission`` given
+        and the queue is full) or ValueError (``request.request_id`` is already streaming)
+        before anything is queued.
         """
         admission = admission if admission is not None else self.admit()
         loop = asyncio.get_running_loop()

@@ -29,8 +29,8 @@ class DecoderMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("pllava_decoder_queue_depth",
-                                 "Captions admitted that hold no KV slot yet (their video being encoded, or "
-                                 "waiting for a slot); max_queue of them are allowed", registry=r)
+                                 "Captions admitted that have no token yet (their video being encoded, waiting "
+                                 "for a slot, or their prompt being fed); max_queue of them are allowed", registry=r)
         self.running_sequences = Gauge("pllava_decoder_running_sequences",
                                        "Sequences past their prompt, generating one token per engine step",
                                        registry=r)
@@ -103,7 +103,7 @@ class DecoderMetrics:
         """One engine step that produced ``generated_tokens`` (called on the engine thread;
         the warm-up request's steps count too)."""
         self.generated_tokens.inc(generated_tokens)
-        if step.prefill_tokens:
+        if step.prefill_tokens or step.prefill_part:  # (each part of a chunk run in parts is a step)
             self.prefill_step.observe(step.prefill_s)
             self.prompt_tokens.inc(step.prefill_tokens)
         if step.decode_batch:

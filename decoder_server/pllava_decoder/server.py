@@ -233,8 +233,9 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
                  self.model.dtype, s.device)
 
     def _compile_graphs(self) -> None:
-        """Every (batch, context) decode shape and (chunk, context) prefill shape, so that no
-        request ever waits for a compile."""
+        """Every graph a step can run (decode, prefill, and a chunk with decode rows in one
+        call, whole or in parts: ``PllavaLanguage.warm_up``), so that no request ever waits
+        for a compile."""
         start = time.perf_counter()
         language = self.model.engine.language
 
@@ -439,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="that factor is 1 + this x the prompts queued behind the one entering / the streams "
                         f"decoding (default {DecoderSettings.queued_weight}; 0 = never longer)")
     p.add_argument("--min-context", type=int,
-                   help="smallest context bucket (default 512); buckets double up to max context and a "
-                        "decode step reads each sequence's cache up to the bucket of the longest")
+                   help="smallest context bucket (default 512); buckets double up to max context and, "
+                        "without the CPU kernels, a decode step reads each sequence's cache up to the bucket "
+                        "of the longest")
     p.add_argument("--reuse-prefixes", action=argparse.BooleanOptionalAction, default=None,
                    help="start a prompt after the leading text (before <image>) whose cache rows a slot still "
                         "holds, and let streams with the same leading text read it from one slot as they "

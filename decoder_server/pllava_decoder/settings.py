@@ -38,7 +38,7 @@ class DecoderSettings:
     small_chunk_parts: int = 2  # a shortest chunk measured longer than that wait runs in this many steps, a share of the layers each (1 = whole only)
     max_gap_stretch: float = DEFAULT_MAX_GAP_STRETCH  # up to this many times longer while prompts queue behind the one entering
     queued_weight: float = DEFAULT_QUEUED_WEIGHT  # that factor is 1 + this x prompts queued behind the one entering / streams decoding
-    min_context: int = 512  # smallest context bucket; decode reads each sequence up to its bucket
+    min_context: int = 512  # smallest context bucket; without the CPU kernels decode reads each sequence up to its bucket
     reuse_prefixes: bool = True  # a prompt starts after the leading text (before <image>) a cache slot holds; decode reads it once for all
     compile_cache: str = "~/.cache/pllava/compile"  # compiled graphs kept across restarts; "" = off
     compile_in_child: bool = True  # cold cache: compile in a child process, then load (less memory kept)

@@ -232,6 +232,15 @@ def two_streams_decoding(engine: Engine, tokenizer, cfg):
     return running, newcomer
 
 
+def merge_step(engine: Engine, running) -> None:
+    """The step after a prompt is admitted beside decoding streams: it merges the prompt with
+    its visual tokens and feeds no chunk (so no chunk's step waits on the merge too), and each
+    stream gets its token."""
+    ids = [e.request_id for e in engine.step()]
+    assert sorted(ids) == sorted(r.request_id for r in running)
+    assert engine.last_step.prefill_tokens == 0 and engine._prefilling.embeds is not None
+
+
 def test_running_streams_get_a_token_every_step_while_a_prompt_is_admitted(tiny_model_dir, tokenizer, cfg):
     """Chunked prefill: a new prompt enters in short chunks (a wait of one decode step: each
     whole or in parts, a share of the layers per step), and each step still decodes one
@@ -455,6 +464,7 @@ def test_a_prompt_enters_in_long_chunks_when_their_time_fits_the_wait(tiny_model
     long_chunks = language.plan.chunks(length)
     assert len(long_chunks) < len(language.plan.chunks(length, allow=short_only))
     engine.add(newcomer)
+    merge_step(engine, running)
     for step in range(1, len(long_chunks) + 1):
         ids = [e.request_id for e in engine.step()]
         assert sorted(r.request_id for r in running) == sorted(i for i in ids if i != newcomer.request_id)
@@ -510,7 +520,8 @@ def test_the_pacer_hears_what_a_step_of_the_streams_decoding_reads(language, tok
     assert recorder.ran[-1] == language.decode_cost.reads(positions)
     assert recorder.ran[-1] > language.decode_cost.reads(positions[:1])  # two streams read more than one
     engine.add(newcomer)
-    positions = [s.position + 1 for s in engine._slots if s is not None]
+    merge_step(engine, running)
+    positions = [s.position + 1 for s in engine._slots if s is not None and s.generated]
     recorder.asked.clear()
     engine.step()
     assert recorder.asked and set(recorder.asked) == {language.decode_cost.reads(positions)}
@@ -539,6 +550,7 @@ def test_the_wait_stretches_while_prompts_queue_behind_the_entering_one(
     length = len(waiting[0].prompt_ids) - 1 + cfg.num_visual_tokens
     long_chunk, short_chunk = language.plan.next_chunk(0, length), language.plan.next_chunk(0, length, short_only)
     assert long_chunk.length > short_chunk.length
+    merge_step(engine, [first])
     ids = [e.request_id for e in engine.step()]
     assert first.request_id in ids  # the running stream still got its token
     if long:
@@ -577,6 +589,7 @@ def test_each_step_reports_what_it_ran_and_the_slots_it_holds(language, tokenize
     assert engine.kv_positions_in_use == length + 2  # the prompt and two fed tokens
     second = Request(prompt_ids(tokenizer, "y"), visual(cfg, 1), SamplingParams(max_new_tokens=50))
     engine.add(second)
+    merge_step(engine, [first])
     engine.step()
     assert engine.num_running == 2 and engine.num_decoding == 1  # one decoding, one prefilling
     assert engine.last_step.prefill_tokens > 0 and engine.last_step.decode_batch == 1
@@ -752,9 +765,9 @@ def test_a_failed_decode_step_fails_its_batch_and_the_engine_keeps_serving(langu
 
 
 def test_a_prompt_that_fails_to_merge_beside_decoding_streams_costs_them_no_token(language, tokenizer, cfg):
-    """A prompt whose visual tokens cannot be merged (one column too wide) fails at the first
-    step that would feed it beside the decoding streams: the same step still decodes a token
-    for each of them and says so."""
+    """A prompt whose visual tokens cannot be merged (one column too wide) fails at the step
+    that merges it beside the decoding streams: the same step still decodes a token for each
+    of them and says so."""
     assert language.mixed_sizes  # (that step would run a chunk and the decode rows in one call)
     engine = Engine(language, tokenizer)
     running, _ = two_streams_decoding(engine, tokenizer, cfg)

@@ -187,16 +187,17 @@ def test_beside_a_decoding_stream_the_rows_are_copied_a_piece_per_step(language,
     """While a stream decodes, a prompt's leading rows are copied in pieces of
     PREFIX_COPY_PIECE positions, as many per step as fit the wait allowed less a decode step
     (none here: one piece per step), each step still a token for the stream; the copy's
-    last step feeds no chunk besides (the stream waited on the copy), the next one does; the
-    tokens are those of no reuse."""
+    last step feeds no chunk besides (the stream waited on the copy), nor does the next (it
+    merges the prompt), the one after does; the tokens are those of no reuse."""
     requests = [caption_request(tokenizer, cfg, seed, tokens=30) for seed in (5, 6)]
     lead = len(leading_text(requests[1].prompt_ids, cfg.image_token_index))
     pieces = -(-lead // PREFIX_COPY_PIECE)
     assert pieces >= 3
     language.warm_up(timed=False)
     engine = Engine(language, tokenizer, max_gap_steps=1)  # a wait of one step allowed: no time for more
-    tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=pieces + 1)
-    assert held[:-2] == [PREFIX_COPY_PIECE * (k + 1) for k in range(pieces - 1)] and held[-2] == lead < held[-1]
+    tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=pieces + 2)
+    assert held[:-3] == [PREFIX_COPY_PIECE * (k + 1) for k in range(pieces - 1)]
+    assert held[-3] == held[-2] == lead < held[-1]
     assert stats.reused_tokens == lead
     language.warm_up(timed=False)
     assert tokens == run(Engine(language, tokenizer, reuse_prefixes=False), requests)[0]
@@ -217,8 +218,8 @@ def test_a_copy_that_fails_leaves_the_rest_of_the_prompt_to_be_prefilled(languag
     monkeypatch.setattr(language, "copy_prefix", second_piece_fails)
     engine = Engine(language, tokenizer, max_gap_steps=1)
     with caplog.at_level("WARNING", logger="pllava.generation"):
-        tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=3)
-    assert len(calls) == 2 and held[0] == held[1] == PREFIX_COPY_PIECE < held[2]  # no piece more: its chunks follow
+        tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=4)
+    assert len(calls) == 2 and held[0] == held[1] == held[2] == PREFIX_COPY_PIECE < held[3]  # its chunks follow
     assert stats.reused_tokens == PREFIX_COPY_PIECE
     assert "no memory for the copy" in caplog.text and "prefilling them" in caplog.text
     monkeypatch.undo()

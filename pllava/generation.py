@@ -7,9 +7,9 @@ and a long prompt delays running streams by one chunk per step, not by its whole
 Where the language model can, the chunk and the decode rows run as one call; where even the
 shortest chunk is too long a wait, the step runs a part of its layers instead; and while
 streams decode, copying a prompt's leading rows from another slot, then merging the prompt
-with its visual tokens, is a step's prompt work of its own.
-Each step returns the tokens it produced as ``TokenEvent``s, so a caller can stream them.
-``generate()`` drives one request alone.
+with its visual tokens, is a step's prompt work of its own. Each step returns the tokens it
+produced as ``TokenEvent``s, so a caller can stream them. ``generate()`` drives one request
+alone.
 
 ``add`` and ``cancel`` may be called from other threads; ``step`` runs on one thread only.
 
@@ -212,8 +212,8 @@ class Engine:
     """Owns a ``PllavaLanguage`` (its KV-cache slots) and schedules requests onto it.
 
     ``sampler`` makes each request's token chooser from its ``SamplingParams`` (default
-    :class:`pllava.sampling.Sampler`): called once per request, the chooser once per token. While
-    streams decode, a prompt enters in chunks that keep each stream's wait between two
+    :class:`pllava.sampling.Sampler`): called once per request, the chooser once per token.
+    While streams decode, a prompt enters in chunks that keep each stream's wait between two
     tokens under about ``max_gap_steps`` decode steps (:class:`pllava.pacing.AdmissionPacer`),
     up to ``max_gap_stretch`` times that while prompts queue behind it: by a factor 1 +
     ``queued_weight`` x queued prompts / streams decoding (:func:`pllava.pacing.queue_stretch`;
@@ -297,8 +297,8 @@ class Engine:
         """Cancel, feed one chunk of the admitted prompt (admitting the next waiting one if
         none is in progress; a part of a chunk, a piece of a copy of its leading rows or the
         merge of its prompt, as the module docstring says), then decode one token for every
-        running sequence.
-        Running streams therefore wait at most one chunk per token while a long prompt enters."""
+        running sequence. Running streams therefore wait at most one chunk per token while a
+        long prompt enters."""
         events = self._apply_cancellations()
         running = [s for s in self._slots if s is not None and s.generated]
         if self._prefilling is None:
@@ -473,7 +473,8 @@ class Engine:
         """Chunk sizes the language model runs in one step with the decode rows."""
         return getattr(self.language, "mixed_sizes", ())
 
-    def _mixed_step(self, seq: Running, running: list[Running], events: list[TokenEvent]) -> list[TokenEvent] | None:
+    def _mixed_step(self, seq: Running, running: list[Running],
+                    events: list[TokenEvent]) -> list[TokenEvent] | None:
         """A chunk of ``seq``'s prompt and a token for every running stream in ONE model call
         (the weights read once for both): the streams then wait one such step between two
         tokens, which the pacer keeps under ``max_gap_steps`` decode steps. Where even the

@@ -61,8 +61,9 @@ def test_one_step_of_wait_means_short_chunks_only():
     pacer = AdmissionPacer({("prefill", 256, 512): 0.001}, max_gap_steps=1)
     pacer.step_ran(1.0)
     assert not pacer.allows(256, 512)
-    with pytest.raises(ValueError, match="max_gap_steps must be at least 1"):
-        AdmissionPacer(max_gap_steps=0.5)
+    for refused in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="max_gap_steps must be at least 1"):
+            AdmissionPacer(max_gap_steps=refused)
 
 
 def test_a_warm_up_time_counts_with_a_margin_until_the_chunk_ran_beside_decode_steps():

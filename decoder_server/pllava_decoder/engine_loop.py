@@ -21,9 +21,9 @@ Metrics: after each step the thread records the step's prefill and decode second
 engine's slots when Prometheus scrapes.
 
 Admission control: a request counts as *waiting* from ``admit()`` (before its video is
-encoded) until its first token (its prompt then fed into a KV slot) or its end. When ``max_queue`` requests
-are already waiting, ``admit()`` raises :class:`Overloaded` (RESOURCE_EXHAUSTED on the wire)
-instead of letting the queue grow without bound.
+encoded) until its first token (its prompt then fed into a KV slot) or its end. When
+``max_queue`` requests are already waiting, ``admit()`` raises :class:`Overloaded`
+(RESOURCE_EXHAUSTED on the wire) instead of letting the queue grow without bound.
 
 Failures: a sequence the engine ends with ``FinishReason.ERROR`` (its sampling or text
 failed, or the decode call it was part of) raises :class:`InternalError` from its stream

@@ -376,8 +376,6 @@ class Engine:
         into a slot never written before, whose pages fault at their first write, 260
         positions took 81-87 ms on a 2-core VM (7 ms over written rows), 4-5 steps of a lone
         stream waiting on one copy. A failed copy leaves the rest to be prefilled."""
-        if seq.prefix_copy is None:
-            return True
         source, rows = seq.prefix_copy
         budget = None
         if running:

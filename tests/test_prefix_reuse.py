@@ -156,8 +156,9 @@ def test_a_prompt_admitted_beside_a_running_one_gets_its_rows_copied(language, t
 
 def admitted_beside_a_stream(engine, first, second, steps):
     """``second`` added once ``first`` decodes, then run to the end: each request's tokens,
-    ``second``'s stats and the positions it held after each of the ``steps`` steps after
-    it was added (each checked to give ``first`` a token)."""
+    ``second``'s stats and, for each of the ``steps`` steps after it was added (each checked
+    to give ``first`` a token), the positions it held and whether the step fed it a chunk or
+    a part of one (the pacer, on this machine's times, may run the chunk in parts)."""
     tokens = {first.request_id: [], second.request_id: []}
     stats = {}
 
@@ -173,14 +174,15 @@ def admitted_beside_a_stream(engine, first, second, steps):
     while not tokens[first.request_id]:
         take(engine.step())
     engine.add(second)
-    held = []
+    held, chunked = [], []
     for _ in range(steps):
         events = take(engine.step())
         assert [e.request_id for e in events if e.token_id is not None] == [first.request_id]
         held.append(engine._prefilling.position)
+        chunked.append(bool(engine.last_step.prefill_tokens or engine.last_step.prefill_part))
     while engine.has_work():
         take(engine.step())
-    return [tokens[first.request_id], tokens[second.request_id]], stats[second.request_id], held
+    return [tokens[first.request_id], tokens[second.request_id]], stats[second.request_id], held, chunked
 
 
 def test_beside_a_decoding_stream_the_rows_are_copied_a_piece_per_step(language, tokenizer, cfg):
@@ -195,9 +197,9 @@ def test_beside_a_decoding_stream_the_rows_are_copied_a_piece_per_step(language,
     assert pieces >= 3
     language.warm_up(timed=False)
     engine = Engine(language, tokenizer, max_gap_steps=1)  # a wait of one step allowed: no time for more
-    tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=pieces + 2)
+    tokens, stats, held, chunked = admitted_beside_a_stream(engine, *requests, steps=pieces + 2)
     assert held[:-3] == [PREFIX_COPY_PIECE * (k + 1) for k in range(pieces - 1)]
-    assert held[-3] == held[-2] == lead < held[-1]
+    assert held[-3] == held[-2] == lead and chunked == [False] * (pieces + 1) + [True]
     assert stats.reused_tokens == lead
     language.warm_up(timed=False)
     assert tokens == run(Engine(language, tokenizer, reuse_prefixes=False), requests)[0]
@@ -218,8 +220,9 @@ def test_a_copy_that_fails_leaves_the_rest_of_the_prompt_to_be_prefilled(languag
     monkeypatch.setattr(language, "copy_prefix", second_piece_fails)
     engine = Engine(language, tokenizer, max_gap_steps=1)
     with caplog.at_level("WARNING", logger="pllava.generation"):
-        tokens, stats, held = admitted_beside_a_stream(engine, *requests, steps=4)
-    assert len(calls) == 2 and held[0] == held[1] == held[2] == PREFIX_COPY_PIECE < held[3]  # its chunks follow
+        tokens, stats, held, chunked = admitted_beside_a_stream(engine, *requests, steps=4)
+    assert len(calls) == 2 and held[:3] == [PREFIX_COPY_PIECE] * 3  # no piece more: its chunks follow
+    assert chunked == [False, False, False, True]
     assert stats.reused_tokens == PREFIX_COPY_PIECE
     assert "no memory for the copy" in caplog.text and "prefilling them" in caplog.text
     monkeypatch.undo()

@@ -5,9 +5,20 @@ from dataclasses import dataclass
 
 import pytest
 
+from pllava_decoder import server as decoder_server
+from pllava_decoder.settings import ENV_PREFIX as DECODER_ENV, DecoderSettings
+from pllava_encoder import server as encoder_server
 from pllava_encoder.server import build_parser, main
 from pllava_encoder.settings import ENV_PREFIX, EncoderSettings
+from pllava_openai import server as openai_server
+from pllava_openai.settings import ENV_PREFIX as OPENAI_ENV, OpenAISettings
 from pllava_serving.settings import given_flags, load_settings
+
+
+#: each server's settings, the prefix of its environment variables and its command line
+SERVERS = {"encoder": (EncoderSettings, ENV_PREFIX, encoder_server.build_parser),
+           "decoder": (DecoderSettings, DECODER_ENV, decoder_server.build_parser),
+           "openai": (OpenAISettings, OPENAI_ENV, openai_server.build_parser)}
 
 
 @dataclass(frozen=True)
@@ -175,8 +186,6 @@ def test_the_readme_lists_every_setting_of_both_servers():
     import re
     from pathlib import Path
 
-    from pllava_decoder.settings import DecoderSettings
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = [line.split("|")[1:4] for line in readme.splitlines() if re.match(r"\| `\w+`", line)]
     listed = {(name, server.strip()) for names, server, _ in rows for name in re.findall(r"`(\w+)`", names)}
@@ -186,26 +195,20 @@ def test_the_readme_lists_every_setting_of_both_servers():
         assert not missing, f"README's settings table lacks {server} settings {missing}"
 
 
-@pytest.mark.parametrize("server", ["encoder", "decoder", "openai"])
+@pytest.mark.parametrize("server", SERVERS)
 def test_every_setting_has_its_flag(server):
     """The README promises a flag per setting: its name with dashes."""
     import dataclasses
-    import importlib
 
-    settings = {"encoder": EncoderSettings, "decoder": importlib.import_module("pllava_decoder.settings").DecoderSettings,
-                "openai": importlib.import_module("pllava_openai.settings").OpenAISettings}[server]
-    parser = importlib.import_module(f"pllava_{server}.server").build_parser()
-    flags = {option for action in parser._actions for option in action.option_strings}
+    settings, _, parser = SERVERS[server]
+    flags = {option for action in parser()._actions for option in action.option_strings}
     missing = [f.name for f in dataclasses.fields(settings) if "--" + f.name.replace("_", "-") not in flags]
     assert not missing, f"pllava-{server} has no flag for {missing}"
 
 
 def test_prefix_reuse_is_turned_off_by_its_flag():
-    from pllava_decoder.server import build_parser as decoder_parser
-    from pllava_decoder.settings import ENV_PREFIX as DECODER_ENV, DecoderSettings
-
     def reuse(*flags):
-        args = decoder_parser().parse_args(["--model", "m", *flags])
+        args = decoder_server.build_parser().parse_args(["--model", "m", *flags])
         return load_settings(DecoderSettings, env_prefix=DECODER_ENV, overrides=given_flags(args, DecoderSettings),
                              environ={}).reuse_prefixes
 
@@ -219,13 +222,8 @@ def test_deployment_files_name_only_known_setting_variables():
     import re
     from pathlib import Path
 
-    from pllava_decoder.settings import DecoderSettings
-    from pllava_openai.settings import OpenAISettings
-
     repo = Path(__file__).resolve().parents[1]
-    known = {f"PLLAVA_{server}_{f.name.upper()}"
-             for server, cls in (("ENCODER", EncoderSettings), ("DECODER", DecoderSettings), ("OPENAI", OpenAISettings))
-             for f in dataclasses.fields(cls)}
+    known = {prefix + f.name.upper() for cls, prefix, _ in SERVERS.values() for f in dataclasses.fields(cls)}
     files = [*repo.glob("docker-compose*.yml"), *(p for p in (repo / "deploy").rglob("*") if p.is_file()),
              *(p for p in (repo / "docker").rglob("*") if p.is_file())]
     named = {(path.name, name) for path in files

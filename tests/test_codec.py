@@ -229,6 +229,18 @@ def test_unknown_dtype_raises():
         tensor_meta(np.zeros(2, np.float32), dtype=pllava_pb2.DTYPE_INT32)
 
 
+def test_narrower_integers_are_sent_only_when_every_value_fits():
+    """int64 -> int32 is a "same kind" cast, which wraps values outside int32 silently."""
+    fits = np.array([2 ** 31 - 1, -2 ** 31, 0], np.int64)
+    meta, _, back = roundtrip(fits, dtype=pllava_pb2.DTYPE_INT32)
+    assert meta.dtype == pllava_pb2.DTYPE_INT32 and back.tolist() == fits.tolist()
+    with pytest.raises(ValueError, match=r"int64 array as DTYPE_INT32: values -1\.\.1099511627776 lie outside"):
+        encode_tensor(np.array([2 ** 40, -1], np.int64), pllava_pb2.DTYPE_INT32)
+    with pytest.raises(ValueError, match="outside 0..255"):
+        tensor_meta(np.array([256], np.uint32), dtype=pllava_pb2.DTYPE_UINT8)
+    assert tensor_meta(np.zeros((0, 3), np.int64), dtype=pllava_pb2.DTYPE_INT32).nbytes == 0
+
+
 def test_dtype_names():
     assert codec.to_wire_dtype("DTYPE_FLOAT16") == pllava_pb2.DTYPE_FLOAT16
     assert codec.to_wire_dtype("bf16") == pllava_pb2.DTYPE_BFLOAT16

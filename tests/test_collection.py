@@ -60,6 +60,15 @@ def test_inputs_from_folders_lists_and_patterns(tmp_path, monkeypatch):
         expand_inputs(["nowhere/*.mp4"])
 
 
+def test_caption_many_refuses_one_path_and_a_video_name():
+    """Mistakes caught before any file is read or any call made (no server listens here)."""
+    with Client("127.0.0.1:1") as client:
+        with pytest.raises(TypeError, match=r"takes a list of video paths, got str 'a.mp4'; .* pass \[path\]"):
+            client.caption_many("a.mp4", concurrency=1)
+        with pytest.raises(TypeError, match="names each video by its path; it takes no video_name"):
+            client.caption_many(["a.mp4"], concurrency=1, video_name="x")
+
+
 def test_caption_file_appends_whole_lines_and_tolerates_a_torn_one(tmp_path):
     path = tmp_path / "out" / "captions.jsonl"
     out = CaptionFile(path)
@@ -344,3 +353,59 @@ def test_several_inputs_need_out_and_one_video_works_as_before(both, decoders, v
     assert len(json.loads(run.stdout)["token_ids"]) == 4
     run = caption_cli(videos_dir / "short.mp4", "--server", "127.0.0.1:1,", "--max-new-tokens", 4)
     assert run.returncode == 2 and "empty item" in run.stderr
+
+
+def test_file_names_that_are_not_utf8_are_captioned_recorded_and_resumed(both, videos_dir, tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 is captioned (its odd bytes replaced in
+    the request's name), recorded with JSON escapes that read back as the same path, and skipped
+    by a rerun."""
+    folder = tmp_path / "names"
+    touch(folder / "plain.mp4", (videos_dir / "orbit.mp4").read_bytes())
+    odd = os.fsencode(folder) + b"/caf\xe9.mp4"  # Latin-1 bytes
+    with open(odd, "wb") as f:
+        f.write((videos_dir / "short.mp4").read_bytes())
+    out = tmp_path / "captions.jsonl"
+    common = (folder, "--out", out, "--server", both, "--max-new-tokens", 3)
+    run = caption_cli(*common)
+    assert run.returncode == 0 and "2 captioned, 0 failed" in run.stderr, run.stderr
+    lines = read_lines(out)
+    assert sorted(os.fsencode(line["path"]) for line in lines) == sorted([odd, os.fsencode(folder / "plain.mp4")])
+    assert all(line["status"] == "ok" and line["num_generated_tokens"] == 3 for line in lines), lines
+    run = caption_cli(*common)
+    assert run.returncode == 0 and "0 captioned, 0 failed, 2 skipped of 2" in run.stderr, run.stderr
+
+
+def test_a_collection_run_waits_for_a_decoder_still_loading(tiny_model_dir, encoder, logs, videos_dir, tmp_path):
+    """A run started while its decoder loads (it listens and answers UNAVAILABLE; compiling its
+    graphs cold keeps it so for a while) asks again until the decoder serves, then captions."""
+    out = tmp_path / "captions.jsonl"
+    with start_decoder(tiny_model_dir, encoder.address, logs, "--compile-cache", str(tmp_path / "cold"),
+                       wait_serving=False) as loading:
+        run = caption_cli(videos_dir / "short.mp4", "--out", out, "--server", loading.address, "--max-new-tokens", 3,
+                          "--timeout", 240)
+        assert re.search(r"GetInfo -> UNAVAILABLE: the decoder is still loading", loading.log_text()), \
+            "the decoder was serving already: nothing to wait for"
+    assert run.returncode == 0 and "1 captioned, 0 failed" in run.stderr, run.stderr
+    assert [line["status"] for line in read_lines(out)] == ["ok"]
+
+
+def test_closing_caption_many_starts_no_call_afterwards(decoders, videos_dir, tmp_path):
+    """A worker still reading its file when the run is closed (a slow ``skip`` stands in for a
+    large file) makes no call once it has read it: closing stops every call, not only those
+    running at that moment."""
+    first = touch(tmp_path / "first.mp4", (videos_dir / "short.mp4").read_bytes())
+    late = touch(tmp_path / f"late-{os.getpid()}-{time.monotonic_ns()}.mp4", (videos_dir / "short.mp4").read_bytes())
+
+    def skip(path: str, digest: str) -> bool:
+        if path == str(late):
+            time.sleep(3.0)
+        return False
+
+    with Client(decoders[0].address, timeout=120) as client:
+        results = client.caption_many([first, late], concurrency=2, skip=skip, max_new_tokens=3)
+        assert next(results).path == str(first)
+        results.close()  # while the other worker is still in skip()
+        deadline = time.monotonic() + 3
+        while late.name not in decoders[0].log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert late.name not in decoders[0].log_text(), decoders[0].log_tail()

@@ -241,7 +241,7 @@ def test_decoder_killed_mid_stream_then_restarted_on_its_address(cluster, videos
                 for _ in stream:
                     pass
             except CaptionError as err:
-                assert err.status == grpc.StatusCode.UNAVAILABLE, err
+                assert err.status == grpc.StatusCode.UNAVAILABLE and "TLS" not in err.message, err
                 assert time.monotonic() - killed_at < 30, "the stream hung instead of failing"
                 assert stream.token_ids
                 failed.append(f"stream-{i}")

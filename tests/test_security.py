@@ -487,6 +487,36 @@ def test_unrelated_unavailable_errors_get_no_tls_hint():
     assert "may require TLS" in explain_unavailable("last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", None)
 
 
+
+class _SocketClosed(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "Socket closed"
+
+
+def _breaking_call(events):
+    yield from events
+    raise _SocketClosed()
+
+
+def test_a_stream_that_breaks_off_after_it_answered_gets_no_tls_hint():
+    """The hint is for a transport that never worked: once the decoder has answered, a closed
+    socket is the decoder going away (the kill -9 fault test sees that through real servers)."""
+    from pllava_client.client import CaptionStream
+    from pllava_proto.v1 import pllava_pb2
+
+    explain = lambda details: explain_unavailable(details, None)  # noqa: E731 - what a plaintext Client uses
+    token = pllava_pb2.CaptionEvent(token=pllava_pb2.TokenEvent(text="A", token_ids=[7]))
+    with pytest.raises(CaptionError) as err:
+        list(CaptionStream(_breaking_call([token]), explain))
+    assert err.value.status == grpc.StatusCode.UNAVAILABLE and err.value.message == "Socket closed"
+    with pytest.raises(CaptionError) as err:
+        list(CaptionStream(_breaking_call([]), explain))
+    assert "may require TLS" in err.value.message
+
+
 def test_make_certs_names_the_hosts_and_refuses_to_overwrite(tmp_path):
     from cryptography import x509
 

@@ -47,6 +47,8 @@ from .security import ClientTls, check_token
 DEFAULT_SERVER = "localhost:50052"
 #: Seconds between progress lines when stderr is not a terminal.
 DEFAULT_PROGRESS_EVERY_S = 30.0
+#: Seconds a collection run waits for a decoder that is still loading (without --timeout).
+READY_TIMEOUT_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one video: print one JSON object (as `pllava caption --json`) instead of text")
     p.add_argument("--timeout", type=float, metavar="S",
-                   help="deadline of one video's call in seconds (default: none)")
+                   help="deadline of one video's call in seconds (default: none); with --out also how long to wait "
+                        f"for a decoder still loading (default {READY_TIMEOUT_S:g})")
     c = p.add_argument_group("collections")
     c.add_argument("--out", metavar="FILE.jsonl",
                    help="caption every input into this JSON-lines file, one line per video, resuming "
@@ -224,8 +227,8 @@ def caption_collection(args: argparse.Namespace) -> int:
     recorded = out.read()
     with client:
         try:
-            info = client.info(timeout=30 if args.timeout is None else args.timeout)
-            concurrency = args.concurrency or client.default_concurrency()
+            info = client.wait_ready(READY_TIMEOUT_S if args.timeout is None else args.timeout)
+            concurrency = args.concurrency or client.default_concurrency(info)
         except CaptionError as err:
             print(f"error: cannot reach the decoder at {args.server}: {err}", file=sys.stderr)
             return 1
@@ -252,7 +255,7 @@ def caption_collection(args: argparse.Namespace) -> int:
         finally:
             results.close()
             progress.close()
-    print(progress.summary(args.out, interrupted), file=sys.stderr, flush=True)
+    print(progress.summary(args.out, interrupted, retry_failed), file=sys.stderr, flush=True)
     if interrupted:
         return 130
     return 0 if progress.captioned == len(paths) else 1
@@ -341,15 +344,16 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
-    def summary(self, out: str, interrupted: bool = False) -> str:
+    def summary(self, out: str, interrupted: bool = False, retry_failed: bool = True) -> str:
         per_min, per_s, _ = self.rates()
         text = (f"pllava-caption: {'interrupted: ' if interrupted else ''}{self.ok} captioned, "
                 f"{self.failed} failed, {self.skipped} skipped of {self.total} in "
                 f"{_duration(time.monotonic() - self.start)} ({per_min:.1f} videos/min, {per_s:.1f} tokens/s); "
                 f"results in {out}")
         if self.captioned < self.total:
-            text += (f"\npllava-caption: {self.total - self.captioned} video(s) have no caption yet; run the "
-                     "same command again to retry them")
+            again = ("run the same command again to retry them" if retry_failed else
+                     "run it again without --no-retry-failed to retry the failed ones too")
+            text += f"\npllava-caption: {self.total - self.captioned} video(s) have no caption yet; {again}"
         return text
 
 

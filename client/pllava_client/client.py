@@ -28,6 +28,7 @@ Imports only grpcio, protobuf and numpy (through the stubs), never MindSpore.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
@@ -168,7 +169,10 @@ class CaptionStream:
                 break
             except grpc.RpcError as err:
                 self._done = True
-                raise CaptionError.from_rpc_error(err, self._explain) from None
+                # Once the server has answered, the transport works: a break later on (the
+                # decoder went away mid-stream) is no TLS question.
+                answered = self.token_ids or self.result is not None
+                raise CaptionError.from_rpc_error(err, None if answered else self._explain) from None
             kind = event.WhichOneof("event")
             if kind == "token":
                 self.token_ids.extend(event.token.token_ids)
@@ -395,16 +399,23 @@ class Client:
         """
         from .collection import caption_many
 
+        if isinstance(videos, (str, bytes, os.PathLike)):
+            raise TypeError(f"caption_many() takes a list of video paths, got {type(videos).__name__} "
+                            f"{os.fsdecode(videos)!r}; for one video use caption() or pass [path]")
+        if "video_name" in kwargs:
+            raise TypeError("caption_many() names each video by its path; it takes no video_name")
         caption_request(prompt=prompt, **{k: v for k, v in kwargs.items() if k != "timeout"})
         if concurrency is None:
             concurrency = self.default_concurrency()
         return caption_many(self, videos, prompt, concurrency=concurrency, retries=retries, skip=skip,
                             **kwargs)
 
-    def default_concurrency(self) -> int:
+    def default_concurrency(self, info: pllava_pb2.ModelInfo | None = None) -> int:
         """Streams that keep every decoder's batch full: the batch size the decoder reports
-        times the number of decoders the address names (1 if that cannot be known)."""
-        return max(1, self.info().max_batch) * (server_count(self.address) or 1)
+        (in ``info``, or asked now) times the number of decoders the address names (1 if
+        that cannot be known)."""
+        info = self.info() if info is None else info
+        return max(1, info.max_batch) * (server_count(self.address) or 1)
 
     def info(self, *, timeout: float | None | object = ...) -> pllava_pb2.ModelInfo:
         """The decoder's model and settings (``pllava_pb2.ModelInfo``)."""
@@ -412,6 +423,23 @@ class Client:
             return self._stub.GetInfo(pllava_pb2.GetInfoRequest(), timeout=self._deadline(timeout))
         except grpc.RpcError as err:
             raise CaptionError.from_rpc_error(err, self._explain) from None
+
+    def wait_ready(self, timeout: float) -> pllava_pb2.ModelInfo:
+        """:meth:`info` from the first decoder that answers: while the answer is UNAVAILABLE
+        (a decoder still loading or restarting, or not listening yet; with several, the one
+        asked may be such) it is asked again, 0.5 s apart at first, up to 2 s, until
+        ``timeout`` seconds have passed; then that error is raised."""
+        end = time.monotonic() + timeout
+        pause = 0.5
+        while True:
+            try:
+                return self.info(timeout=max(0.1, end - time.monotonic()))
+            except CaptionError as err:
+                left = end - time.monotonic()
+                if err.status != grpc.StatusCode.UNAVAILABLE or left <= 0:
+                    raise
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 2.0)
 
     def close(self) -> None:
         """Close the channel (cancels calls still running)."""

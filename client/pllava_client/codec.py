@@ -189,6 +189,11 @@ def _wire_array(array, dtype: DTypeLike = None) -> tuple[np.ndarray, int]:
         if not np.can_cast(arr.dtype, target, casting="same_kind"):
             raise ValueError(f"cannot send a {arr.dtype} array as "
                              f"{pllava_pb2.DType.Name(wire)} (unsafe conversion)")
+        if np.issubdtype(target, np.integer) and arr.size and not np.can_cast(arr.dtype, target, casting="safe"):
+            info = np.iinfo(target)  # a narrower integer type would wrap values it cannot hold
+            if arr.min() < info.min or arr.max() > info.max:
+                raise ValueError(f"cannot send a {arr.dtype} array as {pllava_pb2.DType.Name(wire)}: values "
+                                 f"{arr.min()}..{arr.max()} lie outside {info.min}..{info.max}")
     arr = np.asarray(arr, dtype=target, order="C")  # keeps 0-d arrays 0-d
     return arr, wire
 

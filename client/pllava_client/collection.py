@@ -5,7 +5,8 @@
     done = out.read()                                      # what earlier runs recorded
     with Client("dns:///decoders:50052") as client, out:
         for item in client.caption_many(paths, skip=done.skip):
-            out.append(item.to_json())                     # one line per video, as it finishes
+            if item.status != "skipped":
+                out.append(item.to_json())                 # one line per video, as it finishes
 
 The record is one JSON object per line and per video: ``path``, ``size`` and ``sha256`` of
 the file, then ``status`` ``"ok"`` with the caption, token counts, finish reason and
@@ -14,7 +15,8 @@ could not be read or sent) and ``message``. Each line goes to the file in one ``
 descriptor opened with O_APPEND, so a process killed at any moment leaves whole lines (and at
 worst, after a machine crash, one torn last line, which reading skips and appending ends).
 A rerun skips the (path, sha256) pairs that already have an ``ok`` line, which is how
-``pllava-caption --out`` resumes.
+``pllava-caption --out`` resumes. A path whose name is not UTF-8 (bytes Python keeps as
+surrogate escapes) is written with JSON's ``\\u`` escapes, so that reading gives it back.
 
 Imports only the standard library and the client (no MindSpore).
 """
@@ -236,7 +238,10 @@ class CaptionFile:
 
     def append(self, line: dict) -> None:
         """Write ``line`` as one JSON line with a single ``write`` (flushed: no buffer)."""
-        data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8: escaped, read back as it was
+            data = (json.dumps(line) + "\n").encode("ascii")
         with self._lock:
             if self._fd is None:
                 self.open()
@@ -286,20 +291,19 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
     pending = iter(videos)
     take = threading.Lock()
     results: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    streams: dict[int, CaptionStream] = {}
+    calls = _Calls()
     done = object()
 
     def work(slot: int) -> None:
         try:
-            while not stop.is_set():
+            while not calls.stopped.is_set():
                 with take:
                     path = next(pending, None)
                 if path is None:
                     return
                 path = os.fspath(path)
                 try:
-                    item = _caption_one(client, path, prompt, kwargs, retries, skip, stop, streams, slot)
+                    item = _caption_one(client, path, prompt, kwargs, retries, skip, calls, slot)
                 except Exception as exc:  # a bug here must not lose the video silently
                     item = VideoResult(path, "error", code="CLIENT_ERROR", message=f"{type(exc).__name__}: {exc}")
                 if item is not None:
@@ -323,16 +327,45 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
             else:
                 yield item
     finally:
-        stop.set()
-        for stream in list(streams.values()):
-            stream.close()
+        calls.stop()
         for w in workers:
             w.join(timeout=10)
 
 
+class _Calls:
+    """The calls of a :func:`caption_many` run in progress, one per worker slot. Once
+    :meth:`stop` has cancelled them, no call starts: a worker still reading its file then
+    makes none."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+        self._streams: dict[int, CaptionStream] = {}
+        self._lock = threading.Lock()
+
+    def add(self, slot: int, stream: CaptionStream) -> bool:
+        """Keep ``stream`` to cancel on :meth:`stop`; False (and the stream closed) when
+        stopped already."""
+        with self._lock:
+            if not self.stopped.is_set():
+                self._streams[slot] = stream
+                return True
+        stream.close()
+        return False
+
+    def remove(self, slot: int) -> None:
+        with self._lock:
+            self._streams.pop(slot, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped.set()
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.close()
+
+
 def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, retries: int,
-                 skip: Callable[[str, str], bool] | None, stop: threading.Event,
-                 streams: dict[int, CaptionStream], slot: int) -> VideoResult | None:
+                 skip: Callable[[str, str], bool] | None, calls: _Calls, slot: int) -> VideoResult | None:
     """Caption one file, retrying what is worth it; None if stopped from outside."""
     start = time.monotonic()
     try:
@@ -350,26 +383,31 @@ def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, 
                            attempts=attempt, prompt=prompt, elapsed_s=time.monotonic() - start)
 
     attempt = 0
+    # a request carries UTF-8 text only: a name that is not UTF-8 travels with its odd bytes replaced
+    name = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     while True:
         attempt += 1
+        if calls.stopped.is_set():
+            return None
         try:
-            stream = client.caption(data, prompt, video_name=path, **kwargs)
+            stream = client.caption(data, prompt, video_name=name, **kwargs)
         except ValueError as exc:  # larger than one request may carry
             return failed(FILE_ERROR, str(exc))
-        streams[slot] = stream
+        if not calls.add(slot, stream):
+            return None
         try:
             for _ in stream:
                 pass
             return VideoResult(path, "ok", size=size, sha256=digest, result=stream.result, attempts=attempt,
                                prompt=prompt, elapsed_s=time.monotonic() - start)
         except CaptionError as err:
-            if stop.is_set():
+            if calls.stopped.is_set():
                 return None
             if err.status not in RETRYABLE or attempt > retries:
                 return failed(err.status.name, err.message)
         finally:
-            streams.pop(slot, None)
+            calls.remove(slot)
             stream.close()
         backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        if stop.wait(backoff):
+        if calls.stopped.wait(backoff):
             return None

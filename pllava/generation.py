@@ -445,9 +445,8 @@ class Engine:
             return []
         self._prefilling = None
         seq.embeds = None
-        event = self._accept(seq, logits[0])
-        seq.stats.first_token = time.perf_counter()
-        return [event]
+        seq.stats.first_token = time.perf_counter()  # (before: the first token may also end it)
+        return [self._accept(seq, logits[0])]
 
     def _gap_stretch(self, decoding: int) -> float:
         """How much longer the ``decoding`` streams may wait per token now, given the prompt

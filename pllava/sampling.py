@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+#: Stop strings one request may carry, and characters in each: every generated token is
+#: matched against them on the engine's one thread, which every stream shares.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request generates. ``temperature == 0`` means greedy (argmax over the whole
@@ -30,6 +36,11 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -212,6 +212,12 @@ def test_same_video_new_prompt_skips_the_encoder(decoder, encoder, captioner, me
     ("1x1 video", r"dot\.mp4: the video is only 1x1 pixels, too small"),
     ("unknown template", "unknown prompt template 'chat'"),
     ("<image> in the prompt", "must not contain '<image>'"),
+    ("17 stop strings", "invalid sampling parameters: at most 16 stop strings, got 17"),
+    ("request_id not ASCII", "^request_id must be at most 128 printable ASCII characters without spaces; "
+                             "got 4 characters: 'caf\xe9'$"),
+    ("request_id of 20000 characters", "request_id must be .* got 20000 characters: 'x{200}'$"),
+    ("video_name of 20000 characters", r"^x{160}\.\.\.x{37}: no video \(CaptionRequest\.video is empty\)$"),
+    ("template name of 20000 characters", r"^unknown prompt template 't{100}.* \(\d{5} characters in all\)$"),
 ])
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, media, case, message):
     orbit = media["orbit"].read_bytes()
@@ -252,6 +258,16 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, med
         kwargs = dict(template="chat")
     elif case == "<image> in the prompt":
         kwargs = dict(prompt="Look at <image> again.")
+    elif case == "17 stop strings":
+        kwargs = dict(stop=[f"stop{i}" for i in range(17)])
+    elif case == "request_id not ASCII":
+        kwargs = dict(request_id="caf\xe9")
+    elif case == "request_id of 20000 characters":
+        kwargs = dict(request_id="x" * 20000)
+    elif case == "video_name of 20000 characters":
+        video, kwargs = b"", dict(video_name="x" * 20000)
+    elif case == "template name of 20000 characters":
+        kwargs = dict(template="t" * 20000)
     with Client(decoder.address, timeout=60) as client:
         with pytest.raises(CaptionError) as refused:
             client.caption_full(video, **{"max_new_tokens": 4, **kwargs})
@@ -324,6 +340,21 @@ def test_operator_limits_on_video_bytes_and_prompt_characters(tiny_model_dir, en
     assert len(ok.token_ids) == 3
     seen = encoded_ids(encoder)
     assert "fits" in seen and "too-big" not in seen
+
+
+def test_a_video_past_the_encoders_message_limit_is_invalid_argument(tiny_model_dir, encoder, logs):
+    """A decoder that takes larger videos than its encoders (max_video_bytes 100 MiB against
+    their 64): gRPC's own refusal of the encoder's message (RESOURCE_EXHAUSTED, which clients
+    retry as "busy") reaches the caller as INVALID_ARGUMENT saying which limit to change."""
+    with start_decoder(tiny_model_dir, f"dns:///127.0.0.1:{encoder.port}", logs, "--max-context", str(CONTEXT),
+                       "--max-video-bytes", str(100 << 20)) as dec, \
+            Client(dec.address, timeout=120, options=channel_options(128 << 20)) as client:
+        with pytest.raises(CaptionError) as refused:
+            client.caption_full(bytes(70 << 20), video_name="big.mp4", max_new_tokens=2)
+        assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        assert "the video is larger than the encoders at" in refused.value.message
+        assert "max_video_bytes is below this decoder's" in refused.value.message
+        assert len(client.caption_full(bytes(odd_media.tiny_video(64, 48)), max_new_tokens=2).token_ids) == 2
 
 
 # ---- one slot: cancellation and deadlines free it ----------------------------------------------

@@ -59,6 +59,8 @@ NAN, INF = float("nan"), float("inf")
     *[(dict(temperature=v), "temperature must be a finite number") for v in (NAN, INF)],
     *[(dict(top_p=v), "top_p must be a finite number") for v in (NAN, INF, -INF)],
     *[(dict(repetition_penalty=v), "repetition_penalty must be a finite number") for v in (NAN, INF, -INF)],
+    (dict(stop=("x",) * 17), "at most 16 stop strings, got 17"),
+    (dict(stop=("x" * 257,)), "at most 256 characters, got one of 257"),
 ])
 def test_sampling_params_validate(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -148,6 +150,16 @@ def test_streamed_text_equals_full_decode(language, tokenizer, cfg):
     assert len(tokens) == 30 and final.finish_reason == FinishReason.LENGTH
     assert text == tokenizer.decode(tokens)
     assert final.stats.prompt_tokens == len(prompt_ids(tokenizer, "Describe it.")) - 1 + cfg.num_visual_tokens
+
+
+def test_a_caption_that_ends_at_its_first_token_has_ordered_timings(language, tokenizer, cfg):
+    """The first token is stamped before it can end the sequence: its time lies between the
+    prefill's start and the end (negative decode times were reported before)."""
+    *_, final = run_alone(language, tokenizer, Request(prompt_ids(tokenizer, "Go."), visual(cfg, 5),
+                                                       SamplingParams(max_new_tokens=1)))
+    s = final.stats
+    assert final.finish_reason == FinishReason.LENGTH and s.generated_tokens == 1
+    assert s.added <= s.prefill_start < s.first_token <= s.finished
 
 
 def test_concurrent_requests_equal_their_solo_results(language, tokenizer, cfg):

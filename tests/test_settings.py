@@ -231,3 +231,13 @@ def test_deployment_files_name_only_known_setting_variables():
     assert len(named) >= 10  # (the TLS overlay alone names a dozen)
     unknown = sorted((file, name) for file, name in named if name not in known)
     assert not unknown, f"not a setting of its server: {unknown}"
+
+
+@pytest.mark.parametrize("settings", [DecoderSettings, EncoderSettings])
+def test_max_video_bytes_stays_within_a_grpc_message(settings):
+    """gRPC's message limits are 32-bit: a larger limit is refused as a setting, not by an
+    OverflowError when the server starts."""
+    assert settings(model="m", max_video_bytes=(2 << 30) - (64 << 20)).max_video_bytes == 2080374784
+    with pytest.raises(ValueError, match=r"max_video_bytes must be at most 2080374784 \(1984 MiB: a gRPC message is "
+                                         r"at most 2 GiB\), got 3221225472"):
+        settings(model="m", max_video_bytes=3 << 30)

@@ -18,7 +18,8 @@ anything else                                               ``INTERNAL``
 ==========================================================  =====================
 
 The message of the first five is the exception's own text, written for a person (``cooking.mp4:
-the file is truncated ...``); :class:`InternalError` adds the request id. Anything else logs
+the file is truncated ...``), cut to :data:`MAX_MESSAGE_CHARS` (a status message travels in
+the trailing metadata, whose size gRPC limits); :class:`InternalError` adds the request id. Anything else logs
 the traceback and tells the caller only that an internal error happened and the request id
 to look for in the server log.
 
@@ -27,9 +28,11 @@ one wrapper covers unary and streaming methods of every service (ours, health, r
 and a servicer cannot forget it. A handler that already aborted (``context.abort``) or was
 cancelled by its client passes through untouched.
 
-Every RPC also gets a request id: the request's ``request_id`` field when it has one, else
-the ``x-request-id`` metadata the caller sent (the decoder sends its id to the encoder both
-ways, so one caption has one id in both servers' logs), else a fresh one.
+Every RPC also gets a request id: the request's ``request_id`` field when it has one (one
+that is not 1-128 printable ASCII characters without spaces is refused with
+INVALID_ARGUMENT: it travels in gRPC metadata and log lines), else the ``x-request-id``
+metadata the caller sent (the decoder sends its id to the encoder both ways, so one caption
+has one id in both servers' logs; an unusable value is ignored), else a fresh one.
 :func:`current_request_id` returns it anywhere inside the handler (logging adds it to every
 line, see :mod:`pllava_serving.logs`), and the caller receives it in the ``request-id``
 trailing metadata of every RPC.
@@ -67,15 +70,42 @@ class Unavailable(Exception):
 
 #: The metadata key a caller may set to name its request (and the decoder sets on Encode).
 REQUEST_ID_METADATA = "x-request-id"
-#: An id taken from metadata is at most this long and printable ASCII without spaces, so it
-#: cannot break a log line; anything else is replaced by a fresh id.
+#: A request id is at most this long and printable ASCII without spaces, so it cannot break
+#: a log line or the metadata it travels in.
 MAX_REQUEST_ID_CHARS = 128
+#: A status message is cut to this many characters (it may quote what the caller sent).
+MAX_MESSAGE_CHARS = 2000
+#: A name the caller gave (``video_name``) is shortened to this many characters in messages.
+MAX_NAME_CHARS = 200
 
 
 class InternalError(Exception):
     """The server failed on this request in a way it can describe (INTERNAL, with this
     message and the request id): e.g. one sequence's sampling failed in the decoding engine.
     Its message must not leak anything the caller should not see."""
+
+
+def usable_request_id(value: object) -> bool:
+    """Whether ``value`` may serve as a request id (see :data:`MAX_REQUEST_ID_CHARS`)."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii()
+            and value.isprintable() and " " not in value)
+
+
+def display_name(name: str) -> str:
+    """A caller-given name fit for a message or a log line: characters that are not printable
+    escaped, and the middle of a long one left out."""
+    if not name.isprintable():
+        name = name.encode("unicode_escape").decode("ascii")
+    if len(name) > MAX_NAME_CHARS:
+        keep = MAX_NAME_CHARS - 40
+        name = f"{name[:keep]}...{name[-37:]}"
+    return name
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS - 40] + f" ... ({len(message)} characters in all)"
 
 
 def current_request_id() -> str:
@@ -108,6 +138,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 async def _abort_with(exc: Exception, context, method: str) -> None:
     code, message = status_for(exc)
+    message = _cut(message)
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed with an internal error", method, exc_info=exc)
     else:
@@ -154,14 +185,17 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around, method: str) ->
 
 
 def request_id_of(request, context) -> str:
-    """The id an RPC is known by (see the module docstring)."""
+    """The id an RPC is known by (see the module docstring); ValueError for a request whose
+    ``request_id`` field is set but unusable."""
     rid = getattr(request, "request_id", "") if request is not None else ""
     if isinstance(rid, str) and rid:
+        if not usable_request_id(rid):
+            raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters "
+                             f"without spaces; got {len(rid)} characters: {display_name(rid[:MAX_NAME_CHARS])!r}")
         return rid
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_METADATA and isinstance(value, str):
-            if 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable() \
-                    and " " not in value:
+            if usable_request_id(value):
                 return value
             log.info("ignored an unusable %s metadata value (%d characters)", REQUEST_ID_METADATA, len(value))
     return new_request_id()
@@ -169,7 +203,12 @@ def request_id_of(request, context) -> str:
 
 @contextlib.asynccontextmanager
 async def _map_errors(request, context, method: str):
-    _request_id.set(request_id_of(request, context))
+    try:
+        _request_id.set(request_id_of(request, context))
+    except ValueError as exc:  # refused under an id of its own
+        _request_id.set(new_request_id())
+        context.set_trailing_metadata((("request-id", current_request_id()),))
+        await _abort_with(exc, context, method)
     context.set_trailing_metadata((("request-id", current_request_id()),))
     try:
         yield

@@ -210,14 +210,18 @@ def _tuple(items: list, tp, source: str, convert) -> tuple:
     return tuple(convert(v, t, f"{source}, item {i}") for i, (v, t) in enumerate(zip(items, args)))
 
 
+#: The largest ``max_video_bytes`` either server takes: one gRPC message carries the video and
+#: the request's other fields, and gRPC's message limits are 32-bit (2 GiB).
+MAX_VIDEO_BYTES = (2 << 30) - (64 << 20)
+
 DEVICES = ("CPU", "GPU", "Ascend")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = MappingProxyType({})) -> list[str]:
     """What is wrong with the fields every server has (model, port, metrics port, device,
-    dtype, log level),
-    plus each field named in ``minimums`` that is set and below its minimum."""
+    dtype, log level, TLS, tokens; ``max_video_bytes`` where it has one), plus each field
+    named in ``minimums`` that is set and below its minimum."""
     from .logs import LOG_LEVELS
 
     s = settings
@@ -240,6 +244,9 @@ def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = M
         value = getattr(s, name)
         if value is not None and not value >= low:  # NaN too
             problems.append(f"{name} must be >= {low}, got {value}")
+    if getattr(s, "max_video_bytes", 0) > MAX_VIDEO_BYTES:
+        problems.append(f"max_video_bytes must be at most {MAX_VIDEO_BYTES} (1984 MiB: a gRPC message is at most "
+                        f"2 GiB), got {s.max_video_bytes}")
     problems += tls_problems(s.tls_cert, s.tls_key, s.tls_client_ca, "tls_cert", "tls_key", "tls_client_ca")
     if s.auth_token_file == "":
         problems.append("auth_token_file must name a file (or be left unset for no tokens)")

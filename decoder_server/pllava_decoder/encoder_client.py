@@ -276,6 +276,11 @@ def _as_encoder_error(code: grpc.StatusCode, details: str, target: str, attempts
         return EncoderError(f"the encoder at {target} refused this decoder ({code.name}: {details}): set "
                             "encoder_token_file (--encoder-token-file) to a file holding a token the "
                             "encoders accept")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+        # gRPC's own size limit, not a full queue: the same video would be refused again
+        return EncoderRejected(f"the video is larger than the encoders at {target} accept ({details}): their "
+                               "max_video_bytes is below this decoder's; send a smaller video, or raise the "
+                               "encoders' limit to the decoder's")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return EncoderOverloaded(f"the encoders at {target} are overloaded: {details}")
     return EncoderError(f"the encoder at {target} failed with {code.name}: {details}")

@@ -49,7 +49,7 @@ from pllava_client.channel import MAX_MESSAGE_BYTES, tls_server_name
 from pllava_client.codec import to_wire_dtype
 from pllava_client.security import ClientTls
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
-from pllava_serving.errors import Unavailable, current_request_id
+from pllava_serving.errors import Unavailable, current_request_id, display_name
 from pllava_serving.metrics import INPUT_FRAMES, INPUT_VIDEO, new_registry, start_metrics_server
 from pllava_serving.model_id import model_id
 from pllava_serving.parent_death import parent_death_env
@@ -188,7 +188,8 @@ def matched_stop(full_text: str, caption: str, stops: tuple[str, ...]) -> str:
 
 class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
     """``Decoder.Caption`` and ``Decoder.GetInfo``. Answers UNAVAILABLE until :meth:`load`
-    has loaded and warmed up the model."""
+    has loaded the model, compiled its graphs and started the engine (a request that arrives
+    during the warm-up caption after that is served; health says SERVING once it is done)."""
 
     def __init__(self, settings: DecoderSettings):
         self.settings = settings
@@ -320,7 +321,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
         stop = (matched_stop(m.tokenizer.decode(token_ids), caption, params.stop)
                 if reason == pllava_pb2.FINISH_REASON_STOP_STRING else "")
         log.info("captioned %s: %d prompt (%d positions reused) + %d visual tokens -> %d tokens (%s), "
-                 "ttft %.0f ms, %.1f tok/s%s", request.video_name or "video", len(prompt_ids), stats.reused_tokens,
+                 "ttft %.0f ms, %.1f tok/s%s", display_name(request.video_name) or "video", len(prompt_ids),
+                 stats.reused_tokens,
                  len(visual.visual), len(token_ids),
                  pllava_pb2.FinishReason.Name(reason), timings["time_to_first_token_ms"],
                  timings["decode_tokens_per_s"], ", visual tokens cached" if encoded is None else "")
@@ -348,30 +350,31 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
     def _check_limits(self, request: pllava_pb2.CaptionRequest) -> None:
         """The operator's limits, checked before any work (INVALID_ARGUMENT: the same request
         would be refused again, so clients must not retry it)."""
-        s = self.settings
+        s, name = self.settings, display_name(request.video_name)
         if len(request.prompt) > s.max_prompt_chars:
             raise ValueError(f"the prompt is {len(request.prompt)} characters, more than this decoder accepts "
                              f"(max_prompt_chars={s.max_prompt_chars}); shorten the question")
         if len(request.video) > s.max_video_bytes:
-            raise VideoError(f"{request.video_name or 'the video'}: the file is {len(request.video)} bytes, more than "
+            raise VideoError(f"{name or 'the video'}: the file is {len(request.video)} bytes, more than "
                              f"this decoder accepts (max_video_bytes={s.max_video_bytes})")
         frames_bytes = sum(len(image) for image in request.frames.images)
         if frames_bytes > s.max_video_bytes:
-            raise VideoError(f"{request.video_name or 'frames'}: the {len(request.frames.images)} frames are "
+            raise VideoError(f"{name or 'frames'}: the {len(request.frames.images)} frames are "
                              f"{frames_bytes} bytes together, more than this decoder accepts "
                              f"(max_video_bytes={s.max_video_bytes})")
 
     def _num_frames(self, request: pllava_pb2.CaptionRequest) -> int:
         """The model's frame count for the request (sent on to the encoder); refuses a request
         with no video and no frames."""
+        name = display_name(request.video_name)
         if request.WhichOneof("input") == "frames":
             images = request.frames.images
             if not images:
-                raise VideoError(f"{request.video_name or 'frames'}: no frames (CaptionRequest.frames.images is "
+                raise VideoError(f"{name or 'frames'}: no frames (CaptionRequest.frames.images is "
                                  "empty); send at least one image")
             return frames_num_frames(request.num_frames, len(images), self.model.num_frames)
         if not request.video:
-            raise VideoError(f"{request.video_name or 'the request'}: no video (CaptionRequest.video is empty)")
+            raise VideoError(f"{name or 'the request'}: no video (CaptionRequest.video is empty)")
         return request.num_frames or self.model.num_frames
 
     def _ready(self) -> tuple[LanguageModel, EngineLoop]:
@@ -394,7 +397,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
             self.metrics.record_cache_lookup(input_kind, hit is not None)
             if hit is not None:
                 return hit, None
-        encoded = await self.encoder.encode(request.video, num_frames, current_request_id(), request.video_name,
+        encoded = await self.encoder.encode(request.video, num_frames, current_request_id(),
+                                            display_name(request.video_name),
                                             timeout_s=context.time_remaining(), frames=frames)
         self.metrics.visual_token_bytes_received.inc(encoded.wire_bytes)
         entry = CachedVisual(encoded.visual, encoded.num_frames)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pllava import __version__
 from pllava_client.codec import encode_tensor, to_wire_dtype
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
-from pllava_serving.errors import Unavailable
+from pllava_serving.errors import Unavailable, display_name
 from pllava_serving.security import ServerSecurity
 from pllava_serving.server import (Service, create_server, format_address, freeze_startup_heap, run_main,
                                    serve_forever)
@@ -47,11 +47,11 @@ class EncoderServicer(pllava_pb2_grpc.EncoderServicer):
         return self.engine
 
     async def Encode(self, request: pllava_pb2.EncodeRequest, context):
-        engine = self._engine()
+        engine, name = self._engine(), display_name(request.video_name)
         if request.WhichOneof("input") == "frames":
-            result = await engine.encode_frames(request.frames.images, request.num_frames, request.video_name)
+            result = await engine.encode_frames(request.frames.images, request.num_frames, name)
         else:
-            result = await engine.encode(request.video, request.num_frames, request.video_name)
+            result = await engine.encode(request.video, request.num_frames, name)
         meta, chunks = encode_tensor(result.visual)
         t = result.timings
         yield pllava_pb2.EncodeResponse(header=pllava_pb2.EncodeHeader(

@@ -154,6 +154,18 @@ def cmd_up(args) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    try:
+        _announce(cluster)
+    except (OSError, ValueError):  # stdout went away: the servers run on until a signal stops them
+        pass
+    except KeyboardInterrupt:
+        cluster.stop(DEFAULT_GRACE_S)
+        return 130
+    return run_foreground(cluster, grace=DEFAULT_GRACE_S, restart=not args.no_restart)
+
+
+def _announce(cluster) -> None:
+    """Where the servers of ``pllava up`` listen, and a command to try them."""
     encoders = ", ".join(e.address for e in cluster.encoders)
     print(f"pllava up: decoder at {cluster.address} ({len(cluster.encoders)} encoder(s) at "
           f"{encoders}); Ctrl-C stops them", flush=True)
@@ -174,7 +186,6 @@ def cmd_up(args) -> int:
         print(f"  both hops use TLS with client certificates and the bearer token in {q(c.token)}", flush=True)
         print(f"  try: PLLAVA_TOKEN=$(cat {q(c.token)}) pllava-caption VIDEO --server {cluster.address} "
               f"--tls-ca {q(c.ca)} --tls-cert {q(c.client_cert)} --tls-key {q(c.client_key)}", flush=True)
-    return run_foreground(cluster, grace=DEFAULT_GRACE_S, restart=not args.no_restart)
 
 
 def cmd_make_certs(args) -> int:

@@ -1,11 +1,13 @@
 """``pllava up``: N encoders and a decoder as local processes, captioning, clean shutdown."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pllava_serving.launcher import LaunchError, ensure_tiny_model, launch, parse_setting, settings_env
+from pllava_serving.launcher import (Cluster, LaunchError, ServerProcess, _reachable, ensure_tiny_model, launch,
+                                     parse_setting, run_foreground, settings_env)
 from pllava_client import CaptionError, Client
 from pllava_client.health import check_health
+from servers import console_script
 
 # The encoder's one line per request: "<video>: 4 frames -> 576 visual tokens (decode ...)".
 ENCODED = re.compile(r"frames -> \d+ visual tokens \(decode")
@@ -170,6 +174,72 @@ def test_ensure_tiny_model_makes_it_once(tmp_path):
     assert ensure_tiny_model(target) == target
     assert (target / "config.json").stat().st_mtime_ns == stamp
     assert [p.name for p in target.parent.iterdir()] == ["tiny"]   # no temporary folder left
+    other = tmp_path / "cache" / "other"
+    (other / "notes").mkdir(parents=True)
+    with pytest.raises(LaunchError, match=r"other holds files but no config.json: not a model folder; move it away"):
+        ensure_tiny_model(other)
+
+
+def encoder_process(model_dir) -> ServerProcess:
+    return ServerProcess("encoder-0", [console_script("pllava-encoder"), "--model", str(model_dir),
+                                       "--host", "127.0.0.1", "--port", "0"])
+
+
+def test_a_restarted_server_binds_its_first_port_after_a_restart_that_failed(tiny_model_dir):
+    """The decoder knows an encoder by the port it first bound: a restart whose port was taken
+    meanwhile fails before binding, and the next one binds that port again (it used to take a
+    new random one, which the decoder never learnt)."""
+    server = encoder_process(tiny_model_dir)
+    try:
+        first = server.wait_bound(120)
+        server.signal(signal.SIGKILL)
+        server.wait(30)
+        squatter = socket.socket()
+        try:
+            squatter.bind(("127.0.0.1", int(first.rpartition(":")[2])))
+            squatter.listen()
+            server.restart()
+            assert server.wait(120) not in (None, 0), server.tail()
+        finally:
+            squatter.close()
+        server.restart()
+        assert server.wait_bound(120) == first, server.tail()
+    finally:
+        server.signal(signal.SIGKILL)
+        server.wait(30)
+
+
+def test_a_broken_output_does_not_keep_the_launcher_from_stopping_the_servers(tiny_model_dir):
+    """``pllava up | tee log`` and Ctrl-C ends tee too: the launcher's farewell line meets a
+    broken pipe, and the servers are stopped all the same."""
+    server = encoder_process(tiny_model_dir)
+    reader, writer = os.pipe()
+    os.close(reader)
+    out = os.fdopen(writer, "w")
+    original = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_handled():
+        while signal.getsignal(signal.SIGTERM) is original:  # not before run_foreground handles it
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        server.wait_bound(120)
+        threading.Thread(target=terminate_once_handled, daemon=True).start()
+        assert run_foreground(Cluster([server], None), out=out, grace=30, restart=False) == 0
+        assert not server.alive()
+    finally:
+        server.signal(signal.SIGKILL)
+        server.wait(30)
+        with contextlib.suppress(OSError):
+            out.close()
+
+
+@pytest.mark.parametrize("bound, reached", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"),
+                                            ("[::]", "127.0.0.1"), ("[::1]", "[::1]"), ("10.1.2.3", "10.1.2.3")])
+def test_the_address_a_server_reports_is_one_clients_can_dial(bound, reached):
+    """An IPv6 address keeps its brackets ([::1]:P is a gRPC target and a URL host; ::1:P is neither)."""
+    assert _reachable(bound) == reached
 
 
 def test_pllava_up_default_model_is_the_cached_tiny_one(tmp_path, monkeypatch):

@@ -105,7 +105,8 @@ def ensure_tiny_model(path: str | Path | None = None) -> Path:
                     out.rmdir()
                     os.rename(tmp, out)
                 else:
-                    raise
+                    raise LaunchError(f"{out} holds files but no config.json: not a model folder; move it "
+                                      "away (the tiny model is written there)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -162,9 +163,9 @@ class ServerProcess:
 
     A thread reads the child's merged stdout/stderr, keeps the lines (:meth:`logs`), echoes
     them to ``echo`` prefixed with the server's name, and notes the ``listening on`` line.
-    :meth:`restart` starts the same command again on the port the server had bound, so
-    whoever knows its address (the decoder, for an encoder; clients, for the decoder) reaches
-    the new process there.
+    :meth:`restart` starts the same command again on the port the server first bound (also
+    after a restart that failed before binding), so whoever knows its address (the decoder, for
+    an encoder; clients, for the decoder) reaches the new process there.
     """
 
     def __init__(self, name: str, argv: list[str], *, echo: TextIO | None = None,
@@ -172,6 +173,7 @@ class ServerProcess:
         self.name = name
         self.argv = argv
         self.address: str | None = None
+        self._port: str | None = None  # the port first bound: every restart binds it again
         self.metrics_url: str | None = None  # http://HOST:PORT/metrics once the server reports it
         self._metrics_seen = threading.Event()
         self.restarts = 0
@@ -197,9 +199,7 @@ class ServerProcess:
         if self.alive():
             raise RuntimeError(f"{self.name} is still running")
         self._reader.join(5)
-        argv = list(self.argv)
-        if self.address is not None:
-            argv = _with_port(argv, self.address.rpartition(":")[2])
+        argv = list(self.argv) if self._port is None else _with_port(self.argv, self._port)
         self.address = None
         self._bound.clear()
         self.restarts += 1
@@ -218,6 +218,7 @@ class ServerProcess:
                 m = LISTENING.search(line)
                 if m:
                     self.address = f"{_reachable(m['host'])}:{m['port']}"
+                    self._port = self._port or m["port"]
                     self._bound.set()
             if self.metrics_url is None:
                 m = METRICS.search(line)
@@ -281,9 +282,12 @@ class ServerProcess:
 
 
 def _reachable(host: str) -> str:
-    """The host to connect to for a server bound to ``host`` (a wildcard is reached on loopback)."""
+    """The host to connect to for a server bound to ``host`` (a wildcard is reached on loopback),
+    an IPv6 address in brackets (``[::1]``, as gRPC targets and URLs need)."""
     host = host.strip("[]")
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "*", "localhost", "") else host
+    if host in ("0.0.0.0", "::", "*", "localhost", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def stop_all(servers: list[ServerProcess], grace: float = DEFAULT_GRACE_S) -> None:
@@ -588,13 +592,16 @@ def run_foreground(cluster: Cluster, out: TextIO = sys.stdout,
             died = cluster.exited()
             if died is not None:
                 break
-        if died is not None:
-            write_line(sys.stderr, f"pllava up: {died.name} exited with status {died.process.poll()}; "
-                                   f"stopping the others. Its last lines:\n{died.tail()}")
-        else:
-            write_line(out, f"pllava up: {signal.Signals(received[0]).name}, stopping the servers")
-        cluster.stop(grace)
+        try:
+            if died is not None:
+                write_line(sys.stderr, f"pllava up: {died.name} exited with status {died.process.poll()}; "
+                                       f"stopping the others. Its last lines:\n{died.tail()}")
+            else:
+                write_line(out, f"pllava up: {signal.Signals(received[0]).name}, stopping the servers")
+        except (OSError, ValueError):  # the output went away (a pipe whose reader Ctrl-C ended too)
+            pass
         return 1 if died is not None else 0
-    finally:
+    finally:  # every way out, a failed restart included, stops the servers in order
+        cluster.stop(grace)
         for s, handler in previous.items():
             signal.signal(s, handler)

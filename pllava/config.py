@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .damaged import damage_hint
+
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "pllava")
 
 
@@ -233,9 +235,17 @@ class PreprocessorConfig:
         return _pick(cls, data)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "PreprocessorConfig":
+    def from_pretrained(cls, model_dir: str | Path, image_size: int | None = None) -> "PreprocessorConfig":
+        """The folder's settings (the defaults without the file); ``image_size``: the vision
+        tower's, which the cropped frames must match (ConfigError otherwise)."""
         path = Path(model_dir) / "preprocessor_config.json"
-        return cls.from_dict(_read_json(path)) if path.exists() else cls()
+        cfg = cls.from_dict(_read_json(path)) if path.exists() else cls()
+        if image_size is not None and tuple(cfg.crop_size) != (image_size, image_size):
+            source = path if path.exists() else f"the default ({path.name} is absent)"
+            raise ConfigError(f"frames are cropped to {cfg.crop_size[0]}x{cfg.crop_size[1]} ({source}), but the "
+                              f"vision tower takes {image_size}x{image_size} (vision_config.image_size in "
+                              f"{Path(model_dir) / 'config.json'}): set crop_size to {image_size}")
+        return cfg
 
 
 def _read_json(path: Path) -> dict:
@@ -243,5 +253,5 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path} does not exist: is {path.parent} a PLLaVA/LLaVA checkpoint folder?")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}{damage_hint(path)}") from exc

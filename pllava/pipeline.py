@@ -90,7 +90,7 @@ class Captioner:
         self.backend = setup_backend(settings.device, settings.device_id, settings.dtype)
         self.checkpoint_cfg = PllavaConfig.from_pretrained(folder)
         self.cfg = self.checkpoint_cfg.with_frames(settings.num_frames, settings.pooling_shape)
-        self.preprocessor = PreprocessorConfig.from_pretrained(folder)
+        self.preprocessor = PreprocessorConfig.from_pretrained(folder, self.cfg.vision.image_size)
         self.tokenizer = Tokenizer.from_pretrained(folder)
         if self.tokenizer.image_token_id != self.cfg.image_token_index:
             raise ValueError(f"tokenizer's <image> id {self.tokenizer.image_token_id} differs from config "

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _Backend
 
+from .damaged import damage_hint
+
 IMAGE_TOKEN = "<image>"
 
 
@@ -43,8 +45,8 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path} is not valid JSON: {exc}{damage_hint(path)}") from exc
     return data if isinstance(data, dict) else {}
 
 
@@ -77,7 +79,11 @@ class Tokenizer:
             raise TokenizerError(
                 f"no tokenizer.json at {path}: the checkpoint folder must contain the fast-tokenizer file"
             )
-        backend = _Backend.from_file(str(path))
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            raise TokenizerError(f"{path} is not a tokenizer file the tokenizers library reads ({exc})"
+                                 f"{damage_hint(path)}") from None
         names = {"bos_token": "<s>", "eos_token": "</s>"}
         # tokenizer_config.json wins over special_tokens_map.json, as in transformers.
         for source in ("special_tokens_map.json", "tokenizer_config.json"):

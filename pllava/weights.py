@@ -25,6 +25,8 @@ import ml_dtypes  # noqa: F401  (registers numpy's bfloat16 so safetensors can r
 import numpy as np
 from safetensors import safe_open
 
+from .damaged import damage_hint
+
 log = logging.getLogger(__name__)
 
 VISION = "vision"
@@ -64,12 +66,25 @@ def part_of(name: str) -> str:
     return LANGUAGE if name.startswith("language_model.") else VISION
 
 
+def _open_shard(path: Path):
+    """``safe_open`` of one shard; a file it cannot read is a WeightsError naming it (the
+    library's own error is neither an OSError nor a ValueError, and names no file)."""
+    try:
+        return safe_open(str(path), framework="np")
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, OSError...
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc}){damage_hint(path)}") from None
+
+
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
     """Safetensors shards in index order (or the single file)."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (ValueError, AttributeError) as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+            raise WeightsError(f"{index} is not a safetensors index (JSON with a weight_map): {exc}"
+                               f"{damage_hint(index)}") from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).exists()]
         if missing:
@@ -116,7 +131,7 @@ def stored_weight_dtypes(source: str | Path) -> dict[str, str]:
     dtypes: dict[str, set[str]] = {}
     lora: set[str] = set()
     for path in checkpoint_files(source):
-        with safe_open(str(path), framework="np") as f:
+        with _open_shard(path) as f:
             for key in f.keys():
                 name = canonical_name(key)
                 match = _LANGUAGE_WEIGHT.match(name)
@@ -142,7 +157,7 @@ def stored_vision_dtype(source: str | Path) -> str | None:
         return None
     found: set[str] = set()
     for path in checkpoint_files(source):
-        with safe_open(str(path), framework="np") as f:
+        with _open_shard(path) as f:
             found.update(f.get_slice(key).get_dtype() for key in f.keys() if _VISION_PROJECTION.match(canonical_name(key)))
     return next(iter(found)) if len(found) == 1 else None
 
@@ -155,13 +170,13 @@ def iter_safetensors(model_dir: str | Path, parts: Iterable[str] = PARTS,
     files = checkpoint_files(model_dir)
     names: dict[Path, list[str]] = {}
     for path in files:
-        with safe_open(str(path), framework="np") as f:
+        with _open_shard(path) as f:
             names[path] = list(f.keys())
     lora_bases = {m.group("base") + ".weight" for keys in names.values() for k in keys
                   if (m := _LORA.match(canonical_name(k)))}
     pending: dict[str, _LoraParts] = {}
     for path in files:
-        with safe_open(str(path), framework="np") as f:
+        with _open_shard(path) as f:
             for key in names[path]:
                 name = canonical_name(key)
                 if _UNUSED.search(name) or part_of(name) not in parts:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import shutil
 import subprocess
 import sys
 
@@ -111,6 +112,47 @@ def test_user_errors_are_one_clear_line(tiny_model_dir, videos_dir, tmp_path, ma
     run = pllava(*make_args(tiny_model_dir, videos_dir / "orbit.mp4", tmp_path), check=False)
     assert run.returncode == 2
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 1234567\n")
+
+
+def damage(folder, case: str) -> str:
+    """Damage a copy of a checkpoint folder as a clone without git-lfs or a cut download
+    would; the file the error must name."""
+    shards = sorted(folder.glob("*.safetensors"))
+    victim = {"shard pointer": shards[-1], "shard cut short": shards[0], "tokenizer pointer": folder / "tokenizer.json",
+              "index pointer": folder / "model.safetensors.index.json", "config pointer": folder / "config.json"}[case]
+    if case == "shard cut short":
+        victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+    else:
+        victim.write_text(LFS_POINTER)
+    return str(victim)
+
+
+@pytest.mark.parametrize("case, hint", [("shard pointer", "git lfs pull"), ("shard cut short", "download it again"),
+                                        ("tokenizer pointer", "git lfs pull"), ("index pointer", "git lfs pull"),
+                                        ("config pointer", "git lfs pull")])
+def test_a_damaged_checkpoint_file_is_named_in_one_line(tiny_model_dir, videos_dir, tmp_path, case, hint):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    victim = damage(model, case)
+    run = pllava("caption", videos_dir / "orbit.mp4", "--model", model, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"pllava: error: {victim}") or f" {victim} " in run.stderr, run.stderr
+    assert hint in run.stderr
+
+
+def test_frames_cropped_to_another_size_than_the_tower_takes_are_a_config_error(tiny_model_dir, videos_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    pre = json.loads((model / "preprocessor_config.json").read_text())
+    pre["crop_size"] = {"height": 224, "width": 224}
+    (model / "preprocessor_config.json").write_text(json.dumps(pre))
+    run = pllava("caption", videos_dir / "orbit.mp4", "--model", model, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "frames are cropped to 224x224" in run.stderr and "vision tower takes 336x336" in run.stderr
 
 
 def test_unavailable_device_is_a_clear_error(tiny_model_dir, videos_dir):

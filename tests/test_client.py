@@ -18,7 +18,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from pllava_client import CaptionError, CaptionResult, Client
+from pllava_client import CaptionError, CaptionResult, Client, RequestTooLarge
 from pllava_client.channel import server_options
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from servers import console_script, start_encoder, start_server
@@ -151,8 +151,11 @@ def test_bad_video_arguments_fail_before_any_call(scripted, tmp_path):
         client.caption(text_mode)
     with pytest.raises(TypeError, match="path, bytes or a binary file"):
         client.caption(12345)
-    with pytest.raises(ValueError, match="at most"):
+    with pytest.raises(RequestTooLarge, match="at most"):
         client.caption(bytes(64 << 20))
+    # a small video with a prompt that makes the request too large for one message
+    with pytest.raises(RequestTooLarge, match=r"the request is \d+ bytes with its prompt and other fields"):
+        client.caption(b"video", "describe " * (8 << 20))
     assert servicer.requests == []
 
 

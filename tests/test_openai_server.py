@@ -364,6 +364,11 @@ def _bad_requests(model_id: str) -> list[tuple[str, dict]]:
         ("download off", chat_body(model_id, {"type": "video_url", "video_url": {
             "url": "http://127.0.0.1:9/video.mp4"}})),
         ("no model", {"messages": user(good)}),
+        ("text that is not Unicode", chat_body(model_id, text("caf\ud800"), good)),  # json.dumps escapes it
+        ("media type with a line break", chat_body(model_id, {"type": "video_url", "video_url": {
+            "url": "data:video/mp4\nforged log line;base64,AAAA"}})),
+        ("frequency_penalty", chat_body(model_id, good, frequency_penalty=0.5)),
+        ("guided_json", chat_body(model_id, good, guided_json={"type": "object"})),
     ]
 
 
@@ -377,6 +382,8 @@ MESSAGES = {
     "seed": "seed", "stop": "stop", "num_frames": "frames", "template": "nope", "tools": "tools",
     "file path off": "--allowed-media-root", "file url off": "--allowed-media-root",
     "download off": "--allow-remote-media", "no model": "model",
+    "text that is not Unicode": "prompt must be a string", "media type with a line break": "'video/mp4\\nforged",
+    "frequency_penalty": "'frequency_penalty' other than 0 is not supported", "guided_json": "structured output",
 }
 
 
@@ -393,6 +400,13 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(api, oa, model_id):
     assert "exactly one video_url" in err.value.message
     status, answer = post_json(api, "/v1/chat/completions", None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
+    status, answer = post_json(api, "/v1/chat/completions", None, raw=b"[" * 100_000)
+    assert status == 400 and "nested too deeply" in answer["error"]["message"]
+    refused = urllib.request.Request(f"http://{api.address}/v1/chat/completions", data=b"{}", method="POST",
+                                     headers={"content-type": "application/json", "x-request-id": "refused-1"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(refused, timeout=60)
+    assert err.value.code == 400 and err.value.headers["x-request-id"] == "refused-1"
     status, answer = post_json(api, "/v1/chat/completions", chat_body("gpt-4o", video_part()))
     assert status == 404 and answer["error"]["code"] == "model_not_found" and model_id in answer["error"]["message"]
     status, answer = get(api, "/v2/nothing")
@@ -445,6 +459,40 @@ def test_files_and_downloads_where_the_operator_allows_them(open_api, grpc_clien
     with pytest.raises(openai.APIStatusError) as err:
         oa.chat.completions.create(model="pllava-tiny", messages=user(video_part()), max_tokens=2)
     assert err.value.status_code == 413  # the whole body is over the limit too
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """A server that sends a body of 100 bytes one byte every 0.2 s (20 s in all)."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:  # the front end gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_is_bounded_in_all_not_per_read(decoder, logs, model_id):
+    """download_timeout_s bounds the whole download: a server trickling a byte at a time never
+    goes past a socket read's timeout, and used to hold the request for as long as it liked."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with start_openai(decoder.address, logs, "--allow-remote-media", "--download-timeout-s", "2") as front:
+            part = {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{httpd.server_address[1]}/v.mp4"}}
+            status, answer = post_json(front, "/v1/chat/completions", chat_body(model_id, part, max_tokens=2))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert status == 400 and "took longer than 2 s (download_timeout_s)" in answer["error"]["message"], answer
 
 
 # ---- a client that leaves, a full decoder ----------------------------------------------------------------
@@ -549,6 +597,9 @@ def test_the_front_ends_own_limit_answers_429(decoder, logs, model_id):
             with pytest.raises(openai.RateLimitError) as err:
                 oa.chat.completions.create(model=model_id, messages=user(video_part()), max_tokens=4)
             assert "max_concurrent_requests" in err.value.message and err.value.code == "resource_exhausted"
+            # refused before its body is read: a body that is not even JSON gets the 429 too
+            status, answer = post_json(small, "/v1/chat/completions", None, raw=b"{not json")
+            assert status == 429 and answer["error"]["code"] == "resource_exhausted", answer
         finally:
             running.close()
         # the place is free again once the stream is gone

@@ -56,6 +56,11 @@ _REQUEST_OVERHEAD_BYTES = 64 << 10
 _FRAME_OVERHEAD_BYTES = 16
 
 
+class RequestTooLarge(ValueError):
+    """The request would not fit in one gRPC message (the video, the frames or all its fields
+    together): sending it again cannot help."""
+
+
 class CaptionError(grpc.RpcError):
     """A call the server refused or that failed on the way.
 
@@ -346,7 +351,8 @@ class Client:
         client's default deadline. Raises TypeError for both or neither of ``video`` and
         ``frames``, ValueError for an empty frame list, a request larger than the channel's
         message limit or an argument the request cannot carry (a negative ``top_k``, ...; the
-        message names it), and OSError for a path that cannot be read; the server's refusals
+        message names it; :class:`RequestTooLarge`, a ValueError, for one too large), and OSError
+        for a path that cannot be read; the server's refusals
         (:class:`CaptionError`) surface while iterating.
         """
         if (video is None) == (frames is None):
@@ -361,13 +367,16 @@ class Client:
             data, name = read_video(video)
             size, content, what = len(data), dict(video=data), "the video is"
         if size + _REQUEST_OVERHEAD_BYTES > self._max_message:
-            raise ValueError(f"{what} {size} bytes; one request carries at most "
-                             f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video or frames")
+            raise RequestTooLarge(f"{what} {size} bytes; one request carries at most "
+                                  f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video or frames")
         request = caption_request(
             prompt=prompt, template=template, num_frames=num_frames, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
             seed=seed, stop=stop, request_id=request_id, video_name=name if video_name is None else video_name,
             **content)
+        if request.ByteSize() > self._max_message:  # a long prompt or stop strings beside the video
+            raise RequestTooLarge(f"the request is {request.ByteSize()} bytes with its prompt and other fields "
+                                  f"({what} {size}); one request carries at most {self._max_message}")
         call = self._stub.Caption(request, timeout=self._deadline(timeout))
         return CaptionStream(call, self._explain)
 

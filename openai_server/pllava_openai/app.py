@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pllava_client import CaptionError, Client
+from pllava_client import CaptionError, Client, RequestTooLarge
 from pllava_client.security import ClientTls
 from pllava_serving.security import read_tokens
 
@@ -45,6 +45,8 @@ log = logging.getLogger("pllava_openai")
 _BODY_OVERHEAD_BYTES = 1 << 20
 #: Deadline of the GetInfo calls behind /health and the model id.
 _INFO_TIMEOUT_S = 10.0
+#: Request bodies up to this size are parsed on the event loop; larger ones in a thread.
+_PARSE_ON_LOOP_BYTES = 64 << 10
 _CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 #: What a request whose client left is answered with (nobody reads it; nginx's word for it).
 _CLIENT_CLOSED = 499
@@ -125,11 +127,15 @@ class FrontEnd:
 
     # ---- captions ------------------------------------------------------------------------------
     def start_caption(self, chat: ChatRequest, media: Media, request_id: str) -> AsyncCaption:
+        """The caption call (building and sending a request of many megabytes: run it off the
+        event loop)."""
         try:
             stream = self.client.caption(media.data, video_name=media.name, request_id=request_id,
                                          **chat.caption_kwargs())
-        except ValueError as exc:  # larger than one gRPC message
+        except RequestTooLarge as exc:  # larger than one gRPC message
             raise ApiError(413, str(exc), param="messages[0].content") from None
+        except ValueError as exc:  # a field the request cannot carry (text that is not valid Unicode, ...)
+            raise ApiError(400, str(exc)) from None
         return AsyncCaption(stream, self.executor)
 
 
@@ -151,7 +157,9 @@ def create_app(settings: OpenAISettings) -> FastAPI:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         else:
             log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        request_id = getattr(request.state, "request_id", None)  # (a caption request's, set first)
+        return JSONResponse(exc.body(), status_code=exc.status,
+                            headers={"x-request-id": request_id} if request_id else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -187,16 +195,16 @@ def create_app(settings: OpenAISettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        request.state.request_id = request_id = _request_id(request)
         front.authorize(request)
-        chat = parse_chat_request(await _read_json(request, front.max_body_bytes))
-        model = await front.model_name()
-        if chat.model != model:
-            raise _unknown_model(chat.model, model)
-        media = await front.media.load(chat.media)
-        request_id = _request_id(request)
-        slot = front.admit()
+        slot = front.admit()  # before the body is read: a refused request costs no memory
         try:
-            call = front.start_caption(chat, media, request_id)
+            chat = parse_chat_request(await _read_json(request, front.max_body_bytes))
+            model = await front.model_name()
+            if chat.model != model:
+                raise _unknown_model(chat.model, model)
+            media = await front.media.load(chat.media)
+            call = await asyncio.to_thread(front.start_caption, chat, media, request_id)
         except BaseException:
             slot.release()
             raise
@@ -279,6 +287,13 @@ class _Answer:
             yield R.event(error.body())
             yield R.DONE_EVENT
             return
+        except Exception:  # noqa: BLE001 - a failure here: the stream still ends as the protocol says
+            self.failed = True
+            log.exception("%s: failed mid-stream", self.request_id)
+            yield R.event(ApiError(500, f"internal error (request {self.request_id}); the server log has "
+                                        "the details").body())
+            yield R.DONE_EVENT
+            return
         result = self.call.result
         self._log_done(result)
         yield R.event(R.chunk(*ids, {}, R.finish_reason(result)))
@@ -318,10 +333,13 @@ async def _read_json(request: Request, limit: int):
         if size > limit:
             raise _body_too_large(size, limit)
         body.append(piece)
-    try:
-        return json.loads(b"".join(body))
+    data = b"".join(body)
+    try:  # a body of megabytes (a video in base64) is parsed off the event loop
+        return json.loads(data) if size < _PARSE_ON_LOOP_BYTES else await asyncio.to_thread(json.loads, data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON for this server (nested too deeply)") from None
 
 
 def _body_too_large(size: int, limit: int) -> ApiError:

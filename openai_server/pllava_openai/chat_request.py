@@ -12,8 +12,9 @@ What is accepted (the subset of the OpenAI API a video captioner can honour):
   Left out, sampling is the decoder's default: greedy, not OpenAI's temperature 1.
 - Extra fields: ``num_frames`` (or vLLM's ``media_io_kwargs: {"video": {"num_frames": N}}``),
   ``template``, ``top_k`` and ``repetition_penalty``.
-- ``n`` other than 1, ``logprobs``, tools and structured output are refused; other OpenAI
-  fields (``user``, ``metadata``, penalties at 0, ...) are ignored.
+- ``n`` other than 1, ``logprobs``, tools, structured output (``response_format`` other than
+  text, vLLM's ``guided_*``) and frequency or presence penalties other than 0 are refused;
+  other OpenAI fields (``user``, ``metadata``, ...) are ignored.
 """
 from __future__ import annotations
 
@@ -160,6 +161,13 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("tools", "functions"):
         if body.get(name):
             raise bad_request(f"'{name}' is not supported: the model only writes captions", name)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name):  # (0 and null change nothing)
+            raise bad_request(f"'{name}' other than 0 is not supported; 'repetition_penalty' (HF-style, 1 = off) "
+                              "is", name)
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+        if body.get(name) is not None:
+            raise bad_request(f"'{name}' is not supported: structured output is not offered", name)
     response_format = body.get("response_format")
     if response_format is not None and (not isinstance(response_format, dict)
                                         or response_format.get("type") != "text"):

@@ -18,6 +18,7 @@ import base64
 import binascii
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ from .chat_request import MediaPart
 from .settings import OpenAISettings
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+#: type/subtype as RFC 6838 spells them (no spaces, quotes or control characters)
+_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$")
+#: bytes read from a download at a time, between checks of its deadline
+_DOWNLOAD_PIECE_BYTES = 1 << 20
 _MEDIA_TYPES = ("video/", "image/")
 _OPAQUE_MEDIA_TYPE = "application/octet-stream"
 _PARAM = "messages[0].content"
@@ -74,8 +79,10 @@ class MediaLoader:
         media_type = params[0].lower()
         if "base64" not in (p.lower() for p in params[1:]):
             raise bad_request("a data URL must be base64-encoded: data:video/mp4;base64,<data>", _PARAM)
-        if not (media_type.startswith(_MEDIA_TYPES) or media_type == _OPAQUE_MEDIA_TYPE):
-            raise bad_request(f"the data URL's media type is {media_type or 'missing'!s}; a video/... or image/... "
+        if not (_MEDIA_TYPE.match(media_type)
+                and (media_type.startswith(_MEDIA_TYPES) or media_type == _OPAQUE_MEDIA_TYPE)):
+            shown = repr(media_type[:80]) if media_type else "missing"
+            raise bad_request(f"the data URL's media type is {shown}; a video/... or image/... "
                               "type is expected (e.g. data:video/mp4;base64,...)", _PARAM)
         payload = "".join(payload.split())  # line breaks some encoders add
         if len(payload) // 4 * 3 > self.max_bytes + 2:
@@ -126,12 +133,13 @@ class MediaLoader:
                               "(data:video/mp4;base64,...); the operator can turn downloads on with "
                               "--allow-remote-media", _PARAM)
         request = urllib.request.Request(url, headers={"User-Agent": "pllava-openai"})
+        deadline = time.monotonic() + self.download_timeout_s
         try:
             with urllib.request.urlopen(request, timeout=self.download_timeout_s) as response:
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit():
                     self._check_size(int(declared), url)
-                data = response.read(self.max_bytes + 1)
+                data = self._read_within(response, url, deadline)
         except urllib.error.HTTPError as exc:
             raise bad_request(f"could not download {url}: HTTP {exc.code} {exc.reason}", _PARAM) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -141,6 +149,21 @@ class MediaLoader:
         if not data:
             raise bad_request(f"{url} is empty", _PARAM)
         return Media(data, os.path.basename(urlparse(url).path) or url)
+
+    def _read_within(self, response, url: str, deadline: float) -> bytes:
+        """The response's body, at most ``max_bytes`` + 1 of it, read by ``deadline`` (the
+        socket timeout alone bounds each read, and a server may send a byte at a time)."""
+        pieces, size = [], 0
+        while size <= self.max_bytes:
+            if time.monotonic() > deadline:
+                raise bad_request(f"downloading {url} took longer than {self.download_timeout_s:g} s "
+                                  "(download_timeout_s)", _PARAM)
+            piece = response.read1(min(_DOWNLOAD_PIECE_BYTES, self.max_bytes + 1 - size))
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+        return b"".join(pieces)
 
     # ---- limits --------------------------------------------------------------------------------
     def _check_size(self, size: int, what: str) -> None:

@@ -15,11 +15,12 @@ CPU, numpy and PIL only: it runs in the encoder's video-worker processes.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from .video import Frames, VideoError, read_image
+from .config import PreprocessorConfig
+from .video import Frames, VideoError, check_aspect_ratio, preprocess, read_image
 
 #: PIL format names of the images accepted, and the first bytes that announce them.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -54,19 +55,43 @@ def load_frame_images(images: Sequence[bytes], name: str = "frames", max_frame_p
     preprocessing resizes a whole video by one rule computed from its frame size. Raises
     VideoError naming ``name`` and the index of the frame at fault.
     """
-    if not images:
-        raise VideoError(f"{name}: no frames (the list of images is empty); send at least one image")
-    frames: list[np.ndarray] = []
-    for index, data in enumerate(images):
-        frame = decode_frame_image(bytes(data), f"{name}: frame {index}", max_frame_pixels)
-        if frames and frame.shape != frames[0].shape:
-            (h0, w0), (h, w) = frames[0].shape[:2], frame.shape[:2]
-            raise VideoError(f"{name}: frame {index} is {w}x{h} but frame 0 is {w0}x{h0}; all frames must have "
-                             "the same size, as a video's frames do (resize them to one size before sending)")
-        frames.append(frame)
+    frames = list(_decode_each(images, name, max_frame_pixels))
     count = len(frames)
     return Frames(frames=np.stack(frames), indices=tuple(range(count)), total_frames=count, fps=0.0,
                   is_image=False)
+
+
+def load_frame_pixels(images: Sequence[bytes], name: str = "frames", cfg: PreprocessorConfig | None = None,
+                      max_frame_pixels: int | None = None) -> np.ndarray:
+    """``preprocess(load_frame_images(images, name, max_frame_pixels).frames, cfg)``, bit for
+    bit, one image at a time: each is decoded and preprocessed before the next is decoded, so
+    memory follows the preprocessed size, not frames x source size. Frames whose aspect ratio
+    is over :data:`pllava.video.MAX_ASPECT_RATIO` are refused after the first is decoded."""
+    cfg = cfg or PreprocessorConfig()
+    out: np.ndarray | None = None
+    for index, frame in enumerate(_decode_each(images, name, max_frame_pixels)):
+        if out is None:
+            check_aspect_ratio(name, "frames are", frame.shape[1], frame.shape[0], cfg.shortest_edge)
+        pixels = preprocess(frame[None], cfg, name)
+        if out is None:
+            out = np.empty((len(images),) + pixels.shape[1:], pixels.dtype)
+        out[index] = pixels[0]
+    return out
+
+
+def _decode_each(images: Sequence[bytes], name: str, max_frame_pixels: int | None) -> Iterator[np.ndarray]:
+    """Decode ``images`` one by one, checking each has frame 0's size."""
+    if not images:
+        raise VideoError(f"{name}: no frames (the list of images is empty); send at least one image")
+    first: tuple[int, ...] | None = None
+    for index, data in enumerate(images):
+        frame = decode_frame_image(bytes(data), f"{name}: frame {index}", max_frame_pixels)
+        if first is not None and frame.shape != first:
+            (h0, w0), (h, w) = first[:2], frame.shape[:2]
+            raise VideoError(f"{name}: frame {index} is {w}x{h} but frame 0 is {w0}x{h0}; all frames must have "
+                             "the same size, as a video's frames do (resize them to one size before sending)")
+        first = frame.shape
+        yield frame
 
 
 def frames_num_frames(requested: int, count: int, default: int) -> int:

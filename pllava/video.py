@@ -16,6 +16,14 @@ data to stderr and gives messages that do not say what is wrong. A video's strea
 from its container header with PyAV first (no frame is decoded for that): a file without a
 video stream is named as such, and ``max_frame_pixels`` refuses frames too large to decode
 safely (a decompression bomb: a small file declaring huge frames) before any are decoded.
+Frames more than :data:`MAX_ASPECT_RATIO` times wider than high (or higher than wide) are
+refused too: PLLaVA's resize keeps their short side at 336 pixels, so a 2048x1 strip would
+become 688128x336 (see :func:`check_aspect_ratio`).
+
+:func:`load_pixels` does both stages for one input with bounded memory: a video's sampled
+frames are decoded a few at a time (:data:`DECODE_GROUP_BYTES`), each group preprocessed
+before the next is decoded, so memory follows the preprocessed size, not frames x source
+size. Its pixels are those of ``preprocess(load_frames(...).frames)``, bit for bit.
 
 This module is CPU and numpy only: no MindSpore, no torch.
 """
@@ -45,6 +53,18 @@ PLLAVA_RESAMPLE = Image.BICUBIC
 class VideoError(ValueError):
     """The input cannot be used as a video or image; the message names it and says why."""
 
+
+#: Frames whose long side is more than this many times their short side are refused
+#: (:func:`check_aspect_ratio`). PLLaVA's resize keeps the short side at ``shortest_edge``
+#: (336), so the long side becomes about 336 x the aspect ratio: at most 3,360 pixels here,
+#: where a 2048x1 strip (which passes any pixel limit) would need 688,128.
+MAX_ASPECT_RATIO = 10
+
+#: Largest group of full-size frames a video is decoded in at once (bytes of RGB, at least one
+#: frame, at most :data:`MAX_DECODE_GROUP` frames); each group is preprocessed (shrunk) before
+#: the next is decoded.
+DECODE_GROUP_BYTES = 64 << 20
+MAX_DECODE_GROUP = 16
 
 #: decord returns garbled rows (its channel count is the padded row size over the width) for
 #: some frames this narrow; the widest seen failing was 72 pixels.
@@ -90,6 +110,23 @@ def load_frames(source: Source, num_frames: int, max_frame_pixels: int | None = 
     not a video or image, without a video stream, not decodable, or whose frames (as its
     header declares them) have more than ``max_frame_pixels`` pixels, and for ``num_frames < 1``.
     """
+    return _load(source, num_frames, max_frame_pixels, None)
+
+
+def load_pixels(source: Source, num_frames: int, cfg: PreprocessorConfig | None = None,
+                max_frame_pixels: int | None = None) -> np.ndarray:
+    """``preprocess(load_frames(source, num_frames, max_frame_pixels).frames, cfg)``, bit for
+    bit, without holding every sampled frame at full size: a video's frames are decoded in
+    groups of at most :data:`DECODE_GROUP_BYTES` and each group is preprocessed before the
+    next is decoded. Frames over :data:`MAX_ASPECT_RATIO` are refused from the video's
+    header, before any is decoded. (num_frames, 3, crop_h, crop_w) float32 for a video,
+    (1, 3, crop_h, crop_w) for a still image; raises :class:`VideoError` as
+    :func:`load_frames` and :func:`preprocess` do."""
+    return _load(source, num_frames, max_frame_pixels, cfg or PreprocessorConfig()).frames
+
+
+def _load(source: Source, num_frames: int, max_frame_pixels: int | None, cfg: PreprocessorConfig | None) -> Frames:
+    """:func:`load_frames`, or with ``cfg`` :func:`load_pixels` (then ``frames`` holds pixel values)."""
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
         raise VideoError(f"num_frames must be a positive integer, got {num_frames!r}")
     name, path, data = _open_source(source)
@@ -104,14 +141,27 @@ def load_frames(source: Source, num_frames: int, max_frame_pixels: int | None = 
     except OSError as exc:  # permission denied, I/O error, ...
         raise VideoError(f"{name}: could not be read ({exc.strerror or exc})") from exc
     if kind == "image":
-        return _load_image(path if path is not None else io.BytesIO(data), name, max_frame_pixels)
-    return _load_video(path if path is not None else io.BytesIO(data), name, int(num_frames), max_frame_pixels)
+        return _load_image(path if path is not None else io.BytesIO(data), name, max_frame_pixels, cfg)
+    return _load_video(path if path is not None else io.BytesIO(data), name, int(num_frames), max_frame_pixels, cfg)
 
 
 def _check_frame_size(name: str, what: str, width: int, height: int, max_frame_pixels: int | None) -> None:
     if max_frame_pixels is not None and width * height > max_frame_pixels:
         raise VideoError(f"{name}: the {what} {width}x{height} = {width * height:,} pixels, over the limit of "
                          f"{max_frame_pixels:,} pixels per frame (max_frame_pixels); scale it down first")
+
+
+def check_aspect_ratio(name: str, what: str, width: int, height: int, shortest_edge: int = 336) -> None:
+    """Refuse (:class:`VideoError`) frames whose long side is over :data:`MAX_ASPECT_RATIO`
+    times their short side, saying what they would be resized to. ``what`` is e.g. "image is"."""
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT_RATIO * short:
+        new_h, new_w = pllava_resize_size(height, width, shortest_edge)
+        ratio = f"{long / short:.1f}".removesuffix(".0")
+        prefix = f"{name}: " if name else ""
+        raise VideoError(f"{prefix}the {what} {width}x{height} pixels, an aspect ratio of {ratio}:1, over the limit of "
+                         f"{MAX_ASPECT_RATIO}:1 (the preprocessing keeps the short side at {shortest_edge} pixels: "
+                         f"{new_w}x{new_h} after resizing); crop or pad to at most {MAX_ASPECT_RATIO}:1 first")
 
 
 def _open_source(source: Source) -> tuple[str, Path | None, bytes | None]:
@@ -244,10 +294,15 @@ def probe_video(src: Path | BinaryIO, name: str) -> VideoHeader:
     return VideoHeader(width, height)
 
 
-def _load_video(src: Path | BinaryIO, name: str, num_frames: int, max_frame_pixels: int | None = None) -> Frames:
-    """Decode ``num_frames`` frames sampled with :func:`get_index`, as PLLaVA's demo does."""
+def _load_video(src: Path | BinaryIO, name: str, num_frames: int, max_frame_pixels: int | None = None,
+                cfg: PreprocessorConfig | None = None) -> Frames:
+    """Decode ``num_frames`` frames sampled with :func:`get_index`, as PLLaVA's demo does, a
+    group at a time (:func:`_decode_group`); with ``cfg`` each group is preprocessed as soon as
+    it is decoded and ``frames`` holds the pixel values."""
     header = probe_video(src, name)
     _check_frame_size(name, "video's frames are", header.width, header.height, max_frame_pixels)
+    if cfg is not None:  # from the header, before any frame is decoded
+        check_aspect_ratio(name, "video's frames are", header.width, header.height, cfg.shortest_edge)
     try:
         # Imported here so that preprocessing (and servers that only preprocess) work where
         # decord has no wheel; only decoding a video needs it.
@@ -256,13 +311,26 @@ def _load_video(src: Path | BinaryIO, name: str, num_frames: int, max_frame_pixe
         raise VideoError(f"{name}: decoding videos needs the 'decord' package ({exc})") from exc
     # decord reads a file object by copying it to memory; a path lets FFmpeg read the file.
     uri = str(src) if isinstance(src, Path) else src
+    group = max(1, min(MAX_DECODE_GROUP, DECODE_GROUP_BYTES // max(1, header.width * header.height * 3)))
+    out: np.ndarray | None = None
     try:
         reader = decord.VideoReader(uri, ctx=decord.cpu(0))
         total = len(reader)
         indices = get_index(total, num_frames)
-        # Same pixels as the reference's one-at-a-time ``reader[i].asnumpy()``, in one call.
-        frames = reader.get_batch(indices).asnumpy()
         fps = float(reader.get_avg_fps())
+        for start in range(0, num_frames, group):
+            # Same pixels as the reference's one-at-a-time ``reader[i].asnumpy()`` (and as one
+            # get_batch of them all), a group per call: only one group is held at full size.
+            part = _decode_group(reader, indices[start:start + group], name, header, cfg)
+            if out is None:
+                out = np.empty((num_frames,) + part.shape[1:], part.dtype)
+            elif part.shape[1:] != out.shape[1:]:
+                raise VideoError(f"{name}: decoder returned frames of shape {part.shape[1:]} after frames of "
+                                 f"shape {out.shape[1:]}; the video's frame size changes")
+            out[start:start + len(part)] = part
+            del part
+    except VideoError:
+        raise
     except AssertionError as exc:  # decord asserts a positive frame count
         raise VideoError(f"{name}: the video has no decodable frames ({exc})") from exc
     except (RuntimeError, ValueError, IndexError, decord.DECORDError) as exc:
@@ -272,12 +340,20 @@ def _load_video(src: Path | BinaryIO, name: str, num_frames: int, max_frame_pixe
         reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip().splitlines() or [type(exc).__name__]
         raise VideoError(f"{name}: could not be decoded as a video; the file may be corrupt or truncated "
                          f"(decord: {reason[-1][:300]})") from exc
+    return Frames(frames=out, indices=tuple(indices), total_frames=total, fps=fps, is_image=False)
+
+
+def _decode_group(reader, indices: list[int], name: str, header: VideoHeader,
+                  cfg: PreprocessorConfig | None) -> np.ndarray:
+    """Frames ``indices`` of ``reader`` (preprocessed with ``cfg``); the full-size frames are
+    this function's alone, so they are freed when it returns."""
+    frames = reader.get_batch(indices).asnumpy()
     if frames.ndim == 4 and frames.shape[-1] != 3 and header.width < NARROW_VIDEO_WIDTH:
         raise _too_narrow(name, header)
-    if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise VideoError(f"{name}: decoder returned frames of shape {frames.shape} and dtype {frames.dtype}, "
-                         f"expected ({num_frames}, H, W, 3) uint8")
-    return Frames(frames=frames, indices=tuple(indices), total_frames=total, fps=fps, is_image=False)
+                         f"expected ({len(indices)}, H, W, 3) uint8")
+    return frames if cfg is None else preprocess(frames, cfg, name)
 
 
 def _too_narrow(name: str, header: VideoHeader) -> VideoError:
@@ -286,10 +362,14 @@ def _too_narrow(name: str, header: VideoHeader) -> VideoError:
                       "image (images have no lower size limit)")
 
 
-def _load_image(src: Path | BinaryIO, name: str, max_frame_pixels: int | None = None) -> Frames:
-    """Read a still image as one RGB frame (see :func:`read_image`)."""
-    frame = read_image(src, name, max_frame_pixels=max_frame_pixels)
-    return Frames(frames=frame[None].copy(), indices=(0,), total_frames=1, fps=0.0, is_image=True)
+def _load_image(src: Path | BinaryIO, name: str, max_frame_pixels: int | None = None,
+                cfg: PreprocessorConfig | None = None) -> Frames:
+    """Read a still image as one RGB frame (see :func:`read_image`); with ``cfg``, preprocessed."""
+    frame = read_image(src, name, max_frame_pixels=max_frame_pixels)[None]
+    if cfg is not None:
+        check_aspect_ratio(name, "image is", frame.shape[2], frame.shape[1], cfg.shortest_edge)
+    frames = frame.copy() if cfg is None else preprocess(frame, cfg, name)
+    return Frames(frames=frames, indices=(0,), total_frames=1, fps=0.0, is_image=True)
 
 
 def read_image(src: Path | BinaryIO, name: str, formats: Sequence[str] | None = None,
@@ -300,7 +380,8 @@ def read_image(src: Path | BinaryIO, name: str, formats: Sequence[str] | None = 
     is composited on white, as transformers' ``convert_to_rgb`` does; 16-bit grayscale keeps
     its top 8 bits instead of being clipped at 255. Animated images give their first frame.
     ``formats`` (PIL format names) limits the decoders PIL may try; others are refused.
-    Larger than ``max_frame_pixels`` (from the header, before decoding) is refused too.
+    Larger than ``max_frame_pixels`` (from the header, before decoding) is refused too. Any
+    failure of the decoder (corrupt data makes Pillow raise more than OSError) is a VideoError.
     """
     try:
         with Image.open(src, formats=formats) as img:
@@ -312,8 +393,9 @@ def read_image(src: Path | BinaryIO, name: str, formats: Sequence[str] | None = 
         raise VideoError(f"{name}: refused as a possible decompression bomb: {exc}") from exc
     except VideoError:
         raise
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise VideoError(f"{name}: could not be read as an image; it may be corrupt or truncated ({exc})") from exc
+    except Exception as exc:  # Pillow's decoders raise many types on corrupt data (TypeError, struct.error, ...)
+        reason = f"{exc}" if isinstance(exc, (OSError, SyntaxError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        raise VideoError(f"{name}: could not be read as an image; it may be corrupt or truncated ({reason})") from exc
     frame = np.asarray(rgb, dtype=np.uint8)
     if frame.ndim != 3 or frame.shape[-1] != 3 or 0 in frame.shape:
         raise VideoError(f"{name}: image decoded to shape {frame.shape}, expected (H, W, 3)")
@@ -342,7 +424,9 @@ def pllava_resize_size(height: int, width: int, shortest_edge: int = 336) -> tup
     below ``shortest_edge``. The reference also passes max_size=9999, which cannot take
     effect: it only bites for a long side > 9999, where the short side would fall below
     ``shortest_edge`` and the reference then recomputes without it. Its "center crop of the
-    long side" removes nothing for a single video, so it is not reproduced.
+    long side" removes nothing for a single video, so it is not reproduced. The long side
+    grows with the aspect ratio (``shortest_edge`` x ratio), which is why :func:`preprocess`
+    refuses ratios over :data:`MAX_ASPECT_RATIO`.
     """
     short, long = min(height, width), max(height, width)
     rate = long / short
@@ -397,7 +481,7 @@ def center_crop(frames: np.ndarray, crop_height: int, crop_width: int) -> np.nda
     return canvas[:, max(0, top):min(new_h, top + crop_height), max(0, left):min(new_w, left + crop_width)]
 
 
-def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None) -> np.ndarray:
+def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None, name: str = "") -> np.ndarray:
     """(T, H, W, 3) uint8 RGB frames of one video -> float32 (T, 3, crop_h, crop_w) pixel values.
 
     PLLaVA's long/short resize (always applied: it belongs to PLLaVA's processor, not to the
@@ -405,7 +489,9 @@ def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None) -> np.
     shortest edge, center crop, rescale, normalize. The arithmetic follows transformers so the
     values match its ``CLIPImageProcessor`` (PIL backend) bit for bit: rescale in float64 then
     cast to float32, normalize in float32. ``do_convert_rgb`` has nothing to do here: frames
-    are RGB already (:func:`load_frames` converts images).
+    are RGB already (:func:`load_frames` converts images). Frames whose aspect ratio is over
+    :data:`MAX_ASPECT_RATIO` raise :class:`VideoError` (prefixed with ``name``), before any resize.
+    Each frame is processed on its own, so preprocessing frames in groups gives the same values.
     """
     cfg = cfg or PreprocessorConfig()
     frames = np.asarray(frames)
@@ -413,6 +499,7 @@ def preprocess(frames: np.ndarray, cfg: PreprocessorConfig | None = None) -> np.
         raise ValueError(f"frames must be a non-empty (T, H, W, 3) uint8 array, "
                          f"got shape {frames.shape} dtype {frames.dtype}")
     _, height, width, _ = frames.shape
+    check_aspect_ratio(name, "frames are", width, height, cfg.shortest_edge)
     frames = resize_frames(frames, pllava_resize_size(height, width, cfg.shortest_edge), PLLAVA_RESAMPLE)
     if cfg.do_resize:
         frames = resize_frames(frames, clip_resize_size(*frames.shape[1:3], cfg.shortest_edge), cfg.resample)

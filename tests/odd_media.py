@@ -6,7 +6,9 @@ nothing here is decoded.
 - :func:`audio_only` / :func:`no_streams_mp4`: valid files with no video stream;
 - :func:`tiny_video`: a valid H.264 clip of any size, down to 1x1;
 - :func:`mkv_declaring` / :func:`png_declaring`: decompression bombs, a few KB that declare
-  frames of ``width`` x ``height`` pixels.
+  frames of ``width`` x ``height`` pixels;
+- :func:`crashing_avi`: a truncated AVI that crashes the process decoding it;
+- :func:`tiff_with_rational_strip_offsets`: a corrupt TIFF on which Pillow raises TypeError.
 """
 from __future__ import annotations
 
@@ -98,3 +100,39 @@ def png_declaring(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))  # the chunk type and its 13 bytes of data
     data[ihdr + 17:ihdr + 21] = crc.to_bytes(4, "big")
     return bytes(data)
+
+
+def crashing_avi() -> bytes:
+    """The first 30% of an MPEG-4 AVI (48 frames of 256x192): decord dies with SIGSEGV on it
+    (decord 0.6.0), taking down the process that decodes it: an input that crashes the
+    decoder every time."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="avi") as c:
+        stream = c.add_stream("mpeg4", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 256, 192, "yuv420p"
+        for i in range(48):
+            frame = np.zeros((192, 256, 3), np.uint8)
+            frame[:, (i * 5) % 256:(i * 5) % 256 + 20] = 255
+            frame[..., 1] = i * 5
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    data = out.getvalue()
+    return data[: int(len(data) * 0.3)]
+
+
+def tiff_with_rational_strip_offsets() -> bytes:
+    """A 32x24 TIFF whose StripOffsets tag claims the type RATIONAL: Pillow raises TypeError
+    ("'IFDRational' object cannot be interpreted as an integer") while loading it."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"II*\x00"  # little-endian: IFD offset, then 12-byte entries (tag, type, count, value)
+    ifd = int.from_bytes(data[4:8], "little")
+    for entry in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+        at = ifd + 2 + 12 * entry
+        if int.from_bytes(data[at:at + 2], "little") == 273:  # StripOffsets
+            data[at + 2:at + 4] = (5).to_bytes(2, "little")   # RATIONAL
+            return bytes(data)
+    raise AssertionError("Pillow wrote a TIFF without StripOffsets")

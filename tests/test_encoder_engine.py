@@ -19,7 +19,7 @@ from pllava.runtime import setup_backend
 from pllava.video import VideoError, load_frames, preprocess
 from pllava_encoder.engine import VisionEncoderEngine
 from pllava_encoder.settings import EncoderSettings
-from pllava_encoder.video_workers import DecodeTimeout
+from pllava_encoder.video_workers import DecodeTimeout, VideoWorkerPool
 from pllava_serving.errors import Overloaded
 
 import odd_media
@@ -209,6 +209,81 @@ def test_a_crashed_video_worker_is_replaced(loop, engine, videos_dir, caplog):
                and not set(engine.video_workers.pids) & (set(workers) | set(busy)))
 
 
+def test_an_input_that_crashes_every_worker_costs_one_worker_of_the_pool(loop, engine, videos_dir, caplog):
+    """odd_media.crashing_avi() kills the process that decodes it (decord dies with SIGSEGV).
+    Its retry runs on the worker started in the crashed one's place, not on the pool's other
+    worker: two workers replaced, and the one that never touched the file still runs."""
+    pool = engine.video_workers
+    wait_until(lambda: len(pool.pids) == 2)
+    before, replaced = pool.pids, pool.replaced
+    with pytest.raises(VideoError, match=r"^crash\.avi: the video decoder crashed twice on this input; "
+                                         r"the file is probably corrupt$"):
+        loop.run(engine.encode(odd_media.crashing_avi(), 0, "crash.avi"))
+    wait_until(lambda: len(pool.pids) == 2)
+    assert pool.replaced - replaced == 2
+    assert len(set(before) & set(pool.pids)) == 1, "the retry must not take the pool's other worker"
+    assert "died while decoding crash.avi (killed by signal 11) (attempt 1 of 2)" in caplog.text
+    assert "died while decoding crash.avi (killed by signal 11) (attempt 2 of 2)" in caplog.text
+    assert loop.run(engine.encode((videos_dir / "short.mp4").read_bytes())).visual.shape == (576, 64)
+
+
+def start_pool(loop: LoopThread, size: int = 1) -> VideoWorkerPool:
+    async def start():
+        return await VideoWorkerPool(size, timeout_s=120).start()
+    return loop.run(start())
+
+
+def test_a_caller_cancelled_while_its_dead_worker_is_examined_leaves_no_worker_lost(loop):
+    """The caller goes away while the pool waits for its dead worker's exit status (the wait
+    is held open here until the caller is cancelled): the worker is still replaced, and the
+    next job gets the replacement instead of waiting forever for a worker."""
+    pool = start_pool(loop)
+    (worker,) = pool._workers
+    examining, resume = threading.Event(), threading.Event()
+    join = worker.process.join
+
+    def held_join(timeout=None):
+        examining.set()
+        resume.wait(30)
+        return join(timeout)
+
+    worker.process.join = held_join
+
+    async def scenario():
+        job = asyncio.create_task(pool.run((os._exit, 3), "exits.mp4"))  # the worker exits: EOF, then join
+        assert await asyncio.to_thread(examining.wait, 60)
+        job.cancel()
+        resume.set()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        return await asyncio.wait_for(pool.run((os.getpid,)), 60)  # hangs without a replacement
+
+    try:
+        pid = loop.run(scenario())
+        assert pid != worker.process.pid and pool.replaced == 1 and pool.pids == [pid] and not pool.busy_pids
+    finally:
+        resume.set()
+        loop.run(pool.close())
+
+
+def test_a_job_that_fails_unforeseen_leaves_no_worker_lost(loop):
+    """A job the pipe cannot carry (a lambda cannot be pickled) fails with its own error; its
+    worker, in an unknown state, is replaced rather than left busy for good."""
+    pool = start_pool(loop)
+    first = pool.pids
+
+    async def scenario():
+        with pytest.raises(Exception, match="pickle"):
+            await pool.run((os.getpid, lambda: None), "unpicklable")
+        return await asyncio.wait_for(pool.run((os.getpid,)), 60)  # hangs if the worker was lost
+
+    try:
+        pid = loop.run(scenario())
+        assert pool.pids == [pid] and pid not in first and pool.replaced == 1 and not pool.busy_pids
+    finally:
+        loop.run(pool.close())
+
+
 def is_dead(pid: int) -> bool:
     """Our child ``pid`` has ended as the pool will see it: waitable (looked at without reaping
     it, so the pool still gets its exit status), or already reaped. A "Z" in /proc is not
@@ -287,6 +362,26 @@ def test_unusual_files_are_refused_by_name(loop, engine, name, data, message):
     with pytest.raises(VideoError) as err:
         loop.run(engine.encode(data, 0, name))
     assert str(err.value).startswith(f"{name}: ") and message in str(err.value)
+
+
+def _png(height: int, width: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_frames_of_an_extreme_aspect_ratio_are_refused_by_name(loop, engine):
+    """A 200x2 strip is tiny, but the preprocessing keeps the short side at 336 pixels, so each
+    frame would be resized to 33600x336 (a 2048x1 one to 688128x336): over 10:1 is refused,
+    as a file and as frames sent as images; 10:1 exactly is encoded."""
+    limit = "over the limit of 10:1 (the preprocessing keeps the short side at 336 pixels: 33600x336 after resizing)"
+    with pytest.raises(VideoError) as err:
+        loop.run(engine.encode_frames([_png(2, 200)] * 3, 0, "cam"))
+    assert str(err.value).startswith(f"cam: the frames are 200x2 pixels, an aspect ratio of 100:1, {limit}")
+    with pytest.raises(VideoError) as err:
+        loop.run(engine.encode(_png(2, 200), 0, "strip.png"))
+    assert str(err.value).startswith(f"strip.png: the image is 200x2 pixels, an aspect ratio of 100:1, {limit}")
+    assert loop.run(engine.encode_frames([_png(4, 40)] * 2, 0, "ten")).visual.shape == (576, 64)
 
 
 def test_frames_sent_as_images_obey_max_frame_pixels(loop, engine, videos_dir):

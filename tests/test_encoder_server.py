@@ -1,6 +1,7 @@
 """The real ``pllava-encoder`` as a subprocess on 127.0.0.1, spoken to over gRPC."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
 
 from pllava.config import PllavaConfig, PreprocessorConfig
 from pllava.model import PllavaVision
@@ -140,11 +142,28 @@ def bad_requests(videos_dir):
                        "16,777,216 pixels per frame (max_frame_pixels)"),
         "image bomb": (pllava_pb2.EncodeRequest(video=odd_media.png_declaring(5000, 5000), video_name="b.png"),
                        "b.png: the image is 5000x5000 = 25,000,000 pixels, over the limit"),
+        "thin video": (pllava_pb2.EncodeRequest(video=odd_media.tiny_video(130, 2), video_name="thin.mp4"),
+                       "thin.mp4: the video's frames are 130x2 pixels, an aspect ratio of 65:1, over the limit of "
+                       "10:1 (the preprocessing keeps the short side at 336 pixels: 21840x336 after resizing)"),
+        "thin frames": (pllava_pb2.EncodeRequest(frames=pllava_pb2.Frames(images=[thin_png()] * 2), video_name="cam"),
+                        "cam: the frames are 2048x1 pixels, an aspect ratio of 2048:1, over the limit of 10:1"),
+        "corrupt tiff": (pllava_pb2.EncodeRequest(video=odd_media.tiff_with_rational_strip_offsets(),
+                                                  video_name="scan.tif"),
+                         "scan.tif: could not be read as an image; it may be corrupt or truncated (TypeError: "
+                         "'IFDRational' object cannot be interpreted as an integer)"),
     }
 
 
+def thin_png() -> bytes:
+    """A 2048x1 PNG of 100 bytes; resized to a short side of 336 it would be 688128x336."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((1, 2048, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("case", ["empty", "random", "truncated", "text", "huge num_frames", "257 frames",
-                                  "audio only", "1x1 video", "video bomb", "image bomb"])
+                                  "audio only", "1x1 video", "video bomb", "image bomb", "thin video",
+                                  "thin frames", "corrupt tiff"])
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, encoder, videos_dir, case):
     request, message = bad_requests(videos_dir)[case]
     with pytest.raises(grpc.RpcError) as err:

@@ -18,14 +18,17 @@ from transformers.image_transforms import resize as hf_resize
 from transformers.image_utils import ChannelDimension, PILImageResampling
 
 import odd_media
+import pllava.video
 from pllava.config import PreprocessorConfig
 from pllava.video import (
+    MAX_ASPECT_RATIO,
     Frames,
     VideoError,
     center_crop_box,
     clip_resize_size,
     get_index,
     load_frames,
+    load_pixels,
     load_video,
     pixel_table,
     pllava_resize_size,
@@ -284,6 +287,14 @@ def test_missing_path_and_directory(tmp_path):
         load_frames(tmp_path, 4)
 
 
+def test_a_corrupt_tiff_that_makes_pillow_raise_type_error_is_a_video_error():
+    """Pillow raises TypeError ('IFDRational' ...) on this TIFF; any decoder failure of an
+    image is the input's fault (VideoError -> INVALID_ARGUMENT), not an internal error."""
+    with pytest.raises(VideoError, match=r"^<bytes>: could not be read as an image; it may be corrupt or truncated "
+                                         r"\(TypeError: 'IFDRational' object cannot be interpreted as an integer\)"):
+        load_frames(odd_media.tiff_with_rational_strip_offsets(), 4)
+
+
 def test_truncated_image(tmp_path):
     Image.fromarray(_rng_image(64, 64)).save(tmp_path / "a.png")
     data = (tmp_path / "a.png").read_bytes()
@@ -330,7 +341,52 @@ def test_a_video_too_narrow_to_decode_is_refused_as_too_small(width, height):
 def test_small_videos_the_decoder_handles_are_loaded(width, height):
     frames = load_frames(odd_media.tiny_video(width, height), 4)
     assert frames.frames.shape == (4, height, width, 3) and not frames.is_image
-    assert load_video(odd_media.tiny_video(width, height), 4)[0].shape == (4, 3, 336, 336)
+    if width <= MAX_ASPECT_RATIO * height:  # 130x2 is decoded, but refused by the preprocessing (65:1)
+        assert load_video(odd_media.tiny_video(width, height), 4)[0].shape == (4, 3, 336, 336)
+
+
+def _png(height: int, width: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_rng_image(height, width)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_frames_of_an_extreme_aspect_ratio_are_refused(monkeypatch):
+    """PLLaVA's resize keeps the short side at 336 pixels, so a 2048x1 strip (within any pixel
+    limit) would become 688128x336 pixels a frame. Over 10:1 is refused by name, from the
+    header for a video (before decoding), whichever way the frames arrive."""
+    assert MAX_ASPECT_RATIO == 10
+    limit = r"over the limit of 10:1 \(the preprocessing keeps the short side at 336 pixels: "
+    with pytest.raises(VideoError, match=rf"^strip\.png: the image is 2048x1 pixels, an aspect ratio of 2048:1, "
+                                         rf"{limit}688128x336 after resizing\); crop or pad to at most 10:1 first$"):
+        load_pixels(_named(_png(1, 2048), "strip.png"), 4)
+    spy = _GroupSpy(monkeypatch)
+    with pytest.raises(VideoError, match=rf"^thin\.mp4: the video's frames are 130x2 pixels, an aspect ratio of "
+                                         rf"65:1, {limit}21840x336 after resizing\)"):
+        load_pixels(_named(odd_media.tiny_video(130, 2), "thin.mp4"), 4)
+    assert spy.batches == []  # refused from the header: no frame was decoded
+    # preprocess itself refuses them (the in-process pipeline, frames sent as images), tall ones too
+    with pytest.raises(VideoError, match=rf"^the frames are 2x41 pixels, an aspect ratio of 20.5:1, {limit}"
+                                         r"336x6888 after resizing\)"):
+        preprocess(np.zeros((3, 41, 2, 3), np.uint8))
+    with pytest.raises(VideoError, match=r"^the frames are 130x2 pixels"):
+        load_video(odd_media.tiny_video(130, 2), 4)
+    # 10:1 exactly passes, and is preprocessed as before; just over it is refused
+    for height, width in [(4, 40), (40, 4), (34, 336)]:
+        frames = _rng_image(height, width)[None]
+        _assert_parity(frames, PreprocessorConfig(), (1, 3, 336, 336))
+        np.testing.assert_array_equal(load_pixels(_png(height, width), 4), preprocess(frames))
+    for height, width in [(4, 41), (41, 4), (33, 336)]:
+        with pytest.raises(VideoError, match="over the limit of 10:1"):
+            preprocess(_rng_image(height, width)[None])
+        with pytest.raises(VideoError, match="the image is .* over the limit of 10:1"):
+            load_pixels(_png(height, width), 4)
+
+
+def _named(data: bytes, name: str) -> io.BytesIO:
+    source = io.BytesIO(data)
+    source.name = name
+    return source
 
 
 def test_a_one_pixel_image_is_loaded():
@@ -357,6 +413,76 @@ def test_frames_over_max_frame_pixels_are_refused_from_the_header():
         load_frames(ORBIT, 2, max_frame_pixels=322 * 182 - 1)
     with pytest.raises(VideoError, match=r"still\.jpg: the image is 333x241"):
         load_frames(STILL, 2, max_frame_pixels=333 * 241 - 1)
+
+
+# --------------------------------------------------------------------------- decoding in groups
+
+class _GroupSpy:
+    """Wraps decord.VideoReader: records each get_batch's frame count and whether any frames an
+    earlier get_batch returned were still alive (referenced) when it was called."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        import decord
+        self.batches: list[int] = []
+        self.alive_at_call: list[int] = []
+        spy = self
+        real = decord.VideoReader
+
+        class Batch:
+            def __init__(self, array):
+                self.array = array
+
+            def asnumpy(self):
+                frames = self.array.asnumpy()
+                spy.returned.append(weakref.ref(frames))
+                return frames
+
+        class Reader(real):
+            def get_batch(self, indices):
+                spy.alive_at_call.append(sum(ref() is not None for ref in spy.returned))
+                spy.batches.append(len(indices))
+                return Batch(super().get_batch(indices))
+
+        self.returned: list = []
+        monkeypatch.setattr(decord, "VideoReader", Reader)
+
+
+def _all_at_once(source, num_frames: int) -> np.ndarray:
+    """The frames as decord gives them in ONE get_batch (how videos were read before)."""
+    import decord
+    reader = decord.VideoReader(str(source) if isinstance(source, Path) else io.BytesIO(source), ctx=decord.cpu(0))
+    return reader.get_batch(get_index(len(reader), num_frames)).asnumpy()
+
+
+def test_a_video_is_decoded_a_group_at_a_time_with_the_same_pixels(monkeypatch):
+    """load_pixels (what a video worker runs) holds one group of full-size frames at a time:
+    1080p frames are 6.2 MB, so 24 of them come 10 at a time (64 MiB), each group released
+    before the next is decoded; the pixels are those of the old all-at-once decode, bit for bit."""
+    data = odd_media.tiny_video(1920, 1080, frames=12)
+    expected = preprocess(_all_at_once(data, 24))
+    spy = _GroupSpy(monkeypatch)
+    pixels = load_pixels(data, 24)
+    assert spy.batches == [10, 10, 4] and spy.alive_at_call == [0, 0, 0]
+    assert pixels.shape == (24, 3, 336, 336)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("clip, num_frames", [(ORBIT, 16), (PORTRAIT, 16), (SHORT, 16), (ORBIT, 40)])
+def test_groups_of_frames_give_the_pixels_of_one_batch(monkeypatch, clip, num_frames):
+    """Groups of 3 frames (a budget of 3 frames' bytes) on the sample clips: the same frames and
+    pixels as one get_batch of all of them (short.mp4 repeats frames)."""
+    frames = _all_at_once(clip, num_frames)
+    height, width = frames.shape[1:3]
+    monkeypatch.setattr(pllava.video, "DECODE_GROUP_BYTES", 3 * height * width * 3)
+    spy = _GroupSpy(monkeypatch)
+    loaded = load_frames(clip, num_frames)
+    np.testing.assert_array_equal(loaded.frames, frames)
+    pixels = load_pixels(clip.read_bytes(), num_frames)
+    np.testing.assert_array_equal(pixels, preprocess(frames))
+    assert spy.batches == ([3] * (num_frames // 3) + ([num_frames % 3] if num_frames % 3 else [])) * 2
+    assert set(spy.alive_at_call) == {0}  # each group was released before the next was decoded
 
 
 # --------------------------------------------------------------------------- preprocessing sizes

@@ -20,8 +20,9 @@ processes were a little faster, keep the GIL free for the event loop and the vis
 and above all isolate FFmpeg: a malformed upload that crashes the native decoder kills a
 worker, not the server, and a video that takes longer than ``decode_timeout_s`` has its
 worker killed (DEADLINE_EXCEEDED). Either way only that worker is replaced
-(:mod:`pllava_encoder.video_workers`); a crashed request is retried once on a fresh worker,
-and a second crash is blamed on the input (INVALID_ARGUMENT). Workers import only
+(:mod:`pllava_encoder.video_workers`); a crashed request is retried once on a fresh worker
+(the one started in the crashed one's place, never another of the pool), and a second crash
+is blamed on the input (INVALID_ARGUMENT). Workers import only
 ``pllava.video`` and end with the server, even one killed with SIGKILL in the middle of a job
 (:mod:`pllava_serving.parent_death`). Frames larger than ``max_frame_pixels`` are refused
 from the container header, before any is decoded.
@@ -119,7 +120,7 @@ class VisionEncoderEngine:
         # in-process ``pllava caption --num-frames N`` does.
         self.checkpoint_cfg = PllavaConfig.from_pretrained(folder)
         self.cfg = self.checkpoint_cfg.with_frames(settings.num_frames)  # requests with num_frames 0
-        self.preprocessor = PreprocessorConfig.from_pretrained(folder)
+        self.preprocessor = PreprocessorConfig.from_pretrained(folder, self.cfg.vision.image_size)
         self.model_id = model_id(self.model_path, settings.lora_alpha)
         self.dtype = settings.dtype or default_dtype(settings.device)
         self.device = settings.device if settings.device == "CPU" else f"{settings.device}:{settings.device_id}"
@@ -319,13 +320,13 @@ class VisionEncoderEngine:
 
     async def _decode(self, decode: tuple, name: str, crashed: str) -> tuple[np.ndarray, float]:
         """Run ``decode`` = (worker function, *arguments) in a worker process within the time
-        budget; a worker that dies is replaced and the job retried once on a fresh one, a
-        second death blamed on the input."""
-        for attempt in (1, 2):
-            try:
-                return await self.video_workers.run(decode, name)
-            except WorkerDied as exc:
-                log.error("%s (attempt %d of 2)", exc, attempt)
+        budget; a worker that dies is replaced and the job retried once on its replacement, a
+        freshly started worker (never one of the others: an input that crashes the decoder
+        every time costs one worker of the pool, not two), a second death blamed on the input."""
+        try:
+            return await self.video_workers.run(decode, name, retry=True)
+        except WorkerDied as exc:
+            log.error("%s (attempt 2 of 2)", exc)
         raise VideoError(f"{name}: {crashed}")
 
     # ------------------------------------------------------------------ batching

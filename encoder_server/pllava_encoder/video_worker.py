@@ -19,8 +19,8 @@ import traceback
 import numpy as np
 
 from pllava.config import PreprocessorConfig
-from pllava.frame_images import load_frame_images
-from pllava.video import VideoError, load_frames, preprocess
+from pllava.frame_images import load_frame_pixels
+from pllava.video import VideoError, load_pixels
 from pllava_serving.parent_death import die_with_parent
 
 #: The first message a worker sends: it has imported everything and takes jobs.
@@ -30,12 +30,13 @@ READY = "ready"
 def decode_video(data: bytes, name: str, num_frames: int, preprocessor: PreprocessorConfig,
                  max_frame_pixels: int | None = None) -> tuple[np.ndarray, float]:
     """-> (float32 pixels (T, 3, S, S), seconds spent). T is ``num_frames`` for a video and 1
-    for a still image. Raises ``pllava.video.VideoError`` naming ``name`` for bad input."""
+    for a still image. Raises ``pllava.video.VideoError`` naming ``name`` for bad input.
+    The sampled frames are decoded a few at a time, each group preprocessed before the next
+    (:func:`pllava.video.load_pixels`): a worker's memory follows the preprocessed size."""
     start = time.perf_counter()
     source = io.BytesIO(data)
-    source.name = name  # load_frames names a file object by its .name in error messages
-    frames = load_frames(source, num_frames, max_frame_pixels)
-    pixels = preprocess(frames.frames, preprocessor)
+    source.name = name  # load_pixels names a file object by its .name in error messages
+    pixels = load_pixels(source, num_frames, preprocessor, max_frame_pixels)
     return pixels, time.perf_counter() - start
 
 
@@ -43,9 +44,9 @@ def decode_frames(images: list[bytes], name: str, preprocessor: PreprocessorConf
                   max_frame_pixels: int | None = None) -> tuple[np.ndarray, float]:
     """-> (float32 pixels (len(images), 3, S, S), seconds spent): the caller's frames through
     the same preprocessing as a video's. Raises ``pllava.video.VideoError`` naming ``name``
-    and the frame index for bad input."""
+    and the frame index for bad input. Each image is preprocessed before the next is decoded."""
     start = time.perf_counter()
-    pixels = preprocess(load_frame_images(images, name, max_frame_pixels).frames, preprocessor)
+    pixels = load_frame_pixels(images, name, preprocessor, max_frame_pixels)
     return pixels, time.perf_counter() - start
 
 

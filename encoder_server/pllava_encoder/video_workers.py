@@ -7,8 +7,16 @@ each worker is a process with a pipe of its own, so
 * a job that overruns the time budget (``decode_timeout_s``) is stopped by killing its
   worker, and only that job fails (:class:`DecodeTimeout`);
 * a worker that dies (FFmpeg crashed on a malformed file, the kernel killed it) fails only
-  the job it was running (:class:`WorkerDied`), and the engine may retry it;
+  the job it was running (:class:`WorkerDied`); with ``run(..., retry=True)`` the job is
+  first run once more on the fresh worker started in the dead one's place, never on one of
+  the others, so a file that crashes the decoder every time costs one worker and that fresh
+  one, not two of the pool;
 * either way a fresh worker takes the dead one's place, and the others carry on.
+
+Every way a job can end gives its worker back or replaces it: a caller cancelled at any
+point, or a failure this module did not foresee (a job that cannot be pickled, say), never
+leaves a worker marked busy for good, which would shrink the pool and, once it is empty,
+make every later job wait forever.
 
 Jobs wait for an idle worker in arrival order. A job whose caller goes away keeps its worker
 until it ends (or its budget runs out), so a worker never runs two jobs at once. Workers are
@@ -127,11 +135,14 @@ class VideoWorkerPool:
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers))
         self._threads.shutdown(wait=False)
 
-    async def run(self, job: tuple, name: str = "video") -> Any:
+    async def run(self, job: tuple, name: str = "video", retry: bool = False) -> Any:
         """The result of ``function(*arguments)`` (``job``) in a worker; re-raises the job's own error.
 
         Raises :class:`DecodeTimeout` past the budget and :class:`WorkerDied` if the worker
-        ended first; the worker is replaced in both cases.
+        ended first; the worker is replaced in both cases. With ``retry``, a job whose worker
+        died is run once more, with a budget of its own, on the worker started in the dead
+        one's place (a fresh process, not one of the others), and WorkerDied means that one
+        died too.
         """
         if self._idle is None or self._closed:
             raise RuntimeError("the video workers are not running")
@@ -139,33 +150,79 @@ class VideoWorkerPool:
         while not worker.process.is_alive():  # it died while idle: not this job's doing
             self._replace(worker, f"it died while idle ({_exit_reason(worker.process.exitcode)})")
             worker = await self._idle.get()
+        if not retry:
+            return await self._run_on(worker, job, name)
+        # If ``worker`` dies, its replacement is handed to this job through ``fresh`` instead of
+        # joining the idle queue; a replacement nobody claims (``fresh`` cancelled) joins it.
+        fresh: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                return await self._run_on(worker, job, name, fresh)
+            except WorkerDied as exc:
+                log.error("%s (attempt 1 of 2); running it again on the fresh worker started in its place", exc)
+            return await self._run_on(await self._claim(fresh), job, name)
+        finally:
+            if not fresh.done():
+                fresh.cancel()
+
+    # ---- internals ----------------------------------------------------------------------------
+    async def _run_on(self, worker: _Worker, job: tuple, name: str,
+                      fresh: asyncio.Future | None = None) -> Any:
+        """Run ``job`` on ``worker`` (taken from the idle queue or claimed); whatever happens,
+        the worker is given back or replaced (its replacement goes to ``fresh`` if given)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         self._busy.add(worker)
-        call = loop.run_in_executor(self._threads, worker.call, job)
-        call.add_done_callback(_retrieve)
+        settled = False  # the worker was given back, replaced, or handed to _reclaim
         try:
-            ok, value = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
-        except asyncio.TimeoutError:
-            self._replace(worker, f"it overran the {self.timeout_s:g} s budget on {name}")
-            raise DecodeTimeout(
-                f"{name}: decoding took longer than this encoder's budget of {self.timeout_s:g} s per video "
-                "(decode_timeout_s), so its worker was stopped and replaced; a long, large or unusually "
-                "encoded video may need fewer frames or a larger budget") from None
-        except asyncio.CancelledError:  # the caller went away: the worker is busy until the job ends
-            self._keep(self._reclaim(worker, call, deadline, name))
+            call = loop.run_in_executor(self._threads, worker.call, job)
+            call.add_done_callback(_retrieve)
+            try:
+                ok, value = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+            except asyncio.TimeoutError:
+                settled = True
+                self._replace(worker, f"it overran the {self.timeout_s:g} s budget on {name}")
+                raise DecodeTimeout(
+                    f"{name}: decoding took longer than this encoder's budget of {self.timeout_s:g} s per video "
+                    "(decode_timeout_s), so its worker was stopped and replaced; a long, large or unusually "
+                    "encoded video may need fewer frames or a larger budget") from None
+            except asyncio.CancelledError:  # the caller went away: the worker is busy until the job ends
+                settled = True
+                self._keep(self._reclaim(worker, call, deadline, name))
+                raise
+            except (EOFError, OSError) as exc:
+                died = exc
+            else:
+                settled = True
+                self._give_back(worker)
+                if ok:
+                    return value
+                raise value
+            try:
+                await asyncio.to_thread(worker.process.join, 5)
+            finally:  # replaced even if the caller is cancelled while waiting for the exit status
+                settled = True
+                why = f"it died while decoding {name} ({_exit_reason(worker.process.exitcode)})"
+                self._replace(worker, why, fresh)
+            raise WorkerDied(f"the video worker died while decoding {name} "
+                             f"({_exit_reason(worker.process.exitcode)})") from died
+        except BaseException as exc:
+            if not settled:  # not foreseen (e.g. a job that cannot be pickled): the pipe's state is unknown
+                self._replace(worker, f"its job on {name} failed here: {_describe(exc)}")
             raise
-        except (EOFError, OSError) as exc:
-            await asyncio.to_thread(worker.process.join, 5)
-            code = worker.process.exitcode
-            self._replace(worker, f"it died while decoding {name} ({_exit_reason(code)})")
-            raise WorkerDied(f"the video worker died while decoding {name} ({_exit_reason(code)})") from exc
-        self._give_back(worker)
-        if ok:
-            return value
-        raise value
 
-    # ---- internals ----------------------------------------------------------------------------
+    async def _claim(self, fresh: asyncio.Future) -> _Worker:
+        """The replacement worker ``fresh`` resolves to; if the caller goes away first, the
+        replacement goes to the idle queue (now, or when it has started)."""
+        try:
+            return await asyncio.shield(fresh)
+        except asyncio.CancelledError:
+            if fresh.done() and not fresh.cancelled() and fresh.exception() is None:
+                self._give_back(fresh.result())
+            else:
+                fresh.cancel()
+            raise
+
     def _spawn(self) -> _Worker:
         """Start a worker and wait until it is ready (blocking: run on a thread)."""
         worker = _Worker(self._ctx, f"video-worker-{next(self._serial)}")
@@ -178,28 +235,37 @@ class VideoWorkerPool:
             raise
         return worker
 
-    def _replace(self, worker: _Worker, why: str) -> None:
-        """Kill ``worker`` and start another in its place (in the background)."""
+    def _replace(self, worker: _Worker, why: str, fresh: asyncio.Future | None = None) -> None:
+        """Kill ``worker`` and start another in its place (in the background); the new one
+        goes to ``fresh`` if that is given and still waiting, else to the idle queue."""
         self.replaced += 1
         self._busy.discard(worker)
         log.warning("replacing video worker %s (pid %s): %s", worker.name, worker.process.pid, why)
         self._workers.discard(worker)
-        self._keep(self._respawn(worker))
+        self._keep(self._respawn(worker, fresh))
 
-    async def _respawn(self, dead: _Worker) -> None:
-        await asyncio.to_thread(dead.kill)
-        while not self._closed:
-            try:
-                worker = await asyncio.to_thread(self._spawn)
-            except Exception:
-                log.exception("a replacement video worker failed to start; trying again")
-                await asyncio.sleep(RESTART_BACKOFF_S)
-                continue
-            if self._closed:
-                await asyncio.to_thread(worker.stop)
+    async def _respawn(self, dead: _Worker, fresh: asyncio.Future | None = None) -> None:
+        try:
+            await asyncio.to_thread(dead.kill)
+            while not self._closed:
+                try:
+                    worker = await asyncio.to_thread(self._spawn)
+                except Exception:
+                    log.exception("a replacement video worker failed to start; trying again")
+                    await asyncio.sleep(RESTART_BACKOFF_S)
+                    continue
+                if self._closed:
+                    await asyncio.to_thread(worker.stop)
+                    return
+                if fresh is not None and not fresh.done():
+                    fresh.set_result(worker)
+                else:
+                    self._idle.put_nowait(worker)
                 return
-            self._idle.put_nowait(worker)
-            return
+        finally:
+            if fresh is not None and not fresh.done():  # closed first: its claimant must not wait forever
+                fresh.set_exception(RuntimeError("the video workers are not running"))
+                fresh.exception()  # seen, even if its claimant has gone
 
     async def _reclaim(self, worker: _Worker, call: asyncio.Future, deadline: float, name: str) -> None:
         """Wait for an abandoned job to end, then give its worker back (or replace it)."""
@@ -208,8 +274,14 @@ class VideoWorkerPool:
             await asyncio.wait_for(asyncio.shield(call), left)
         except asyncio.TimeoutError:
             self._replace(worker, f"it overran the {self.timeout_s:g} s budget on {name} (its caller had left)")
+        except asyncio.CancelledError:  # the pool is closing (close() stops every worker)
+            if not self._closed:
+                self._replace(worker, f"waiting for its job on {name} was cancelled (its caller had left)")
+            raise
         except (EOFError, OSError):
             self._replace(worker, f"it died while decoding {name} (its caller had left)")
+        except Exception as exc:  # not foreseen: the pipe's state is unknown
+            self._replace(worker, f"its job on {name} failed here: {_describe(exc)} (its caller had left)")
         else:
             self._give_back(worker)
 
@@ -228,6 +300,10 @@ def _retrieve(future: asyncio.Future) -> None:
     """Mark an abandoned job's outcome as seen (no 'exception never retrieved' warnings)."""
     if not future.cancelled():
         future.exception()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _exit_reason(code: int | None) -> str:

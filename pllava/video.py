@@ -135,9 +135,12 @@ def _load(source: Source, num_frames: int, max_frame_pixels: int | None, cfg: Pr
             size = os.fstat(f.fileno()).st_size if path is not None else len(data)
             if size == 0:
                 raise VideoError(f"{name}: the input is empty (0 bytes)")
-            kind = _sniff(f.read(_SNIFF_BYTES), name)
+            head = f.read(_SNIFF_BYTES)
+            kind = _sniff(head, name)
             if kind == "isobmff":
                 _check_isobmff(f, size, name)
+            elif head.startswith(_EBML_MAGIC):
+                _check_matroska(f, size, name)
     except OSError as exc:  # permission denied, I/O error, ...
         raise VideoError(f"{name}: could not be read ({exc.strerror or exc})") from exc
     if kind == "image":
@@ -194,7 +197,9 @@ _SNIFF_BYTES = 512  # enough for every signature below, and to tell text from bi
 # decord, so garbage never reaches the native decoder.
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
                 b"II*\x00", b"MM\x00*")
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3",        # Matroska / WebM
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # the EBML header that starts Matroska / WebM
+_MATROSKA_SEGMENT = b"\x18\x53\x80\x67"
+_VIDEO_MAGIC = (_EBML_MAGIC,                 # Matroska / WebM
                 b"FLV",                      # Flash video
                 b"OggS",                     # Ogg
                 b"\x30\x26\xb2\x75\x8e\x66\xcf\x11",  # ASF / WMV
@@ -225,6 +230,40 @@ def _sniff(head: bytes, name: str) -> str:
                              f"(it starts with {head[:24]!r})")
     raise VideoError(f"{name}: not a recognised video or image format (it starts with {head[:12].hex(' ')}); "
                      "expected e.g. MP4/MOV, MKV/WebM, AVI, FLV, MPEG, or PNG/JPEG/GIF/BMP/TIFF/WebP")
+
+
+def _ebml_size(f: BinaryIO, pos: int, name: str) -> tuple[int | None, int]:
+    """The EBML variable-length size at ``pos`` (None: "unknown", as a live recording writes
+    it) and the position after it."""
+    f.seek(pos)
+    first = f.read(1)
+    if not first or first[0] == 0:
+        raise VideoError(f"{name}: the file is corrupt or truncated (no valid Matroska element size at byte {pos})")
+    length = 8 - first[0].bit_length() + 1
+    rest = f.read(length - 1)
+    if len(rest) < length - 1:
+        raise VideoError(f"{name}: the file is truncated (it ends inside a Matroska element header at byte {pos})")
+    value = first[0] & (0xFF >> length)
+    for byte in rest:
+        value = value << 8 | byte
+    return (None if value == (1 << 7 * length) - 1 else value), pos + length
+
+
+def _check_matroska(f: BinaryIO, size: int, name: str) -> None:
+    """A Matroska / WebM file announces its Segment's size at the start (a muxer that knows it,
+    as one writing a file does): a cut-off copy is caught here, where decord would decode the
+    frames that are left and sample them all from the start of the video."""
+    header_size, pos = _ebml_size(f, len(_EBML_MAGIC), name)
+    if header_size is None:
+        return
+    pos += header_size
+    f.seek(pos)
+    if f.read(4) != _MATROSKA_SEGMENT:
+        return  # not the layout this check knows: decord judges it
+    segment_size, start = _ebml_size(f, pos + 4, name)
+    if segment_size is not None and start + segment_size > size:
+        raise VideoError(f"{name}: the file is truncated: its Matroska segment needs {start + segment_size} bytes "
+                         f"but the file ends after {size} bytes (was the upload or copy cut short?)")
 
 
 def _check_isobmff(f: BinaryIO, size: int, name: str) -> None:

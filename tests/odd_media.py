@@ -63,6 +63,22 @@ def tiny_video(width: int, height: int, frames: int = 8) -> bytes:
     return out.getvalue()
 
 
+def moving_video(container: str, codec: str, frames: int = 48, size: int = 64) -> bytes:
+    """``frames`` frames of a gradient that moves, in ``container`` (e.g. "matroska", "webm")."""
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as c:
+        stream = c.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        ramp = np.arange(size, dtype=np.uint8)[None, :, None] * 3
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.broadcast_to(ramp + 4 * i, (size, size, 3)).copy(), format="rgb24")
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    return out.getvalue()
+
+
 def _jpeg_declaring(width: int, height: int) -> bytes:
     """A 16x16 JPEG whose frame header (SOF0) claims ``width`` x ``height``."""
     buf = io.BytesIO()

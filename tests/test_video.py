@@ -243,6 +243,21 @@ def test_empty_input(tmp_path):
         load_frames(tmp_path / "empty.mp4", 4)
 
 
+@pytest.mark.parametrize("container, codec", [("matroska", "libx264"), ("webm", "libvpx")])
+def test_truncated_matroska_and_webm(tmp_path, container, codec):
+    """A cut-off MKV/WebM still decodes what is left (decord samples every frame from its first
+    third); the segment size its header announces tells it is cut short."""
+    data = odd_media.moving_video(container, codec)
+    assert load_frames(data, 4).total_frames == 48  # whole: loads
+    with pytest.raises(VideoError, match=r"^<bytes>: the file is truncated: its Matroska segment needs \d+ bytes but "
+                                         rf"the file ends after {len(data) * 3 // 10} bytes"):
+        load_frames(data[: len(data) * 3 // 10], 4)
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(data[:-1])
+    with pytest.raises(VideoError, match=r"^.*cut\.mkv: the file is truncated"):
+        load_frames(path, 4)
+
+
 def test_random_bytes():
     with pytest.raises(VideoError, match="not a recognised video or image"):
         load_frames(np.random.default_rng(0).bytes(100_000), 4)

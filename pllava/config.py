@@ -163,6 +163,8 @@ class PllavaConfig:
         if num_frames is None and pooling_shape is None:
             return self
         num_frames = self.num_frames if num_frames is None else int(num_frames)
+        if num_frames < 1:
+            raise ConfigError(f"the number of frames must be at least 1, got {num_frames}")
         if pooling_shape is None:
             t, h, w = self.pooling_shape
             pooling_shape = (min(num_frames, t), h, w)

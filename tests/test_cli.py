@@ -106,6 +106,7 @@ def test_caption_from_converted_ckpt(tiny_model_dir, videos_dir, caption_json, t
     (lambda m, v, t: ("caption", v, "--model", m, "--repetition-penalty", "inf"),
      "repetition_penalty must be a finite number, got inf"),
     (lambda m, v, t: ("caption", v, "--model", m, "--max-context", "600"), "context holds 600"),
+    (lambda m, v, t: ("caption", v, "--model", m, "--num-frames", "0"), "number of frames must be at least 1, got 0"),
 ])
 def test_user_errors_are_one_clear_line(tiny_model_dir, videos_dir, tmp_path, make_args, message):
     (tmp_path / "notes.txt").write_text("not a video\n")

@@ -26,7 +26,7 @@
 # cache in seconds instead of minutes; SMOKE_KEEP_DOCKERD=1 leaves a dockerd it started running.
 #
 # Environment: BASE_IMAGE, PLLAVA_IMAGE, PLLAVA_MODEL_DIR (default models/tiny, made if absent),
-# PLLAVA_PORT, PLLAVA_OPENAI_PORT and PLLAVA_METRICS_PORT (default: free ports), COMPOSE
+# PLLAVA_PORT, PLLAVA_API_PORT and PLLAVA_METRICS_PORT (default: free ports), COMPOSE
 # (default: `docker compose` if present, else docker-compose), ENCODERS (default 2),
 # SMOKE_PROJECT (default pllava-smoke), SMOKE_TLS (default 1: also run the secured stack),
 # SMOKE_KEEP_IMAGES, SMOKE_KEEP_DOCKERD.
@@ -133,10 +133,18 @@ cleanup() {
 trap cleanup EXIT
 
 # --- Docker engine and compose ----------------------------------------------------------
-if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
-    step "installing docker.io docker-compose debootstrap (they stay installed)"
+# Only what is missing: Debian's docker.io conflicts with Docker CE's packages, so a host with
+# Docker (and Compose v2) gets nothing installed, and debootstrap only when it builds the base.
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+if ! command -v docker-compose >/dev/null && ! { command -v docker >/dev/null && docker compose version >/dev/null 2>&1; }; then
+    missing+=(docker-compose)
+fi
+if [[ $BASE_IMAGE == pllava-base:* ]] && ! command -v debootstrap >/dev/null; then missing+=(debootstrap); fi
+if (( ${#missing[@]} )); then
+    step "installing ${missing[*]} (they stay installed)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if ! docker info >/dev/null 2>&1; then
     step "starting dockerd (log: $DOCKERD_LOG; stopped again at the end)"
@@ -184,9 +192,9 @@ fi
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PLLAVA_PORT=${PLLAVA_PORT:-$(free_port)}
-PLLAVA_OPENAI_PORT=${PLLAVA_OPENAI_PORT:-$(free_port)}
+PLLAVA_API_PORT=${PLLAVA_API_PORT:-$(free_port)}
 PLLAVA_METRICS_PORT=${PLLAVA_METRICS_PORT:-$(free_port)}
-export PLLAVA_PORT PLLAVA_OPENAI_PORT PLLAVA_METRICS_PORT
+export PLLAVA_PORT PLLAVA_API_PORT PLLAVA_METRICS_PORT
 
 # The smoke run switches the decoder's visual-token cache off, so repeated videos still go
 # to the encoders and round robin has calls to spread.
@@ -253,9 +261,9 @@ for i in $(seq $((2 * ENCODERS - 1))); do
     "${BIN}pllava-caption" "$VIDEO" --server "127.0.0.1:$PLLAVA_PORT" --max-new-tokens 4 --timeout 300 --json >/dev/null
 done
 
-step "caption $(basename "$VIDEO") through the OpenAI-compatible API at 127.0.0.1:$PLLAVA_OPENAI_PORT"
+step "caption $(basename "$VIDEO") through the OpenAI-compatible API at 127.0.0.1:$PLLAVA_API_PORT"
 t=$(now)
-"$PY" - "$VIDEO" "http://127.0.0.1:$PLLAVA_OPENAI_PORT" <<'PY'
+"$PY" - "$VIDEO" "http://127.0.0.1:$PLLAVA_API_PORT" <<'PY'
 import base64, json, sys, time, urllib.error, urllib.request
 
 video, base = sys.argv[1], sys.argv[2]
@@ -328,7 +336,7 @@ if [[ $TLS == 1 ]]; then
         --server "127.0.0.1:$PLLAVA_PORT" "${TLS_FLAGS[@]}" --max-new-tokens 2 --timeout 60
     expect_refusal UNAUTHENTICATED "${BIN}pllava-caption" "$VIDEO" --server "127.0.0.1:$PLLAVA_PORT" \
         "${TLS_FLAGS[@]}" --token not-the-token --max-new-tokens 2 --timeout 60
-    "$PY" - "http://127.0.0.1:$PLLAVA_OPENAI_PORT" "$CERTS/certs/token" <<'PY'
+    "$PY" - "http://127.0.0.1:$PLLAVA_API_PORT" "$CERTS/certs/token" <<'PY'
 import json, sys, time, urllib.error, urllib.request
 
 base, token = sys.argv[1], open(sys.argv[2]).read().strip()

@@ -83,6 +83,8 @@ def test_the_openai_front_end_is_wired_into_compose_and_the_image():
     assert len(published) == 1 and published[0].startswith("127.0.0.1:")
     assert "volumes" not in front  # it holds no model
     assert "decoder" in front["depends_on"]
+    # A server that crashes comes back (the README says the restart policy does the job).
+    assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["pllava-openai"] == "pllava_openai.server:main"

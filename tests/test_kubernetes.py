@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from kustomize import KustomizeError, build, json_patch
-from pllava_decoder.settings import DecoderSettings
-from pllava_encoder.settings import EncoderSettings
+from pllava_decoder.settings import ENV_PREFIX as DECODER_ENV, DecoderSettings
+from pllava_encoder.settings import ENV_PREFIX as ENCODER_ENV, EncoderSettings
 from pllava_serving.settings import load_settings
 
 #: The Kubernetes version the manifests are checked against (gRPC probes are GA since 1.27,
@@ -67,16 +67,49 @@ def test_the_validator_rejects_a_broken_object(overlay):
         kubernetes_validate.validate(service, KUBERNETES_VERSION, strict=True)
 
 
-def settings_of(objects, tmp_path: Path) -> tuple[EncoderSettings, DecoderSettings]:
+def settings_of(objects, tmp_path: Path, environ: dict | None = None) -> tuple[EncoderSettings, DecoderSettings]:
     """The ConfigMap's settings files, loaded as the servers load them (unknown keys and bad
-    values are errors)."""
+    values are errors), in ``environ`` (default: none)."""
     data = objects["ConfigMap", "pllava-settings"]["data"]
     loaded = []
-    for key, cls in (("encoder.yaml", EncoderSettings), ("decoder.yaml", DecoderSettings)):
+    for key, cls, prefix in (("encoder.yaml", EncoderSettings, ENCODER_ENV), ("decoder.yaml", DecoderSettings,
+                                                                             DECODER_ENV)):
         path = tmp_path / key
         path.write_text(data[key])
-        loaded.append(load_settings(cls, yaml_path=path, environ={}))
+        loaded.append(load_settings(cls, yaml_path=path, env_prefix=prefix, environ=environ or {}))
     return loaded[0], loaded[1]
+
+
+def service_links(objects) -> dict[str, str]:
+    """The variables Kubernetes gives a pod for every Service with a cluster IP in its namespace
+    (unless the pod sets enableServiceLinks: false), as the kubelet names them."""
+    env = {}
+    for (kind, name), obj in objects.items():
+        if kind != "Service" or obj["spec"].get("clusterIP") == "None":
+            continue
+        ip, prefix = "10.96.0.7", name.upper().replace("-", "_")
+        first = obj["spec"]["ports"][0]
+        env[f"{prefix}_SERVICE_HOST"], env[f"{prefix}_SERVICE_PORT"] = ip, str(first["port"])
+        env[f"{prefix}_PORT"] = f"tcp://{ip}:{first['port']}"
+        for port in obj["spec"]["ports"]:
+            base = f"{prefix}_PORT_{port['port']}_TCP"
+            env[base] = f"tcp://{ip}:{port['port']}"
+            env.update({f"{base}_PROTO": "tcp", f"{base}_PORT": str(port["port"]), f"{base}_ADDR": ip})
+            if "name" in port:
+                env[f"{prefix}_SERVICE_PORT_{port['name'].upper()}"] = str(port["port"])
+    return env
+
+
+def test_the_services_variables_reach_no_setting(overlay, tmp_path):
+    """The Service pllava-decoder gives every pod PLLAVA_DECODER_SERVICE_HOST,
+    PLLAVA_DECODER_PORT=tcp://..., ...: the decoder refused them as unknown settings (and read
+    the last as its port) until the pods turned service links off and the servers skipped them."""
+    name, objects = overlay
+    links = service_links(objects)
+    assert "PLLAVA_DECODER_PORT" in links and "PLLAVA_DECODER_SERVICE_PORT_GRPC" in links
+    assert settings_of(objects, tmp_path, links) == settings_of(objects, tmp_path)
+    for stage in ("encoder", "decoder"):
+        assert pod_spec(objects, stage)["enableServiceLinks"] is False
 
 
 def pod_spec(objects, stage: str) -> dict:

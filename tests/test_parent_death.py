@@ -63,6 +63,24 @@ def test_a_child_gets_its_signal_when_its_parent_exits(tmp_path):
     assert f"signal {int(signal.SIGTERM)}" in log, f"the child outlived its parent:\n{log}"
 
 
+# A server draining: it notes every SIGTERM and takes 3 s (three watchdog polls) to exit.
+DRAINING_CHILD = CHILD.replace("    sys.exit(0)\n", "    signal.signal(signal.SIGALRM, lambda *a: sys.exit(0))\n"
+                                                     "    signal.alarm(3)\n")
+
+
+def test_a_draining_child_gets_one_signal_not_a_second_that_cuts_its_drain_short(tmp_path):
+    """A server takes a second SIGTERM as "stop now": the kernel's signal and the watchdog's
+    must not both come."""
+    assert DRAINING_CHILD != CHILD
+    out = tmp_path / "child.log"
+    parent = subprocess.run([sys.executable, "-c", PARENT, DRAINING_CHILD, str(out)], timeout=120)
+    assert parent.returncode == 0
+    wait_for(out, f"signal {int(signal.SIGTERM)}")
+    time.sleep(4)  # past the child's exit
+    log = out.read_text()
+    assert log.count(f"signal {int(signal.SIGTERM)}") == 1, log
+
+
 def test_a_child_whose_parent_is_already_gone_ends_at_once(tmp_path):
     out = tmp_path / "child.log"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -283,6 +283,13 @@ def test_the_authorization_header_is_read_as_bearer_only(decoder, cluster):
         with pytest.raises(grpc.RpcError) as err:
             unknown(b"", timeout=30, metadata=(("authorization", f"Bearer {CLIENT_TOKEN}"),))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # The refusal is logged with the method path the caller chose: escaped, it forges no line.
+        forging = channel.unary_unary("/pllava.v1.Decoder/Get\nFORGED 2026 INFO all is well")
+        with pytest.raises(grpc.RpcError) as err:
+            forging(b"", timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        decoder.wait_for_log(r"refused /pllava\.v1\.Decoder/Get\\nFORGED 2026 INFO all is well from", timeout=30)
+        assert "\nFORGED" not in decoder.log_text()
 
 
 def test_health_stays_open_without_a_token(decoder, cluster):

@@ -77,6 +77,36 @@ def test_environment_strings_are_parsed_to_the_field_types():
         == Demo(limit=7, verbose=False)
 
 
+def test_an_empty_variable_of_an_optional_setting_counts_as_unset(tmp_path):
+    """Compose passes ``${UNSET}`` as an empty variable: it must not turn off the token file or
+    the TLS the YAML asks for (``none`` still does)."""
+    yaml_path = write(tmp_path, "model: m\nauth_token_file: /run/secrets/tokens\n")
+    for empty in ("", "  "):
+        s = load_settings(EncoderSettings, yaml_path=yaml_path, env_prefix=ENV_PREFIX,
+                          environ={"PLLAVA_ENCODER_AUTH_TOKEN_FILE": empty})
+        assert s.auth_token_file == "/run/secrets/tokens"
+    s = load_settings(EncoderSettings, yaml_path=yaml_path, env_prefix=ENV_PREFIX,
+                      environ={"PLLAVA_ENCODER_AUTH_TOKEN_FILE": "none"})
+    assert s.auth_token_file is None
+    assert load_settings(Demo, env_prefix="DEMO_", environ={"DEMO_LIMIT": ""}) == Demo()
+
+
+def test_kubernetes_service_variables_are_not_settings():
+    """A Service named like a server's prefix (pllava-decoder) gives every pod such variables."""
+    links = {"PLLAVA_DECODER_SERVICE_HOST": "10.96.0.7", "PLLAVA_DECODER_SERVICE_PORT": "50052",
+             "PLLAVA_DECODER_SERVICE_PORT_GRPC": "50052", "PLLAVA_DECODER_PORT": "tcp://10.96.0.7:50052",
+             "PLLAVA_DECODER_PORT_50052_TCP": "tcp://10.96.0.7:50052", "PLLAVA_DECODER_PORT_50052_TCP_PROTO": "tcp",
+             "PLLAVA_DECODER_PORT_50052_TCP_PORT": "50052", "PLLAVA_DECODER_PORT_50052_TCP_ADDR": "10.96.0.7"}
+    s = load_settings(DecoderSettings, env_prefix=DECODER_ENV, environ={**links, "PLLAVA_DECODER_MODEL": "m"})
+    assert s == DecoderSettings(model="m")
+    s = load_settings(DecoderSettings, env_prefix=DECODER_ENV, environ={"PLLAVA_DECODER_MODEL": "m",
+                                                                        "PLLAVA_DECODER_PORT": "50060"})
+    assert s.port == 50060  # the setting itself still reads
+    with pytest.raises(ValueError, match="unknown environment variable"):
+        load_settings(DecoderSettings, env_prefix=DECODER_ENV, environ={"PLLAVA_DECODER_MODEL": "m",
+                                                                        "PLLAVA_DECODER_PORTS": "1"})
+
+
 def test_yaml_values_are_type_checked_and_converted(tmp_path):
     path = write(tmp_path, "count: 3\nratio: 2\nlimit: null\nshape: [7, 8, 9]\ntags: [p]\nverbose: true\n")
     assert load_settings(Demo, yaml_path=path) == Demo(count=3, ratio=2.0, shape=(7, 8, 9), tags=("p",),

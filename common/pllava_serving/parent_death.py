@@ -6,9 +6,12 @@ for good. Two mechanisms, because each alone has a gap:
 
 - Linux ``prctl(PR_SET_PDEATHSIG)``: the kernel signals the child the moment its parent
   (strictly: the parent *thread* that started it) exits;
-- a watchdog thread that checks every ``poll_s`` seconds whether the child has been handed to
-  another parent (``os.getppid()`` changed), on any POSIX system, and which also catches a
-  parent that died before the child could call ``prctl``.
+- where ``prctl`` is not available, a watchdog thread that checks every ``poll_s`` seconds
+  whether the child has been handed to another parent (``os.getppid()`` changed), on any
+  POSIX system; and a check right after ``prctl`` catches a parent that died before it.
+
+Never both: a server takes a second SIGTERM as "stop now", so the kernel's signal and a
+watchdog's would cut its drain short.
 
 Only the standard library: video workers import this and never MindSpore or grpc.
 """
@@ -74,17 +77,19 @@ def die_with_parent_from_env(environ: MutableMapping[str, str] = os.environ) -> 
 def die_with_parent(parent_pid: int, *, sig: int = signal.SIGKILL, poll_s: float = 1.0) -> None:
     """Call first thing in a child of ``parent_pid``: end this process when that parent ends.
 
-    ``sig`` is what the kernel sends (Linux); the watchdog sends it too (SIGTERM lets a
-    server drain), or exits with status 1 when ``sig`` is SIGKILL.
+    ``sig`` is what the kernel sends (Linux); without ``prctl`` the watchdog sends it
+    (SIGTERM lets a server drain), or exits with status 1 when ``sig`` is SIGKILL.
     """
     def orphaned() -> None:
         if sig == signal.SIGKILL:
             os._exit(1)
         os.kill(os.getpid(), sig)
 
-    set_parent_death_signal(sig)
+    armed = set_parent_death_signal(sig)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         orphaned()
+        return
+    if armed:  # the kernel sends the one signal
         return
 
     def watch() -> None:

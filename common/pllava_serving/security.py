@@ -37,6 +37,8 @@ import grpc
 
 from pllava_client.security import AUTHORIZATION, BEARER, read_pem
 
+from .errors import display_name
+
 log = logging.getLogger(__name__)
 
 #: Methods answered without a token: the health service (its full name's prefix).
@@ -214,7 +216,8 @@ def _refusing(handler: grpc.RpcMethodHandler | None, method: str, problem: str) 
     """A handler of ``handler``'s kind that answers UNAUTHENTICATED without reading the request
     (unknown methods too: a caller without a token does not learn which methods exist)."""
     async def refuse(request_or_iterator, context):
-        log.warning("refused %s from %s: UNAUTHENTICATED: %s", method, context.peer(), problem)
+        # (the method path is the caller's text: escaped, so it cannot forge a log line)
+        log.warning("refused %s from %s: UNAUTHENTICATED: %s", display_name(method), context.peer(), problem)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     if handler is None:

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -41,7 +42,8 @@ def load_settings(cls: type[T], *, yaml_path: str | os.PathLike | None = None, e
     are an error, so a misspelt setting never goes unnoticed.
     ``env_prefix``: ``PLLAVA_ENCODER_`` makes ``PLLAVA_ENCODER_PORT=50051`` set ``port``; an
     unknown variable with the prefix is an error too. Strings are parsed to the field type
-    (``true``/``false``, ``1,2,3`` for tuples, ``none`` or empty for an optional field).
+    (``true``/``false``, ``1,2,3`` for tuples, ``none`` for an optional field; an empty
+    variable for an optional field counts as unset).
     ``overrides``: flag values by field name; ``None`` means the flag was not given.
     ``environ``: the environment to read (default ``os.environ``; tests pass their own).
     """
@@ -58,13 +60,17 @@ def load_settings(cls: type[T], *, yaml_path: str | os.PathLike | None = None, e
     environ = os.environ if environ is None else environ
     if env_prefix:
         env_names = {env_prefix + name.upper(): name for name in known}
+        environ = {k: v for k, v in environ.items() if not _service_link(k, v, env_prefix)}
         unknown = sorted(k for k in environ if k.startswith(env_prefix) and k not in env_names)
         if unknown:
             raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}; the known ones are "
                              + ", ".join(sorted(env_names)))
         for var, name in env_names.items():
-            if var in environ:
-                values[name] = _parse_string(environ[var], hints[name], f"environment variable {var}")
+            if var not in environ:
+                continue
+            if not environ[var].strip() and _optional_inner(hints[name])[0]:
+                continue  # as if unset (Compose's ${UNSET}): an empty variable never turns TLS or tokens off
+            values[name] = _parse_string(environ[var], hints[name], f"environment variable {var}")
 
     for name, value in (overrides or {}).items():
         if value is None:
@@ -74,6 +80,21 @@ def load_settings(cls: type[T], *, yaml_path: str | os.PathLike | None = None, e
         values[name] = _coerce(value, hints[name], f"flag --{name.replace('_', '-')}")
 
     return cls(**values)
+
+
+_SERVICE_LINK_NAMES = re.compile(r"^(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)$")
+_SERVICE_LINK_PORT = re.compile(r"^(tcp|udp|sctp)://")
+
+
+def _service_link(var: str, value: str, env_prefix: str) -> bool:
+    """Whether ``var`` is one of the variables Kubernetes (and Docker's legacy links) give every
+    pod for a Service whose name reads like the prefix (a Service ``pllava-decoder`` makes
+    ``PLLAVA_DECODER_SERVICE_HOST``, ``PLLAVA_DECODER_PORT=tcp://10.0.0.7:50052``, ...): not a
+    setting, so neither refused as unknown nor read as one."""
+    if not var.startswith(env_prefix):
+        return False
+    rest = var[len(env_prefix):]
+    return bool(_SERVICE_LINK_NAMES.match(rest) or (rest == "PORT" and _SERVICE_LINK_PORT.match(value)))
 
 
 def given_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -282,3 +282,17 @@ def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path
         assert "still running" not in log  # the in-flight stream finished, nothing was cancelled
     finally:
         server.kill()
+
+
+def test_a_folder_without_a_checkpoint_is_one_clear_error(tmp_path):
+    """The folder is read after the port is bound: the server it started is stopped before the
+    error is reported (it used to end in 'Event loop is closed' tracebacks at exit)."""
+    import subprocess
+
+    from servers import console_script
+
+    run = subprocess.run([console_script("pllava-encoder"), "--model", str(tmp_path), "--host", "127.0.0.1",
+                          "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert f"{tmp_path}/config.json does not exist" in run.stderr
+    assert "Traceback" not in run.stderr and "never awaited" not in run.stderr, run.stderr

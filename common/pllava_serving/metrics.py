@@ -175,6 +175,7 @@ class MetricsServer:
     """The HTTP exporter of one registry (``GET /metrics``), on a daemon thread."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        host = host.strip("[]")  # an IPv6 address as --host takes it ([::1]); the HTTP server wants ::1
         try:
             self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:

@@ -22,7 +22,9 @@ Shutdown (:func:`serve_forever`, on SIGTERM or SIGINT):
 1. health turns NOT_SERVING for every service, so load balancers and Docker stop sending;
 2. new RPCs of our services are refused with UNAVAILABLE ("shutting down"), a status the
    decoder and gRPC retry policies answer by trying another replica; health and reflection
-   keep answering, so a watcher sees NOT_SERVING rather than a closed port;
+   keep answering while RPCs drain, so a watcher (a health Watch stream, as the decoder
+   holds on its encoders) sees NOT_SERVING rather than a closed port; an idle server goes
+   on to close at once, so a periodic probe may only see the port close;
 3. RPCs already running (whole streams) get up to ``grace_s`` seconds to finish;
 4. ``server.stop()`` closes the port and cancels whatever is left.
 

@@ -96,14 +96,15 @@ async def serve(settings: EncoderSettings) -> None:
     log.info("clients: %s", security.describe())
     for warning in security.warnings():
         log.warning(warning)
-    engine = VisionEncoderEngine(settings, metrics)
-    exporter = None
-    try:
+    engine = exporter = None
+    try:  # (reading the checkpoint's config too: a bad folder stops the server it started)
+        engine = VisionEncoderEngine(settings, metrics)
         exporter = start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
         await engine.start()
     except BaseException:
         await server.stop(0)
-        await engine.close()
+        if engine is not None:
+            await engine.close()
         if exporter is not None:
             exporter.close()
         raise

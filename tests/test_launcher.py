@@ -280,6 +280,19 @@ def test_settings_reach_the_servers_as_their_environment():
     assert done.returncode == 2 and "expected NAME=VALUE" in done.stderr
 
 
+def test_a_setting_the_launcher_gives_itself_is_refused_with_the_option_to_use(tiny_model_dir):
+    """The launcher passes these as flags, which beat the environment the settings travel in:
+    they used to be dropped without a word."""
+    for kwargs, words in ((dict(decoder_settings={"port": 6000}), "--decoder-setting port: set by pllava up itself; "
+                                                                   "use --port"),
+                          (dict(encoder_settings={"model": "/x", "host": "0.0.0.0"}), "--encoder-setting host, model"),
+                          (dict(openai_settings={"port": 1}), "use --openai-port"),
+                          (dict(device="CPU", decoder_settings={"device": "GPU"}), "use --device")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            launch(tiny_model_dir, port=0, echo=None, **kwargs)
+    assert server_children() == []
+
+
 def test_an_unknown_setting_is_named_by_the_server(tiny_model_dir):
     with pytest.raises(LaunchError, match=r"(?s)decoder exited with status [1-9].*PLLAVA_DECODER_NO_SUCH_THING"
                        ) as info:

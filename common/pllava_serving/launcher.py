@@ -491,6 +491,14 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
     if encoders < 1:
         raise ValueError(f"at least one encoder is needed, got {encoders}")
     check_metrics_ports(metrics_port, encoders, port, encoder_port, openai_port)
+    flagged = {"device": device is not None, "dtype": dtype is not None, "metrics_port": bool(metrics_port)}
+    for what, given, own in (("encoder", encoder_settings, ENCODER_OWN), ("decoder", decoder_settings, DECODER_OWN),
+                             ("openai", openai_settings, OPENAI_OWN)):
+        names = {str(name).replace("-", "_") for name in (given or {})}
+        taken = sorted(name for name in names & set(own) if flagged.get(name, True))
+        if taken:  # the command line the launcher gives the server would win over them, unseen
+            raise ValueError(f"--{what}-setting {', '.join(taken)}: set by pllava up itself; use "
+                             + ", ".join(own[name] for name in taken))
     model_dir = Path(model) if model is not None else ensure_tiny_model()
     if not model_dir.exists():
         raise FileNotFoundError(f"model {model_dir} does not exist")
@@ -545,6 +553,16 @@ def launch(model: str | Path | None = None, *, encoders: int = 1, port: int = DE
         cluster.stop(grace=5.0)
         raise
     return cluster
+
+
+#: Settings the launcher gives each server itself (as flags, which beat ``--*-setting``; device,
+#: dtype and metrics_port only where ``pllava up`` was given them), and what sets each instead.
+ENCODER_OWN = {"model": "--model", "host": "(encoders listen on 127.0.0.1)", "port": "--encoder-port",
+               "device": "--device", "dtype": "--dtype", "metrics_port": "--metrics-port"}
+DECODER_OWN = {"model": "--model", "host": "--host", "port": "--port", "encoder": "--encoders",
+               "device": "--device", "dtype": "--dtype", "metrics_port": "--metrics-port"}
+OPENAI_OWN = {"decoder": "(the front end reaches the decoder pllava up starts)", "host": "--host",
+              "port": "--openai-port"}
 
 
 def check_metrics_ports(metrics_port: int, encoders: int, port: int, encoder_port: int,

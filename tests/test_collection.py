@@ -18,6 +18,7 @@ import re
 import struct
 import subprocess
 import termios
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -221,11 +222,11 @@ def test_a_collection_is_captioned_resumed_and_finished(decoders, both, collecti
         assert 0 < line["num_prompt_tokens_reused"] < line["num_prompt_tokens"]  # the template's leading text
     # A still image is one frame; the model repeats it in time, so it gives a video's 576 tokens.
     assert by_path["still.jpg"]["num_frames"] == 1 and by_path["orbit.mp4"]["num_frames"] == 4
-    # The same caption as one call would give (greedy), and both decoders did some of the work.
+    # Both decoders did some of the work, and the caption is the one a single call gives (greedy).
+    assert captioned_by(decoders[0]) and captioned_by(decoders[1])
     with Client(decoders[0].address, timeout=120) as client:
         single = client.caption_full(collection / "orbit.mp4", max_new_tokens=7)
     assert by_path["orbit.mp4"]["caption"] == single.caption
-    assert captioned_by(decoders[0]) and captioned_by(decoders[1])
     # Progress lines while running, one line per failure, a summary at the end.
     assert re.search(r"pllava-caption: \d/5: \d done, \d failed, \d skipped, [\d.]+ videos/min, "
                      r"[\d.]+ tokens/s, ETA", run.stderr), run.stderr
@@ -395,16 +396,22 @@ def test_closing_caption_many_starts_no_call_afterwards(decoders, videos_dir, tm
     running at that moment."""
     first = touch(tmp_path / "first.mp4", (videos_dir / "short.mp4").read_bytes())
     late = touch(tmp_path / f"late-{os.getpid()}-{time.monotonic_ns()}.mp4", (videos_dir / "short.mp4").read_bytes())
+    release = threading.Event()
+    done_reading = threading.Event()
 
     def skip(path: str, digest: str) -> bool:
         if path == str(late):
-            time.sleep(3.0)
+            release.wait(60)  # until the run is being closed
+            done_reading.set()
         return False
 
     with Client(decoders[0].address, timeout=120) as client:
         results = client.caption_many([first, late], concurrency=2, skip=skip, max_new_tokens=3)
         assert next(results).path == str(first)
-        results.close()  # while the other worker is still in skip()
+        threading.Timer(0.5, release.set).start()  # (close() stops the run at once, then waits for its workers)
+        results.close()
+        assert done_reading.is_set()  # close() waited for the worker that was reading
+        # A call made after the close would run to its end uncancelled: give its log line time.
         deadline = time.monotonic() + 3
         while late.name not in decoders[0].log_text() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -75,19 +75,27 @@ def test_concurrent_requests_equal_each_alone(model):
             return await asyncio.gather(*(collect(loop, model.request(q, s, n, f"together-{i}"))
                                           for i, (q, s, n) in enumerate(specs)))
 
-        before = loop.steps
+        decoded = []  # the sequences each engine step decoded (read on the loop's thread, after each step)
+        step = loop.engine.step
+
+        def counted_step():
+            events = step()
+            decoded.append(loop.engine.last_step.decode_batch)
+            return events
+
+        loop.engine.step = counted_step
         singles = asyncio.run(alone())
-        sequential_steps, before = loop.steps - before, loop.steps
+        alone_most = max(decoded)
+        decoded.clear()
         batched = asyncio.run(together())
-        batched_steps = loop.steps - before
     finally:
         loop.stop()
     for (q, _, n), single, both in zip(specs, singles, batched):
         assert single[2] == FinishReason.LENGTH and len(single[0]) == n, q
         assert both == single, q
-    # Shared decode steps: together they take fewer engine steps than one after another.
-    assert batched_steps < sequential_steps, (batched_steps, sequential_steps)
-    print(f"\nengine steps: {sequential_steps} one after another, {batched_steps} together")
+    # Shared decode steps: together, the engine decoded several in one step (by measured
+    # timings the prompts may enter in more or fewer steps, so step counts are no measure).
+    assert alone_most == 1 and max(decoded) >= 2, (alone_most, max(decoded))
 
 
 def test_cancel_frees_the_slot(model):
@@ -273,18 +281,21 @@ def test_decoder_settings_layers_and_checks(tmp_path):
     paced = load_settings(DecoderSettings, env_prefix=ENV_PREFIX,
                           environ={f"{ENV_PREFIX}MODEL": "m", f"{ENV_PREFIX}MAX_GAP_STEPS": "3.5"})
     assert paced.max_gap_steps == 3.5 and DecoderSettings(model="m").max_gap_steps == 2.5
-    assert DecoderSettings(model="m").prefill_small_chunk == 16 and DecoderSettings(model="m", prefill_chunk=48)
+    assert DecoderSettings(model="m").prefill_small_chunk == 16
+    assert DecoderSettings(model="m", prefill_chunk=48).prefill_chunk == 48
     with pytest.raises(ValueError, match="prefill_small_chunk must be a multiple of 16, got 40"):
         DecoderSettings(model="m", prefill_small_chunk=40)
     with pytest.raises(ValueError, match=r"max_gap_steps must be >= 1 \(1 = short chunks only\), got 0.5"):
         DecoderSettings(model="m", max_gap_steps=0.5)
-    assert DecoderSettings(model="m").small_chunk_parts == 2 and DecoderSettings(model="m", small_chunk_parts=1)
+    assert DecoderSettings(model="m").small_chunk_parts == 2
+    assert DecoderSettings(model="m", small_chunk_parts=1).small_chunk_parts == 1
     with pytest.raises(ValueError, match=r"small_chunk_parts must be >= 1, got 0"):
         DecoderSettings(model="m", small_chunk_parts=0)
     assert DecoderSettings(model="m").max_gap_stretch == 4.0
     with pytest.raises(ValueError, match=r"max_gap_stretch must be >= 1 \(1 = never longer\), got nan"):
         DecoderSettings(model="m", max_gap_stretch=float("nan"))
-    assert DecoderSettings(model="m").queued_weight == 4.0 and DecoderSettings(model="m", queued_weight=0)
+    assert DecoderSettings(model="m").queued_weight == 4.0
+    assert DecoderSettings(model="m", queued_weight=0).queued_weight == 0
     with pytest.raises(ValueError, match=r"queued_weight must be >= 0 \(0 = never longer\), got -1"):
         DecoderSettings(model="m", queued_weight=-1)
 

@@ -1,6 +1,8 @@
 """Sampling, stop strings and the batching engine on the tiny checkpoint."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -41,13 +43,13 @@ def test_sampler_greedy_seeded_and_reproducible():
     logits = np.random.default_rng(1).standard_normal(50).astype(np.float32)
     assert Sampler(SamplingParams())(logits, np.array([])) == int(logits.argmax())
     assert Sampler(SamplingParams(temperature=1.0, top_k=1, seed=3))(logits, np.array([])) == int(logits.argmax())
-    draw = lambda seed: [Sampler(SamplingParams(temperature=1.5, seed=seed))(logits, np.array([])) for _ in range(1)]
     a = Sampler(SamplingParams(temperature=1.5, seed=7))
     b = Sampler(SamplingParams(temperature=1.5, seed=7))
     seq_a = [a(logits, np.array([])) for _ in range(20)]
     assert seq_a == [b(logits, np.array([])) for _ in range(20)]
     assert len(set(seq_a)) > 1  # really sampling
-    assert draw(1) is not None
+    c = Sampler(SamplingParams(temperature=1.5, seed=8))
+    assert [c(logits, np.array([])) for _ in range(20)] != seq_a  # another seed, another draw
 
 
 NAN, INF = float("nan"), float("inf")
@@ -445,18 +447,20 @@ def test_a_failed_part_of_a_chunk_reruns_the_chunk_whole_apart(language, tokeniz
     assert {rid: v[0] for rid, v in got.items()} == {rid: v[0] for rid, v in clean.items()}
 
 
-def test_a_failed_mixed_step_is_retried_apart_and_fails_only_its_part(language, tokenizer, cfg):
+def test_a_failed_mixed_step_is_retried_apart_and_fails_only_its_part(language, tokenizer, cfg, caplog):
     """The mixed step of a prompt chunk and two decode rows fails; run apart again, the
     chunk succeeds and the decode fails: the two decoding streams end with ERROR, the prompt
     carries on and finishes, and the engine serves on."""
     requests = three_requests(tokenizer, cfg, marked=None)
     clean = drive(Engine(language, tokenizer), requests)
-    flaky = FlakyLanguage(language, fail_batch=2, in_parts=False)
+    flaky = FlakyLanguage(language, fail_mixed=2, in_parts=False)
     # short chunks only while others decode, whole: the 2nd prompt ends in a mixed step with one
     # decode row (a long chunk apart would put the 2 streams in a decode of their own before any
     # mixed step; chunks in parts would take steps enough for the 1st stream to end first)
-    got = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
-    assert flaky.mixed_calls >= 1 and flaky.fail_batch is None  # the retried decode() took the failure
+    with caplog.at_level(logging.WARNING, logger="pllava.generation"):
+        got = drive(Engine(flaky, tokenizer, max_gap_steps=1, queued_weight=0), requests)
+    assert flaky.mixed_failures == 1 and flaky.fail_batch is None  # the mixed step failed, then its decode apart
+    assert "a step of a prompt chunk and 2 decode rows failed" in caplog.text and "running them apart" in caplog.text
     for rid in ("r0", "r1"):
         assert got[rid][2].finish_reason == FinishReason.ERROR
         assert "while decoding the next token (shared by the 2 sequences" in str(got[rid][2].error)
@@ -657,10 +661,11 @@ class FlakyLanguage:
     without ``in_parts`` it runs no chunk in parts."""
 
     def __init__(self, language, fail_batch: int | None = None, fail_prefill=(), fail_part: int | None = None,
-                 in_parts: bool = True):
+                 in_parts: bool = True, fail_mixed: int | None = None):
         self._language = language
         self.fail_batch, self.fail_prefill, self.fail_part = fail_batch, set(fail_prefill), fail_part
-        self.prefill_calls = self.mixed_calls = self.part_calls = 0
+        self.fail_mixed = fail_mixed  # the first mixed step with this many decode rows fails, then its decode apart
+        self.prefill_calls = self.mixed_calls = self.part_calls = self.mixed_failures = 0
         if not in_parts:  # every chunk beside decode rows whole
             self.chunk_layer_parts = ()
         self._failing = None  # (slot, chunk start) of a failed chunk step, until retried alone
@@ -696,6 +701,10 @@ class FlakyLanguage:
             raise RuntimeError("device lost during prefill")
         if len(tokens) == self.fail_batch:
             raise RuntimeError("device lost during decode")  # fails again in decode(), run apart
+        if len(tokens) == self.fail_mixed:
+            self.fail_mixed, self.fail_batch = None, len(tokens)  # and again in decode(), run apart
+            self.mixed_failures += 1
+            raise RuntimeError("device lost during a mixed step")
         return self._language.prefill_chunk_and_decode(slot, embeds, chunk, tokens, positions, slots)
 
     def prefill_chunk_part_and_decode(self, slot, embeds, chunk, part, hidden, tokens, positions, slots):

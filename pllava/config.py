@@ -155,10 +155,13 @@ class PllavaConfig:
 
     def with_frames(self, num_frames: int | None = None,
                     pooling_shape: tuple[int, int, int] | None = None) -> "PllavaConfig":
-        """Override frames sampled per video and the pooled shape, as PLLaVA's loader does.
+        """Override frames sampled per video and the pooled shape (PLLaVA's loader overrides both).
 
         With only ``num_frames`` given, the pooled time axis becomes min(num_frames, T'), so
-        4 frames on the official (16,12,12) model give (4,12,12) = 576 tokens.
+        4 frames on the official (16,12,12) model give (4,12,12) = 576 tokens: the MindSpore
+        port's setting. PLLaVA's own loader keeps (16,12,12) whatever the frame count (4
+        frames: each repeated 4 times in the pooling, 2304 tokens); pass ``pooling_shape`` for
+        that.
         """
         if num_frames is None and pooling_shape is None:
             return self

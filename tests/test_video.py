@@ -31,6 +31,7 @@ from pllava.video import (
     load_pixels,
     load_video,
     pixel_table,
+    pllava_kept_size,
     pllava_resize_size,
     preprocess,
 )
@@ -515,7 +516,7 @@ def test_groups_of_frames_give_the_pixels_of_one_batch(monkeypatch, clip, num_fr
     ((241, 333), (336, 464), (336, 464), (0, 64)),    # still.jpg
 ])
 def test_spec_size_table(size, after_pllava, after_clip, crop):
-    assert pllava_resize_size(*size, 336) == after_pllava
+    assert pllava_resize_size(*size, 336) == after_pllava == pllava_kept_size(*size, 336)  # (nothing cut)
     assert clip_resize_size(*after_pllava, 336) == after_clip
     assert center_crop_box(*after_clip, 336, 336) == crop
 
@@ -529,7 +530,8 @@ def test_clip_constants():
 # --------------------------------------------------------------------------- preprocessing parity
 
 def _reference_pllava_resize(frame: np.ndarray, shortest_edge: int) -> np.ndarray:
-    """PLLaVA's long/short resize of one frame of a one-video batch, via transformers' helpers."""
+    """PLLaVA's long/short resize of one frame of a one-video batch, via transformers' helpers,
+    then its crop of the long side to int(short * rate) pixels from overhead // 2 // 2."""
     h, w = frame.shape[:2]
     rate = max(h, w) / min(h, w)
     short = max(min(min(h, w), int(min(640, max(h, w)) / rate)), shortest_edge)
@@ -538,7 +540,10 @@ def _reference_pllava_resize(frame: np.ndarray, shortest_edge: int) -> np.ndarra
     if min(size) < shortest_edge:
         size = get_resize_output_image_size(frame, size=short, default_to_square=False,
                                             input_data_format=ChannelDimension.LAST)
-    return hf_resize(frame, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
+    resized = hf_resize(frame, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
+    keep = int(short * rate)
+    start = (max(resized.shape[:2]) - keep) // 2 // 2
+    return resized[start:start + keep] if h > w else resized[:, start:start + keep]
 
 
 def _reference(frames: np.ndarray, cfg: PreprocessorConfig) -> np.ndarray:
@@ -592,7 +597,8 @@ def _pil_resize(frames, height, width):
     return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
 
 
-@pytest.mark.parametrize("name", ["portrait", "hd", "sd", "small", "odd", "big_odd", "square"])
+@pytest.mark.parametrize("name", ["portrait", "hd", "sd", "small", "odd", "big_odd", "square", "kept_wide",
+                                  "kept_tall", "kept_big"])
 def test_parity_other_shapes(orbit, name):
     frames = orbit.frames[::5]   # 4 decoded frames, 182x322
     frames = {
@@ -603,6 +609,10 @@ def test_parity_other_shapes(orbit, name):
         "odd": np.ascontiguousarray(frames[:, 3:170, 5:318]),             # 167x313
         "big_odd": _pil_resize(frames, 451, 803),
         "square": np.ascontiguousarray(frames[:, :, 70:252]),             # 182x182
+        # sizes where the reference's crop keeps one pixel fewer of the long side than its resize gives
+        "kept_wide": _pil_resize(frames, 126, 153),                       # 336x408, kept 336x407
+        "kept_tall": _pil_resize(frames, 153, 126),
+        "kept_big": _pil_resize(frames, 168, 408),                        # 336x816, kept 336x815
     }[name]
     _assert_parity(frames, PreprocessorConfig(), (4, 3, 336, 336))
 

@@ -252,9 +252,12 @@ class Engine:
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Queue a request; raises ContextOverflowError when its prompt cannot fit."""
+        """Queue a request; raises ContextOverflowError when its prompt cannot fit, ValueError
+        when it is empty (there would be no logits to choose a first token from)."""
         visual_len = 0 if request.visual is None else len(request.visual)
         prompt_len = len(request.prompt_ids) - (1 if request.visual is not None else 0) + visual_len
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty (no text or visual tokens): there is nothing to continue")
         if prompt_len >= self.max_len:
             raise ContextOverflowError(
                 f"the prompt is {prompt_len} tokens ({len(request.prompt_ids)} text + {visual_len} visual) "

@@ -621,6 +621,14 @@ def test_prompt_longer_than_context_is_refused(language, tokenizer, cfg):
         Engine(language, tokenizer).add(Request(prompt_ids(tokenizer, long_question), visual(cfg, 0)))
 
 
+def test_an_empty_prompt_is_refused(language, tokenizer, cfg):
+    """No position to take logits from: it sampled from a padding row's before."""
+    empty_visual = np.zeros((0, cfg.text.hidden_size), np.float32)
+    for request in (Request([], None), Request([cfg.image_token_index], empty_visual)):
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            Engine(language, tokenizer).add(request)
+
+
 def test_generation_stops_at_the_context_limit(tiny_model_dir, cfg, tokenizer, language):
     """Every cache position is used (the last token is never fed, so it needs none), and the
     tokens up to there are those of a longer cache."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import multiprocessing
 import os
 import signal
 import threading
@@ -282,6 +283,42 @@ def test_a_job_that_fails_unforeseen_leaves_no_worker_lost(loop):
         assert pool.pids == [pid] and pid not in first and pool.replaced == 1 and not pool.busy_pids
     finally:
         loop.run(pool.close())
+
+
+def test_a_pool_that_fails_to_start_leaves_no_worker_running(loop, monkeypatch):
+    """One of two workers never reports ready: start() raises its error and stops the worker
+    that did start (the test holds it, so its pipe does not close when the pool is dropped)."""
+    from pllava_encoder import video_workers
+
+    started, lock = [], threading.Lock()
+    ready = video_workers._Worker.wait_ready
+
+    def second_never_ready(worker, timeout):
+        with lock:
+            started.append(worker)
+            second = len(started) == 2
+        if second:
+            raise TimeoutError(f"video worker {worker.name} did not start (test)")
+        return ready(worker, timeout)
+
+    monkeypatch.setattr(video_workers._Worker, "wait_ready", second_never_ready)
+    with pytest.raises(TimeoutError, match=r"did not start \(test\)"):
+        start_pool(loop, size=2)
+    assert len(started) == 2
+    wait_until(lambda: all(is_dead(worker.process.pid) for worker in started))
+
+
+def test_a_worker_that_starts_while_the_pool_closes_is_stopped(loop):
+    """A replacement started on a thread while close() ran (close() cannot see a worker
+    not yet registered) stops itself instead of outliving the pool."""
+    pool = start_pool(loop)
+    loop.run(pool.close())
+    children = {child.pid for child in multiprocessing.active_children()}
+    with pytest.raises(RuntimeError, match="not running"):
+        pool._spawn()  # what a replacement's thread runs
+    late = {child.pid for child in multiprocessing.active_children()} - children
+    wait_until(lambda: all(is_dead(pid) for pid in late))
+    assert pool.pids == []
 
 
 def is_dead(pid: int) -> bool:

@@ -120,9 +120,15 @@ class VideoWorkerPool:
         return sorted(w.process.pid for w in self._busy)
 
     async def start(self) -> "VideoWorkerPool":
+        """Start ``size`` workers; if one fails to start, stop those that did and raise its error."""
         self._idle = asyncio.Queue()
-        workers = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)))
-        for worker in workers:
+        started = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)),
+                                       return_exceptions=True)
+        failures = [result for result in started if isinstance(result, BaseException)]
+        if failures:
+            await self.close()
+            raise failures[0]
+        for worker in started:
             self._idle.put_nowait(worker)
         return self
 
@@ -228,6 +234,8 @@ class VideoWorkerPool:
         worker = _Worker(self._ctx, f"video-worker-{next(self._serial)}")
         self._workers.add(worker)
         try:
+            if self._closed:  # close() ran while it started and could not see it
+                raise RuntimeError("the video workers are not running")
             worker.wait_ready(START_TIMEOUT_S)
         except BaseException:
             self._workers.discard(worker)

@@ -495,6 +495,64 @@ def test_a_download_is_bounded_in_all_not_per_read(decoder, logs, model_id):
     assert status == 400 and "took longer than 2 s (download_timeout_s)" in answer["error"]["message"], answer
 
 
+class _HeldHandler(http.server.BaseHTTPRequestHandler):
+    """Holds every download (counted in ``arrived``) until ``release`` is set, then answers 404."""
+
+    arrived: list = []
+    release = threading.Event()
+
+    def do_GET(self):
+        self.arrived.append(self.path)
+        self.release.wait(120)
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_health_answers_while_downloads_hang(decoder, logs, model_id):
+    """40 downloads held open by their server (more than the default thread pool has threads
+    on any machine up to 36 cores) take nothing from /health: it used to wait behind them
+    (a liveness probe would have restarted a front end that was only busy)."""
+    downloads = 40
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeldHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    part = {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{httpd.server_address[1]}/v.mp4"}}
+    answers = []
+    try:
+        with start_openai(decoder.address, logs, "--allow-remote-media", "--download-timeout-s", "120") as front:
+            body = chat_body(model_id, part, max_tokens=2)
+            posts = [threading.Thread(target=lambda: answers.append(post_json(front, "/v1/chat/completions", body)))
+                     for _ in range(downloads)]
+            for post in posts:
+                post.start()
+            deadline = time.monotonic() + 60
+            while len(_HeldHandler.arrived) < downloads:  # every download has started, none ended
+                assert time.monotonic() < deadline, f"only {len(_HeldHandler.arrived)} of {downloads} downloads began"
+                time.sleep(0.1)
+            health = _http_within(f"http://{front.address}/health", 30)
+            _HeldHandler.release.set()
+            for post in posts:
+                post.join(60)
+    finally:
+        _HeldHandler.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+    assert health == 200
+    assert len(answers) == downloads and {status for status, _ in answers} == {400}, answers[:2]
+
+
+def _http_within(url: str, timeout: float) -> int | str:
+    """The status of GET ``url``, or what went wrong if no answer came within ``timeout``."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError as exc:
+        return f"no answer within {timeout:g} s: {exc}"
+
+
 # ---- a client that leaves, a full decoder ----------------------------------------------------------------
 
 def test_a_client_leaving_a_stream_frees_the_decoder_slot(oa, api, decoder, model_id):

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -72,7 +72,6 @@ class FrontEnd:
     def __init__(self, settings: OpenAISettings):
         self.settings = settings
         self.tokens = BearerTokens.from_file(settings.auth_token_file) if settings.auth_token_file else None
-        self.media = MediaLoader(settings)
         # Checked with the settings' names first, so a message names the setting to fix.
         ClientTls.from_files(settings.decoder_tls_ca, settings.decoder_tls_cert, settings.decoder_tls_key,
                              names=("decoder_tls_ca", "decoder_tls_cert", "decoder_tls_key"))
@@ -81,7 +80,12 @@ class FrontEnd:
                              tls_key=settings.decoder_tls_key,
                              token=(read_tokens(settings.decoder_token_file, "decoder_token_file")[0]
                                     if settings.decoder_token_file else None))
+        # A caption's blocking work (parsing a large body, reading or downloading its media,
+        # sending the request, waiting for pieces) runs here, one thread per admitted caption
+        # at a time, never on the default pool that /health's decoder check runs on: slow
+        # downloads used to fill that pool and stall /health (and a liveness probe) behind them.
         self.executor = ThreadPoolExecutor(settings.max_concurrent_requests, thread_name_prefix="caption")
+        self.media = MediaLoader(settings, self.executor)
         self.max_body_bytes = settings.max_media_bytes * 4 // 3 + _BODY_OVERHEAD_BYTES
         self.started = int(time.time())
         self.model_id = settings.model_name
@@ -199,12 +203,13 @@ def create_app(settings: OpenAISettings) -> FastAPI:
         front.authorize(request)
         slot = front.admit()  # before the body is read: a refused request costs no memory
         try:
-            chat = parse_chat_request(await _read_json(request, front.max_body_bytes))
+            chat = parse_chat_request(await _read_json(request, front.max_body_bytes, front.executor))
             model = await front.model_name()
             if chat.model != model:
                 raise _unknown_model(chat.model, model)
             media = await front.media.load(chat.media)
-            call = await asyncio.to_thread(front.start_caption, chat, media, request_id)
+            call = await asyncio.get_running_loop().run_in_executor(front.executor, front.start_caption, chat,
+                                                                   media, request_id)
         except BaseException:
             slot.release()
             raise
@@ -323,7 +328,7 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
-async def _read_json(request: Request, limit: int):
+async def _read_json(request: Request, limit: int, executor: Executor):
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(int(declared), limit)
@@ -335,7 +340,9 @@ async def _read_json(request: Request, limit: int):
         body.append(piece)
     data = b"".join(body)
     try:  # a body of megabytes (a video in base64) is parsed off the event loop
-        return json.loads(data) if size < _PARSE_ON_LOOP_BYTES else await asyncio.to_thread(json.loads, data)
+        if size < _PARSE_ON_LOOP_BYTES:
+            return json.loads(data)
+        return await asyncio.get_running_loop().run_in_executor(executor, json.loads, data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
     except RecursionError:

@@ -21,6 +21,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -50,7 +51,9 @@ class Media:
 class MediaLoader:
     """Turns media parts into bytes under the operator's rules (see the module docstring)."""
 
-    def __init__(self, settings: OpenAISettings):
+    def __init__(self, settings: OpenAISettings, executor: Executor | None = None):
+        """``executor`` runs the blocking reads and downloads (None: the loop's default pool)."""
+        self.executor = executor
         self.max_bytes = settings.max_media_bytes
         self.root = Path(os.path.realpath(settings.allowed_media_root)) if settings.allowed_media_root else None
         self.allow_remote = settings.allow_remote_media
@@ -62,13 +65,16 @@ class MediaLoader:
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else ""
         if scheme == "data":
-            return await asyncio.to_thread(self._data_url, url)
+            return await self._off_loop(self._data_url, url)
         if scheme in ("", "file"):
-            return await asyncio.to_thread(self._local_file, url, scheme)
+            return await self._off_loop(self._local_file, url, scheme)
         if scheme in ("http", "https"):
-            return await asyncio.to_thread(self._download, url)
+            return await self._off_loop(self._download, url)
         raise bad_request(f"{part.kind} URLs of scheme {scheme!r} are not supported; send a data: URL "
                           f"(data:video/mp4;base64,...)", _PARAM)
+
+    async def _off_loop(self, function, *arguments) -> Media:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *arguments)
 
     # ---- data: ---------------------------------------------------------------------------------
     def _data_url(self, url: str) -> Media:

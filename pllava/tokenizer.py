@@ -148,10 +148,11 @@ class IncrementalDetokenizer:
     Invariant: the concatenation of all pieces equals ``tokenizer.decode(all_ids)``, no piece
     ends in the middle of a multi-byte character, and no "▁" space is lost. It holds whenever
     every run of byte-fallback tokens is valid UTF-8 (always the case for text that decodes
-    without U+FFFD). If the model emits an invalid byte run, the bad bytes come out as U+FFFD
-    once the run is known to be broken (next token, or ``flush``); the full decode may then
-    differ, because ``tokenizers`` turns *every* byte of an invalid run into U+FFFD, including
-    bytes of characters that were already complete and streamed.
+    without U+FFFD). If the model emits an invalid byte run, each bad byte comes out as one
+    U+FFFD once the run is known to be broken (next token, or ``flush``), and characters
+    already complete and streamed stay as they were; the full decode may then differ, because
+    ``tokenizers`` turns *every* byte of an invalid run into U+FFFD, including the bytes of
+    such characters.
 
     Technique (as in TGI / vLLM): keep a window ``ids[prefix:]``; ``prefix:read`` is text
     already emitted, ``read:`` is pending. Decode the window and the emitted part; the
@@ -186,6 +187,15 @@ class IncrementalDetokenizer:
         """Emit whatever is still pending (e.g. a trailing incomplete byte run, as U+FFFD)."""
         return self._emit(final=True)
 
+    def _decode_alone(self, ids: list[int]) -> str:
+        """The text of ``ids`` as if they followed a complete word: decoded behind a one-token
+        word whose text is then cut off, so a leading "▁" keeps its space (a decode of ``ids``
+        alone would strip it) and no byte already emitted is decoded again."""
+        word = self._tok.encode("a", add_bos=False)
+        shown = self._tok.decode(word, skip_special_tokens=self._skip)
+        text = self._tok.decode(word + ids, skip_special_tokens=self._skip)
+        return text[len(shown):] if shown and text.startswith(shown) else self._tok.decode(ids, self._skip)
+
     def _emit(self, final: bool) -> str:
         if self._read >= len(self._window):
             return ""
@@ -195,9 +205,10 @@ class IncrementalDetokenizer:
         pending = len(self._window) - self._read
         if not final and text.endswith("\ufffd") and pending < self._MAX_PENDING:
             return ""  # incomplete character: wait for its next byte
-        # If an invalid byte run rewrote already-emitted text (see the class docstring), the
-        # prefix no longer matches; the tail beyond the emitted length is still the best guess.
-        new = text[len(prefix_text):]
+        if text.startswith(prefix_text):
+            new = text[len(prefix_text):]
+        else:  # an invalid byte run rewrote text already emitted (see the class docstring)
+            new = self._decode_alone(self._window[self._read:])
         # Slide: the ids just emitted become the new prefix; older ones are dropped.
         self._window = self._window[self._read:]
         self._read = len(self._window)

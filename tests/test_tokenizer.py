@@ -249,6 +249,20 @@ def test_lone_invalid_byte_mid_stream(tok):
     assert "".join(stream(tok, ids)) == tok.decode(ids) == "ok\ufffd fine"
 
 
+def test_a_broken_byte_run_after_a_streamed_character_costs_one_fffd_per_bad_byte(tok):
+    """A character made of byte tokens, streamed, then a run that breaks: the character stays
+    and only the bad bytes become U+FFFD (the window's full decode turns the whole run into
+    U+FFFD, and slicing it used to add one per byte of the character already sent)."""
+    def byte_ids(data: bytes) -> list[int]:
+        return [tok.token_to_id(f"<0x{b:02X}>") for b in data]
+
+    the = tok.encode("the", add_bos=False)
+    cut = the + byte_ids("€".encode()) + byte_ids("€".encode()[:2])  # ends mid-character (max_new_tokens)
+    assert "".join(stream(tok, cut)) == "the€\ufffd\ufffd"
+    stray = the + byte_ids("😀".encode()) + byte_ids(b"\x80") + tok.encode(" the", add_bos=False)
+    assert "".join(stream(tok, stray)) == "the😀\ufffd the"
+
+
 def test_random_texts_stream_exactly(tok):
     rng = random.Random(1234)
     alphabet = list("abcdefghij XYZ.,!?") + ["  ", "\n", "\t", "é", "ï", "中", "文", "字", "😀", "👍🏽", "ü", "ñ", "€"]

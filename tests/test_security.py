@@ -157,25 +157,65 @@ def test_pllava_up_secure_captions_over_mutual_tls_with_a_token(cluster, videos_
     assert len(result.token_ids) == 4
 
 
-def test_the_openai_front_end_reaches_the_secured_decoder_and_asks_for_the_token(cluster):
-    def get(path, token=None):
-        request = urllib.request.Request(cluster.openai_url.removesuffix("/v1") + path)
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+def api_get(cluster: SecureCluster, path: str, token: str | None = None) -> tuple[int, dict]:
+    """GET ``path`` of the cluster's OpenAI front end (with ``token`` as the API key)."""
+    request = urllib.request.Request(cluster.openai_url.removesuffix("/v1") + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
+
+def test_the_openai_front_end_reaches_the_secured_decoder_and_asks_for_the_token(cluster):
     # /health is 200 only when the front end's GetInfo reached the decoder (TLS, client
     # certificate, token); the API itself wants the token as its key.
-    status, body = get("/health")
+    status, body = api_get(cluster, "/health")
     assert status == 200 and body["status"] == "ok"
-    assert get("/v1/models")[0] == 401
-    assert get("/v1/models", "not-the-token")[0] == 401
-    status, body = get("/v1/models", cluster.token)
+    assert api_get(cluster, "/v1/models")[0] == 401
+    assert api_get(cluster, "/v1/models", "not-the-token")[0] == 401
+    status, body = api_get(cluster, "/v1/models", cluster.token)
     assert status == 200 and body["data"][0]["id"]
+
+
+def test_one_rotation_of_the_shared_token_file_serves_every_hop(cluster, videos_dir):
+    """The documented rotation (add the new token first, move over, remove the old) on the
+    one token file of ``pllava up --secure``: the front end takes the new API key and sends
+    the new token to the decoder, and the decoder sends it to the encoder, with no restart
+    (the front end read its two token files once and kept refusing the new key)."""
+    old, new = cluster.token, "rotated-shared-token-0123456789abcdef"
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.3)
+
+    def decoder_refuses(token: str) -> bool:
+        with cluster.client(token=token) as client:
+            try:
+                client.info()
+                return False
+            except CaptionError as err:
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+                return True
+
+    try:
+        cluster.certs.token.write_text(f"{new}\n{old}\n")
+        until(lambda: api_get(cluster, "/v1/models", new)[0] == 200, "the front end never took the new API key")
+        cluster.certs.token.write_text(f"{new}\n")  # the old token is refused everywhere from now on
+        until(lambda: decoder_refuses(old), "the decoder kept the old token")
+        until(lambda: api_get(cluster, "/v1/models", old)[0] == 401, "the front end kept the old API key")
+        assert api_get(cluster, "/health")[0] == 200  # the front end's GetInfo carried the new token
+        with cluster.client(token=new) as client:
+            result = client.caption_full(videos_dir / "short.mp4", max_new_tokens=2)
+        assert result.num_visual_tokens == 576 and not result.visual_tokens_cached  # the encoder hop too
+    finally:
+        cluster.certs.token.write_text(f"{old}\n")
+        until(lambda: api_get(cluster, "/v1/models", old)[0] == 200 and not decoder_refuses(old),
+              "the original token was not restored")
 
 
 def test_the_printed_command_captions(cluster, videos_dir):

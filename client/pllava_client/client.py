@@ -303,14 +303,15 @@ class Client:
     TLS: ``tls_ca`` (a PEM file, the CA that signed the decoder's certificate) connects over
     TLS, checking the certificate against the address's host; ``tls_cert`` and ``tls_key``
     add a client certificate for decoders that require one (mutual TLS). ``token`` is sent as
-    ``authorization: Bearer TOKEN`` with every call. A connection that fails because the
+    ``authorization: Bearer TOKEN`` with every call (a function is asked for it each time). A connection that fails because the
     transport does not match the decoder's (it wants TLS, a client certificate, another CA)
     raises UNAVAILABLE with the likely cause in the message. ValueError for files that cannot
     be read or options that do not go together.
     """
 
     def __init__(self, address: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, token: str | None = None, timeout: float | None = None,
+                 tls_key: str | None = None, token: str | Callable[[], str] | None = None,
+                 timeout: float | None = None,
                  options: Sequence[tuple[str, object]] | None = None):
         self.address = address
         self.timeout = timeout
@@ -323,7 +324,8 @@ class Client:
             name = tls_server_name(address)
             if name and "grpc.ssl_target_name_override" not in dict(self._options):
                 self._options.append(("grpc.ssl_target_name_override", name))
-        interceptor = BearerToken(check_token(token, "token")) if token is not None else None
+        interceptor = (BearerToken(token if callable(token) else check_token(token, "token"))
+                       if token is not None else None)
         self._channel = secure_or_insecure_channel(grpc_target(address), self._tls, self._options)
         self._calls = grpc.intercept_channel(self._channel, interceptor) if interceptor else self._channel
         self._stub = pllava_pb2_grpc.DecoderStub(self._calls)

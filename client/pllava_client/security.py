@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -103,13 +104,17 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds ``authorization: Bearer TOKEN`` to every call of a channel, whatever the method,
     so no RPC a client makes can forget it (call credentials would do the same but gRPC
-    allows them only over TLS, and a token may also be used on a private plaintext network)."""
+    allows them only over TLS, and a token may also be used on a private plaintext network).
 
-    def __init__(self, token: str):
-        self._metadata = bearer_metadata(check_token(token))
+    ``token`` is the token, or a function asked for it on every call (a token file that is
+    read again when it changes, so a rotated token is followed without a restart)."""
+
+    def __init__(self, token: str | Callable[[], str]):
+        self._token = token if callable(token) else (lambda fixed=check_token(token): fixed)
 
     def _add(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        metadata = [m for m in (details.metadata or ()) if m[0] != AUTHORIZATION] + list(self._metadata)
+        metadata = ([m for m in (details.metadata or ()) if m[0] != AUTHORIZATION]
+                    + list(bearer_metadata(self._token())))
         return _CallDetails(details.method, details.timeout, metadata, details.credentials,
                             details.wait_for_ready, details.compression)
 

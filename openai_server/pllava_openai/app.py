@@ -29,11 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllava_client import CaptionError, Client, RequestTooLarge
 from pllava_client.security import ClientTls
-from pllava_serving.security import read_tokens
+from pllava_serving.security import TokenChecker, TokenFile
 
 from . import responses as R
 from .api_errors import ApiError, from_grpc
-from .auth import BearerTokens
 from .bridge import AsyncCaption, ClientGone, unless_disconnected
 from .chat_request import ChatRequest, parse_chat_request
 from .media import Media, MediaLoader
@@ -71,14 +70,16 @@ class FrontEnd:
 
     def __init__(self, settings: OpenAISettings):
         self.settings = settings
-        self.tokens = BearerTokens.from_file(settings.auth_token_file) if settings.auth_token_file else None
+        # Both token files are read again when they change, as the gRPC servers read theirs:
+        # one rotation of a shared token file (``pllava up --secure``) serves every hop.
+        self.tokens = TokenChecker(TokenFile(settings.auth_token_file)) if settings.auth_token_file else None
         # Checked with the settings' names first, so a message names the setting to fix.
         ClientTls.from_files(settings.decoder_tls_ca, settings.decoder_tls_cert, settings.decoder_tls_key,
                              names=("decoder_tls_ca", "decoder_tls_cert", "decoder_tls_key"))
         self.client = Client(settings.decoder, timeout=settings.caption_timeout_s,
                              tls_ca=settings.decoder_tls_ca, tls_cert=settings.decoder_tls_cert,
                              tls_key=settings.decoder_tls_key,
-                             token=(read_tokens(settings.decoder_token_file, "decoder_token_file")[0]
+                             token=(TokenFile(settings.decoder_token_file, "decoder_token_file").first
                                     if settings.decoder_token_file else None))
         # A caption's blocking work (parsing a large body, reading or downloading its media,
         # sending the request, waiting for pieces) runs here, one thread per admitted caption
@@ -98,7 +99,7 @@ class FrontEnd:
 
     # ---- checks --------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
-        if self.tokens is not None and not self.tokens.allows(request.headers.get("authorization")):
+        if self.tokens is not None and not _bearer_allowed(self.tokens, request.headers.get("authorization")):
             given = "a wrong" if request.headers.get("authorization") else "no"
             raise ApiError(401, f"this server needs an API key: {given} 'Authorization: Bearer <token>' "
                                 "header was sent", code="invalid_api_key")
@@ -326,6 +327,13 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+def _bearer_allowed(tokens: TokenChecker, authorization: str | None) -> bool:
+    """``Authorization: Bearer <an accepted token>`` (the token is checked whatever the scheme,
+    so the time taken does not tell a wrong scheme from a wrong token)."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return tokens.accepts(token.strip()) & (scheme.lower() == "bearer")
 
 
 async def _read_json(request: Request, limit: int, executor: Executor):

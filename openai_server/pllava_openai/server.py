@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="client certificate for a decoder that requires one (with --decoder-tls-key)")
     d.add_argument("--decoder-tls-key", metavar="FILE", help="the PEM private key of --decoder-tls-cert")
     d.add_argument("--decoder-token-file", metavar="FILE",
-                   help="send the first token in this file to the decoder (read at start-up)")
+                   help="send the first token in this file to the decoder (read again when it changes)")
     return p
 
 

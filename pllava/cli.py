@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="decoder: sequences decoded together (default 8)")
     p.add_argument("--max-context", type=int, help="decoder: tokens per sequence (default: the model's, "
                                                    "at most 4096)")
-    p.add_argument("--max-queue", type=int, help="decoder: requests waiting for a slot (default 32)")
+    p.add_argument("--max-queue", type=int, help="decoder: requests without a token yet (default 32)")
     p.add_argument("--decoder-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="any other decoder setting (see pllava-decoder --help), e.g. visual_cache_bytes=0; "
                         "repeatable")

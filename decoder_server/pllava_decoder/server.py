@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int,
                    help="tokens per sequence (default: max_position_embeddings, at most 4096)")
     p.add_argument("--max-queue", type=int,
-                   help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 32)")
+                   help="requests without a token yet (encoding, waiting for a slot, prefill) before "
+                        "RESOURCE_EXHAUSTED (default 32)")
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens per prefill step while no other stream decodes, a multiple of 16 "
                         "(default 256)")

@@ -253,6 +253,27 @@ class PreprocessorConfig:
         return cfg
 
 
+def end_token_ids(model_dir: str | Path, tokenizer_eos: int) -> frozenset[int]:
+    """The ids that end a generation: ``eos_token_id`` of ``generation_config.json`` (one id or
+    a list, as transformers' ``generate`` reads it), else of ``config.json``, and always the
+    tokenizer's EOS. A checkpoint with an end-of-turn id besides ``</s>`` stops on both."""
+    folder = Path(model_dir)
+    ids = {int(tokenizer_eos)}
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        data = _read_json(path)
+        given = data.get("eos_token_id", (data.get("text_config") or {}).get("eos_token_id"))
+        if given is None:
+            continue
+        listed = given if isinstance(given, list) else [given]
+        if not listed or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
+            raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {given!r}")
+        return frozenset(ids | set(listed))
+    return frozenset(ids)
+
+
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{path} does not exist: is {path.parent} a PLLaVA/LLaVA checkpoint folder?")

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -220,9 +220,11 @@ class Engine:
     a stretch of 1 or a weight of 0 = never longer). With ``reuse_prefixes`` a prompt starts
     after the leading text ids whose cache rows a slot still holds (:meth:`_place`), and the
     streams holding the same leading text read it from one slot as they decode
-    (``PllavaLanguage.share_prefixes``): the engine records which ids a slot's rows hold."""
+    (``PllavaLanguage.share_prefixes``): the engine records which ids a slot's rows hold.
+    ``eos_token_id``: the id, or ids, that end a generation (default: the tokenizer's EOS; the
+    servers pass :func:`pllava.config.end_token_ids`)."""
 
-    def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | None = None,
+    def __init__(self, language, tokenizer: Tokenizer, eos_token_id: int | Iterable[int] | None = None,
                  sampler: SamplerFactory = Sampler, max_gap_steps: float = DEFAULT_MAX_GAP_STEPS,
                  max_gap_stretch: float = DEFAULT_MAX_GAP_STRETCH, queued_weight: float = DEFAULT_QUEUED_WEIGHT,
                  reuse_prefixes: bool = True):
@@ -233,7 +235,9 @@ class Engine:
         self.language = language
         self.tokenizer = tokenizer
         self.sampler = sampler
-        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         self.num_slots = language.num_slots
         self.max_len = language.max_len
         self.num_visual_tokens = language.cfg.num_visual_tokens
@@ -580,7 +584,7 @@ class Engine:
                 raise ValueError(f"the sampler chose token id {token}, outside the vocabulary of {len(logits)}")
         seq.generated.append(token)
         seq.seen = np.append(seq.seen, token)
-        if token == self.eos_token_id:
+        if token in self.eos_token_ids:
             return self._finish(seq, token, "", FinishReason.STOP)
         with _stage("detokenising"):
             piece = seq.detok.push(token)

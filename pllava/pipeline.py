@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import weights as W
-from .config import PllavaConfig, PreprocessorConfig
+from .config import PllavaConfig, PreprocessorConfig, end_token_ids
 from .frame_images import frames_num_frames, load_frame_images
 from .generation import Engine, Request, SequenceStats, TokenEvent, generate
 from .model import PllavaLanguage, PllavaVision
@@ -99,7 +99,8 @@ class Captioner:
         self.language = PllavaLanguage.from_pretrained(
             self.model_dir, self.cfg, self.backend, settings.lora_alpha,
             num_slots=1, max_len=settings.max_context, jit=settings.jit)
-        self.engine = Engine(self.language, self.tokenizer)
+        self.engine = Engine(self.language, self.tokenizer,
+                             eos_token_id=end_token_ids(folder, self.tokenizer.eos_token_id))
 
     @property
     def dtype(self) -> str:

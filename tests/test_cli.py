@@ -53,6 +53,22 @@ def test_caption_json(caption_json, tiny_model_dir):
         assert out["timings"][key] > 0
 
 
+def test_every_end_id_of_generation_config_stops_the_caption(caption_json, tiny_model_dir, videos_dir, tmp_path):
+    """generation_config.json may list several end ids (transformers' generate stops on any):
+    the one the greedy caption reaches first ends it with "stop" (only </s> did before)."""
+    ids = caption_json["token_ids"]
+    k = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in tiny_model_dir.iterdir():
+        if file.name != "generation_config.json":
+            (model / file.name).symlink_to(file)
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, ids[k]]}))
+    out = json.loads(pllava("caption", videos_dir / "orbit.mp4", "--model", model, "--json",
+                            "--max-new-tokens", 24).stdout)
+    assert out["token_ids"] == ids[:k + 1] and out["finish_reason"] == "stop"
+
+
 def test_streaming_prints_the_same_caption(caption_json, tiny_model_dir, videos_dir):
     run = pllava("caption", videos_dir / "orbit.mp4", "--model", tiny_model_dir, "--max-new-tokens", 24)
     assert run.stdout == caption_json["caption"] + "\n"

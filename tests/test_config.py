@@ -77,6 +77,20 @@ def test_unsupported_configs_fail_clearly(change, message):
         PllavaConfig.from_dict({**PLLAVA, **change})
 
 
+def test_end_token_ids_follow_generation_config_then_config(tmp_path):
+    from pllava.config import end_token_ids
+
+    assert end_token_ids(tmp_path, 2) == {2}  # no files: the tokenizer's EOS
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"eos_token_id": 7}}))
+    assert end_token_ids(tmp_path, 2) == {2, 7}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9, 11]}))
+    assert end_token_ids(tmp_path, 2) == {2, 9, 11}  # generation_config wins, as in transformers
+    for bad in ([], [2, "x"], -1, True):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be a token id"):
+            end_token_ids(tmp_path, 2)
+
+
 def test_missing_config_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match=str(tmp_path / "config.json")):
         PllavaConfig.from_pretrained(tmp_path)

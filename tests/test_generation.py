@@ -199,9 +199,9 @@ def test_concurrent_requests_equal_their_solo_results(language, tokenizer, cfg):
 def test_eos_and_stop_strings(language, tokenizer, cfg):
     req = lambda **kw: Request(prompt_ids(tokenizer, "Go."), visual(cfg, 4), SamplingParams(max_new_tokens=25, **kw))
     tokens, text, _ = run_alone(language, tokenizer, req())
-    eos_engine = Engine(language, tokenizer, eos_token_id=tokens[3])
-    events = list(generate(eos_engine, req()))
-    assert [e.token_id for e in events] == tokens[:4] and events[-1].finish_reason == FinishReason.STOP
+    for end in (tokens[3], (10**9, tokens[3])):  # one id, or several (generation_config.json's list)
+        events = list(generate(Engine(language, tokenizer, eos_token_id=end), req()))
+        assert [e.token_id for e in events] == tokens[:4] and events[-1].finish_reason == FinishReason.STOP
     assert "".join(e.text for e in events) == tokenizer.decode(tokens[:3])
     stop = text[len(text) // 2: len(text) // 2 + 3]
     assert stop.strip() and stop in text

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pllava import __version__
-from pllava.config import PllavaConfig
+from pllava.config import PllavaConfig, end_token_ids
 from pllava.frame_images import frames_num_frames
 from pllava.generation import ContextOverflowError, Engine, FinishReason, Request, SequenceStats
 from pllava.model import PllavaLanguage, stored_half_weights
@@ -124,7 +124,8 @@ class LanguageModel:
         language = PllavaLanguage.from_pretrained(path, cfg, backend, settings.lora_alpha, half_weights=half_weights,
                                                   **shapes)
         return cls(path=path, cfg=cfg, num_frames=settings.num_frames or cfg.num_frames, tokenizer=tokenizer,
-                   engine=Engine(language, tokenizer, max_gap_steps=settings.max_gap_steps,
+                   engine=Engine(language, tokenizer, end_token_ids(folder, tokenizer.eos_token_id),
+                                 max_gap_steps=settings.max_gap_steps,
                                  max_gap_stretch=settings.max_gap_stretch,
                                  queued_weight=settings.queued_weight, reuse_prefixes=settings.reuse_prefixes),
                    model_id=model_id(path, settings.lora_alpha),

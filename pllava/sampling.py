@@ -55,6 +55,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer from 0 to 2**64 - 1 (or unset), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -130,15 +133,34 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     return np.where(logits < kth, -np.inf, logits)
 
 
+#: Tokens :func:`top_p_filter` first sorts (more while they hold too little probability).
+TOP_P_CANDIDATES = 256
+
+
 def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probability reaches ``top_p``
-    (always at least one)."""
-    order = np.argsort(-logits, kind="stable")
-    sorted_logits = logits[order]
-    probs = np.exp(sorted_logits - sorted_logits[0])
-    probs /= probs.sum()
-    cum = np.cumsum(probs)
-    keep = cum - probs < top_p
+    (always at least one); of tokens tied at the edge, the lowest ids come first.
+
+    Only the most likely tokens are sorted: every token whose logit reaches the
+    ``TOP_P_CANDIDATES``-th largest (ties included), 16 times as many if they hold less than
+    ``top_p``, the whole vocabulary if those do too (a very flat distribution).
+    That is the head of the whole vocabulary's stable sort, and the tokens after it are never
+    kept, so the result is the full sort's at a fraction of its cost (a stable sort of 32k
+    logits took ~4 ms per token of every sampling stream, on the thread all streams share)."""
+    probs = np.exp(logits - logits.max())
+    total = probs.sum()
+    candidates = np.arange(len(logits))  # the whole vocabulary if the heads below hold too little
+    for size in (TOP_P_CANDIDATES, 16 * TOP_P_CANDIDATES):
+        if size >= len(logits):
+            break
+        edge = np.partition(logits, -size)[-size]
+        head = np.flatnonzero(logits >= edge)  # ascending ids: a stable sort keeps them so among ties
+        if probs[head].sum() / total > top_p + 1e-9:
+            candidates = head
+            break
+    order = candidates[np.argsort(-logits[candidates], kind="stable")]
+    sorted_probs = probs[order] / total
+    keep = np.cumsum(sorted_probs) - sorted_probs < top_p
     out = np.full_like(logits, -np.inf)
     out[order[keep]] = logits[order[keep]]
     return out

@@ -39,6 +39,34 @@ def test_filters_match_transformers():
         np.testing.assert_array_equal(np.isfinite(top_p_filter(logits, p)), np.isfinite(ref_p), err_msg=str(p))
 
 
+def test_top_p_over_a_real_vocabulary_keeps_what_a_full_sort_keeps():
+    """Over 32064 logits only the head of the distribution is sorted: the kept tokens are those
+    of transformers' warper (no ties) and of a stable sort of the whole vocabulary (ties: the
+    lowest ids first), peaked, flat, tied and partly -inf alike."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    def full_sort(logits, top_p):
+        order = np.argsort(-logits, kind="stable")
+        probs = np.exp(logits[order] - logits[order][0])
+        probs /= probs.sum()
+        kept = order[np.cumsum(probs) - probs < top_p]
+        return np.isin(np.arange(len(logits)), kept)
+
+    rng = np.random.default_rng(5)
+    for case in range(60):
+        logits = rng.standard_normal(32064) * (0.5, 1, 2, 4, 12)[case % 5]
+        if case % 3 == 1:
+            logits = np.round(logits, 1)  # many ties
+        if case % 4 == 2:
+            logits[rng.random(32064) < 0.7] = -np.inf  # what top-k leaves
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            kept = np.isfinite(top_p_filter(logits, top_p))
+            np.testing.assert_array_equal(kept, full_sort(logits, top_p), err_msg=f"case {case}, top_p {top_p}")
+            if case % 3 != 1:
+                hf = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)[None])[0].numpy()
+                np.testing.assert_array_equal(kept, np.isfinite(hf), err_msg=f"case {case}, top_p {top_p}")
+
+
 def test_sampler_greedy_seeded_and_reproducible():
     logits = np.random.default_rng(1).standard_normal(50).astype(np.float32)
     assert Sampler(SamplingParams())(logits, np.array([])) == int(logits.argmax())
@@ -62,6 +90,7 @@ NAN, INF = float("nan"), float("inf")
     *[(dict(top_p=v), "top_p must be a finite number") for v in (NAN, INF, -INF)],
     *[(dict(repetition_penalty=v), "repetition_penalty must be a finite number") for v in (NAN, INF, -INF)],
     (dict(stop=("x",) * 17), "at most 16 stop strings, got 17"),
+    *[(dict(seed=v), "seed must be an integer from 0") for v in (-1, 2**64, 1.5, True)],
     (dict(stop=("x" * 257,)), "at most 256 characters, got one of 257"),
 ])
 def test_sampling_params_validate(kwargs, message):

@@ -55,6 +55,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.greedy and (self.top_p < 1 or self.top_k):
+            raise ValueError(f"top_p ({self.top_p:g}) and top_k ({self.top_k}) choose what to sample from, but "
+                             "temperature 0 (the default) decodes greedily: give a temperature > 0 with them "
+                             "(1 = the model's own distribution)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer from 0 to 2**64 - 1 (or unset), got {self.seed!r}")

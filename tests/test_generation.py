@@ -91,6 +91,8 @@ NAN, INF = float("nan"), float("inf")
     *[(dict(repetition_penalty=v), "repetition_penalty must be a finite number") for v in (NAN, INF, -INF)],
     (dict(stop=("x",) * 17), "at most 16 stop strings, got 17"),
     *[(dict(seed=v), "seed must be an integer from 0") for v in (-1, 2**64, 1.5, True)],
+    *[(kw, "temperature 0 .the default. decodes greedily: give a temperature > 0") for kw in (dict(top_p=0.9),
+                                                                                          dict(top_k=40))],
     (dict(stop=("x" * 257,)), "at most 256 characters, got one of 257"),
 ])
 def test_sampling_params_validate(kwargs, message):

@@ -302,6 +302,26 @@ def test_raw_stream_ends_with_done(api, model_id):
     assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
 
 
+def test_sampling_fields_read_as_openai_and_vllm_clients_mean_them():
+    """top_p or top_k without a temperature sample (at OpenAI's default temperature 1: they
+    were dropped into greedy decoding before); with temperature 0 they change nothing;
+    top_k -1 is vLLM's "off"; the neutral values clients send by default are accepted."""
+    from pllava_openai.chat_request import parse_chat_request
+
+    def parsed(**fields):
+        request = parse_chat_request(chat_body("m", video_part(), **fields))
+        return request.temperature, request.top_p, request.top_k
+
+    assert parsed() == (None, None, None)  # greedy, the decoder's default
+    assert parsed(top_p=0.9) == (1.0, 0.9, None) and parsed(top_k=40) == (1.0, None, 40)
+    assert parsed(top_p=1) == (None, 1.0, None) and parsed(top_k=-1) == (None, None, None)
+    assert parsed(temperature=0, top_p=0.5, top_k=3) == (0.0, None, None)
+    assert parsed(temperature=0.7, top_p=0.5, top_k=3) == (0.7, 0.5, 3)
+    neutral = dict(logit_bias={}, min_p=0, min_tokens=0, ignore_eos=False, best_of=1, use_beam_search=False,
+                   skip_special_tokens=True, include_stop_str_in_output=False, stop_token_ids=[])
+    assert parsed(**neutral) == (None, None, None)
+
+
 def test_sampling_parameters_reach_the_decoder(oa, grpc_client, model_id):
     kwargs = dict(temperature=0.9, top_p=0.8, seed=1234)
     answers = [oa.chat.completions.create(model=model_id, messages=user(text("Go on."), video_part()),
@@ -314,6 +334,12 @@ def test_sampling_parameters_reach_the_decoder(oa, grpc_client, model_id):
     assert expected.token_ids != greedy.token_ids  # sampling did change the tokens
     assert answers[0].usage.prompt_tokens == prompt_tokens(expected)
     assert expected.num_frames == 2 and expected.num_visual_tokens < 576
+    # top_p alone: sampling at temperature 1, as the gRPC call with it spelled out
+    alone = oa.chat.completions.create(model=model_id, messages=user(text("Go on."), video_part()), max_tokens=16,
+                                       top_p=0.8, seed=1234, extra_body={"num_frames": 2})
+    assert alone.choices[0].message.content == grpc_client.caption_full(
+        SAMPLES / "orbit.mp4", "Go on.", max_new_tokens=16, num_frames=2, temperature=1.0, top_p=0.8,
+        seed=1234).caption
     # vLLM's spelling of the frame count
     vllm = oa.chat.completions.create(model=model_id, messages=user(text("Go on."), video_part()), max_tokens=16,
                                       extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}})
@@ -369,6 +395,10 @@ def _bad_requests(model_id: str) -> list[tuple[str, dict]]:
             "url": "data:video/mp4\nforged log line;base64,AAAA"}})),
         ("frequency_penalty", chat_body(model_id, good, frequency_penalty=0.5)),
         ("guided_json", chat_body(model_id, good, guided_json={"type": "object"})),
+        ("logit_bias", chat_body(model_id, good, logit_bias={"5": -100})),
+        ("ignore_eos", chat_body(model_id, good, ignore_eos=True)),
+        ("temperature past float32", chat_body(model_id, good, temperature=1e39)),
+        ("top_p under float32", chat_body(model_id, good, top_p=1e-46)),
     ]
 
 
@@ -384,6 +414,10 @@ MESSAGES = {
     "download off": "--allow-remote-media", "no model": "model",
     "text that is not Unicode": "prompt must be a string", "media type with a line break": "'video/mp4\\nforged",
     "frequency_penalty": "'frequency_penalty' other than 0 is not supported", "guided_json": "structured output",
+    "logit_bias": "'logit_bias' is not supported (only {}, which changes nothing), got {\"5\": -100}",
+    "ignore_eos": "'ignore_eos' is not supported (only false",
+    "temperature past float32": "temperature must be a number a 32-bit float holds",
+    "top_p under float32": "top_p must be a number a 32-bit float holds",
 }
 
 

@@ -27,6 +27,7 @@ Imports only grpcio, protobuf and numpy (through the stubs), never MindSpore.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -280,6 +281,11 @@ def _set_field(message, field: str, value) -> None:
         if descriptor.type == FieldDescriptor.TYPE_BYTES:
             kind = "bytes"
         raise ValueError(f"{field} must be {kind}, got {value!r}") from None
+    if message.DESCRIPTOR.fields_by_name[field].cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
+        held = getattr(message, field)  # a 32-bit float: 1e39 would arrive as inf, 1e-46 as 0
+        if math.isfinite(value) and (math.isinf(held) or (held == 0) != (value == 0)):
+            raise ValueError(f"{field} must be a number a 32-bit float holds: 0, or about 1e-45 "
+                             f"to 3e38 in size; got {value!r}")
 
 
 class Client:

@@ -9,15 +9,20 @@ What is accepted (the subset of the OpenAI API a video captioner can honour):
   conversation template brings its own system prompt (pick another with ``template``).
 - ``max_completion_tokens`` (or the older ``max_tokens``), ``temperature``, ``top_p``,
   ``seed``, ``stop`` (a string or a list), ``stream`` and ``stream_options.include_usage``.
-  Left out, sampling is the decoder's default: greedy, not OpenAI's temperature 1.
+  Without ``temperature`` decoding is the decoder's default, greedy (not OpenAI's temperature
+  1), unless ``top_p`` < 1 or ``top_k`` is given: those ask for sampling, at temperature 1.
+  With ``temperature`` 0 (greedy) ``top_p`` and ``top_k`` change nothing and are dropped.
 - Extra fields: ``num_frames`` (or vLLM's ``media_io_kwargs: {"video": {"num_frames": N}}``),
-  ``template``, ``top_k`` and ``repetition_penalty``.
+  ``template``, ``top_k`` (-1 or 0 = off, as in vLLM) and ``repetition_penalty``.
 - ``n`` other than 1, ``logprobs``, tools, structured output (``response_format`` other than
-  text, vLLM's ``guided_*``) and frequency or presence penalties other than 0 are refused;
-  other OpenAI fields (``user``, ``metadata``, ...) are ignored.
+  text, vLLM's ``guided_*``), frequency or presence penalties other than 0, and the fields of
+  :data:`_NEUTRAL` (``logit_bias``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``best_of``,
+  ...) at values that would change the output are refused; other OpenAI fields (``user``,
+  ``metadata``, ...) are ignored.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -88,11 +93,19 @@ def parse_chat_request(body: Any) -> ChatRequest:
         max_new_tokens = _integer(body, "max_tokens", 1, _MAX_UINT32)
     temperature = _number(body, "temperature", low=0.0)
     top_p = _number(body, "top_p", low=0.0, high=1.0, low_open=True)
+    top_k = _integer(body, "top_k", -1, _MAX_UINT32)
+    if top_k == -1:  # vLLM's "off"
+        top_k = None
+    samples = (top_p is not None and top_p < 1) or bool(top_k)
+    if temperature is None and samples:
+        temperature = 1.0  # top_p or top_k alone mean sampling, at OpenAI's default temperature
+    elif temperature == 0:
+        top_p = top_k = None  # greedy: they change nothing (OpenAI takes them together)
     repetition_penalty = _number(body, "repetition_penalty", low=0.0, low_open=True)
     return ChatRequest(
         model=model, media=media, prompt=prompt, stream=stream, include_usage=include_usage,
         max_new_tokens=max_new_tokens or 0, temperature=temperature, top_p=top_p,
-        top_k=_integer(body, "top_k", 0, _MAX_UINT32), repetition_penalty=repetition_penalty,
+        top_k=top_k, repetition_penalty=repetition_penalty,
         seed=_integer(body, "seed", 0, _MAX_UINT64), stop=_stop(body.get("stop")),
         num_frames=_num_frames(body), template=_optional(body, "template", str) or None)
 
@@ -165,6 +178,11 @@ def _refuse_unsupported(body: dict) -> None:
         if body.get(name):  # (0 and null change nothing)
             raise bad_request(f"'{name}' other than 0 is not supported; 'repetition_penalty' (HF-style, 1 = off) "
                               "is", name)
+    for name, neutral in _NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
+            raise bad_request(f"'{name}' is not supported (only {' or '.join(json.dumps(n) for n in neutral)}, "
+                              f"which changes nothing), got {json.dumps(value)[:100]}", name)
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
         if body.get(name) is not None:
             raise bad_request(f"'{name}' is not supported: structured output is not offered", name)
@@ -172,6 +190,16 @@ def _refuse_unsupported(body: dict) -> None:
     if response_format is not None and (not isinstance(response_format, dict)
                                         or response_format.get("type") != "text"):
         raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported", "response_format")
+
+
+#: Fields of OpenAI's API and vLLM's that change generation in ways this server does not
+#: offer, and their values that change nothing (accepted, as clients send them by default).
+_NEUTRAL: dict[str, tuple] = {
+    "logit_bias": ({},), "top_logprobs": (0,), "min_p": (0, 0.0), "min_tokens": (0,), "ignore_eos": (False,),
+    "stop_token_ids": ([],), "bad_words": ([],), "best_of": (1,), "use_beam_search": (False,),
+    "length_penalty": (1, 1.0), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+}
 
 
 def _optional(body: dict, name: str, kind: type, where: str | None = None):

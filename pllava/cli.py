@@ -126,7 +126,7 @@ def cmd_convert(args) -> int:
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
-    out = make_tiny(args.output, seed=args.seed, num_frames=args.num_frames, preset=args.preset)
+    out = make_tiny(args.output, seed=args.seed, num_frames=args.num_frames, preset=args.preset, layout=args.layout)
     print(f"wrote a tiny random PLLaVA checkpoint to {out}")
     return 0
 
@@ -223,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=W.DEFAULT_LORA_ALPHA)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the llava-hf layout")
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in a real checkpoint's layout")
     p.add_argument("output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=4)
     p.add_argument("--preset", choices=("tiny", "serving"), default="tiny",
                    help="tiny (tests) or serving (benchmarks: CLIP 512x8, LLaMA 1024x12, vocab 32064)")
+    p.add_argument("--layout", choices=("llava-hf", "pllava"), default="llava-hf",
+                   help="llava-hf (llava-v1.6-vicuna-7b-hf: fp16, default) or pllava (ermu2001/pllava-7b: "
+                        "bf16, PEFT LoRA keys on q/v, no image_newline)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("up", help="run N encoder servers and one decoder server here, no Docker")

@@ -1,9 +1,13 @@
-"""``pllava make-tiny``: a small random PLLaVA checkpoint in exactly the llava-hf layout.
+"""``pllava make-tiny``: a small random PLLaVA checkpoint in exactly a real checkpoint's layout.
 
-Same files and key names as ``llava-hf/llava-v1.6-vicuna-7b-hf`` plus PLLaVA's own config
-fields: sharded fp16 safetensors with an index, config.json, preprocessor_config.json,
-generation_config.json and a LLaMA-style tokenizer.json with ``<image>`` as an added special
-token. The vision geometry is the real one (336 px, 14 px patches, 24x24 grid pooled to
+``layout="llava-hf"`` (the default): the files and key names of
+``llava-hf/llava-v1.6-vicuna-7b-hf`` plus PLLaVA's own config fields: sharded fp16
+safetensors with an index, config.json, preprocessor_config.json, generation_config.json and
+a LLaMA-style tokenizer.json with ``<image>`` as an added special token. ``layout="pllava"``:
+``ermu2001/pllava-7b``'s, as PLLaVA's training saves it: bf16, the language model wrapped by
+PEFT with LoRA on q_proj and v_proj (``base_layer`` and ``lora_A``/``lora_B.default`` keys),
+no ``image_newline``, and a ``PllavaForConditionalGeneration`` config of model type "llava"
+with the top-level ``vocab_size`` and ``gradient_checkpointing`` that PllavaConfig writes. The vision geometry is the real one (336 px, 14 px patches, 24x24 grid pooled to
 12x12), so the video path and visual-token counts are those of the real model; only the
 widths and depths are small. Deterministic by seed.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -151,9 +156,48 @@ def save_sharded(tensors: dict[str, np.ndarray], out_dir: Path, num_shards: int 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, num_frames: int = 4, preset: str = "tiny") -> Path:
-    """Write a random checkpoint of ``preset`` ("tiny", or "serving" for benchmarks) to
-    ``out_dir`` and return it."""
+#: The checkpoint layouts make_tiny writes (see the module docstring).
+LAYOUTS = ("llava-hf", "pllava")
+#: LoRA rank of the "pllava" layout (PLLaVA trains rank 128 on 4096-wide layers).
+PLLAVA_LORA_RANK = 16
+
+
+def pllava_config(cfg: dict) -> dict:
+    """``cfg`` as PLLaVA's PllavaConfig saves it (transformers 4.37, bf16 training)."""
+    out = {k: v for k, v in cfg.items() if k not in ("use_image_newline_parameter", "image_grid_pinpoints")}
+    out.update(architectures=["PllavaForConditionalGeneration"], model_type="llava", torch_dtype="bfloat16",
+               vocab_size=cfg["text_config"]["vocab_size"], gradient_checkpointing=False, pad_token_id=0,
+               transformers_version="4.37.1")
+    out["text_config"] = dict(cfg["text_config"], torch_dtype="bfloat16")
+    return out
+
+
+def peft_layout(tensors: dict[str, np.ndarray], rank: int, scale: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """``tensors`` (llava-hf keys) as PLLaVA's save of a PEFT-wrapped language model: LoRA on
+    q_proj and v_proj, A and B of N(0, ``scale``) (0: no delta), in each tensor's dtype."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in tensors.items():
+        if not name.startswith("language_model."):
+            out[name] = value
+            continue
+        peft = "language_model.base_model.model." + name[len("language_model."):]
+        if not name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+            out[peft] = value
+            continue
+        stem = peft[: -len(".weight")]
+        out[stem + ".base_layer.weight"] = value
+        out[stem + ".lora_A.default.weight"] = (rng.standard_normal((rank, value.shape[1])) * scale).astype(value.dtype)
+        out[stem + ".lora_B.default.weight"] = (rng.standard_normal((value.shape[0], rank)) * scale).astype(value.dtype)
+    return out
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0, num_frames: int = 4, preset: str = "tiny",
+              layout: str = "llava-hf") -> Path:
+    """Write a random checkpoint of ``preset`` ("tiny", or "serving" for benchmarks) in
+    ``layout`` (:data:`LAYOUTS`) to ``out_dir`` and return it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     vision, text, padded_vocab = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,11 +206,17 @@ def make_tiny(out_dir: str | Path, seed: int = 0, num_frames: int = 4, preset: s
     image_id = tok.image_token_id
     vocab = padded_vocab or -(-(image_id + 1) // 64) * 64  # llava-hf pads the vocab to a multiple of 64
     cfg = tiny_config(vocab, image_id, num_frames, vision, text)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(pllava_config(cfg) if layout == "pllava" else cfg, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": 0}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     # wide layers get 1/sqrt(width)-sized weights so activations stay in fp16 range
     scale = 0.2 if preset == "tiny" else text["hidden_size"] ** -0.5
-    save_sharded(random_weights(cfg, seed, scale), out, num_shards=2 if preset == "tiny" else 4)
+    tensors = random_weights(cfg, seed, scale)
+    if layout == "pllava":
+        del tensors["image_newline"]  # PllavaForConditionalGeneration has none
+        bf16 = {name: value.astype(np.float32).astype(ml_dtypes.bfloat16) for name, value in tensors.items()}
+        save_sharded(peft_layout(bf16, PLLAVA_LORA_RANK, 0.1, seed + 1), out, num_shards=3)
+    else:
+        save_sharded(tensors, out, num_shards=2 if preset == "tiny" else 4)
     return out

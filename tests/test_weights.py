@@ -18,6 +18,7 @@ from pllava import weights as W
 from pllava.config import PllavaConfig
 from pllava.layers import checkpoint_tensors
 from pllava.model import PllavaLanguage, PllavaVision
+from pllava import tiny
 from pllava.tiny import save_sharded
 
 RANK = 8
@@ -48,22 +49,8 @@ def new_layout(name: str) -> str:
 
 
 def peft_layout(tensors: dict[str, np.ndarray], lora_scale: float, seed: int = 0) -> dict[str, np.ndarray]:
-    """ermu2001/pllava-7b's save: PEFT-wrapped LM with LoRA on q_proj and v_proj."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, value in tensors.items():
-        if not name.startswith("language_model."):
-            out[name] = value
-            continue
-        peft = "language_model.base_model.model." + name[len("language_model."):]
-        if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
-            stem = peft[: -len(".weight")]
-            out[stem + ".base_layer.weight"] = value
-            out[stem + ".lora_A.default.weight"] = (rng.standard_normal((RANK, value.shape[1])) * lora_scale).astype(value.dtype)
-            out[stem + ".lora_B.default.weight"] = (rng.standard_normal((value.shape[0], RANK)) * lora_scale).astype(value.dtype)
-        else:
-            out[peft] = value
-    return out
+    """ermu2001/pllava-7b's save: PEFT-wrapped LM with LoRA (rank RANK) on q_proj and v_proj."""
+    return tiny.peft_layout(tensors, RANK, lora_scale, seed)
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +247,45 @@ def test_convert_to_ckpt_and_load(tiny_model_dir, cfg, tmp_path):
         np.testing.assert_allclose(from_ckpt[name], from_st[name], atol=1e-6, err_msg=name)
     with pytest.raises(W.WeightsError, match="--lora-alpha 16"):
         PllavaVision.from_pretrained(ckpt, cfg, lora_alpha=4.0)
+
+
+def test_a_pllava_7b_layout_captions_as_its_weights_merged_by_hand(tmp_path, videos_dir):
+    """``make-tiny --layout pllava`` (bf16, PEFT LoRA keys, PllavaConfig, no image_newline)
+    captions exactly as the same weights merged by hand (W + alpha/r B A, float64) into an
+    fp32 llava-hf folder; without the merge the tokens differ, so the LoRA counted."""
+    def caption(model: Path) -> list[int]:
+        run = subprocess.run([sys.executable, "-m", "pllava.cli", "caption", str(videos_dir / "orbit.mp4"), "--model",
+                              str(model), "--json", "--max-new-tokens", "24"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout)["token_ids"]
+
+    pllava_dir = tmp_path / "pllava"
+    made = subprocess.run([sys.executable, "-m", "pllava.cli", "make-tiny", str(pllava_dir), "--layout", "pllava"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    config = json.loads((pllava_dir / "config.json").read_text())
+    assert (config["model_type"], config["torch_dtype"], config["architectures"]) == (
+        "llava", "bfloat16", ["PllavaForConditionalGeneration"])
+    stored = read_all(pllava_dir)
+    assert "image_newline" not in stored and {str(v.dtype) for v in stored.values()} == {"bfloat16"}
+    prefix, scale = "language_model.base_model.model.", W.DEFAULT_LORA_ALPHA / tiny.PLLAVA_LORA_RANK
+    merged, unmerged = {}, {}
+    for name, value in stored.items():
+        if ".lora_" in name:
+            continue
+        plain = ("language_model." + name[len(prefix):] if name.startswith(prefix) else name).replace(".base_layer", "")
+        merged[plain] = unmerged[plain] = value.astype(np.float32)
+        if ".base_layer." in name:
+            stem = name[: -len(".base_layer.weight")]
+            a, b = (stored[f"{stem}.lora_{x}.default.weight"].astype(np.float64) for x in "AB")
+            merged[plain] = (value.astype(np.float64) + scale * (b @ a)).astype(np.float32)
+    folders = {}
+    for label, tensors in (("merged", merged), ("unmerged", unmerged)):
+        folders[label] = copy_meta(pllava_dir, tmp_path / label)
+        save_sharded(tensors, folders[label])
+    tokens = caption(pllava_dir)
+    assert tokens == caption(folders["merged"])
+    assert tokens != caption(folders["unmerged"])
 
 
 def test_layout_names():

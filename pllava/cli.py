@@ -115,11 +115,19 @@ def cmd_convert(args) -> int:
     import numpy as np
 
     out = Path(args.output)
-    params = [{"name": name, "data": ms.Tensor(array.astype(np.float32) if array.dtype.name == "bfloat16" else array)}
-              for name, array in W.iter_safetensors(args.model_dir, W.PARTS, args.lora_alpha)]
-    params.append({"name": W.CKPT_ALPHA_KEY, "data": ms.Tensor(np.array([args.lora_alpha], dtype=np.float32))})
+    params = []
+    for name, array in W.iter_safetensors(args.model_dir, W.PARTS, args.lora_alpha):
+        # bf16 stays bf16 (numpy has no bf16 arithmetic for MindSpore to take it from directly): a
+        # 7B bf16 checkpoint is held and written at 14 GB, not widened to 28
+        data = (ms.Tensor(array.astype(np.float32), dtype=ms.bfloat16) if array.dtype.name == "bfloat16"
+                else ms.Tensor(array))
+        params.append({"name": name, "data": data})
+    merged = W.has_lora(args.model_dir)
+    if merged:  # the alpha the LoRA was merged with; a later load with another one is refused
+        params.append({"name": W.CKPT_ALPHA_KEY, "data": ms.Tensor(np.array([args.lora_alpha], dtype=np.float32))})
     ms.save_checkpoint(params, str(out))
-    print(f"wrote {out} ({len(params) - 1} tensors, LoRA merged with alpha {args.lora_alpha:g})")
+    print(f"wrote {out} ({len(params) - merged} tensors, "
+          + (f"LoRA merged with alpha {args.lora_alpha:g})" if merged else "no LoRA to merge)"))
     return 0
 
 

@@ -89,8 +89,9 @@ class TextConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
-        if self.rope_scaling:
-            raise ConfigError(f"rope_scaling={self.rope_scaling!r} is not supported")
+        if self.rope_scaling and (not isinstance(self.rope_scaling, Mapping) or set(self.rope_scaling) - {"rope_type", "type"}
+                                  or self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default"):
+            raise ConfigError(f"rope_scaling={self.rope_scaling!r} is not supported (only the default RoPE)")
         if self.hidden_act != "silu":
             raise ConfigError(f"text hidden_act={self.hidden_act!r} is not supported (only 'silu')")
 
@@ -136,6 +137,9 @@ class PllavaConfig:
         if self.num_frames < 1:
             raise ConfigError(f"num_frames must be >= 1, got {self.num_frames}")
         n = self.vision.num_hidden_layers
+        if isinstance(self.vision_feature_layer, bool) or not isinstance(self.vision_feature_layer, int):
+            raise ConfigError(f"vision_feature_layer must be one layer index (PLLaVA reads one layer), got "
+                              f"{self.vision_feature_layer!r}")
         if not -n <= self.vision_feature_layer <= n:
             raise ConfigError(f"vision_feature_layer={self.vision_feature_layer} is outside 0..{n}")
         object.__setattr__(self, "pooling_shape", tuple(int(x) for x in self.pooling_shape))
@@ -183,6 +187,8 @@ class PllavaConfig:
             if rope.get("rope_type", "default") != "default":
                 raise ConfigError(f"rope_parameters={dict(rope)!r}: only the default RoPE is supported")
             text_dict.setdefault("rope_theta", rope.get("rope_theta"))
+        if data.get("multimodal_projector_bias") is False:
+            raise ConfigError("multimodal_projector_bias=false is not supported: PLLaVA's projector has biases")
         text = _pick(TextConfig, text_dict)
         if "tie_word_embeddings" not in text_dict and "tie_word_embeddings" in data:
             text = replace(text, tie_word_embeddings=bool(data["tie_word_embeddings"]))
@@ -226,7 +232,8 @@ class PreprocessorConfig:
             if "shortest_edge" in size:
                 data["shortest_edge"] = size["shortest_edge"]
             elif "height" in size:
-                data["shortest_edge"] = min(size["height"], size["width"])
+                raise ConfigError(f"preprocessor size={dict(size)!r} resizes frames to exactly that size; PLLaVA "
+                                  "resizes the shortest edge (size: {\"shortest_edge\": 336})")
         elif isinstance(size, int):
             data["shortest_edge"] = size
         crop = data.pop("crop_size", None)

@@ -76,8 +76,13 @@ class Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
+            hint = ""
+            if (model_dir / "tokenizer.model").is_file():
+                hint = (f" (it has only the SentencePiece tokenizer.model; write tokenizer.json from it with "
+                        f"transformers: python -c \"from transformers import AutoTokenizer as T; "
+                        f"T.from_pretrained('{model_dir}').save_pretrained('{model_dir}')\")")
             raise TokenizerError(
-                f"no tokenizer.json at {path}: the checkpoint folder must contain the fast-tokenizer file"
+                f"no tokenizer.json at {path}: the checkpoint folder must contain the fast-tokenizer file{hint}"
             )
         try:
             backend = _Backend.from_file(str(path))

@@ -119,6 +119,15 @@ _LANGUAGE_WEIGHT = re.compile(r"^language_model\.(?:model\.layers\.\d+\.(?:self_
                               r"(?:\.lora_[AB](?:\.default)?)?\.weight$")
 
 
+def has_lora(model_dir: str | Path) -> bool:
+    """Whether a safetensors checkpoint folder holds LoRA factors (read from the headers only)."""
+    for path in checkpoint_files(model_dir):
+        with _open_shard(path) as f:
+            if any(".lora_" in key for key in f.keys()):
+                return True
+    return False
+
+
 def stored_weight_dtypes(source: str | Path) -> dict[str, str]:
     """Kind of language-model projection (``q_proj``, ..., ``down_proj``, ``lm_head``) -> the
     one dtype a safetensors checkpoint folder stores every layer's weight of that kind in
@@ -195,7 +204,12 @@ def iter_safetensors(model_dir: str | Path, parts: Iterable[str] = PARTS,
     if pending:
         detail = ", ".join(f"{k} (has {[w for w in ('base', 'a', 'b') if getattr(v, w) is not None]})"
                            for k, v in sorted(pending.items()))
-        raise WeightsError(f"incomplete LoRA triples in {model_dir}: {detail}")
+        hint = ""
+        if all(v.base is None for v in pending.values()):
+            hint = (" -- adapters without the weights they adapt, as a PLLaVA training run saves them (LoRA "
+                    "and the projector only): point --model at a full checkpoint, which holds the base "
+                    "weights too (as ermu2001/pllava-7b does)")
+        raise WeightsError(f"incomplete LoRA triples in {model_dir}: {detail}{hint}")
 
 
 def iter_ckpt(path: str | Path, parts: Iterable[str] = PARTS,

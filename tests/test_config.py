@@ -71,6 +71,9 @@ def test_transformers5_rope_parameters():
     ({"frame_shape": [16, 16]}, "frame_shape"),
     ({"pooling_shape": [4, 0, 12]}, "pooling_shape"),
     ({"projector_hidden_act": "relu"}, "projector_hidden_act"),
+    ({"vision_feature_layer": [-2, -5]}, "vision_feature_layer must be one layer index"),
+    ({"multimodal_projector_bias": False}, "multimodal_projector_bias=false is not supported"),
+    ({"text_config": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}}, "rope_scaling=.* is not supported"),
 ])
 def test_unsupported_configs_fail_clearly(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -89,6 +92,17 @@ def test_end_token_ids_follow_generation_config_then_config(tmp_path):
         (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
         with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be a token id"):
             end_token_ids(tmp_path, 2)
+
+
+def test_a_default_rope_scaling_is_no_scaling():
+    for rope in ({"rope_type": "default"}, {"type": "default"}, None, {}):
+        assert PllavaConfig.from_dict({**PLLAVA, "text_config": {"rope_scaling": rope}}).text.rope_scaling == rope
+
+
+def test_a_preprocessor_size_of_height_and_width_is_refused(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 336, "width": 336}}))
+    with pytest.raises(ConfigError, match="resizes frames to exactly that size; PLLaVA resizes the shortest edge"):
+        PreprocessorConfig.from_pretrained(tmp_path)
 
 
 def test_missing_config_names_the_path(tmp_path):

@@ -145,6 +145,10 @@ def test_decode_roundtrip_and_matches_transformers(tok, hf):
 def test_missing_files_and_tokens(tmp_path, tiny_dir):
     with pytest.raises(TokenizerError, match=str(tmp_path / "tokenizer.json")):
         Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")  # a folder saved without the fast file
+    with pytest.raises(TokenizerError, match=r"only the SentencePiece tokenizer.model; write tokenizer.json from it"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
     raw = RawTokenizer.from_file(str(tiny_dir[0] / "tokenizer.json"))
     data = json.loads(raw.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<image>"]

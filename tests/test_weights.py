@@ -288,6 +288,41 @@ def test_a_pllava_7b_layout_captions_as_its_weights_merged_by_hand(tmp_path, vid
     assert tokens != caption(folders["unmerged"])
 
 
+def test_a_folder_of_adapters_only_says_what_it_is(tiny_model_dir, cfg, tmp_path):
+    """What a PLLaVA training run saves (LoRA and the projector only) is named as such."""
+    peft = peft_layout(read_all(tiny_model_dir), lora_scale=0.1)
+    adapters = copy_meta(tiny_model_dir, tmp_path / "adapters")
+    save_sharded({k: v for k, v in peft.items() if ".lora_" in k or k.startswith("multi_modal_projector.")}, adapters)
+    with pytest.raises(W.WeightsError, match=r"incomplete LoRA triples .* adapters without the weights they adapt.*"
+                                             r"point --model at a full checkpoint"):
+        PllavaLanguage.from_pretrained(adapters, cfg, max_len=64, jit=False)
+
+
+def test_convert_keeps_bf16_and_stores_an_alpha_only_for_merged_lora(cfg, tiny_model_dir, tmp_path):
+    """A bf16 checkpoint converts to a bf16 .ckpt (half the size of widening it) that loads to
+    the same values; a checkpoint without LoRA stores no alpha, so any --lora-alpha loads it."""
+    import mindspore as ms
+
+    pllava_dir = tiny.make_tiny(tmp_path / "pllava", layout="pllava")
+    for source, lora in ((pllava_dir, True), (tiny_model_dir, False)):
+        ckpt = tmp_path / f"{source.name}.ckpt"
+        run = subprocess.run([sys.executable, "-m", "pllava.cli", "convert", str(source), "-o", str(ckpt)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert ("LoRA merged with alpha 4" if lora else "no LoRA to merge") in run.stdout
+        params = ms.load_checkpoint(str(ckpt))
+        assert (W.CKPT_ALPHA_KEY in params) == lora
+        if lora:
+            k = "language_model.model.layers.0.self_attn.k_proj.weight"
+            assert params[k].dtype == ms.bfloat16  # stored bf16, not widened
+            source_cfg = PllavaConfig.from_pretrained(source)
+            from_ckpt, from_st = loaded(ckpt, source_cfg), loaded(source, source_cfg)
+            for name in from_st:
+                np.testing.assert_array_equal(from_ckpt[name], from_st[name], err_msg=name)
+        else:
+            PllavaVision.from_pretrained(ckpt, cfg, lora_alpha=16.0)  # no alpha stored: nothing to refuse
+
+
 def test_layout_names():
     assert W.canonical_name("model.language_model.layers.3.mlp.up_proj.weight") == "language_model.model.layers.3.mlp.up_proj.weight"
     assert W.canonical_name("lm_head.weight") == "language_model.lm_head.weight"

@@ -2,8 +2,10 @@
 ``preprocessor_config.json``.
 
 Absent fields take the values transformers itself would use when loading the same file
-(LlamaConfig defaults for the language model, the CLIP ViT-L/14-336 tower that LLaVA
-defaults to for vision), so a checkpoint means the same thing here as in the reference.
+(LlamaConfig defaults for the language model; for vision, CLIPVisionConfig's defaults for the
+fields a ``vision_config`` leaves out, and the CLIP ViT-L/14-336 tower that LLaVA defaults to
+when there is no ``vision_config`` at all), so a checkpoint means the same thing here as in
+the reference.
 """
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ def _pick(cls, data: Mapping[str, Any], **overrides):
     kwargs = {k: v for k, v in data.items() if k in names and v is not None}
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+#: transformers' CLIPVisionConfig defaults (ViT-B/32 at 224 px): what a ``vision_config``
+#: that leaves a field out means. The dataclass's own defaults are LLaVA's ViT-L/14-336.
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            num_channels=3, image_size=224, patch_size=32, layer_norm_eps=1e-5,
+                            hidden_act="quick_gelu")
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,8 @@ class PllavaConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "PllavaConfig":
         text_dict = dict(data.get("text_config") or {})
         vision_dict = dict(data.get("vision_config") or {})
+        if vision_dict:  # a partial vision_config is completed as CLIPVisionConfig(**it) does
+            vision_dict = {**CLIP_VISION_DEFAULTS, **vision_dict}
         top_pad = data.get("pad_token_id")
         rope = text_dict.pop("rope_parameters", None)  # transformers >= 5 nests rope settings
         if isinstance(rope, Mapping):

@@ -94,6 +94,21 @@ def test_end_token_ids_follow_generation_config_then_config(tmp_path):
             end_token_ids(tmp_path, 2)
 
 
+def test_a_partial_vision_config_is_completed_as_clip_does():
+    """LLaVA's ViT-L/14-336 stands for a missing vision_config; fields a given one leaves out
+    take CLIPVisionConfig's defaults, as transformers reads the file."""
+    from transformers import CLIPVisionConfig
+
+    reference = CLIPVisionConfig()
+    partial = PllavaConfig.from_dict({**PLLAVA, "vision_config": {"hidden_size": 1024, "image_size": 336,
+                                                                   "patch_size": 14}, "frame_shape": [24, 24]})
+    v = partial.vision
+    assert (v.hidden_size, v.image_size, v.patch_size) == (1024, 336, 14)
+    assert (v.intermediate_size, v.num_hidden_layers, v.num_attention_heads) == (
+        reference.intermediate_size, reference.num_hidden_layers, reference.num_attention_heads)
+    assert PllavaConfig.from_dict(PLLAVA).vision.num_hidden_layers == 24  # none given: LLaVA's tower
+
+
 def test_a_default_rope_scaling_is_no_scaling():
     for rope in ({"rope_type": "default"}, {"type": "default"}, None, {}):
         assert PllavaConfig.from_dict({**PLLAVA, "text_config": {"rope_scaling": rope}}).text.rope_scaling == rope

@@ -1,7 +1,11 @@
 """Shared fixtures: a tiny random checkpoint in the llava-hf layout and the repository's
-sample media."""
+sample media; and the docker-compose smoke run, started beside the other tests."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,64 @@ def hf_tiny_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf-llava")
     model.save_pretrained(out)
     return out
+
+
+class ComposeSmoke:
+    """``scripts/compose_smoke.sh`` run in the background from the start of the session, when
+    a test marked ``docker`` is selected: most of its ~5 minutes are package and image
+    downloads and builds, which need little CPU, so the other tests run meanwhile instead of
+    after it. The test reads its outcome (:meth:`result`)."""
+
+    def __init__(self, video: Path):
+        self.daemon_before = _has_docker() and subprocess.run(["docker", "info"], capture_output=True,
+                                                              timeout=60).returncode == 0
+        env = {k: v for k, v in os.environ.items() if k not in ("SMOKE_KEEP_IMAGES", "SMOKE_KEEP_DOCKERD",
+                                                                "PLLAVA_IMAGE")}
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(["bash", str(REPO / "scripts" / "compose_smoke.sh"), str(video)], cwd=REPO,
+                                        env=env, stdout=self._out, stderr=self._err, text=True,
+                                        start_new_session=True)
+
+    def result(self, timeout: float) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) once the script has ended (TimeoutExpired past ``timeout``)."""
+        code = self.process.wait(timeout)
+        outputs = []
+        for stream in (self._out, self._err):
+            stream.seek(0)
+            outputs.append(stream.read())
+        return code, outputs[0], outputs[1]
+
+    def stop(self) -> None:
+        """An interrupted session: the script's own cleanup takes the stack down (SIGINT)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(300)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def _has_docker() -> bool:
+    from shutil import which
+    return which("docker") is not None
+
+
+_COMPOSE_SMOKE = pytest.StashKey[ComposeSmoke]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected what they deselect
+def pytest_collection_modifyitems(config, items):
+    if any(item.get_closest_marker("docker") for item in items):
+        config.stash[_COMPOSE_SMOKE] = ComposeSmoke(SAMPLES / "orbit.mp4")
+
+
+def pytest_sessionfinish(session):
+    smoke = session.config.stash.get(_COMPOSE_SMOKE, None)
+    if smoke is not None:
+        smoke.stop()
+
+
+@pytest.fixture(scope="session")
+def compose_smoke(request) -> ComposeSmoke:
+    """The compose smoke run started with the session (see :class:`ComposeSmoke`)."""
+    return request.config.stash[_COMPOSE_SMOKE]

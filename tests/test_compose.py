@@ -7,11 +7,11 @@ both encoder replicas served work; run the stack again secured by docker-compose
 Needs root and a Docker engine; the script installs Debian's docker.io, docker-compose and
 debootstrap and starts dockerd when they are missing, and builds the local base image when
 no registry is reachable. It removes the images it built and stops a dockerd it started, so
-every run builds from scratch: a few minutes (SMOKE_KEEP_IMAGES=1 keeps them for reruns).
+every run builds from scratch: a few minutes (SMOKE_KEEP_IMAGES=1 keeps them for reruns), which
+run beside the other tests: the script starts with the session (tests/conftest.py).
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -27,37 +27,35 @@ def _docker(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.docker
-def test_compose_two_encoder_replicas_serve_a_caption(videos_dir):
-    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE_KEEP_IMAGES", "SMOKE_KEEP_DOCKERD", "PLLAVA_IMAGE")}
-    daemon_before = _docker("info").returncode == 0
-    done = subprocess.run(["bash", str(REPO / "scripts" / "compose_smoke.sh"), str(videos_dir / "orbit.mp4")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
-    output = done.stdout + done.stderr
+def test_compose_two_encoder_replicas_serve_a_caption(compose_smoke):
+    """The run started with the session (tests/conftest.py: ComposeSmoke), on samples/orbit.mp4."""
+    returncode, stdout, stderr = compose_smoke.result(timeout=2400)
+    output = stdout + stderr
     print(output[-6000:])
-    assert done.returncode == 0, output[-6000:]
-    assert "compose smoke test passed" in done.stdout
-    assert re.search(r"encoder replicas that served work: 2 of 2", done.stdout)
-    assert re.search(r"OpenAI-compatible API answered: model \S+, \d+ completion tokens", done.stdout)
-    assert f"images of the running containers: {IMAGE}\n" in done.stdout   # one image, both services
+    assert returncode == 0, output[-6000:]
+    assert "compose smoke test passed" in stdout
+    assert re.search(r"encoder replicas that served work: 2 of 2", stdout)
+    assert re.search(r"OpenAI-compatible API answered: model \S+, \d+ completion tokens", stdout)
+    assert f"images of the running containers: {IMAGE}\n" in stdout   # one image, both services
 
     # Secured by docker-compose.tls.yml: mutual TLS with the token on both hops, refusals named.
-    assert re.search(r"captioned 4 times in [\d.]+ s: \{", done.stdout)
-    assert "refused (TLS)" in done.stdout
-    assert done.stdout.count("refused (UNAUTHENTICATED)") == 2     # no token, a wrong one
-    assert "refused (401)" in done.stdout
-    assert "OpenAI-compatible API with the token: model" in done.stdout
-    assert len(re.findall(r"encoder replicas that served work: 2 of 2", done.stdout)) == 2
+    assert re.search(r"captioned 4 times in [\d.]+ s: \{", stdout)
+    assert "refused (TLS)" in stdout
+    assert stdout.count("refused (UNAUTHENTICATED)") == 2     # no token, a wrong one
+    assert "refused (401)" in stdout
+    assert "OpenAI-compatible API with the token: model" in stdout
+    assert len(re.findall(r"encoder replicas that served work: 2 of 2", stdout)) == 2
 
     # Cleaned up: the containers, the image it built, and the daemon if it started one.
-    assert "cleanup: containers of project pllava-smoke left: 0" in done.stdout
-    assert f"cleanup: removed the image {IMAGE}" in done.stdout
-    if daemon_before:
-        assert "stopped the dockerd" not in done.stdout
+    assert "cleanup: containers of project pllava-smoke left: 0" in stdout
+    assert f"cleanup: removed the image {IMAGE}" in stdout
+    if compose_smoke.daemon_before:
+        assert "stopped the dockerd" not in stdout
         left = _docker("ps", "-aq", "--filter", "label=com.docker.compose.project=pllava-smoke")
         assert left.returncode == 0 and left.stdout.strip() == ""
         assert _docker("image", "inspect", IMAGE).returncode != 0
     else:
-        assert "cleanup: stopped the dockerd this run started" in done.stdout
+        assert "cleanup: stopped the dockerd this run started" in stdout
         assert _docker("info").returncode != 0
 
 

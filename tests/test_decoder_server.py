@@ -379,6 +379,20 @@ def test_client_cancel_frees_the_slot(narrow, media):
     # One slot: the follow-up could only start once the cancelled request left it.
     assert log.index("cancel-a#") < log.index("[cancel-b] captioned")
     assert "[cancel-a] captioned" not in log
+    narrow.wait_for_log(r"\[cancel-a\] /pllava\.v1\.Decoder/Caption -> CANCELLED after [\d.]+ s: the client went away")
+
+
+def test_a_caption_cancelled_while_its_video_encodes_is_logged_under_its_id(narrow, media):
+    """No token streamed yet, the video still at the encoder: the decoder's log still has one
+    line under the request's id (there was none: only the metrics counted it)."""
+    with Client(narrow.address, timeout=60) as client:
+        stream = client.caption(media["portrait"], max_new_tokens=8, request_id="cancel-early", num_frames=3)
+        threading.Timer(0.05, stream.close).start()
+        with pytest.raises(CaptionError) as cancelled:
+            for _ in stream:
+                pass
+    assert cancelled.value.status == grpc.StatusCode.CANCELLED
+    narrow.wait_for_log(r"\[cancel-early\] /pllava\.v1\.Decoder/Caption -> CANCELLED after")
 
 
 def test_deadline_exceeded_frees_the_slot(narrow, media):
@@ -393,6 +407,8 @@ def test_deadline_exceeded_frees_the_slot(narrow, media):
         follow = client.caption_full(media["portrait"], max_new_tokens=8, request_id="deadline-b", timeout=60)
     assert len(follow.token_ids) == 8
     assert slot_freed(narrow, "deadline-a") < 3000
+    narrow.wait_for_log(r"\[deadline-a\] /pllava\.v1\.Decoder/Caption -> DEADLINE_EXCEEDED after [\d.]+ s: its "
+                        r"deadline ran out")
 
 
 def test_a_full_queue_answers_resource_exhausted(tiny_model_dir, encoder, logs, media):

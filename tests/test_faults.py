@@ -182,8 +182,9 @@ def test_no_ready_encoder_is_a_prompt_unavailable_and_the_decoder_serves_again(c
     for name in ("encoder-0", "encoder-1"):
         cluster.wait_for(rf"pllava up: {name} is SERVING again", since=mark)
     # (read after the launcher, frozen meanwhile, has passed on the decoder's output)
-    refusals = re.findall(r"\[no-encoder\] .*-> UNAVAILABLE", cluster.text("decoder", mark))
+    refusals = re.findall(r"(\w+) \S+ \[no-encoder\] .*-> UNAVAILABLE", cluster.text("decoder", mark))
     assert len(refusals) == 1, "the client retried although the decoder had waited already"
+    assert refusals == ["WARNING"], "encoders failing a caption is worth more than INFO"
     with Client(cluster.address, timeout=120) as client:
         assert len(client.caption_full(videos_dir / "still.jpg", max_new_tokens=4).token_ids) == 4
     assert cluster.server_pid("decoder") == decoder

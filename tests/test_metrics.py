@@ -173,7 +173,8 @@ def test_metric_names_follow_prometheus_conventions_and_the_readme_lists_them(up
         assert decoder["families"][name].type == "counter", name
     for name, kind in (("pllava_encoder_batch_size", "histogram"), ("pllava_encoder_video_decode_seconds", "histogram"),
                        ("pllava_encoder_frames", "counter"), ("pllava_encoder_visual_token_bytes_sent", "counter"),
-                       ("pllava_encoder_video_workers_restarted", "counter")):
+                       ("pllava_encoder_video_workers_restarted", "counter"),
+                       ("pllava_encoder_video_workers_busy", "gauge")):
         assert encoder["families"][name].type == kind, name
 
 
@@ -246,6 +247,7 @@ def test_a_caption_a_repeat_and_refusals_move_the_right_counters(up, videos_dir,
     assert value(dec3, "pllava_decoder_kv_slots") == MAX_BATCH
     assert value(enc3, "pllava_encoder_requests_in_progress") == 0
     assert value(enc3, "pllava_encoder_video_workers_restarted_total") == 0
+    assert value(enc3, "pllava_encoder_video_workers_busy") == 0
 
 
 def test_gauges_show_a_running_caption_and_cancel_and_deadline_are_counted(up, videos_dir):

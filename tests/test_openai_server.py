@@ -441,6 +441,7 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(api, oa, model_id):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(refused, timeout=60)
     assert err.value.code == 400 and err.value.headers["x-request-id"] == "refused-1"
+    api.wait_for_log(r"INFO pllava_openai \[refused-1\] POST /v1/chat/completions -> 400")  # the log has the id too
     status, answer = post_json(api, "/v1/chat/completions", chat_body("gpt-4o", video_part()))
     assert status == 404 and answer["error"]["code"] == "model_not_found" and model_id in answer["error"]["message"]
     status, answer = get(api, "/v2/nothing")
@@ -493,6 +494,17 @@ def test_files_and_downloads_where_the_operator_allows_them(open_api, grpc_clien
     with pytest.raises(openai.APIStatusError) as err:
         oa.chat.completions.create(model="pllava-tiny", messages=user(video_part()), max_tokens=2)
     assert err.value.status_code == 413  # the whole body is over the limit too
+    # A URL's credentials (a password, a pre-signed query) stay out of messages and logs.
+    host = media_site.removeprefix("http://")
+    for url in (f"http://user:pa55word@{host}/missing.mp4?X-Amz-Signature=S3CRET#frag",
+                f"http://{host}/?token=S3CRET"):
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(url, "video_url")
+        message = err.value.message  # (the first: no such host to urllib; the second: not a video)
+        assert err.value.status_code == 400 and "(query left out)" in message and host in message, message
+        assert "S3CRET" not in message and "pa55word" not in message and "frag" not in message, message
+    open_api.wait_for_log(r"\(query left out\)")
+    assert "S3CRET" not in open_api.log_text() and "pa55word" not in open_api.log_text()
 
 
 class _TrickleHandler(http.server.BaseHTTPRequestHandler):

@@ -44,6 +44,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import time
 import uuid
 from typing import Any, AsyncContextManager, Callable
 
@@ -113,6 +114,12 @@ def current_request_id() -> str:
     return _request_id.get()
 
 
+def use_request_id(request_id: str) -> None:
+    """Make ``request_id`` the current task's (for servers that do not go through the
+    interceptors, such as the HTTP front end): its log lines carry it from now on."""
+    _request_id.set(request_id)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -141,13 +148,28 @@ async def _abort_with(exc: Exception, context, method: str) -> None:
     message = _cut(message)
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed with an internal error", method, exc_info=exc)
-    else:
-        log.info("%s -> %s: %s", method, code.name, message)
+    else:  # a refusal (INFO), unless the exception says it is worth more (``log_level``)
+        log.log(getattr(exc, "log_level", logging.INFO), "%s -> %s: %s", method, code.name, message)
     trailing = [("request-id", current_request_id())]
     if isinstance(exc, Unavailable) and not exc.retry:
         trailing.append(("grpc-retry-pushback-ms", "-1"))
     context.set_trailing_metadata(tuple(trailing))
     await context.abort(code, message)
+
+
+#: A call cancelled this close to its deadline counts as DEADLINE_EXCEEDED: the client's own
+#: deadline fires a little before the server's (the server starts its clock when the call
+#: arrives), and the client then cancels the call.
+DEADLINE_SLACK_S = 1.0
+
+
+def ended_early(context) -> grpc.StatusCode:
+    """The status of an RPC whose handler did not finish: its deadline ran out, or the
+    client went away."""
+    left = context.time_remaining()
+    if left is not None and left <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _passes_through(exc: BaseException) -> bool:
@@ -210,8 +232,15 @@ async def _map_errors(request, context, method: str):
         context.set_trailing_metadata((("request-id", current_request_id()),))
         await _abort_with(exc, context, method)
     context.set_trailing_metadata((("request-id", current_request_id()),))
+    start = time.monotonic()
     try:
         yield
+    except (asyncio.CancelledError, GeneratorExit):  # one line under the request's id, whatever stage
+        # it reached (a response stream grpc closes ends with GeneratorExit)
+        code = ended_early(context)
+        why = "its deadline ran out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "the client went away"
+        log.info("%s -> %s after %.1f s: %s", method, code.name, time.monotonic() - start, why)
+        raise
     except BaseException as exc:
         if _passes_through(exc):
             raise

@@ -21,6 +21,19 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _PeerGoneFilter(logging.Filter):
+    """grpc logs an ERROR with a traceback when a stream write fails because the client
+    cancelled or its deadline passed (``ExecuteBatchError raised in core``): nothing went
+    wrong here, and the RPC's end is logged anyway. Such records become DEBUG ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("grpc") and "ExecuteBatchError raised in core" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Send every logger's records to stderr in :data:`LOG_FORMAT` at ``level``."""
     name = str(level).upper()
@@ -29,6 +42,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_PeerGoneFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

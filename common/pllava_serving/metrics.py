@@ -30,7 +30,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .errors import wrap_handler
+from .errors import ended_early, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -139,36 +139,23 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                     self.seconds.labels(*labels).observe(time.perf_counter() - start)
 
             # The fallback for a handler grpc abandons without closing it.
-            context.add_done_callback(lambda _: finish(context.code() or _ended_early(context)))
+            context.add_done_callback(lambda _: finish(context.code() or ended_early(context)))
             try:
                 yield
             except grpc.aio.AbortError:
                 finish(context.code() or grpc.StatusCode.UNKNOWN)
                 raise
-            except asyncio.CancelledError:
-                finish(_ended_early(context))
+            except (asyncio.CancelledError, GeneratorExit):  # (a response stream grpc closed)
+                finish(ended_early(context))
                 raise
             except BaseException:
                 finish(grpc.StatusCode.UNKNOWN)
                 raise
-            finish(context.code() or grpc.StatusCode.OK)
+            # a handler that returns after its call was cancelled did not succeed
+            finish(ended_early(context) if context.cancelled() else (context.code() or grpc.StatusCode.OK))
 
         return wrap_handler(handler, count, handler_call_details.method)
 
-
-#: A call cancelled this close to its deadline counts as DEADLINE_EXCEEDED: the client's own
-#: deadline fires a little before the server's (the server starts its clock when the call
-#: arrives), and the client then cancels the call.
-DEADLINE_SLACK_S = 1.0
-
-
-def _ended_early(context) -> grpc.StatusCode:
-    """The status of an RPC whose handler did not finish: its deadline ran out, or the
-    client went away."""
-    left = context.time_remaining()
-    if left is not None and left <= DEADLINE_SLACK_S:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
 
 
 class MetricsServer:

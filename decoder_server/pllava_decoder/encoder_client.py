@@ -48,11 +48,18 @@ ENCODER_SERVICE = pllava_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 
 
 class EncoderError(Exception):
-    """An Encode call failed (or answered nonsense): INTERNAL unless a subclass says otherwise."""
+    """An Encode call failed (or answered nonsense): INTERNAL unless a subclass says otherwise.
+    Logged at WARNING whatever its status: the encoders failed a caption, which an operator
+    filtering at WARNING must see (``log_level``, read by pllava_serving.errors)."""
+
+    log_level = logging.WARNING
 
 
 class EncoderRejected(EncoderError, ValueError):
-    """The encoder refused the video (INVALID_ARGUMENT); the message is the encoder's."""
+    """The encoder refused the video (INVALID_ARGUMENT); the message is the encoder's. The
+    input's fault, not the encoders': logged at INFO like other refusals."""
+
+    log_level = logging.INFO
 
 
 class EncoderUnavailable(EncoderError, Unavailable):

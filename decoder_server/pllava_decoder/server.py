@@ -307,8 +307,7 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
                             yield pllava_pb2.CaptionEvent(token=pllava_pb2.TokenEvent(
                                 text=event.text, token_ids=[] if event.token_id is None else [event.token_id]))
             except (asyncio.CancelledError, GeneratorExit):
-                log.info("stopped after %d generated tokens: the client cancelled or its deadline passed",
-                         len(token_ids))
+                log.info("stopped after %d generated tokens", len(token_ids))  # (why: the next line)
                 raise
         if last is None or last.finish_reason is None:  # cancelled from outside the stream
             return

@@ -192,6 +192,11 @@ class VisionEncoderEngine:
         return self.video_workers.replaced if self.video_workers is not None else 0
 
     @property
+    def workers_busy(self) -> int:
+        """Worker processes running a job now, a job whose caller has left included."""
+        return len(self.video_workers.busy_pids) if self.video_workers is not None else 0
+
+    @property
     def requests_in_progress(self) -> int:
         """Requests admitted and not finished (``max_queue`` at most)."""
         return self._held

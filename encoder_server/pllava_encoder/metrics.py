@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pllava_serving.metrics import INPUTS, LATENCY_BUCKETS, SIZE_BUCKETS, STEP_BUCKETS, ReadOnCollect
+from pllava_serving.metrics import INPUTS, LATENCY_BUCKETS, SIZE_BUCKETS, ReadOnCollect
 
 if TYPE_CHECKING:
     from .engine import VisionEncoderEngine
@@ -49,7 +49,7 @@ class EncoderMetrics:
             self.video_decode_seconds.labels(input_kind)
         self.queue_seconds = Histogram("pllava_encoder_queue_seconds",
                                        "A decoded video's wait for its vision-tower call",
-                                       buckets=STEP_BUCKETS, registry=r)
+                                       buckets=LATENCY_BUCKETS, registry=r)
         self.visual_token_bytes_sent = Counter("pllava_encoder_visual_token_bytes_sent",
                                                "Bytes of visual-token tensors sent to decoders", registry=r)
         self.requests_in_progress = Gauge("pllava_encoder_requests_in_progress",
@@ -68,6 +68,10 @@ class EncoderMetrics:
                          "Video worker processes started again after one died (a crash in FFmpeg on a bad "
                          "upload kills a worker, not the server) or overran decode_timeout_s",
                          lambda: engine.workers_restarted)
+        self._reader.add("gauge", "pllava_encoder_video_workers_busy",
+                         "Video worker processes running a job (a job whose caller left keeps its worker until "
+                         "it ends or overruns decode_timeout_s); video_workers of them exist",
+                         lambda: engine.workers_busy)
 
     def record_batch(self, inputs: list[str], frames: int, seconds: float) -> None:
         """One vision-tower call over ``frames`` frames of videos whose inputs were ``inputs``."""

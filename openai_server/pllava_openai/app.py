@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllava_client import CaptionError, Client, RequestTooLarge
 from pllava_client.security import ClientTls
+from pllava_serving.errors import use_request_id
 from pllava_serving.security import TokenChecker, TokenFile
 
 from . import responses as R
@@ -158,11 +159,11 @@ def create_app(settings: OpenAISettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        request_id = _logged_id(request)
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         else:
             log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        request_id = getattr(request.state, "request_id", None)  # (a caption request's, set first)
         return JSONResponse(exc.body(), status_code=exc.status,
                             headers={"x-request-id": request_id} if request_id else None)
 
@@ -173,8 +174,11 @@ def create_app(settings: OpenAISettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        request_id = _logged_id(request)
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(ApiError(500, "internal error; the server log has the details").body(), status_code=500)
+        where = f" under request id {request_id}" if request_id else ""
+        return JSONResponse(ApiError(500, f"internal error; the server log has the details{where}").body(),
+                            status_code=500, headers={"x-request-id": request_id} if request_id else None)
 
     @app.get("/health")
     async def health() -> dict:
@@ -201,6 +205,7 @@ def create_app(settings: OpenAISettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         request.state.request_id = request_id = _request_id(request)
+        use_request_id(request_id)  # every log line of this request carries it
         front.authorize(request)
         slot = front.admit()  # before the body is read: a refused request costs no memory
         try:
@@ -214,7 +219,7 @@ def create_app(settings: OpenAISettings) -> FastAPI:
         except BaseException:
             slot.release()
             raise
-        log.info("%s: %s (%d bytes), %s", request_id, media.name, len(media.data),
+        log.info("%s (%d bytes), %s", media.name, len(media.data),
                  "streaming" if chat.stream else "one answer")
         answer = _Answer(call, slot, request_id, model)
         if chat.stream:
@@ -360,6 +365,15 @@ async def _read_json(request: Request, limit: int, executor: Executor):
 def _body_too_large(size: int, limit: int) -> ApiError:
     return ApiError(413, f"the request body is {size}+ bytes; this server takes at most {limit} "
                          "(max_media_bytes as base64, plus 1 MiB)")
+
+
+def _logged_id(request: Request) -> str | None:
+    """A caption request's id (set first thing), made the current one for the log lines that
+    follow; None for other requests."""
+    request_id = getattr(request.state, "request_id", None)
+    if request_id:
+        use_request_id(request_id)
+    return request_id
 
 
 def _request_id(request: Request) -> str:

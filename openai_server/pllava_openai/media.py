@@ -134,6 +134,7 @@ class MediaLoader:
 
     # ---- downloads -----------------------------------------------------------------------------
     def _download(self, url: str) -> Media:
+        shown = _without_secrets(url)  # what messages, logs and the media's name may carry
         if not self.allow_remote:
             raise bad_request("downloading media is off on this server: send the video as a data URL "
                               "(data:video/mp4;base64,...); the operator can turn downloads on with "
@@ -144,25 +145,25 @@ class MediaLoader:
             with urllib.request.urlopen(request, timeout=self.download_timeout_s) as response:
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit():
-                    self._check_size(int(declared), url)
-                data = self._read_within(response, url, deadline)
+                    self._check_size(int(declared), shown)
+                data = self._read_within(response, shown, deadline)
         except urllib.error.HTTPError as exc:
-            raise bad_request(f"could not download {url}: HTTP {exc.code} {exc.reason}", _PARAM) from None
+            raise bad_request(f"could not download {shown}: HTTP {exc.code} {exc.reason}", _PARAM) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise bad_request(f"could not download {url}: {reason}", _PARAM) from None
-        self._check_size(len(data), url)
+            raise bad_request(f"could not download {shown}: {reason}", _PARAM) from None
+        self._check_size(len(data), shown)
         if not data:
-            raise bad_request(f"{url} is empty", _PARAM)
-        return Media(data, os.path.basename(urlparse(url).path) or url)
+            raise bad_request(f"{shown} is empty", _PARAM)
+        return Media(data, os.path.basename(urlparse(url).path) or shown)
 
-    def _read_within(self, response, url: str, deadline: float) -> bytes:
+    def _read_within(self, response, shown: str, deadline: float) -> bytes:
         """The response's body, at most ``max_bytes`` + 1 of it, read by ``deadline`` (the
         socket timeout alone bounds each read, and a server may send a byte at a time)."""
         pieces, size = [], 0
         while size <= self.max_bytes:
             if time.monotonic() > deadline:
-                raise bad_request(f"downloading {url} took longer than {self.download_timeout_s:g} s "
+                raise bad_request(f"downloading {shown} took longer than {self.download_timeout_s:g} s "
                                   "(download_timeout_s)", _PARAM)
             piece = response.read1(min(_DOWNLOAD_PIECE_BYTES, self.max_bytes + 1 - size))
             if not piece:
@@ -179,3 +180,18 @@ class MediaLoader:
     def _too_large(self, size: int, what: str) -> ApiError:
         return ApiError(413, f"{what} is {size} bytes; this server takes at most {self.max_bytes} bytes "
                              "(max_media_bytes)", param=_PARAM)
+
+
+def _without_secrets(url: str) -> str:
+    """``url`` without what may be a credential: a user and password, the query (a pre-signed
+    URL's signature) and the fragment. Messages, logs and the media's name use this form."""
+    parts = urlparse(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a port that is not a number: the URL fails to download anyway
+        port = ""
+    hidden = " (query left out)" if parts.query or parts.fragment else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}{hidden}"

@@ -98,8 +98,9 @@ class TextConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
-        if self.rope_scaling and (not isinstance(self.rope_scaling, Mapping) or set(self.rope_scaling) - {"rope_type", "type"}
-                                  or self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default"):
+        rope = self.rope_scaling
+        if rope and (not isinstance(rope, Mapping) or set(rope) - {"rope_type", "type"}
+                     or rope.get("rope_type", rope.get("type")) != "default"):
             raise ConfigError(f"rope_scaling={self.rope_scaling!r} is not supported (only the default RoPE)")
         if self.hidden_act != "silu":
             raise ConfigError(f"text hidden_act={self.hidden_act!r} is not supported (only 'silu')")

@@ -7,9 +7,10 @@ a LLaMA-style tokenizer.json with ``<image>`` as an added special token. ``layou
 ``ermu2001/pllava-7b``'s, as PLLaVA's training saves it: bf16, the language model wrapped by
 PEFT with LoRA on q_proj and v_proj (``base_layer`` and ``lora_A``/``lora_B.default`` keys),
 no ``image_newline``, and a ``PllavaForConditionalGeneration`` config of model type "llava"
-with the top-level ``vocab_size`` and ``gradient_checkpointing`` that PllavaConfig writes. The vision geometry is the real one (336 px, 14 px patches, 24x24 grid pooled to
-12x12), so the video path and visual-token counts are those of the real model; only the
-widths and depths are small. Deterministic by seed.
+with the top-level ``vocab_size`` and ``gradient_checkpointing`` that PllavaConfig writes.
+The vision geometry is the real one (336 px, 14 px patches, 24x24 grid pooled to 12x12), so
+the video path and visual-token counts are those of the real model; only the widths and
+depths are small. Deterministic by seed.
 """
 from __future__ import annotations
 

@@ -201,7 +201,8 @@ def test_bad_frames_arguments_fail_before_any_call(scripted, tmp_path):
     (dict(seed=-7), "seed must be an integer from 0 to 18446744073709551615, got -7"),
     (dict(temperature="hot"), "temperature must be a number, got 'hot'"),
     (dict(stop="END"), "stop must be a list of strings, got the string 'END'"),
-    (dict(temperature=1e39), "temperature must be a number a 32-bit float holds: 0, or about 1e-45 to 3e38 in size; got 1e+39"),
+    (dict(temperature=1e39),
+     "temperature must be a number a 32-bit float holds: 0, or about 1e-45 to 3e38 in size; got 1e+39"),
     (dict(top_p=1e-46), "top_p must be a number a 32-bit float holds: 0, or about 1e-45 to 3e38 in size; got 1e-46"),
 ])
 def test_arguments_a_request_cannot_carry_name_their_field(scripted, kwargs, message):

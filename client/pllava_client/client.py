@@ -309,8 +309,9 @@ class Client:
     TLS: ``tls_ca`` (a PEM file, the CA that signed the decoder's certificate) connects over
     TLS, checking the certificate against the address's host; ``tls_cert`` and ``tls_key``
     add a client certificate for decoders that require one (mutual TLS). ``token`` is sent as
-    ``authorization: Bearer TOKEN`` with every call (a function is asked for it each time). A connection that fails because the
-    transport does not match the decoder's (it wants TLS, a client certificate, another CA)
+    ``authorization: Bearer TOKEN`` with every call (a function is asked for it each time). A
+    connection that fails because the transport does not match the decoder's (it wants TLS, a
+    client certificate, another CA)
     raises UNAVAILABLE with the likely cause in the message. ValueError for files that cannot
     be read or options that do not go together.
     """

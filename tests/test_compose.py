@@ -83,6 +83,10 @@ def test_the_openai_front_end_is_wired_into_compose_and_the_image():
     assert "decoder" in front["depends_on"]
     # A server that crashes comes back (the README says the restart policy does the job).
     assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")
+    # The decoder's compiled graphs live in a named volume, so a recreated container finds them.
+    cache = flag(decoder["command"], "--compile-cache")
+    assert f"compile-cache:{cache}" in decoder["volumes"]
+    assert "compile-cache" in yaml.safe_load((REPO / "docker-compose.yml").read_text())["volumes"]
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["pllava-openai"] == "pllava_openai.server:main"

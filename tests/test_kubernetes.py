@@ -164,6 +164,11 @@ def test_the_pieces_fit_together(overlay, tmp_path):
         assert spec.get("clusterIP") == cluster_ip and spec["ports"][0]["port"] == decoder.port
         assert spec["selector"] == pod_spec_labels(objects, "decoder")
     assert "ReadWriteMany" in objects["PersistentVolumeClaim", "pllava-model"]["spec"]["accessModes"]
+    # The decoder's compiled graphs are kept where a container restarted in the pod finds them.
+    spec = pod_spec(objects, "decoder")
+    cache = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}.get("compile-cache")
+    assert cache is not None and decoder.compile_cache == cache, (cache, decoder.compile_cache)
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["compile-cache"]
 
     npus = [pod_spec(objects, stage)["containers"][0]["resources"]["limits"].get(NPU) for stage in
             ("encoder", "decoder")]

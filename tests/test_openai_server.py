@@ -126,6 +126,7 @@ def open_api(decoder, logs, media_root):
     tokens = logs / "tokens.txt"
     tokens.write_text(f"# keys\nother-token\n\n{TOKEN}\n")
     with start_openai(decoder.address, logs, "--allowed-media-root", str(media_root), "--allow-remote-media",
+                      "--allow-private-media-hosts",  # the test's media site is on 127.0.0.1
                       "--max-media-bytes", "50000", "--auth-token-file", str(tokens),
                       "--model-name", "pllava-tiny") as server:
         yield server
@@ -144,6 +145,14 @@ def media_site(videos_dir):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/to-ftp":  # a redirect off http(s)
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/still.jpg")
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -508,9 +517,20 @@ def test_files_and_downloads_where_the_operator_allows_them(open_api, grpc_clien
 
 
 class _TrickleHandler(http.server.BaseHTTPRequestHandler):
-    """A server that sends a body of 100 bytes one byte every 0.2 s (20 s in all)."""
+    """A server that sends a body of 100 bytes one byte every 0.2 s (20 s in all), or for
+    /headers a header line every 0.5 s (25 s in all)."""
 
     def do_GET(self):
+        if self.path == "/headers":
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(50):
+                    self.wfile.write(b"X-Slow: 1\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:  # the front end gave up
+                pass
+            return
         self.send_response(200)
         self.send_header("Content-Length", "100")
         self.end_headers()
@@ -528,17 +548,39 @@ class _TrickleHandler(http.server.BaseHTTPRequestHandler):
 
 def test_a_download_is_bounded_in_all_not_per_read(decoder, logs, model_id):
     """download_timeout_s bounds the whole download: a server trickling a byte at a time never
-    goes past a socket read's timeout, and used to hold the request for as long as it liked."""
+    goes past a socket read's timeout, and used to hold the request for as long as it liked,
+    in its body and (until the deadline covered connecting and headers too) in its headers."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    answers = {}
     try:
-        with start_openai(decoder.address, logs, "--allow-remote-media", "--download-timeout-s", "2") as front:
-            part = {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{httpd.server_address[1]}/v.mp4"}}
-            status, answer = post_json(front, "/v1/chat/completions", chat_body(model_id, part, max_tokens=2))
+        with start_openai(decoder.address, logs, "--allow-remote-media", "--allow-private-media-hosts",
+                          "--download-timeout-s", "2") as front:
+            for path in ("v.mp4", "headers"):
+                url = f"http://127.0.0.1:{httpd.server_address[1]}/{path}"
+                part = {"type": "video_url", "video_url": {"url": url}}
+                answers[path] = post_json(front, "/v1/chat/completions", chat_body(model_id, part, max_tokens=2))
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert status == 400 and "took longer than 2 s (download_timeout_s)" in answer["error"]["message"], answer
+    for path, (status, answer) in answers.items():
+        assert status == 400 and "took longer than 2 s (download_timeout_s)" in answer["error"]["message"], (
+            path, answer)
+
+
+def test_downloads_reach_public_hosts_only_unless_allowed(decoder, logs, model_id, media_site, open_api):
+    """A request may not make the front end fetch loopback, private or link-local addresses
+    (a cloud metadata service, an internal console) unless the operator allows them; a
+    redirect off http(s) is not followed either."""
+    part = {"type": "image_url", "image_url": {"url": f"{media_site}/still.jpg"}}
+    with start_openai(decoder.address, logs, "--allow-remote-media") as front:
+        status, answer = post_json(front, "/v1/chat/completions", chat_body(model_id, part, max_tokens=2))
+    assert status == 400 and "127.0.0.1 is not a public address" in answer["error"]["message"], answer
+    assert "allow_private_media_hosts" in answer["error"]["message"]
+    to_ftp = {"type": "video_url", "video_url": {"url": f"{media_site}/to-ftp"}}
+    status, answer = post_json(open_api, "/v1/chat/completions", chat_body("pllava-tiny", to_ftp, max_tokens=2),
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 400 and "a redirect from http to ftp is not followed" in answer["error"]["message"], answer
 
 
 class _HeldHandler(http.server.BaseHTTPRequestHandler):
@@ -566,7 +608,8 @@ def test_health_answers_while_downloads_hang(decoder, logs, model_id):
     part = {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{httpd.server_address[1]}/v.mp4"}}
     answers = []
     try:
-        with start_openai(decoder.address, logs, "--allow-remote-media", "--download-timeout-s", "120") as front:
+        with start_openai(decoder.address, logs, "--allow-remote-media", "--allow-private-media-hosts",
+                          "--download-timeout-s", "120") as front:
             body = chat_body(model_id, part, max_tokens=2)
             posts = [threading.Thread(target=lambda: answers.append(post_json(front, "/v1/chat/completions", body)))
                      for _ in range(downloads)]

@@ -6,7 +6,8 @@
   (``allowed_media_root``; off by default). Relative paths are taken from that folder, and a
   path that leaves it (``..``, a symbolic link) is refused.
 - ``http://`` and ``https://``: downloaded only when the operator allows it
-  (``allow_remote_media``; off by default), within ``download_timeout_s``.
+  (``allow_remote_media``; off by default), within ``download_timeout_s`` in all, and from
+  public addresses only unless ``allow_private_media_hosts`` (see :mod:`.downloads`).
 
 Every media is at most ``max_media_bytes`` (413 beyond); every other refusal is a 400 whose
 message says what to send instead. Whether the bytes are a video the decoder judges.
@@ -16,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import http.client
 import os
 import re
-import time
 import urllib.error
-import urllib.request
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from .api_errors import ApiError, bad_request
 from .chat_request import MediaPart
+from .downloads import DeadlinePassed, open_url
 from .settings import OpenAISettings
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -58,6 +59,7 @@ class MediaLoader:
         self.root = Path(os.path.realpath(settings.allowed_media_root)) if settings.allowed_media_root else None
         self.allow_remote = settings.allow_remote_media
         self.download_timeout_s = settings.download_timeout_s
+        self.allow_private = settings.allow_private_media_hosts
 
     async def load(self, part: MediaPart) -> Media:
         """The bytes ``part`` names; :class:`ApiError` when they may not or cannot be had."""
@@ -139,32 +141,39 @@ class MediaLoader:
             raise bad_request("downloading media is off on this server: send the video as a data URL "
                               "(data:video/mp4;base64,...); the operator can turn downloads on with "
                               "--allow-remote-media", _PARAM)
-        request = urllib.request.Request(url, headers={"User-Agent": "pllava-openai"})
-        deadline = time.monotonic() + self.download_timeout_s
+        late = bad_request(f"downloading {shown} took longer than {self.download_timeout_s:g} s "
+                           "(download_timeout_s)", _PARAM)
+        fetch = None
         try:
-            with urllib.request.urlopen(request, timeout=self.download_timeout_s) as response:
+            response, fetch = open_url(url, self.download_timeout_s, self.allow_private,
+                                       {"User-Agent": "pllava-openai"})
+            with response:
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit():
                     self._check_size(int(declared), shown)
-                data = self._read_within(response, shown, deadline)
+                data = self._read(response)
         except urllib.error.HTTPError as exc:
             raise bad_request(f"could not download {shown}: HTTP {exc.code} {exc.reason}", _PARAM) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            if fetch is not None and fetch.expired or isinstance(exc, DeadlinePassed) \
+                    or isinstance(getattr(exc, "reason", None), DeadlinePassed):
+                raise late from None
             reason = getattr(exc, "reason", None) or exc
             raise bad_request(f"could not download {shown}: {reason}", _PARAM) from None
+        finally:
+            if fetch is not None:
+                fetch.close()
+        if fetch.expired:  # the timer cut the body short
+            raise late
         self._check_size(len(data), shown)
         if not data:
             raise bad_request(f"{shown} is empty", _PARAM)
         return Media(data, os.path.basename(urlparse(url).path) or shown)
 
-    def _read_within(self, response, shown: str, deadline: float) -> bytes:
-        """The response's body, at most ``max_bytes`` + 1 of it, read by ``deadline`` (the
-        socket timeout alone bounds each read, and a server may send a byte at a time)."""
+    def _read(self, response) -> bytes:
+        """The response's body, at most ``max_bytes`` + 1 of it (the fetch's deadline ends it)."""
         pieces, size = [], 0
         while size <= self.max_bytes:
-            if time.monotonic() > deadline:
-                raise bad_request(f"downloading {shown} took longer than {self.download_timeout_s:g} s "
-                                  "(download_timeout_s)", _PARAM)
             piece = response.read1(min(_DOWNLOAD_PIECE_BYTES, self.max_bytes + 1 - size))
             if not piece:
                 break

@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-root", metavar="DIR",
                    help="allow file:// URLs and paths of files under DIR (default: off, data: URLs only)")
     p.add_argument("--allow-remote-media", action=argparse.BooleanOptionalAction, default=None,
-                   help="download http(s) media URLs (default: off)")
+                   help="download http(s) media URLs, from public addresses only (default: off)")
+    p.add_argument("--allow-private-media-hosts", action=argparse.BooleanOptionalAction, default=None,
+                   help="let downloads reach loopback, private and link-local addresses too (cloud "
+                        "metadata services, internal hosts: only where every client is trusted; default: off)")
     p.add_argument("--max-media-bytes", type=int,
                    help=f"largest video or image of a request (default {DEFAULT_MAX_MEDIA_BYTES})")
     p.add_argument("--download-timeout-s", type=float, help="one http(s) media download (default 30)")

@@ -32,6 +32,7 @@ class OpenAISettings:
     decoder_token_file: str | None = None  # the decoder's bearer token: the file's first one
     allowed_media_root: str | None = None  # file:// URLs and paths allowed under this folder; None = off
     allow_remote_media: bool = False  # download http(s) video URLs
+    allow_private_media_hosts: bool = False  # downloads may reach loopback/private/link-local addresses too
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES  # largest video or image a request may carry
     download_timeout_s: float = 30.0  # one http(s) media download
     caption_timeout_s: float | None = None  # deadline of one caption call; None = none

@@ -734,6 +734,24 @@ def test_pllava_up_starts_the_front_end(tiny_model_dir, tmp_path):
         err.close()
 
 
+def test_a_body_that_never_arrives_gives_its_place_back(decoder, logs, model_id):
+    """A client that sends its headers and one byte of its body holds the only caption place
+    until body_timeout_s, then gets 408, and the next request is served (it held the place
+    for as long as it kept the connection open)."""
+    import socket
+
+    with start_openai(decoder.address, logs, "--max-concurrent-requests", "1", "--body-timeout-s", "2") as small:
+        host, port = small.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as stalled:
+            stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 1000\r\n\r\n{")
+            answer = stalled.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "within 2 s (body_timeout_s)" in answer, answer
+        status, body = post_json(small, "/v1/chat/completions",
+                                 chat_body(model_id, video_part(), max_tokens=2))
+    assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+
+
 def test_the_front_ends_own_limit_answers_429(decoder, logs, model_id):
     with start_openai(decoder.address, logs, "--max-concurrent-requests", "1") as small:
         oa = openai_client(small)

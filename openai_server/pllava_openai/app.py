@@ -209,7 +209,8 @@ def create_app(settings: OpenAISettings) -> FastAPI:
         front.authorize(request)
         slot = front.admit()  # before the body is read: a refused request costs no memory
         try:
-            chat = parse_chat_request(await _read_json(request, front.max_body_bytes, front.executor))
+            chat = parse_chat_request(await _read_json(request, front.max_body_bytes, front.executor,
+                                                       settings.body_timeout_s))
             model = await front.model_name()
             if chat.model != model:
                 raise _unknown_model(chat.model, model)
@@ -341,17 +342,26 @@ def _bearer_allowed(tokens: TokenChecker, authorization: str | None) -> bool:
     return tokens.accepts(token.strip()) & (scheme.lower() == "bearer")
 
 
-async def _read_json(request: Request, limit: int, executor: Executor):
+async def _read_json(request: Request, limit: int, executor: Executor, timeout_s: float):
+    """The request's JSON body. It must arrive within ``timeout_s``: the caption's place is
+    taken before it is read, and a client sending a byte now and then would hold it for good."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(int(declared), limit)
-    body, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > limit:
-            raise _body_too_large(size, limit)
-        body.append(piece)
-    data = b"".join(body)
+
+    async def receive() -> tuple[bytes, int]:
+        body, size = [], 0
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise _body_too_large(size, limit)
+            body.append(piece)
+        return b"".join(body), size
+
+    try:
+        data, size = await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (body_timeout_s)") from None
     try:  # a body of megabytes (a video in base64) is parsed off the event loop
         if size < _PARSE_ON_LOOP_BYTES:
             return json.loads(data)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-media-bytes", type=int,
                    help=f"largest video or image of a request (default {DEFAULT_MAX_MEDIA_BYTES})")
     p.add_argument("--download-timeout-s", type=float, help="one http(s) media download (default 30)")
+    p.add_argument("--body-timeout-s", type=float,
+                   help="a request body must arrive within this, 408 past it (default 120)")
     p.add_argument("--caption-timeout-s", type=float, help="deadline of one caption (default: none)")
     p.add_argument("--max-concurrent-requests", type=int,
                    help="captions in flight before 429 (default 64)")

@@ -35,6 +35,7 @@ class OpenAISettings:
     allow_private_media_hosts: bool = False  # downloads may reach loopback/private/link-local addresses too
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES  # largest video or image a request may carry
     download_timeout_s: float = 30.0  # one http(s) media download
+    body_timeout_s: float = 120.0  # a request body must arrive within this (408 past it)
     caption_timeout_s: float | None = None  # deadline of one caption call; None = none
     max_concurrent_requests: int = 64  # captions in flight here before 429
     grace_s: float = 10.0  # on SIGTERM: time running requests get to finish
@@ -51,7 +52,7 @@ class OpenAISettings:
         for name in ("max_media_bytes", "max_concurrent_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("download_timeout_s", "caption_timeout_s"):
+        for name in ("download_timeout_s", "body_timeout_s", "caption_timeout_s"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be > 0, got {value}")

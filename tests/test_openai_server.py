@@ -516,6 +516,41 @@ def test_files_and_downloads_where_the_operator_allows_them(open_api, grpc_clien
     assert "S3CRET" not in open_api.log_text() and "pa55word" not in open_api.log_text()
 
 
+def test_a_folder_swapped_for_a_link_after_the_check_does_not_lead_out(tmp_path, monkeypatch):
+    """The file a path names is checked again once opened: a folder under the media root
+    replaced by a link to elsewhere between the check and the open (simulated at the open)
+    is refused, and a FIFO is refused without blocking."""
+    import asyncio
+
+    from pllava_openai import media as media_module
+    from pllava_openai.api_errors import ApiError
+    from pllava_openai.chat_request import MediaPart
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "clips").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "clips" / "a.jpg").write_bytes(b"inside")
+    (elsewhere / "a.jpg").write_bytes(b"secret")
+    os.mkfifo(root / "pipe.mp4")
+    loader = media_module.MediaLoader(OpenAISettings(allowed_media_root=str(root)))
+    assert asyncio.run(loader.load(MediaPart("image", "clips/a.jpg"))).data == b"inside"
+
+    real_open = os.open
+
+    def swap_then_open(path, *args, **kwargs):
+        if str(path).endswith("a.jpg") and not (root / "clips").is_symlink():
+            (root / "clips" / "a.jpg").unlink()
+            (root / "clips").rmdir()
+            (root / "clips").symlink_to(elsewhere)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(media_module.os, "open", swap_then_open)
+    with pytest.raises(ApiError, match="is not under the folder this server allows media from"):
+        asyncio.run(loader.load(MediaPart("image", "clips/a.jpg")))
+    with pytest.raises(ApiError, match="pipe.mp4 is not a file"):
+        asyncio.run(loader.load(MediaPart("video", "pipe.mp4")))
+
+
 class _TrickleHandler(http.server.BaseHTTPRequestHandler):
     """A server that sends a body of 100 bytes one byte every 0.2 s (20 s in all), or for
     /headers a header line every 0.5 s (25 s in all)."""

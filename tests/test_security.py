@@ -583,6 +583,25 @@ def test_make_certs_names_the_hosts_and_refuses_to_overwrite(tmp_path):
     assert done.returncode == 1 and "already holds" in done.stderr
 
 
+def test_make_certs_writes_through_no_planted_file_or_link(tmp_path):
+    """Files someone planted in the folder under the old fixed temporary names (a world-
+    writable file, a link to a file of theirs) are never written through: the keys come out
+    0600 and the planted files stay as they were."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    planted = folder / ".ca-key.pem.tmp"
+    planted.write_text("planted")
+    planted.chmod(0o666)
+    theirs = tmp_path / "theirs.pem"
+    theirs.write_text("mine")
+    (folder / ".server-key.pem.tmp").symlink_to(theirs)
+    certs = make_certs(folder)
+    for key in (certs.ca_key, certs.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600 and b"PRIVATE KEY" in key.read_bytes(), key
+    assert planted.read_text() == "planted" and theirs.read_text() == "mine"
+    assert stat.S_IMODE(certs.ca.stat().st_mode) == 0o644
+
+
 # ---- certificate renewal, on a real server in this process --------------------------------------
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -163,11 +164,15 @@ def new_token() -> str:
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     """Write ``data`` to ``path`` (replacing it); a private file is created with mode 0600, so
-    it is never readable by others, not even for a moment."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    it is never readable by others, not even for a moment. The temporary file is a new one
+    of a random name (``mkstemp``: O_EXCL), so a file or link someone planted in the folder is
+    never written through."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
+            if not private:
+                os.fchmod(f.fileno(), 0o644)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

@@ -20,6 +20,7 @@ import binascii
 import http.client
 import os
 import re
+import stat
 import urllib.error
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -121,18 +122,32 @@ class MediaLoader:
             real = Path(os.path.realpath(self.root / path))  # an absolute path replaces the root
         except ValueError:  # a NUL byte
             raise bad_request("the file path is not a valid path", _PARAM) from None
+        outside = bad_request(f"{path} is not under the folder this server allows media from", _PARAM)
         if not real.is_relative_to(self.root):
-            raise bad_request(f"{path} is not under the folder this server allows media from", _PARAM)
+            raise outside
         try:
-            size = real.stat().st_size
-            if not real.is_file():
-                raise bad_request(f"{path} is not a file", _PARAM)
-            self._check_size(size, path)
-            return Media(real.read_bytes(), real.name)
+            # Checked again on what was opened, not on the name: a folder swapped for a link
+            # between the check above and the open cannot lead out, and a FIFO or a device
+            # is refused without blocking on it (O_NONBLOCK).
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise bad_request(f"{path}: no such file under the allowed media folder", _PARAM) from None
         except OSError as exc:
             raise bad_request(f"{path} cannot be read: {exc.strerror or exc}", _PARAM) from None
+        with os.fdopen(fd, "rb") as f:
+            opened = Path(os.path.realpath(f"/proc/self/fd/{fd}")) if os.path.isdir("/proc/self/fd") else real
+            if not opened.is_relative_to(self.root):
+                raise outside
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise bad_request(f"{path} is not a file", _PARAM)
+            self._check_size(info.st_size, path)
+            try:
+                data = f.read(self.max_bytes + 1)  # a file that grew since fstat stops here
+            except OSError as exc:
+                raise bad_request(f"{path} cannot be read: {exc.strerror or exc}", _PARAM) from None
+        self._check_size(len(data), path)
+        return Media(data, real.name)
 
     # ---- downloads -----------------------------------------------------------------------------
     def _download(self, url: str) -> Media:

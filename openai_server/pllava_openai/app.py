@@ -26,6 +26,7 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pllava_client import CaptionError, Client, RequestTooLarge
 from pllava_client.security import ClientTls
@@ -351,11 +352,14 @@ async def _read_json(request: Request, limit: int, executor: Executor, timeout_s
 
     async def receive() -> tuple[bytes, int]:
         body, size = [], 0
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                raise _body_too_large(size, limit)
-            body.append(piece)
+        try:
+            async for piece in request.stream():
+                size += len(piece)
+                if size > limit:
+                    raise _body_too_large(size, limit)
+                body.append(piece)
+        except ClientDisconnect:  # a refusal line, not an internal error with its traceback
+            raise ApiError(400, f"the client closed the connection after {size} bytes of its body") from None
         return b"".join(body), size
 
     try:

@@ -549,6 +549,9 @@ def test_a_folder_swapped_for_a_link_after_the_check_does_not_lead_out(tmp_path,
         asyncio.run(loader.load(MediaPart("image", "clips/a.jpg")))
     with pytest.raises(ApiError, match="pipe.mp4 is not a file"):
         asyncio.run(loader.load(MediaPart("video", "pipe.mp4")))
+    with pytest.raises(ApiError) as forged:  # a path with a line break cannot forge a log line
+        asyncio.run(loader.load(MediaPart("video", "x.mp4\n2026-01-01 00:00:00,000 INFO forged")))
+    assert "\n" not in forged.value.message and "x.mp4\\n2026" in forged.value.message
 
 
 class _TrickleHandler(http.server.BaseHTTPRequestHandler):

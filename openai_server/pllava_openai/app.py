@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from pllava_client import CaptionError, Client, RequestTooLarge
 from pllava_client.security import ClientTls
-from pllava_serving.errors import use_request_id
+from pllava_serving.errors import display_name, use_request_id
 from pllava_serving.security import TokenChecker, TokenFile
 
 from . import responses as R
@@ -221,7 +221,7 @@ def create_app(settings: OpenAISettings) -> FastAPI:
         except BaseException:
             slot.release()
             raise
-        log.info("%s (%d bytes), %s", media.name, len(media.data),
+        log.info("%s (%d bytes), %s", display_name(media.name), len(media.data),
                  "streaming" if chat.stream else "one answer")
         answer = _Answer(call, slot, request_id, model)
         if chat.stream:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pllava_serving.errors import display_name
+
 from .api_errors import ApiError, bad_request
 from .chat_request import MediaPart
 from .downloads import DeadlinePassed, open_url
@@ -118,11 +120,12 @@ class MediaLoader:
             path = unquote(parsed.path)
         else:
             path = url
+        shown = display_name(path)  # a path may hold line breaks that would forge log lines
         try:
             real = Path(os.path.realpath(self.root / path))  # an absolute path replaces the root
         except ValueError:  # a NUL byte
             raise bad_request("the file path is not a valid path", _PARAM) from None
-        outside = bad_request(f"{path} is not under the folder this server allows media from", _PARAM)
+        outside = bad_request(f"{shown} is not under the folder this server allows media from", _PARAM)
         if not real.is_relative_to(self.root):
             raise outside
         try:
@@ -131,22 +134,22 @@ class MediaLoader:
             # is refused without blocking on it (O_NONBLOCK).
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise bad_request(f"{path}: no such file under the allowed media folder", _PARAM) from None
+            raise bad_request(f"{shown}: no such file under the allowed media folder", _PARAM) from None
         except OSError as exc:
-            raise bad_request(f"{path} cannot be read: {exc.strerror or exc}", _PARAM) from None
+            raise bad_request(f"{shown} cannot be read: {exc.strerror or exc}", _PARAM) from None
         with os.fdopen(fd, "rb") as f:
             opened = Path(os.path.realpath(f"/proc/self/fd/{fd}")) if os.path.isdir("/proc/self/fd") else real
             if not opened.is_relative_to(self.root):
                 raise outside
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise bad_request(f"{path} is not a file", _PARAM)
-            self._check_size(info.st_size, path)
+                raise bad_request(f"{shown} is not a file", _PARAM)
+            self._check_size(info.st_size, shown)
             try:
                 data = f.read(self.max_bytes + 1)  # a file that grew since fstat stops here
             except OSError as exc:
-                raise bad_request(f"{path} cannot be read: {exc.strerror or exc}", _PARAM) from None
-        self._check_size(len(data), path)
+                raise bad_request(f"{shown} cannot be read: {exc.strerror or exc}", _PARAM) from None
+        self._check_size(len(data), shown)
         return Media(data, real.name)
 
     # ---- downloads -----------------------------------------------------------------------------
@@ -218,4 +221,4 @@ def _without_secrets(url: str) -> str:
     except ValueError:  # a port that is not a number: the URL fails to download anyway
         port = ""
     hidden = " (query left out)" if parts.query or parts.fragment else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}{hidden}"
+    return display_name(f"{parts.scheme}://{host}{port}{parts.path}{hidden}")

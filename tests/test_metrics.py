@@ -396,6 +396,23 @@ def test_metrics_port_zero_is_off_and_a_port_serves_the_registry():
         server.close()
 
 
+def test_metrics_read_at_scrape_time_answer_a_scrape_filtered_by_name():
+    """A metric added to a ReadOnCollect after it was registered is known to the registry by
+    name: /metrics?name[]=... returns it (it returned nothing), and a name read twice is refused."""
+    from prometheus_client import generate_latest
+
+    from pllava_serving.metrics import ReadOnCollect
+
+    registry = CollectorRegistry()
+    reader = ReadOnCollect(registry)
+    reader.add("gauge", "pllava_test_busy", "workers busy", lambda: 3)
+    reader.add("counter", "pllava_test_restarted", "restarts", lambda: 1)
+    filtered = generate_latest(registry.restricted_registry(["pllava_test_busy", "pllava_test_restarted_total"]))
+    assert b"pllava_test_busy 3.0" in filtered and b"pllava_test_restarted_total 1.0" in filtered, filtered
+    with pytest.raises(ValueError, match="already read here"):
+        reader.add("gauge", "pllava_test_busy", "again", lambda: 0)
+
+
 def test_metrics_port_settings_are_checked():
     from pllava_decoder.settings import DecoderSettings
     from pllava_encoder.settings import EncoderSettings

@@ -66,13 +66,25 @@ class ReadOnCollect(Collector):
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self._metrics: list[tuple[str, str, str, Callable[[], float]]] = []
+        self._registry = registry
         if registry is not None:
             registry.register(self)
 
     def add(self, kind: str, name: str, documentation: str, read: Callable[[], float]) -> None:
         if kind not in ("counter", "gauge"):
             raise ValueError(f"kind must be counter or gauge, got {kind!r}")
+        if any(known == name for _, known, _, _ in self._metrics):
+            raise ValueError(f"metric {name} is already read here")
         self._metrics.append((kind, name, documentation, read))
+        if self._registry is not None:  # registered again, so the registry knows the new name: a
+            # scrape filtered by name (/metrics?name[]=...) finds it, and a clash is refused
+            self._registry.unregister(self)
+            try:
+                self._registry.register(self)
+            except ValueError:
+                self._metrics.pop()
+                self._registry.register(self)
+                raise
 
     def describe(self) -> Iterable:
         return self._families(lambda read: 0.0)

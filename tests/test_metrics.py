@@ -198,6 +198,10 @@ def test_a_caption_a_repeat_and_refusals_move_the_right_counters(up, videos_dir,
     assert delta(dec0, dec1, "pllava_decoder_time_to_first_token_seconds_count") == 1
     assert rpc(dec1, "Decoder", "Caption", "OK") - rpc(dec0, "Decoder", "Caption", "OK") == 1
     assert rpc(enc1, "Encoder", "Encode", "OK") - rpc(enc0, "Encoder", "Encode", "OK") == 1
+    # ...seen from the decoder too: one Encode call that ended OK, at the first attempt
+    assert delta(dec0, dec1, "pllava_decoder_encoder_calls_total", grpc_code="OK") == 1
+    assert delta(dec0, dec1, "pllava_decoder_encoder_call_seconds_count") == 1
+    assert delta(dec0, dec1, "pllava_decoder_encoder_retries_total") == 0
     assert delta(dec0, dec1, "pllava_decoder_visual_cache_misses_total", input="video") == 1
     assert delta(dec0, dec1, "pllava_decoder_visual_cache_hits_total", input="video") == 0
     assert delta(enc0, enc1, "pllava_encoder_frames_total") == first.num_frames == 1  # a still image
@@ -297,6 +301,10 @@ def test_frames_sent_as_images_are_counted_and_cached_under_their_own_label(up, 
     # The first: a frames miss, one Encode, the frames sent through the vision tower.
     assert not first.visual_tokens_cached and first.num_frames >= len(images)
     assert rpc(enc1, "Encoder", "Encode", "OK") - rpc(enc0, "Encoder", "Encode", "OK") == 1
+    # ...seen from the decoder too: one Encode call that ended OK, at the first attempt
+    assert delta(dec0, dec1, "pllava_decoder_encoder_calls_total", grpc_code="OK") == 1
+    assert delta(dec0, dec1, "pllava_decoder_encoder_call_seconds_count") == 1
+    assert delta(dec0, dec1, "pllava_decoder_encoder_retries_total") == 0
     assert delta(dec0, dec1, "pllava_decoder_visual_cache_misses_total", input="frames") == 1
     assert delta(dec0, dec1, "pllava_decoder_visual_cache_misses_total", input="video") == 0
     assert delta(enc0, enc1, "pllava_encoder_videos_total", input="frames") == 1

@@ -100,13 +100,18 @@ class EncoderClient:
 
     ``tls``: reach the encoders over TLS (None: plaintext). ``token``: returns the bearer token
     to send, asked on every call so a token file that changes is followed (None: no token).
+    ``on_call(outcome, attempts, seconds)`` is told how each :meth:`encode` ended: a gRPC code
+    name ("OK", "UNAVAILABLE", ...; "INTERNAL" for an answer that makes no sense, "CANCELLED"
+    when its caller went away), the attempts it took and its time (the decoder's metrics).
     """
 
     def __init__(self, target: str, *, timeout_s: float = 120.0, retries: int = 2,
                  ready_timeout_s: float = 30.0, hidden_size: int | None = None, model_id: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 tls: ClientTls | None = None, token: Callable[[], str] | None = None):
+                 tls: ClientTls | None = None, token: Callable[[], str] | None = None,
+                 on_call: Callable[[str, int, float], None] | None = None):
         self.target = target
+        self.on_call = on_call
         self.max_message_bytes = max_message_bytes  # the largest Encode request it may send
         self.timeout_s = timeout_s
         self.retries = retries
@@ -159,24 +164,40 @@ class EncoderClient:
         start = time.perf_counter()
         deadline = start + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
         last_error = ""
-        for attempt in range(1, self.retries + 2):
-            if attempt > 1:  # the first goes at once: it fails fast, with gRPC's reason, if none is ready
-                await self._wait_for_ready_replica(deadline, attempt, last_error)
-            try:
-                return await self._encode_once(stub, request, deadline, start, attempt)
-            except grpc.aio.AioRpcError as err:
-                code, details = err.code(), err.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE and attempt <= self.retries:
-                    log.warning("%s: encoder at %s unavailable (%s); retrying on another replica once one is "
-                                "ready (%d of %d)", request_id or "request", self.target, details, attempt,
-                                self.retries)
-                    last_error = details
-                    continue
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    details = explain_unavailable(details, self.tls, plaintext_hint="encoder_tls_ca (--encoder-tls-ca)",
-                                                  server="the encoder")
-                raise _as_encoder_error(code, details, self.target, attempt) from None
-        raise AssertionError("unreachable")
+        outcome, attempts = "", 0
+        try:
+            for attempt in range(1, self.retries + 2):
+                attempts = attempt
+                if attempt > 1:  # the first goes at once: it fails fast, with gRPC's reason, if none is ready
+                    await self._wait_for_ready_replica(deadline, attempt, last_error)
+                try:
+                    encoded = await self._encode_once(stub, request, deadline, start, attempt)
+                    outcome = "OK"
+                    return encoded
+                except grpc.aio.AioRpcError as err:
+                    code, details = err.code(), err.details() or ""
+                    if code == grpc.StatusCode.UNAVAILABLE and attempt <= self.retries:
+                        log.warning("%s: encoder at %s unavailable (%s); retrying on another replica once one "
+                                    "is ready (%d of %d)", request_id or "request", self.target, details, attempt,
+                                    self.retries)
+                        last_error = details
+                        continue
+                    if code == grpc.StatusCode.UNAVAILABLE:
+                        details = explain_unavailable(details, self.tls,
+                                                      plaintext_hint="encoder_tls_ca (--encoder-tls-ca)",
+                                                      server="the encoder")
+                    outcome = code.name
+                    raise _as_encoder_error(code, details, self.target, attempt) from None
+            raise AssertionError("unreachable")
+        except asyncio.CancelledError:
+            outcome = outcome or "CANCELLED"
+            raise
+        except EncoderError as exc:
+            outcome = outcome or _outcome_of(exc)
+            raise
+        finally:
+            if self.on_call is not None:
+                self.on_call(outcome or "UNKNOWN", attempts, time.perf_counter() - start)
 
     async def _wait_for_ready_replica(self, deadline: float, attempt: int, last_error: str) -> None:
         """Return once some replica is connected and SERVING (at once, usually); raise
@@ -270,6 +291,15 @@ def _to_float32(raw: np.ndarray, dtype: int) -> np.ndarray:
 
 def _protocol_error(target: str, what: str) -> EncoderError:
     return EncoderError(f"the encoder at {target} {what}")
+
+
+def _outcome_of(exc: EncoderError) -> str:
+    """The code name an EncoderError not raised from a gRPC status stands for."""
+    for kind, name in ((EncoderRejected, "INVALID_ARGUMENT"), (EncoderUnavailable, "UNAVAILABLE"),
+                       (EncoderTimeout, "DEADLINE_EXCEEDED"), (EncoderOverloaded, "RESOURCE_EXHAUSTED")):
+        if isinstance(exc, kind):
+            return name
+    return "INTERNAL"  # an answer that makes no sense
 
 
 def _as_encoder_error(code: grpc.StatusCode, details: str, target: str, attempts: int) -> EncoderError:

@@ -78,6 +78,16 @@ class DecoderMetrics:
         for input_kind in INPUTS:  # both series exist from the start, at 0
             self.visual_cache_hits.labels(input_kind)
             self.visual_cache_misses.labels(input_kind)
+        self.encoder_calls = Counter("pllava_decoder_encoder_calls",
+                                     "Encode calls to the encoders, by how they ended (a gRPC code name; INTERNAL "
+                                     "for an answer that made no sense, CANCELLED when the caption went away)",
+                                     ("grpc_code",), registry=r)
+        self.encoder_retries = Counter("pllava_decoder_encoder_retries",
+                                       "Encode attempts made again on another replica after one was unavailable",
+                                       registry=r)
+        self.encoder_call_seconds = Histogram("pllava_decoder_encoder_call_seconds",
+                                              "Time of one Encode call, retries and the wait for a ready replica "
+                                              "included", buckets=LATENCY_BUCKETS, registry=r)
         self._cache_reader = ReadOnCollect(r)
 
     # ---- wiring ---------------------------------------------------------------------------
@@ -112,6 +122,13 @@ class DecoderMetrics:
     def record_cache_lookup(self, input_kind: str, hit: bool) -> None:
         """One visual-cache look-up for a request that carried ``input_kind``."""
         (self.visual_cache_hits if hit else self.visual_cache_misses).labels(input_kind).inc()
+
+    def record_encoder_call(self, outcome: str, attempts: int, seconds: float) -> None:
+        """One Encode call that ended with ``outcome`` after ``attempts`` attempts (the
+        EncoderClient's ``on_call``)."""
+        self.encoder_calls.labels(outcome).inc()
+        self.encoder_retries.inc(max(0, attempts - 1))
+        self.encoder_call_seconds.observe(seconds)
 
     def record_first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)

@@ -226,7 +226,8 @@ class DecoderServicer(pllava_pb2_grpc.DecoderServicer):
                                      hidden_size=self.model.cfg.text.hidden_size, model_id=self.model.model_id,
                                      max_message_bytes=max_message_bytes(s.max_video_bytes),
                                      tls=self.encoder_tls,
-                                     token=self.encoder_token.first if self.encoder_token else None)
+                                     token=self.encoder_token.first if self.encoder_token else None,
+                                     on_call=self.metrics.record_encoder_call)
         self.encoder.connect()  # connected to every replica before the first burst of calls
         t1 = time.perf_counter()
         await self.warm_up()

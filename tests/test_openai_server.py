@@ -560,23 +560,17 @@ class _TrickleHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/headers":
-            try:
-                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-                for _ in range(50):
-                    self.wfile.write(b"X-Slow: 1\r\n")
-                    self.wfile.flush()
-                    time.sleep(0.5)
-            except OSError:  # the front end gave up
-                pass
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", "100")
-        self.end_headers()
+            self._trickle(b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", 50, 0.5)
+        else:
+            self._trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"x", 100, 0.2)
+
+    def _trickle(self, head: bytes, piece: bytes, count: int, pause: float) -> None:
         try:
-            for _ in range(100):
-                self.wfile.write(b"x")
+            self.wfile.write(head)
+            for _ in range(count):
+                self.wfile.write(piece)
                 self.wfile.flush()
-                time.sleep(0.2)
+                time.sleep(pause)
         except OSError:  # the front end gave up
             pass
 

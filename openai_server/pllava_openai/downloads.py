@@ -34,10 +34,6 @@ class BlockedHost(OSError):
     """A connection went to an address the operator does not allow downloads from."""
 
 
-class DeadlinePassed(OSError):
-    """The download's deadline passed before a connection was made."""
-
-
 def is_public(address: str) -> bool:
     """Whether downloads may connect to ``address`` (an IP as ``getpeername`` gives it)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -46,35 +42,51 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-class _Fetch:
-    """One download's rules and deadline, shared by every connection it opens."""
+class Download:
+    """One download: its rules and its deadline, shared by every connection it opens.
 
-    def __init__(self, allow_private: bool, deadline: float):
+        with Download(timeout_s, allow_private) as download:
+            with download.open(url, headers) as response:
+                ...
+            if download.expired: ...   # the deadline cut it short (a read may just have ended)
+    """
+
+    def __init__(self, timeout_s: float, allow_private: bool):
         self.allow_private = allow_private
-        self.deadline = deadline
+        self.deadline = time.monotonic() + timeout_s
+        self.expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self.expired = False
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer = threading.Timer(timeout_s, self._expire)
         self._timer.daemon = True
         self._timer.start()
+        self._opener = urllib.request.OpenerDirector()  # no proxy, no ftp:, file: or data:
+        for handler in (_HTTPHandler(self), _HTTPSHandler(self), _RedirectHandler(),
+                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+            self._opener.add_handler(handler)
 
-    def connect(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None) -> socket.socket:
-        """``socket.create_connection``, refused where the connected peer is not allowed."""
+    def open(self, url: str, headers: dict[str, str]):
+        """The response to GET ``url`` (urllib's errors for what fails)."""
+        return self._opener.open(urllib.request.Request(url, headers=headers),
+                                 timeout=max(0.0, self.deadline - time.monotonic()))
+
+    def connect(self, address, timeout=None, source_address=None) -> socket.socket:
+        """``socket.create_connection`` within the deadline, refused where the connected peer
+        is not allowed."""
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise DeadlinePassed("the download's deadline passed")
+            self._expire()
+            raise OSError("the download's deadline passed")
         limit = min(left, timeout) if isinstance(timeout, (int, float)) else left
         sock = socket.create_connection(address, limit, source_address)
-        peer = sock.getpeername()[0]
-        if not self.allow_private and not is_public(peer):
+        if not self.allow_private and not is_public(sock.getpeername()[0]):
             sock.close()
             raise BlockedHost(f"{address[0]} is not a public address; this server downloads media from "
                               "public hosts only (allow_private_media_hosts)")
         with self._lock:
             if self.expired:
                 sock.close()
-                raise DeadlinePassed("the download's deadline passed")
+                raise OSError("the download's deadline passed")
             self._sockets.append(sock)
         return sock
 
@@ -87,31 +99,34 @@ class _Fetch:
                 except OSError:
                     pass
 
-    def close(self) -> None:
+    def __enter__(self) -> "Download":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self._timer.cancel()
 
 
-def _connection(base: type, fetch: _Fetch) -> type:
+def _connection(base: type, download: Download) -> type:
     class Connection(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._create_connection = fetch.connect
+            self._create_connection = download.connect
     return Connection
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, fetch: _Fetch):
+    def __init__(self, download: Download):
         super().__init__()
-        self._connection = _connection(http.client.HTTPConnection, fetch)
+        self._connection = _connection(http.client.HTTPConnection, download)
 
     def http_open(self, req):
         return self.do_open(self._connection, req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, fetch: _Fetch):
+    def __init__(self, download: Download):
         super().__init__(context=ssl.create_default_context())
-        self._connection = _connection(http.client.HTTPSConnection, fetch)
+        self._connection = _connection(http.client.HTTPSConnection, download)
 
     def https_open(self, req):
         return self.do_open(self._connection, req, context=self._context)
@@ -126,19 +141,3 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
             raise urllib.error.HTTPError(newurl, code, f"a redirect from {old} to {new} is not followed",
                                          headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def open_url(url: str, timeout_s: float, allow_private: bool, headers: dict[str, str]):
-    """(the response to GET ``url`` under the rules above, its fetch). Once the deadline has
-    passed, reads end early: ``fetch.expired`` tells a short body from a cut one. Call
-    ``fetch.close()`` when done."""
-    fetch = _Fetch(allow_private, time.monotonic() + timeout_s)
-    opener = urllib.request.OpenerDirector()
-    for handler in (_HTTPHandler(fetch), _HTTPSHandler(fetch), _RedirectHandler(),
-                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    try:
-        return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s), fetch
-    except BaseException:
-        fetch.close()
-        raise

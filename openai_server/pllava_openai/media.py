@@ -31,7 +31,7 @@ from pllava_serving.errors import display_name
 
 from .api_errors import ApiError, bad_request
 from .chat_request import MediaPart
-from .downloads import DeadlinePassed, open_url
+from .downloads import Download
 from .settings import OpenAISettings
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -161,28 +161,22 @@ class MediaLoader:
                               "--allow-remote-media", _PARAM)
         late = bad_request(f"downloading {shown} took longer than {self.download_timeout_s:g} s "
                            "(download_timeout_s)", _PARAM)
-        fetch = None
-        try:
-            response, fetch = open_url(url, self.download_timeout_s, self.allow_private,
-                                       {"User-Agent": "pllava-openai"})
-            with response:
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit():
-                    self._check_size(int(declared), shown)
-                data = self._read(response)
-        except urllib.error.HTTPError as exc:
-            raise bad_request(f"could not download {shown}: HTTP {exc.code} {exc.reason}", _PARAM) from None
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-            if fetch is not None and fetch.expired or isinstance(exc, DeadlinePassed) \
-                    or isinstance(getattr(exc, "reason", None), DeadlinePassed):
-                raise late from None
-            reason = getattr(exc, "reason", None) or exc
-            raise bad_request(f"could not download {shown}: {reason}", _PARAM) from None
-        finally:
-            if fetch is not None:
-                fetch.close()
-        if fetch.expired:  # the timer cut the body short
-            raise late
+        with Download(self.download_timeout_s, self.allow_private) as download:
+            try:
+                with download.open(url, {"User-Agent": "pllava-openai"}) as response:
+                    declared = response.headers.get("Content-Length")
+                    if declared and declared.isdigit():
+                        self._check_size(int(declared), shown)
+                    data = self._read(response)
+            except urllib.error.HTTPError as exc:
+                raise bad_request(f"could not download {shown}: HTTP {exc.code} {exc.reason}", _PARAM) from None
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+                if download.expired:
+                    raise late from None
+                reason = getattr(exc, "reason", None) or exc
+                raise bad_request(f"could not download {shown}: {reason}", _PARAM) from None
+            if download.expired:  # the deadline cut the body short
+                raise late
         self._check_size(len(data), shown)
         if not data:
             raise bad_request(f"{shown} is empty", _PARAM)

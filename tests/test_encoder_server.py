@@ -5,6 +5,7 @@ import io
 import json
 import re
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,6 +19,7 @@ from pllava.config import PllavaConfig, PreprocessorConfig
 from pllava.model import PllavaVision
 from pllava.runtime import setup_backend
 from pllava.video import load_frames, preprocess
+from pllava_client import CaptionError
 from pllava_client.channel import channel_options
 from pllava_client.codec import TensorAssembler
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
@@ -197,13 +199,16 @@ def test_negative_num_frames_from_a_raw_client_is_invalid_argument(encoder, vide
     assert "num_frames must be between 1 and 256" in err.value.details()
 
 
-def test_operator_limits_frame_pixels_and_decode_time(tiny_model_dir, videos_dir, tmp_path):
+def test_operator_limits_frame_pixels_decode_time_and_concurrent_rpcs(tiny_model_dir, videos_dir, tmp_path):
     """--max-frame-pixels 60000 refuses portrait.mp4 (190x338 = 64,220 pixels a frame) from
     its header; --decode-timeout-s 2 stops 256 frames of orbit.mp4 (322x182; 15 s of
     decoding or more here) with DEADLINE_EXCEEDED and replaces that worker; short.mp4
-    (250x142) encodes before, meanwhile and after."""
+    (250x142) encodes before, meanwhile and after. --max-concurrent-rpcs 3: with three
+    health watches held open, a fourth call is refused with RESOURCE_EXHAUSTED (the client
+    names the setting); one watch closed, calls go through again."""
     with start_encoder(tiny_model_dir, log_dir=tmp_path, extra_args=[
-            "--max-frame-pixels", "60000", "--decode-timeout-s", "2", "--video-workers", "2"]) as server, \
+            "--max-frame-pixels", "60000", "--decode-timeout-s", "2", "--video-workers", "2",
+            "--max-concurrent-rpcs", "3"]) as server, \
             grpc.insecure_channel(server.address, options=channel_options()) as channel:
         stub = pllava_pb2_grpc.EncoderStub(channel)
         short = (videos_dir / "short.mp4").read_bytes()
@@ -227,7 +232,32 @@ def test_operator_limits_frame_pixels_and_decode_time(tiny_model_dir, videos_dir
                             r"on long\.mp4")
         np.testing.assert_array_equal(meanwhile, expected)
         np.testing.assert_array_equal(encode(stub, short)[1], expected)
+
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
+        assert [next(w).status for w in watches] == [SERVING] * 3
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetInfo(pllava_pb2.GetInfoRequest(), timeout=30)
+        refused = CaptionError.from_rpc_error(err.value)
+        assert refused.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrent_rpcs" in refused.message
+        watches.pop().cancel()  # the server hears of it a moment later
+        assert _eventually(lambda: stub.GetInfo(pllava_pb2.GetInfoRequest(), timeout=30)).model_id
+        for watch in watches:
+            watch.cancel()
         assert server.alive()
+
+
+def _eventually(call, timeout_s: float = 30.0):
+    """``call()``, tried again while it is refused with RESOURCE_EXHAUSTED."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def test_sigterm_drains_an_in_flight_encode(tiny_model_dir, videos_dir, tmp_path):

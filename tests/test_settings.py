@@ -12,7 +12,7 @@ from pllava_encoder.server import build_parser, main
 from pllava_encoder.settings import ENV_PREFIX, EncoderSettings
 from pllava_openai import server as openai_server
 from pllava_openai.settings import ENV_PREFIX as OPENAI_ENV, OpenAISettings
-from pllava_serving.settings import given_flags, load_settings
+from pllava_serving.settings import SPARE_RPCS, concurrent_rpc_limit, given_flags, load_settings
 
 
 #: each server's settings, the prefix of its environment variables and its command line
@@ -202,6 +202,17 @@ def test_encoder_settings_are_validated():
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_settings(EncoderSettings, env_prefix=ENV_PREFIX, environ={"PLLAVA_ENCODER_MODEL": "m",
                                                                        "PLLAVA_ENCODER_DTYPE": "fp8"})
+
+
+def test_the_concurrent_rpc_limit_defaults_to_each_servers_own_room():
+    assert concurrent_rpc_limit(EncoderSettings(model="m")) == 32 + SPARE_RPCS
+    assert concurrent_rpc_limit(EncoderSettings(model="m", max_queue=4)) == 4 + SPARE_RPCS
+    assert concurrent_rpc_limit(DecoderSettings(model="m")) == 8 + 32 + SPARE_RPCS
+    assert concurrent_rpc_limit(DecoderSettings(model="m", max_batch=2, max_queue=3)) == 2 + 3 + SPARE_RPCS
+    assert concurrent_rpc_limit(DecoderSettings(model="m", max_concurrent_rpcs=7)) == 7
+    for settings in (EncoderSettings, DecoderSettings):
+        with pytest.raises(ValueError, match="max_concurrent_rpcs must be >= 1, got 0"):
+            settings(model="m", max_concurrent_rpcs=0)
 
 
 def test_the_command_reports_bad_settings_and_exits_2(tmp_path, capsys):

@@ -62,6 +62,11 @@ class RequestTooLarge(ValueError):
     together): sending it again cannot help."""
 
 
+#: What gRPC itself answers (RESOURCE_EXHAUSTED) to a call beyond a server's
+#: ``maximum_concurrent_rpcs``.
+GRPC_RPC_LIMIT_MESSAGE = "Concurrent RPC limit exceeded!"
+
+
 class CaptionError(grpc.RpcError):
     """A call the server refused or that failed on the way.
 
@@ -93,6 +98,9 @@ class CaptionError(grpc.RpcError):
         message = details or str(error)
         if code == grpc.StatusCode.UNAVAILABLE and explain is not None:
             message = explain(message)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and message == GRPC_RPC_LIMIT_MESSAGE:
+            message += (" (the server holds the most calls it takes at once, its max_concurrent_rpcs; "
+                        "retry shortly)")
         return cls(code or grpc.StatusCode.UNKNOWN, message)
 
 

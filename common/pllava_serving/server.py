@@ -156,12 +156,15 @@ def format_address(host: str, port: int) -> str:
 async def create_server(address: str, services: Sequence[Service], *,
                         max_message_bytes: int = MAX_MESSAGE_BYTES,
                         registry: CollectorRegistry | None = None,
-                        security: ServerSecurity | None = None) -> tuple[grpc.aio.Server, int, ServingState]:
+                        security: ServerSecurity | None = None,
+                        max_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, int, ServingState]:
     """A bound, not yet started server for ``services`` at ``address`` ("host:port"; port 0
     picks a free one). Returns ``(server, bound_port, state)``; every service reports
     NOT_SERVING until ``await state.set_serving()``. With a ``registry``, every RPC's final
     status is counted there (:class:`pllava_serving.metrics.RpcMetricsInterceptor`).
-    ``security`` None: plaintext, no tokens.
+    ``security`` None: plaintext, no tokens. Beyond ``max_concurrent_rpcs`` RPCs at once
+    (None: no limit), gRPC answers RESOURCE_EXHAUSTED without reading the request: the bound
+    on what a flood of large messages costs (they are read whole before any check of ours).
 
     A coroutine because the aio server and the health servicer belong to the running loop.
     """
@@ -177,7 +180,8 @@ async def create_server(address: str, services: Sequence[Service], *,
         interceptors.insert(0, RpcMetricsInterceptor(registry))
     # The token check is outermost: a refused call reaches nothing else, and an unknown method
     # name of a caller without a token never becomes a metrics label.
-    server = grpc.aio.server(options=options, interceptors=[*security.interceptors(registry), *interceptors])
+    server = grpc.aio.server(options=options, interceptors=[*security.interceptors(registry), *interceptors],
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     for service in services:
         service.add_to_server(service.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)

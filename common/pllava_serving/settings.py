@@ -274,6 +274,21 @@ def server_problems(settings, env_prefix: str, minimums: Mapping[str, float] = M
     return problems
 
 
+#: RPCs a server holds beyond its captions' own (max_batch + max_queue): health watches of
+#: every decoder replica, GetInfo probes, calls being refused.
+SPARE_RPCS = 32
+
+
+def concurrent_rpc_limit(settings) -> int:
+    """The most RPCs of any kind the server holds at once: ``max_concurrent_rpcs`` when set,
+    else its requests' own room (``max_queue``, plus ``max_batch`` on a decoder) + SPARE_RPCS.
+    gRPC refuses the ones beyond with RESOURCE_EXHAUSTED before reading their messages, so a
+    flood of large requests costs at most this many messages of memory."""
+    if settings.max_concurrent_rpcs is not None:
+        return settings.max_concurrent_rpcs
+    return settings.max_queue + getattr(settings, "max_batch", 0) + SPARE_RPCS
+
+
 def tls_problems(cert: str | None, key: str | None, ca: str | None,
                  cert_name: str, key_name: str, ca_name: str) -> list[str]:
     """What is wrong with TLS settings: a certificate goes with its key; a server's client CA
@@ -312,6 +327,9 @@ def add_server_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
     parser.add_argument("--lora-alpha", type=float, help="LoRA alpha of PEFT checkpoints (default 4)")
     parser.add_argument("--num-frames", type=int,
                         help="frames per video when a request says 0 (default: the checkpoint's)")
+    parser.add_argument("--max-concurrent-rpcs", type=int,
+                        help="RPCs of any kind held at once; gRPC refuses more with RESOURCE_EXHAUSTED before "
+                             f"reading them (default: max_queue (+ max_batch) + {SPARE_RPCS})")
     parser.add_argument("--grace-s", type=float,
                         help=f"on SIGTERM, seconds running requests get to finish (default {d['grace_s']:g})")
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")

@@ -60,7 +60,7 @@ from pllava_serving.server import (Service, create_server, format_address, freez
 from .encoder_client import Encoded, EncoderClient
 from .engine_loop import EngineLoop
 from .metrics import DecoderMetrics
-from pllava_serving.settings import add_server_flags
+from pllava_serving.settings import add_server_flags, concurrent_rpc_limit
 
 from .settings import ENV_PREFIX, DecoderSettings
 from .visual_cache import CachedVisual, VisualCache, visual_key
@@ -491,7 +491,8 @@ async def serve(settings: DecoderSettings) -> None:
                                               [Service.pllava("Decoder", servicer)],
                                               registry=servicer.metrics.registry,
                                               max_message_bytes=max_message_bytes(settings.max_video_bytes),
-                                              security=security)
+                                              security=security,
+                                              max_concurrent_rpcs=concurrent_rpc_limit(settings))
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
     log_security(security, servicer)

@@ -47,6 +47,7 @@ class DecoderSettings:
     encoder_retries: int = 2  # extra attempts on another replica when an encoder is UNAVAILABLE
     encoder_ready_timeout_s: float = 30.0  # longest wait for an encoder replica to be SERVING, per retry
     max_new_tokens: int = 256  # when a request leaves it at 0
+    max_concurrent_rpcs: int | None = None  # RPCs of any kind held at once (more: RESOURCE_EXHAUSTED, unread); None = max_batch + max_queue + 32
     max_video_bytes: int = 64 << 20  # largest video a Caption may carry; refused before any encoder sees it
     max_prompt_chars: int = 16384  # longest question a Caption may ask, in characters (before tokenising)
     grace_s: float = 10.0  # on SIGTERM: time running streams get to finish
@@ -65,7 +66,7 @@ class DecoderSettings:
             "max_context": 2, "num_frames": 1, "max_batch": 1, "max_queue": 1, "max_new_tokens": 1,
             "prefill_chunk": 16, "prefill_small_chunk": 16, "small_chunk_parts": 1, "min_context": 1,
             "device_id": 0, "visual_cache_bytes": 0, "encoder_retries": 0, "grace_s": 0,
-            "max_video_bytes": 1, "max_prompt_chars": 1})
+            "max_video_bytes": 1, "max_concurrent_rpcs": 1, "max_prompt_chars": 1})
         if not self.encoder:
             problems.append("encoder must be a gRPC target such as dns:///encoder:50051")
         for name in ("prefill_chunk", "prefill_small_chunk"):

@@ -23,7 +23,7 @@ from pllava_serving.security import ServerSecurity
 from pllava_serving.server import (Service, create_server, format_address, freeze_startup_heap, run_main,
                                    serve_forever)
 
-from pllava_serving.settings import add_server_flags
+from pllava_serving.settings import add_server_flags, concurrent_rpc_limit
 
 from .settings import ENV_PREFIX, EncoderSettings
 
@@ -90,7 +90,8 @@ async def serve(settings: EncoderSettings) -> None:
     max_message = max(settings.max_video_bytes + (1 << 20), 64 << 20)
     server, port, state = await create_server(format_address(settings.host, settings.port),
                                               [Service.pllava("Encoder", servicer)], max_message_bytes=max_message,
-                                              registry=metrics.registry, security=security)
+                                              registry=metrics.registry, security=security,
+                                              max_concurrent_rpcs=concurrent_rpc_limit(settings))
     await server.start()
     log.info("listening on %s", format_address(settings.host, port))
     log.info("clients: %s", security.describe())

@@ -31,6 +31,7 @@ class EncoderSettings:
     batch_wait_ms: float = 20.0        # longest a decoded video waits for others still decoding
     video_workers: int = 2             # processes decoding and preprocessing videos
     max_queue: int = 32                # requests held at once (decoding, waiting, encoding)
+    max_concurrent_rpcs: int | None = None  # RPCs of any kind held at once (more: RESOURCE_EXHAUSTED, unread); None = max_queue + 32
     max_video_bytes: int = 64 << 20    # largest video file accepted, and all frames of a request together
     max_image_bytes: int = 16 << 20    # largest single image of frames sent as images
     max_frame_pixels: int = 4096 * 4096  # largest frame (width x height, from the file's header) decoded
@@ -45,7 +46,7 @@ class EncoderSettings:
     def __post_init__(self):
         problems = server_problems(self, ENV_PREFIX, {
             "device_id": 0, "batch_wait_ms": 0, "grace_s": 0, "max_num_frames": 1, "max_frames_per_batch": 1,
-            "video_workers": 1, "max_queue": 1, "max_video_bytes": 1,
+            "video_workers": 1, "max_queue": 1, "max_video_bytes": 1, "max_concurrent_rpcs": 1,
             "max_image_bytes": 1, "max_frame_pixels": 1})
         if not self.decode_timeout_s > 0:
             problems.append(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")

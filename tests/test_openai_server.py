@@ -795,6 +795,45 @@ def test_a_body_that_never_arrives_gives_its_place_back(decoder, logs, model_id)
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
 
 
+def test_request_bodies_in_flight_are_bounded_in_bytes(decoder, logs, model_id):
+    """--max-body-bytes-in-flight 1000: a caption whose body is far larger runs (it is alone);
+    beside it a body of known length is refused with 429 before it is read (it is not even
+    JSON), and a chunked one as soon as it passes the budget; once the caption ends, its
+    bytes are free again."""
+    import socket
+
+    with start_openai(decoder.address, logs, "--max-body-bytes-in-flight", "1000") as small:
+        oa = openai_client(small)
+        running = oa.chat.completions.create(model=model_id, messages=user(video_part()), max_tokens=3000,
+                                             stream=True)
+        try:
+            next(iter(running))
+            status, answer = post_json(small, "/v1/chat/completions", None, raw=b"{not json")
+            assert status == 429 and answer["error"]["code"] == "resource_exhausted", answer
+            assert "past max_body_bytes_in_flight (1000)" in answer["error"]["message"], answer
+            host, port = small.address.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=30) as chunked:
+                chunked.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                b"\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 1500 + b" " * 1500 + b"\r\n")
+                reply = b""
+                while b"max_body_bytes_in_flight" not in reply:
+                    piece = chunked.recv(4096)
+                    assert piece, f"the connection closed after {reply!r}"
+                    reply += piece
+            assert reply.startswith(b"HTTP/1.1 429"), reply
+        finally:
+            running.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = oa.chat.completions.create(model=model_id, messages=user(video_part()), max_tokens=4)
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert answer.usage.completion_tokens == 4
+
+
 def test_the_front_ends_own_limit_answers_429(decoder, logs, model_id):
     with start_openai(decoder.address, logs, "--max-concurrent-requests", "1") as small:
         oa = openai_client(small)

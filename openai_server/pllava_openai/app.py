@@ -54,16 +54,23 @@ _CLIENT_CLOSED = 499
 
 
 class Slot:
-    """One of the ``max_concurrent_requests`` places; :meth:`release` may be called twice."""
+    """One of the ``max_concurrent_requests`` places, and the request body bytes it holds of
+    ``max_body_bytes_in_flight``; :meth:`release` (gives both back) may be called twice."""
 
-    def __init__(self, on_release: Callable[[], None]):
-        self._on_release = on_release
+    def __init__(self, front: "FrontEnd"):
+        self._front = front
+        self.body_bytes = 0
         self._released = False
+
+    def take_body_bytes(self, count: int) -> None:
+        """Count ``count`` more bytes of this request's body; ApiError 429 when they do not fit."""
+        self._front.take_body_bytes(count)
+        self.body_bytes += count
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._on_release()
+            self._front.leave(self.body_bytes)
 
 
 class FrontEnd:
@@ -93,6 +100,7 @@ class FrontEnd:
         self.started = int(time.time())
         self.model_id = settings.model_name
         self._in_flight = 0
+        self._body_bytes = 0  # of the bodies of the captions in flight
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -126,11 +134,26 @@ class FrontEnd:
                 raise ApiError(429, f"{self._in_flight} captions are in flight, the most this server takes "
                                     "(max_concurrent_requests); retry shortly", code="resource_exhausted")
             self._in_flight += 1
-        return Slot(self._leave)
+        return Slot(self)
 
-    def _leave(self) -> None:
+    def take_body_bytes(self, count: int) -> None:
+        """Body bytes are held from the moment they are expected (Content-Length) until the
+        caption ends: a body's copies (text, JSON, decoded media, the gRPC request) cost
+        several times its size. A lone request is let in whatever its size (up to the
+        413 limit), so the budget never refuses a body that could come alone."""
+        with self._lock:
+            held = self._body_bytes
+            limit = self.settings.max_body_bytes_in_flight
+            if held and held + count > limit:
+                raise ApiError(429, f"request bodies of {held} bytes are in flight here and this one needs {count} "
+                                    f"more, past max_body_bytes_in_flight ({limit}); retry shortly",
+                               code="resource_exhausted")
+            self._body_bytes = held + count
+
+    def leave(self, body_bytes: int) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._body_bytes -= body_bytes
 
     # ---- captions ------------------------------------------------------------------------------
     def start_caption(self, chat: ChatRequest, media: Media, request_id: str) -> AsyncCaption:
@@ -210,7 +233,7 @@ def create_app(settings: OpenAISettings) -> FastAPI:
         front.authorize(request)
         slot = front.admit()  # before the body is read: a refused request costs no memory
         try:
-            chat = parse_chat_request(await _read_json(request, front.max_body_bytes, front.executor,
+            chat = parse_chat_request(await _read_json(request, front.max_body_bytes, slot, front.executor,
                                                        settings.body_timeout_s))
             model = await front.model_name()
             if chat.model != model:
@@ -343,12 +366,15 @@ def _bearer_allowed(tokens: TokenChecker, authorization: str | None) -> bool:
     return tokens.accepts(token.strip()) & (scheme.lower() == "bearer")
 
 
-async def _read_json(request: Request, limit: int, executor: Executor, timeout_s: float):
-    """The request's JSON body. It must arrive within ``timeout_s``: the caption's place is
+async def _read_json(request: Request, limit: int, slot: Slot, executor: Executor, timeout_s: float):
+    """The request's JSON body, its bytes counted on ``slot`` (before they are read when the
+    Content-Length says how many). It must arrive within ``timeout_s``: the caption's place is
     taken before it is read, and a client sending a byte now and then would hold it for good."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _body_too_large(int(declared), limit)
+    if declared.isdigit():
+        if int(declared) > limit:
+            raise _body_too_large(int(declared), limit)
+        slot.take_body_bytes(int(declared))
 
     async def receive() -> tuple[bytes, int]:
         body, size = [], 0
@@ -357,6 +383,8 @@ async def _read_json(request: Request, limit: int, executor: Executor, timeout_s
                 size += len(piece)
                 if size > limit:
                     raise _body_too_large(size, limit)
+                if size > slot.body_bytes:  # a chunked body, counted as it arrives
+                    slot.take_body_bytes(size - slot.body_bytes)
                 body.append(piece)
         except ClientDisconnect:  # a refusal line, not an internal error with its traceback
             raise ApiError(400, f"the client closed the connection after {size} bytes of its body") from None

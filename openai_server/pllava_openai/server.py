@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-timeout-s", type=float, help="deadline of one caption (default: none)")
     p.add_argument("--max-concurrent-requests", type=int,
                    help="captions in flight before 429 (default 64)")
+    p.add_argument("--max-body-bytes-in-flight", type=int,
+                   help="request body bytes of the captions in flight before 429; a lone request always "
+                        "fits (default 512 MiB)")
     p.add_argument("--grace-s", type=float, help="on SIGTERM, seconds running requests get to finish (default 10)")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
     d = p.add_argument_group("TLS and tokens towards the decoder")

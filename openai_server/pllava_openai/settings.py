@@ -38,6 +38,7 @@ class OpenAISettings:
     body_timeout_s: float = 120.0  # a request body must arrive within this (408 past it)
     caption_timeout_s: float | None = None  # deadline of one caption call; None = none
     max_concurrent_requests: int = 64  # captions in flight here before 429
+    max_body_bytes_in_flight: int = 512 << 20  # request body bytes of the captions in flight before 429 (a lone one always fits)
     grace_s: float = 10.0  # on SIGTERM: time running requests get to finish
     log_level: str = "INFO"
 
@@ -49,7 +50,7 @@ class OpenAISettings:
             problems.append(f"port must be in 0..65535, got {self.port}")
         if self.model_name is not None and not self.model_name.strip():
             problems.append("model_name must not be empty (leave it unset for the decoder's model id)")
-        for name in ("max_media_bytes", "max_concurrent_requests"):
+        for name in ("max_media_bytes", "max_concurrent_requests", "max_body_bytes_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("download_timeout_s", "body_timeout_s", "caption_timeout_s"):

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from pllava_client import CaptionError, CaptionResult, Client, RequestTooLarge
-from pllava_client.channel import server_options
+from pllava_client.channel import server_options, stays_on_this_machine
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from servers import console_script, start_encoder, start_server
 
@@ -286,6 +286,25 @@ def test_breaking_out_of_a_for_loop_cancels_the_call(scripted):
             break
     gc.collect()  # CPython drops the stream at once; collect for other implementations
     assert servicer.client_gone.wait(30)
+
+
+@pytest.mark.parametrize("address, local", [
+    ("127.0.0.1:50052", True), ("localhost:50052", True), ("[::1]:50052", True), ("127.0.0.2:1,127.0.0.3:2", True),
+    ("dns:///localhost:50052", True), ("ipv4:127.0.0.1:1,127.0.0.1:2", True), ("unix:/run/pllava.sock", True),
+    ("decoder:50052", False), ("10.0.0.5:50052", False), ("127.0.0.1:1,10.0.0.5:2", False),
+    ("dns:///decoders:50052", False), ("dns://8.8.8.8/localhost:50052", True), ("xds:///decoder", False)])
+def test_a_token_in_plaintext_off_this_machine_is_warned_about(address, local, caplog):
+    assert stays_on_this_machine(address) is local
+    caplog.set_level("WARNING", logger="pllava_client")
+    for kwargs in ({"token": "t0k3n"}, {}):
+        caplog.clear()
+        Client(address, **kwargs).close()
+        warned = [r.getMessage() for r in caplog.records]
+        if kwargs and not local:
+            assert warned == [f"the token goes to {address} in plaintext, readable on the way; connect over TLS "
+                              "(tls_ca, --tls-ca)"], warned
+        else:
+            assert warned == []
 
 
 def test_info(scripted):

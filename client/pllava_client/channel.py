@@ -187,6 +187,38 @@ def tls_server_name(address: str) -> str | None:
     return hosts.pop()
 
 
+def stays_on_this_machine(address: str) -> bool:
+    """Whether every server ``address`` names is this machine: loopback hosts or addresses
+    (``localhost``, 127.0.0.0/8, ::1, ``dns:///localhost:P``, lists of those) or a Unix
+    socket. False when it cannot tell."""
+    address = address.strip()
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    if address.startswith(("ipv4:", "ipv6:")):
+        address = address.split(":", 1)[1]
+    elif address.startswith("dns:"):
+        address = address[len("dns:"):].lstrip("/")
+        if "/" in address:  # dns://AUTHORITY/host:port
+            address = address.split("/", 1)[1]
+    elif address.startswith(SCHEMES):
+        return False
+    try:
+        hosts = [_split_host_port(item.strip(), 0)[0] for item in address.split(",")]
+    except ValueError:
+        return False
+    return all(_is_loopback(host) for host in hosts)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def server_count(address: str) -> int | None:
     """How many servers ``address`` names now: the items of a static list, or the addresses
     a ``dns:`` target or host name resolves to here; None when that cannot be known."""

@@ -27,6 +27,7 @@ Imports only grpcio, protobuf and numpy (through the stubs), never MindSpore.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -39,12 +40,14 @@ from google.protobuf.descriptor import FieldDescriptor
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
 from .channel import (MAX_MESSAGE_BYTES, caption_service_config, channel_options, grpc_target, server_count,
-                      tls_server_name)
+                      stays_on_this_machine, tls_server_name)
 from .frames import Frame, read_frames
 from .security import BearerToken, ClientTls, check_token, explain_unavailable, secure_or_insecure_channel
 
 if TYPE_CHECKING:
     from .collection import VideoResult
+
+log = logging.getLogger("pllava_client")
 
 #: Extra attempts :meth:`Client.caption_many` makes for a video whose call failed in passing.
 DEFAULT_RETRIES = 3
@@ -341,6 +344,9 @@ class Client:
                 self._options.append(("grpc.ssl_target_name_override", name))
         interceptor = (BearerToken(token if callable(token) else check_token(token, "token"))
                        if token is not None else None)
+        if interceptor is not None and self._tls is None and not stays_on_this_machine(address):
+            log.warning("the token goes to %s in plaintext, readable on the way; connect over TLS (tls_ca, "
+                        "--tls-ca)", address)
         self._channel = secure_or_insecure_channel(grpc_target(address), self._tls, self._options)
         self._calls = grpc.intercept_channel(self._channel, interceptor) if interceptor else self._channel
         self._stub = pllava_pb2_grpc.DecoderStub(self._calls)

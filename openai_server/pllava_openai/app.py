@@ -207,11 +207,13 @@ def create_app(settings: OpenAISettings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         """200 once the decoder answers (its model loaded), 503 before. Also refreshes the
-        model id, so a decoder restarted with another checkpoint is named right."""
+        model id, so a decoder restarted with another checkpoint is named right. It needs no
+        key, so it names nothing a key guards: the model only where no key is needed, the
+        decoder's address never."""
         info = await front.decoder_info()
         if settings.model_name is None:
             front.model_id = info.model_id
-        return {"status": "ok", "decoder": settings.decoder, "model": info.model_id}
+        return {"status": "ok", **({"model": front.model_id} if front.tokens is None else {})}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:

@@ -206,7 +206,7 @@ def cmd_make_certs(args) -> int:
         return 1
     print(f"wrote a CA, a server certificate for {', '.join([*DEFAULT_HOSTS, *args.host])}, a client "
           f"certificate and a token to {certs.folder} (keys readable only by you; ca-key.pem is needed "
-          "only to sign more certificates)")
+          "only to sign more certificates: keep it out of folders that servers or containers see)")
     return 0
 
 

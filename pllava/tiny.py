@@ -152,9 +152,24 @@ def save_sharded(tensors: dict[str, np.ndarray], out_dir: Path, num_shards: int 
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
         save_file({n: tensors[n] for n in shard}, str(out_dir / fname), metadata={"format": "pt"})
+        # safetensors writes its files readable by their owner only; a checkpoint is shared
+        # (a container's unprivileged user reads it) like the JSON files beside it.
+        (out_dir / fname).chmod(0o666 & ~_umask())
         weight_map.update({n: fname for n in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for every
+    thread a moment); 0o022 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 #: The checkpoint layouts make_tiny writes (see the module docstring).

@@ -15,6 +15,7 @@ numpy hold bf16), so peak host memory stays near the size of the part being load
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 from dataclasses import dataclass
@@ -72,7 +73,23 @@ def _open_shard(path: Path):
     try:
         return safe_open(str(path), framework="np")
     except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, OSError...
+        try:  # the library calls a file it may not open "No such file or directory"
+            with open(path, "rb"):
+                pass
+        except PermissionError as denied:
+            raise WeightsError(f"{path} cannot be read ({denied.strerror}): this process runs as uid "
+                               f"{os.geteuid()} and the file belongs to uid {_owner(path)}; make the checkpoint "
+                               "readable to this user (chmod -R a+rX), or run as its owner") from None
+        except OSError:
+            pass
         raise WeightsError(f"{path} is not a readable safetensors file ({exc}){damage_hint(path)}") from None
+
+
+def _owner(path: Path) -> str:
+    try:
+        return str(path.stat().st_uid)
+    except OSError:
+        return "unknown (its folder cannot be entered)"
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:

@@ -2,8 +2,8 @@
 # docker-compose, for real: build the image (one image, docker/Dockerfile, for every server),
 # run 2 encoder replicas, the decoder and the OpenAI-compatible front end, caption a video
 # through the decoder's published port (bound to 127.0.0.1) and once through the front end's,
-# check that both encoder replicas served work and that the decoder's published metrics
-# counted every caption; then (unless SMOKE_TLS=0) bring the stack up again secured by
+# check that no container runs as root, that both encoder replicas served work and that the
+# decoder's published metrics counted every caption; then (unless SMOKE_TLS=0) bring the stack up again secured by
 # docker-compose.tls.yml with certificates from `pllava make-certs`, caption over mutual TLS
 # with the token on both hops, check that a plaintext client, a missing or wrong token and an
 # OpenAI request without the key are refused, then take it all down.
@@ -236,6 +236,16 @@ check_replicas() {  # check_replicas N: each of the N encoder containers logged 
     fi
 }
 
+check_not_root() {  # every container of the project runs as some user other than root
+    local id name uid
+    for id in $(docker ps -q --filter "label=com.docker.compose.project=$PROJECT"); do
+        name=$(docker inspect --format '{{.Name}}' "$id")
+        uid=$(docker exec "$id" id -u)
+        echo "${name#/} runs as uid $uid"
+        [[ $uid != 0 ]] || { echo "${name#/} runs as root" >&2; exit 1; }
+    done
+}
+
 # --- Build, run, caption ------------------------------------------------------------------
 step "build $PLLAVA_IMAGE, one image for both services (BASE_IMAGE=$BASE_IMAGE)"
 OLD_IMAGE_ID=$(image_id "$PLLAVA_IMAGE")
@@ -251,6 +261,7 @@ echo "stack serving in $(since "$t") s"
 images=$(docker ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Image}}' | sort -u)
 echo "images of the running containers: $(echo $images)"
 [[ $images == "$PLLAVA_IMAGE" ]] || { echo "expected every container to run $PLLAVA_IMAGE" >&2; exit 1; }
+check_not_root
 
 step "caption $(basename "$VIDEO") through 127.0.0.1:$PLLAVA_PORT"
 t=$(now)
@@ -307,13 +318,21 @@ if [[ $TLS == 1 ]]; then
     compose down --volumes --remove-orphans --timeout 20
     CERTS=$(mktemp -d /tmp/pllava-smoke-certs.XXXXXX)
     "${BIN}pllava" make-certs "$CERTS/certs" >/dev/null
+    mv "$CERTS/certs/ca-key.pem" "$CERTS/"  # no container needs the CA's key (docker-compose.tls.yml)
     export PLLAVA_CERTS_DIR=$CERTS/certs
+    # The keys are the owner's alone; the containers are not root: either way of the TLS file.
+    if [[ $(id -u) == 0 ]]; then
+        chown -R 10001:10001 "$CERTS/certs"
+    else
+        export PLLAVA_USER="$(id -u):$(id -g)"
+    fi
     COMPOSE_ARGS=(-p "$PROJECT" -f docker-compose.yml -f docker-compose.tls.yml -f "$OVERRIDE")
     TLS_FLAGS=(--tls-ca "$CERTS/certs/ca.pem" --tls-cert "$CERTS/certs/client.pem" --tls-key "$CERTS/certs/client-key.pem")
     t=$(now)
     compose up -d --scale encoder="$ENCODERS"
     wait_healthy "${TLS_FLAGS[@]}"
     echo "secured stack serving in $(since "$t") s"
+    check_not_root
 
     step "caption over mutual TLS with the token (decoder -> encoders over mutual TLS with the token too)"
     t=$(now)

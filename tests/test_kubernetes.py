@@ -43,7 +43,7 @@ def test_every_object_is_valid_for_the_pinned_kubernetes(overlay):
     kinds = sorted(kind for kind, _ in objects)
     assert kinds == sorted(["ConfigMap", "PersistentVolumeClaim", "Deployment", "Deployment", "Service",
                             "Service", "Service", "PodDisruptionBudget", "PodDisruptionBudget",
-                            "HorizontalPodAutoscaler", "HorizontalPodAutoscaler"]), kinds
+                            "HorizontalPodAutoscaler", "HorizontalPodAutoscaler", "NetworkPolicy"]), kinds
     for (kind, obj_name), obj in objects.items():
         try:  # strict: an unknown or misspelt field is an error too
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -145,6 +145,11 @@ def test_the_pieces_fit_together(overlay, tmp_path):
         assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "pllava-model"
         assert mounts["settings"]["mountPath"] == "/etc/pllava"
         assert volumes["settings"]["configMap"]["name"] == "pllava-settings"
+        # Not root: the image's own user, which the volumes' group lets write (docker/Dockerfile).
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert (spec["securityContext"]["runAsUser"], spec["securityContext"]["runAsGroup"],
+                spec["securityContext"]["fsGroup"]) == (*image_user(), image_user()[1])
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         assert set(container["resources"]["requests"]) >= {"cpu", "memory"}
         assert "memory" in container["resources"]["limits"]
         assert container["image"].startswith("pllava-serve")
@@ -155,6 +160,15 @@ def test_the_pieces_fit_together(overlay, tmp_path):
         assert scaler["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                             "name": f"pllava-{stage}"}
         assert 1 <= scaler["minReplicas"] <= scaler["maxReplicas"]
+
+    # The encoders take gRPC calls from the decoder pods only; their metrics stay open.
+    policy = objects["NetworkPolicy", "pllava-encoder"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == pod_spec_labels(objects, "encoder")
+    assert policy["policyTypes"] == ["Ingress"]
+    grpc_rule, metrics_rule = policy["ingress"]
+    assert grpc_rule == {"from": [{"podSelector": {"matchLabels": pod_spec_labels(objects, "decoder")}}],
+                         "ports": [{"port": "grpc"}]}
+    assert metrics_rule == {"ports": [{"port": "metrics"}]}
 
     headless = objects["Service", "pllava-encoder"]["spec"]
     assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == encoder.port
@@ -183,6 +197,14 @@ def test_the_pieces_fit_together(overlay, tmp_path):
     else:
         assert encoder.device == decoder.device == "CPU"
         assert npus == [None, None]
+
+
+def image_user() -> tuple[int, int]:
+    """The uid and gid the image runs as: docker/Dockerfile's ``USER UID:GID``."""
+    (line,) = [line for line in (DEPLOY.parents[1] / "docker" / "Dockerfile").read_text().splitlines()
+               if line.startswith("USER ")]
+    uid, gid = line.split()[1].split(":")
+    return int(uid), int(gid)
 
 
 def pod_spec_labels(objects, stage: str) -> dict:

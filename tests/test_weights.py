@@ -341,3 +341,40 @@ def test_missing_shard_is_named(tiny_model_dir, tmp_path):
     (d / victim).unlink()
     with pytest.raises(W.WeightsError, match=victim):
         list(W.iter_safetensors(d))
+
+
+def test_make_tiny_writes_a_checkpoint_others_can_read(tmp_path):
+    """Every file readable as the umask allows (safetensors alone writes shards 0600), so a
+    container's unprivileged user reads a checkpoint made by another."""
+    tiny.make_tiny(tmp_path / "t")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "t").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_shard_this_user_cannot_read_says_so(tiny_model_dir):
+    """Not safetensors' 'No such file or directory': who this process is and whose the file is."""
+    import os
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    d = Path(tempfile.mkdtemp(prefix="pllava-locked-"))  # not under pytest's 0700 folder
+    try:
+        d.chmod(0o755)
+        for f in tiny_model_dir.iterdir():
+            shutil.copy(f, d / f.name)
+        shard = sorted(d.glob("*.safetensors"))[0]
+        shard.chmod(0o600 if as_root else 0o000)  # not root: the owner itself, kept out by the mode
+        me = 65534 if as_root else os.geteuid()  # root reads as nobody, for this read only
+        if as_root:
+            os.seteuid(me)
+        try:
+            with pytest.raises(W.WeightsError) as err:
+                list(W.iter_safetensors(d))
+        finally:
+            if as_root:
+                os.seteuid(0)
+        assert str(err.value) == (f"{shard} cannot be read (Permission denied): this process runs as uid {me} and "
+                                  f"the file belongs to uid {shard.stat().st_uid}; make the checkpoint readable to "
+                                  "this user (chmod -R a+rX), or run as its owner")
+    finally:
+        shutil.rmtree(d)

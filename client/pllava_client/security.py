@@ -12,6 +12,7 @@ client certificate, or a CA that signed its certificate), naming the option to c
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,6 +60,21 @@ class ClientTls:
                                             certificate_chain=self.cert)
 
 
+def unreadable(what: str, path: str, exc: OSError) -> str:
+    """Why ``path`` (``what``) cannot be read; for a permission error, which user this process
+    runs as and who owns the file: in a container the usual cause is a key readable only by
+    its owner on the host (``pllava make-certs`` writes them so)."""
+    message = f"{what} {path}: cannot be read ({exc.strerror or exc})"
+    if isinstance(exc, PermissionError) and hasattr(os, "geteuid"):
+        try:
+            owner = f"uid {os.stat(path).st_uid}"
+        except OSError:
+            owner = "a user whose folder this process cannot enter"
+        message += (f"; this process runs as uid {os.geteuid()} and the file belongs to {owner}: run as "
+                     "the owner (in docker compose, PLLAVA_USER=UID:GID) or make it readable to this user")
+    return message
+
+
 def read_pem(path: str, what: str, kind: str) -> bytes:
     """The bytes of PEM file ``path``; ValueError naming ``what`` when it cannot be read or
     holds no ``-----BEGIN ...{kind}-----`` block."""
@@ -66,7 +82,7 @@ def read_pem(path: str, what: str, kind: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+        raise ValueError(unreadable(what, path, exc)) from None
     if b"-----BEGIN " not in data or kind.encode() + b"-----" not in data:
         raise ValueError(f"{what} {path}: not a PEM file holding a {kind.lower()} "
                          f"(expected a -----BEGIN ...{kind}----- block)")

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import grpc
 
-from pllava_client.security import AUTHORIZATION, BEARER, read_pem
+from pllava_client.security import AUTHORIZATION, BEARER, read_pem, unreadable
 
 from .errors import display_name
 
@@ -86,8 +86,10 @@ def read_tokens(path: str, what: str = "auth_token_file") -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    except OSError as exc:
+        raise ValueError(unreadable(what, path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path}: cannot be read ({exc})") from None
     tokens = []
     for number, line in enumerate(lines, 1):
         token = line.strip()

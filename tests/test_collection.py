@@ -28,7 +28,7 @@ import pytest
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pllava_client import CaptionFile, Client, expand_inputs
+from pllava_client import CaptionFile, CaptionResult, Client, expand_inputs
 from pllava_client.channel import MAX_CONNECTION_AGE_MS, channel_options, grpc_target, server_count, server_options
 from servers import console_script, start_decoder, start_encoder
 
@@ -70,7 +70,8 @@ def test_caption_many_refuses_one_path_and_a_video_name():
             client.caption_many(["a.mp4"], concurrency=1, video_name="x")
 
 
-def test_caption_file_appends_whole_lines_and_tolerates_a_torn_one(tmp_path):
+def test_caption_file_appends_whole_lines_and_tolerates_a_torn_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "out" / "captions.jsonl"
     out = CaptionFile(path)
     assert out.read().ok == set()
@@ -80,8 +81,9 @@ def test_caption_file_appends_whole_lines_and_tolerates_a_torn_one(tmp_path):
     with open(path, "ab") as f:  # a crash in the middle of a line (e.g. power loss)
         f.write(b'{"path": "c.mp4", "sha256": "cc", "sta')
     done = out.read()
-    assert done.ok == {("b.mp4", "bb")} and done.failed == {("a.mp4", "aa")} and done.unreadable_lines == 1
-    assert done.skip("./b.mp4", "bb") and not done.skip("b.mp4", "other-content")
+    a, b = str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")  # lines without realpath: resolved here
+    assert done.ok == {(b, "bb")} and done.failed == {(a, "aa")} and done.unreadable_lines == 1
+    assert done.skip("./b.mp4", "bb") and done.skip(b, "bb") and not done.skip("b.mp4", "other-content")
     assert not done.skip("a.mp4", "aa") and done.skip("a.mp4", "aa", retry_failed=False)
 
     with out:  # the torn line is ended before anything is appended
@@ -89,7 +91,88 @@ def test_caption_file_appends_whole_lines_and_tolerates_a_torn_one(tmp_path):
     lines = path.read_bytes().split(b"\n")
     assert lines[2] == b'{"path": "c.mp4", "sha256": "cc", "sta' and json.loads(lines[3])["status"] == "ok"
     done = out.read()
-    assert done.ok == {("a.mp4", "aa"), ("b.mp4", "bb")} and done.failed == set()
+    assert done.ok == {(a, "aa"), (b, "bb")} and done.failed == set()
+
+
+def test_a_file_is_one_video_however_it_is_named_and_settings_count(tmp_path, monkeypatch):
+    """A relative name, an absolute one and a link to the file are one video, in the inputs
+    and in what a rerun skips, from any working folder; a caption made with other settings
+    is not one with these; a second run on the same file is refused."""
+    from pllava_client.collection import FileInUse, VideoResult, request_settings
+
+    video = touch(tmp_path / "v" / "clip.mp4")
+    (tmp_path / "link").symlink_to(tmp_path / "v")
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["v/clip.mp4", str(video), "link/clip.mp4", "link"]) == ["v/clip.mp4"]
+
+    settings = request_settings("What happens?", dict(max_new_tokens=8, stop=("x",), timeout=3))
+    assert settings == {"prompt": "What happens?", "max_new_tokens": 8, "stop": ["x"]}  # no timeout: no effect on text
+    out = CaptionFile(tmp_path / "captions.jsonl")
+    with out:
+        out.append(VideoResult("v/clip.mp4", "ok", size=1, sha256="s", settings=settings,
+                               result=CaptionResult(caption="c")).to_json())
+        out.append({"path": "old.mp4", "sha256": "o", "status": "ok"})  # a line from before settings were kept
+        with pytest.raises(FileInUse, match="being written by another run"):
+            CaptionFile(tmp_path / "captions.jsonl").open()
+    line = read_lines(tmp_path / "captions.jsonl")[0]
+    assert line["realpath"] == str(video) and line["settings"] == settings
+    monkeypatch.chdir(tmp_path / "v")  # another working folder, another spelling
+    done = out.read(settings)
+    assert done.skip("clip.mp4", "s") and done.skip("../link/clip.mp4", "s")
+    assert done.skip("old.mp4", "o")  # a line without realpath is resolved from the rerun's working folder
+    other = out.read(request_settings("Another question", dict(max_new_tokens=8, stop=("x",))))
+    assert not other.skip("clip.mp4", "s") and other.other_settings == 1 and other.skip("old.mp4", "o")
+
+
+def test_folders_are_searched_through_links_once_and_an_unreadable_one_is_an_error():
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="pllava-walk-"))  # not under pytest's 0700 folder (see below)
+    try:
+        root.chmod(0o755)
+        touch(root / "shared" / "a.mp4")
+        touch(root / "coll" / "own.mp4")
+        (root / "coll" / "linked").symlink_to(root / "shared")
+        (root / "shared" / "loop").symlink_to(root / "coll")  # a cycle ends
+        assert sorted(expand_inputs([root / "coll"])) == sorted([str(root / "coll" / "linked" / "a.mp4"),
+                                                                str(root / "coll" / "own.mp4")])
+        locked = root / "coll" / "locked"
+        touch(locked / "b.mp4")
+        locked.chmod(0o000)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(65534)  # root reads every folder: nobody, for this search only
+        try:
+            with pytest.raises(ValueError, match=f"cannot search the folder {locked}: Permission denied"):
+                expand_inputs([root / "coll"])
+        finally:
+            if as_root:
+                os.seteuid(0)
+        locked.chmod(0o755)
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_file_too_large_for_a_request_is_hashed_not_held(tmp_path):
+    """No server needed: a 64 MB file against a channel that carries 1 MB is recorded as a
+    FILE_ERROR from its size and hash, never read into memory whole."""
+    import tracemalloc
+
+    big = tmp_path / "big.mp4"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)
+    with Client("127.0.0.1:1", options=[("grpc.max_send_message_length", 1 << 20)]) as client:
+        tracemalloc.start()
+        try:
+            (result,) = client.caption_many([big], concurrency=1)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert result.status == "error" and result.code == "FILE_ERROR" and result.size == 64 << 20
+    assert result.sha256 == hashlib.sha256(bytes(64 << 20)).hexdigest()
+    assert "the video is 67108864 bytes; one request carries at most" in result.message
+    assert peak < 8 << 20, peak
 
 
 def test_decoder_lists_become_static_round_robin_targets():
@@ -388,6 +471,89 @@ def test_a_collection_run_waits_for_a_decoder_still_loading(tiny_model_dir, enco
             "the decoder was serving already: nothing to wait for"
     assert run.returncode == 0 and "1 captioned, 0 failed" in run.stderr, run.stderr
     assert [line["status"] for line in read_lines(out)] == ["ok"]
+
+
+def test_a_decoder_gone_for_good_stops_the_run_and_a_rerun_resumes(tiny_model_dir, encoder, decoders, logs,
+                                                                   videos_dir, tmp_path):
+    """The decoder is killed after the first caption: the run waits --wait-down-s, then stops
+    with exit status 3, recording no error for the videos it could not reach (each had one
+    before: a run walked the whole list at ~15 s a video, an error line each). The same
+    command against a decoder that is up takes up exactly those."""
+    folder = tmp_path / "videos"
+    for i in range(5):
+        touch(folder / f"{i}.mp4", (videos_dir / "short.mp4").read_bytes())
+    out = tmp_path / "captions.jsonl"
+    common = ("--out", out, "--max-new-tokens", 30, "--concurrency", 1, "--wait-down-s", 3)
+    doomed = start_small_decoder(tiny_model_dir, encoder, logs)
+    try:
+        run = subprocess.Popen([console_script("pllava-caption"), *map(str, (folder, "--server", doomed.address,
+                                                                             *common))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not out.exists() or not out.read_text().count("\n"):
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
+            time.sleep(0.05)
+        doomed.kill()
+        stderr = run.communicate(timeout=120)[1]
+    finally:
+        doomed.kill()
+    assert run.returncode == 3, stderr
+    assert re.search(rf"stopped: the decoder at {re.escape(doomed.address)} answered UNAVAILABLE for \d+ s "
+                     r"\(wait_down_s 3\)", stderr), stderr
+    assert "run the same command again to resume" in stderr
+    lines = read_lines(out)
+    assert 1 <= len(lines) < 5 and all(line["status"] == "ok" for line in lines), lines
+
+    rerun = caption_cli(folder, "--server", decoders[0].address, *common)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{5 - len(lines)} captioned, 0 failed, {len(lines)} skipped of 5" in rerun.stderr
+    assert sorted(line["path"] for line in read_lines(out)) == sorted(str(folder / f"{i}.mp4") for i in range(5))
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(decoders, videos_dir, tmp_path):
+    """docker stop, a scheduler's end of job: the calls are cancelled, the summary printed,
+    exit status 130 (it was killed by the signal, with no summary)."""
+    import signal
+
+    folder = tmp_path / "videos"
+    for i in range(4):
+        touch(folder / f"{i}.mp4", (videos_dir / "short.mp4").read_bytes())
+    out = tmp_path / "captions.jsonl"
+    run = subprocess.Popen([console_script("pllava-caption"), *map(str, (folder, "--out", out, "--server",
+                                                                         decoders[0].address, "--concurrency", 1,
+                                                                         "--max-new-tokens", 60))],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not out.exists() or not out.read_text().count("\n"):
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    stderr = run.communicate(timeout=60)[1]
+    assert run.returncode == 130 and "pllava-caption: interrupted: " in stderr, (run.returncode, stderr)
+    assert all(line["status"] == "ok" for line in read_lines(out))
+
+
+def test_failure_after_failure_stops_the_run(decoders, videos_dir, tmp_path):
+    """Every call runs past its deadline (a setting no video can meet): after
+    --stop-after-failures videos in a row the run stops (exit 3), the rest untouched; with
+    other settings the same file is captioned anew, the failed lines aside."""
+    folder = tmp_path / "videos"
+    for i in range(5):
+        touch(folder / f"{i}.mp4", (videos_dir / "short.mp4").read_bytes())
+    out = tmp_path / "captions.jsonl"
+    run = caption_cli(folder, "--out", out, "--server", decoders[0].address, "--concurrency", 1, "--retries", 0,
+                      "--stop-after-failures", 2, "--max-new-tokens", 300, "--timeout", 0.2)
+    assert run.returncode == 3, run.stderr
+    assert ("stopped: the last 2 videos failed one after the other, the last with DEADLINE_EXCEEDED" in run.stderr
+            and "that is the service's trouble, not the videos'" in run.stderr), run.stderr
+    assert [line["code"] for line in read_lines(out)] == ["DEADLINE_EXCEEDED"] * 2
+    done = caption_cli(folder, "--out", out, "--server", decoders[0].address, "--max-new-tokens", 3)
+    assert done.returncode == 0 and "5 captioned, 0 failed, 0 skipped of 5" in done.stderr, done.stderr
+    # the same files with other settings: captioned again, the earlier captions named as not counting
+    again = caption_cli(folder, "--out", out, "--server", decoders[0].address, "--max-new-tokens", 4)
+    assert again.returncode == 0 and "5 captioned, 0 failed, 0 skipped of 5" in again.stderr, again.stderr
+    assert "5 caption(s) made with other settings (prompt, template, limits, sampling) do not count" in again.stderr
+    assert [line["settings"]["max_new_tokens"] for line in read_lines(out)] == [300] * 2 + [3] * 5 + [4] * 5
 
 
 def test_closing_caption_many_starts_no_call_afterwards(decoders, videos_dir, tmp_path):

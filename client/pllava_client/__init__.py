@@ -6,8 +6,8 @@
     Client("localhost:50052").caption_full(frames=frame_files("clip_frames/"))  # frames you sampled
 """
 from .client import CaptionError, CaptionResult, CaptionStream, Client, RequestTooLarge
-from .collection import CaptionFile, VideoResult, expand_inputs
+from .collection import CaptionFile, CollectionStopped, FileInUse, VideoResult, expand_inputs
 from .frames import frame_files
 
-__all__ = ["CaptionError", "CaptionFile", "CaptionResult", "CaptionStream", "Client", "RequestTooLarge",
-           "VideoResult", "expand_inputs", "frame_files"]
+__all__ = ["CaptionError", "CaptionFile", "CaptionResult", "CaptionStream", "Client", "CollectionStopped",
+           "FileInUse", "RequestTooLarge", "VideoResult", "expand_inputs", "frame_files"]

@@ -20,7 +20,9 @@ to the ``--out`` JSON-lines file as it finishes (see :mod:`pllava_client.collect
 rerun skips the videos that already have an ``ok`` line and retries the failed ones, so a
 run that is killed is resumed by running the same command again. Progress goes to stderr:
 a bar on a terminal, a line every ``--progress-every`` seconds otherwise, and a summary at
-the end. Exits 0 only when every input has a caption.
+the end. Exit status 0 when every input has a caption, 1 when some failed, 2 for bad
+arguments or an ``--out`` in use, 3 when the service stopped the run (a decoder unreachable
+or full for ``--wait-down-s``, failure after failure), 130 on Ctrl-C or SIGTERM.
 
 The server address defaults to ``$PLLAVA_SERVER`` or ``localhost:50052``; it may name several
 decoders (``dns:///decoders:50052`` or ``host:50052,host:50053``), balanced round robin.
@@ -34,13 +36,15 @@ import argparse
 import glob
 import json
 import os
+import signal
 import sys
 import threading
 import time
 from typing import TextIO
 
 from .client import DEFAULT_RETRIES, CaptionError, Client, caption_request
-from .collection import CaptionFile, VideoResult, expand_inputs
+from .collection import (DEFAULT_WAIT_DOWN_S, CaptionFile, CollectionStopped, VideoResult, expand_inputs,
+                         request_settings)
 from .frames import frame_files
 from .security import ClientTls, check_token
 
@@ -101,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
                    help="extra tries of a video whose call failed in passing, e.g. a decoder went "
                         f"away (default {DEFAULT_RETRIES})")
+    c.add_argument("--wait-down-s", type=float, default=DEFAULT_WAIT_DOWN_S, metavar="S",
+                   help="how long a decoder may stay unreachable or full (its calls tried again meanwhile) "
+                        f"before the run stops with exit status 3 (default {DEFAULT_WAIT_DOWN_S:g})")
+    c.add_argument("--stop-after-failures", type=int, metavar="N",
+                   help="stop (exit status 3) after N videos in a row failed for reasons not their own, "
+                        "e.g. the decoder's encoders are down (default: twice --concurrency, at least 8; 0 = never)")
     c.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
                    help="caption again the videos the file records as failed (default: yes)")
     c.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_EVERY_S, metavar="S",
@@ -208,11 +218,37 @@ def caption_one(client: Client, video, args: argparse.Namespace, frames=None) ->
 # ---- collections -----------------------------------------------------------------------------
 
 def caption_collection(args: argparse.Namespace) -> int:
+    """``--out``: exit 0 when every input has a caption, 1 when some videos failed, 2 for bad
+    arguments or an output file that cannot be written (or that another run holds), 3 when
+    the service stopped the run (the decoder unreachable or full for --wait-down-s, or
+    failure after failure), 130 on Ctrl-C or SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return _caption_collection(args)
+    except KeyboardInterrupt:  # before the run began (waiting for the decoder, searching folders)
+        print("pllava-caption: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (docker stop, a scheduler's end of job) ends a run as Ctrl-C does: calls
+    cancelled, the summary printed, exit 130."""
+    raise KeyboardInterrupt
+
+
+def _caption_collection(args: argparse.Namespace) -> int:
     if args.json or "-" in args.inputs:
         print("error: --out writes JSON lines itself; it takes neither --json nor - (stdin)", file=sys.stderr)
         return 2
     if args.concurrency is not None and args.concurrency < 1 or args.retries < 0:
         print("error: --concurrency must be at least 1 and --retries at least 0", file=sys.stderr)
+        return 2
+    if not args.wait_down_s >= 0 or args.stop_after_failures is not None and args.stop_after_failures < 0:
+        print("error: --wait-down-s and --stop-after-failures cannot be negative", file=sys.stderr)
         return 2
     try:
         paths = expand_inputs(args.inputs, exclude=[args.out])
@@ -224,40 +260,53 @@ def caption_collection(args: argparse.Namespace) -> int:
         print("error: no video files found in " + " ".join(args.inputs), file=sys.stderr)
         return 2
     out = CaptionFile(args.out)
-    recorded = out.read()
-    with client:
+    try:  # held for the whole run: a second run on the same file stops here
+        out.open()
+    except OSError as exc:
+        client.close()
+        print(f"error: --out: {exc}", file=sys.stderr)
+        return 2
+    with client, out:
+        recorded = out.read(request_settings(args.prompt, request_kwargs(args)))
         try:
             info = client.wait_ready(READY_TIMEOUT_S if args.timeout is None else args.timeout)
             concurrency = args.concurrency or client.default_concurrency(info)
         except CaptionError as err:
             print(f"error: cannot reach the decoder at {args.server}: {err}", file=sys.stderr)
-            return 1
-        note = f" ({recorded.unreadable_lines} unreadable line(s) ignored)" if recorded.unreadable_lines else ""
-        print(f"pllava-caption: {len(paths)} video(s) -> {args.out}, {len(recorded.ok)} already captioned there"
-              f"{note}; {concurrency} at a time on {info.model_id or 'the decoder'} at {args.server}",
-              file=sys.stderr, flush=True)
+            return 3
+        notes = [f"{recorded.unreadable_lines} unreadable line(s) ignored"] if recorded.unreadable_lines else []
+        if recorded.other_settings:
+            notes.append(f"{recorded.other_settings} caption(s) made with other settings (prompt, template, "
+                         "limits, sampling) do not count")
+        print(f"pllava-caption: {len(paths)} video(s) -> {args.out}, {len(recorded.ok)} caption(s) with these "
+              f"settings there{''.join(f'; {n}' for n in notes)}; {concurrency} at a time on "
+              f"{info.model_id or 'the decoder'} at {args.server}", file=sys.stderr, flush=True)
         progress = Progress(len(paths), every=args.progress_every)
         retry_failed = args.retry_failed
         results = client.caption_many(
             paths, args.prompt, concurrency=concurrency, retries=args.retries,
-            skip=lambda path, digest: recorded.skip(path, digest, retry_failed), **request_kwargs(args))
-        interrupted = False
+            skip=lambda path, digest: recorded.skip(path, digest, retry_failed), wait_down_s=args.wait_down_s,
+            max_failures_in_a_row=args.stop_after_failures, **request_kwargs(args))
+        interrupted = stopped = None
         try:
-            with out:
-                for item in results:
-                    if item.status != "skipped":
-                        out.append(item.to_json())
-                    has_caption = item.status == "ok" or (
-                        item.status == "skipped" and (item.path, item.sha256) in recorded.ok)
-                    progress.update(item, has_caption)
+            for item in results:
+                if item.status != "skipped":
+                    out.append(item.to_json())
+                has_caption = item.status == "ok" or (
+                    item.status == "skipped" and recorded.has_caption(item.path, item.sha256))
+                progress.update(item, has_caption)
         except KeyboardInterrupt:
             interrupted = True
+        except CollectionStopped as exc:
+            stopped = str(exc)
         finally:
             results.close()
             progress.close()
-    print(progress.summary(args.out, interrupted, retry_failed), file=sys.stderr, flush=True)
+    print(progress.summary(args.out, interrupted, retry_failed, stopped), file=sys.stderr, flush=True)
     if interrupted:
         return 130
+    if stopped:
+        return 3
     return 0 if progress.captioned == len(paths) else 1
 
 
@@ -302,7 +351,7 @@ class Progress:
             self._bar.set_postfix_str(self.counts(), refresh=False)
             if item.status == "skipped":  # not work done: out of the count, the rate and the ETA
                 self._bar.total -= 1
-                self._bar.refresh()
+                self._bar.update(0)  # redrawn at tqdm's pace: a resume of 100,000 skips drew each one
             else:
                 self._bar.update(1)
 
@@ -344,14 +393,17 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
-    def summary(self, out: str, interrupted: bool = False, retry_failed: bool = True) -> str:
+    def summary(self, out: str, interrupted: bool = False, retry_failed: bool = True,
+                stopped: str | None = None) -> str:
         per_min, per_s, _ = self.rates()
-        text = (f"pllava-caption: {'interrupted: ' if interrupted else ''}{self.ok} captioned, "
+        head = "interrupted: " if interrupted else f"stopped: {stopped}\npllava-caption: " if stopped else ""
+        text = (f"pllava-caption: {head}{self.ok} captioned, "
                 f"{self.failed} failed, {self.skipped} skipped of {self.total} in "
                 f"{_duration(time.monotonic() - self.start)} ({per_min:.1f} videos/min, {per_s:.1f} tokens/s); "
                 f"results in {out}")
         if self.captioned < self.total:
-            again = ("run the same command again to retry them" if retry_failed else
+            again = ("run the same command again to resume" if stopped else
+                     "run the same command again to retry them" if retry_failed else
                      "run it again without --no-retry-failed to retry the failed ones too")
             text += f"\npllava-caption: {self.total - self.captioned} video(s) have no caption yet; {again}"
         return text

@@ -60,6 +60,10 @@ _REQUEST_OVERHEAD_BYTES = 64 << 10
 _FRAME_OVERHEAD_BYTES = 16
 
 
+def too_large_message(what: str, size: int, limit: int) -> str:
+    return f"{what} {size} bytes; one request carries at most {limit} bytes of video or frames"
+
+
 class RequestTooLarge(ValueError):
     """The request would not fit in one gRPC message (the video, the frames or all its fields
     together): sending it again cannot help."""
@@ -351,6 +355,11 @@ class Client:
         self._calls = grpc.intercept_channel(self._channel, interceptor) if interceptor else self._channel
         self._stub = pllava_pb2_grpc.DecoderStub(self._calls)
 
+    @property
+    def max_video_bytes(self) -> int:
+        """The largest video (or frames together) one request carries on this channel."""
+        return self._max_message - _REQUEST_OVERHEAD_BYTES
+
     def _explain(self, details: str) -> str:
         return explain_unavailable(details, self._tls, server=f"the decoder at {self.address}")
 
@@ -389,9 +398,8 @@ class Client:
         else:
             data, name = read_video(video)
             size, content, what = len(data), dict(video=data), "the video is"
-        if size + _REQUEST_OVERHEAD_BYTES > self._max_message:
-            raise RequestTooLarge(f"{what} {size} bytes; one request carries at most "
-                                  f"{self._max_message - _REQUEST_OVERHEAD_BYTES} bytes of video or frames")
+        if size > self.max_video_bytes:
+            raise RequestTooLarge(too_large_message(what, size, self.max_video_bytes))
         request = caption_request(
             prompt=prompt, template=template, num_frames=num_frames, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
@@ -414,16 +422,23 @@ class Client:
     def caption_many(self, videos: Iterable[Union[str, "os.PathLike[str]"]], prompt: str | None = None, *,
                      concurrency: int | None = None, retries: int = DEFAULT_RETRIES,
                      skip: Callable[[str, str], bool] | None = None,
+                     wait_down_s: float = 300.0, max_failures_in_a_row: int | None = None,
                      **kwargs) -> Iterator[VideoResult]:
         """Caption every video file in ``videos``, ``concurrency`` at a time, and yield a
         :class:`~pllava_client.collection.VideoResult` for each as it finishes.
 
         ``concurrency`` None: the decoder's batch size (``info().max_batch``) times the number
         of decoders the address names. A call that fails with a status worth another try
-        (UNAVAILABLE, RESOURCE_EXHAUSTED, a decoder that went away mid-stream, ...) is retried
+        (a decoder that went away mid-stream, INTERNAL, DEADLINE_EXCEEDED, ...) is retried
         up to ``retries`` times with backoff, on whichever decoder is up; other refusals
         (INVALID_ARGUMENT: not a video) and unreadable files give a result with status
-        ``"error"``, and the run goes on. ``skip(path, sha256)`` True yields a result with
+        ``"error"``, and the run goes on. A decoder that is down or full (UNAVAILABLE,
+        RESOURCE_EXHAUSTED) is waited for instead, calls tried again with backoff, up to
+        ``wait_down_s`` seconds; past it, or after ``max_failures_in_a_row`` videos failed in a
+        row for reasons not their own (None: twice ``concurrency``, at least 8; 0: never), the
+        run stops: the iterator raises
+        :class:`~pllava_client.collection.CollectionStopped` once the results already
+        finished are out. ``skip(path, sha256)`` True yields a result with
         status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes).
         Other keyword arguments are :meth:`caption`'s; one a request cannot carry raises
         ValueError here, before any video is read. Closing the iterator cancels the calls in
@@ -440,7 +455,7 @@ class Client:
         if concurrency is None:
             concurrency = self.default_concurrency()
         return caption_many(self, videos, prompt, concurrency=concurrency, retries=retries, skip=skip,
-                            **kwargs)
+                            wait_down_s=wait_down_s, max_failures_in_a_row=max_failures_in_a_row, **kwargs)
 
     def default_concurrency(self, info: pllava_pb2.ModelInfo | None = None) -> int:
         """Streams that keep every decoder's batch full: the batch size the decoder reports

@@ -14,8 +14,12 @@ timings, or ``"error"`` with ``code`` (the gRPC status name, or ``FILE_ERROR`` w
 could not be read or sent) and ``message``. Each line goes to the file in one ``write`` on a
 descriptor opened with O_APPEND, so a process killed at any moment leaves whole lines (and at
 worst, after a machine crash, one torn last line, which reading skips and appending ends).
-A rerun skips the (path, sha256) pairs that already have an ``ok`` line, which is how
-``pllava-caption --out`` resumes. A path whose name is not UTF-8 (bytes Python keeps as
+Each line also records ``realpath`` (the file's absolute path, links resolved) and
+``settings`` (the prompt and the request's fields). A rerun skips the videos whose file
+(``realpath``) and content (``sha256``) already have an ``ok`` line made with the same
+settings, which is how ``pllava-caption --out`` resumes: the same file named another way (a
+relative path, a link, another working folder) is still the same video, and new settings
+caption it again. A path whose name is not UTF-8 (bytes Python keeps as
 surrogate escapes) is written with JSON's ``\\u`` escapes, so that reading gives it back.
 
 Imports only the standard library and the client (no MindSpore).
@@ -36,7 +40,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import grpc
 
-from .client import CaptionError, CaptionResult, CaptionStream
+from .client import CaptionError, CaptionResult, CaptionStream, too_large_message
 
 if TYPE_CHECKING:
     from .client import Client
@@ -59,6 +63,16 @@ RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Of those, the ones that say the service is down or full rather than anything about the
+#: video: a call failing so is tried again, without counting as one of the video's retries,
+#: until the trouble has lasted ``wait_down_s``; then the whole run stops
+#: (:class:`CollectionStopped`) instead of recording an error for every video left.
+SERVICE_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+#: Error codes that are the video's own fault; any other ending a run of failed videos in a
+#: row (``max_failures_in_a_row``) says the deployment is broken, and the run stops.
+VIDEO_FAULTS = frozenset({FILE_ERROR, "INVALID_ARGUMENT", "OUT_OF_RANGE"})
+#: How long a decoder may stay down (or full) before a collection run stops.
+DEFAULT_WAIT_DOWN_S = 300.0
 
 #: Seconds before the first retry; each later one waits twice as long, up to MAX_BACKOFF_S.
 FIRST_BACKOFF_S = 0.5
@@ -78,12 +92,13 @@ def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.
     in ``exclude`` (the output file) are left out.
     """
     skip = {os.path.realpath(p) for p in exclude}
-    found: dict[str, None] = {}
+    found: dict[str, str] = {}  # real path -> the first spelling met
 
     def add(path: str) -> None:
         path = os.path.normpath(path)
-        if os.path.realpath(path) not in skip:
-            found.setdefault(path, None)
+        real = os.path.realpath(path)
+        if real not in skip:
+            found.setdefault(real, path)
 
     for arg in map(os.fspath, args):
         if os.path.isdir(arg):
@@ -105,11 +120,23 @@ def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.
             for match in matches:
                 for path in (_walk(match) if os.path.isdir(match) else [match]):
                     add(path)
-    return list(found)
+    return list(found.values())
 
 
 def _walk(folder: str) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder):
+    """The video files under ``folder``. Linked folders are searched too (each real folder
+    once: a link loop ends); a folder that cannot be read is a ValueError, so that a
+    collection never quietly loses part of itself."""
+    def refuse(err: OSError) -> None:
+        raise ValueError(f"cannot search the folder {err.filename}: {err.strerror or err}")
+
+    visited: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in visited:
+            dirs[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
@@ -118,7 +145,7 @@ def _walk(folder: str) -> Iterator[str]:
 
 def _read_list(list_path: str) -> list[str]:
     base = os.path.dirname(list_path)
-    with open(list_path, encoding="utf-8") as f:
+    with open(list_path, encoding="utf-8", errors="surrogateescape") as f:  # names need not be UTF-8
         lines = [line.strip() for line in f]
     return [os.path.join(base, os.path.expanduser(line)) for line in lines if line and not line.startswith("#")]
 
@@ -143,6 +170,9 @@ class VideoResult:
     attempts: int = 0
     prompt: str | None = None
     elapsed_s: float = 0.0
+    #: The prompt and the request's fields (:func:`request_settings`): part of what a rerun
+    #: compares before it skips a video.
+    settings: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -154,7 +184,8 @@ class VideoResult:
 
     def to_json(self) -> dict:
         """The JSON line :class:`CaptionFile` records (not for skipped videos)."""
-        line = dict(path=self.path, size=self.size, sha256=self.sha256, status=self.status)
+        line = dict(path=self.path, realpath=os.path.realpath(self.path), size=self.size, sha256=self.sha256,
+                    status=self.status)
         if self.ok:
             r = self.result
             line.update(caption=r.caption, finish_reason=r.finish_reason,
@@ -165,25 +196,40 @@ class VideoResult:
                         prompt=self.prompt, model_id=r.model_id, request_id=r.request_id)
         else:
             line.update(code=self.code, message=self.message)
+        if self.settings is not None:
+            line.update(settings=self.settings)
         line.update(attempts=self.attempts, elapsed_s=round(self.elapsed_s, 3),
                     finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         return line
 
 
+def request_settings(prompt: str | None, kwargs: dict) -> dict:
+    """What shapes a caption besides the video: the prompt and the request's fields as given
+    (None or 0: the server's default), in the form a JSON line keeps them."""
+    fields = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items() if k != "timeout"}
+    return {"prompt": prompt, **dict(sorted(fields.items()))}
+
+
 @dataclass
 class Recorded:
-    """What a caption file holds: (path, sha256) pairs with an ok line and with only errors."""
+    """What a caption file holds: (real path, sha256) pairs with an ok line made with the
+    settings asked for, and with only errors."""
 
     ok: set[tuple[str, str]] = field(default_factory=set)
     failed: set[tuple[str, str]] = field(default_factory=set)
     #: Lines that are not a JSON object with path, sha256 and status (a torn last line).
     unreadable_lines: int = 0
+    #: ok lines made with other settings than those asked for (they do not count as done).
+    other_settings: int = 0
 
     def skip(self, path: str, sha256: str, retry_failed: bool = True) -> bool:
         """True if the video needs no new line: it has an ok line, or (``retry_failed``
         False) an error line."""
-        key = (os.path.normpath(path), sha256)
+        key = (os.path.realpath(path), sha256)
         return key in self.ok or (not retry_failed and key in self.failed)
+
+    def has_caption(self, path: str, sha256: str | None) -> bool:
+        return (os.path.realpath(path), sha256) in self.ok
 
 
 class CaptionFile:
@@ -194,8 +240,11 @@ class CaptionFile:
         self._fd: int | None = None
         self._lock = threading.Lock()
 
-    def read(self) -> Recorded:
-        """The pairs already recorded; a file that does not exist holds none."""
+    def read(self, settings: dict | None = None) -> Recorded:
+        """The pairs already recorded; a file that does not exist holds none. With
+        ``settings`` (:func:`request_settings`), lines made with other settings are left out
+        (lines that record none, from before settings were recorded, count as made with
+        these)."""
         recorded = Recorded()
         try:
             f = open(self.path, "rb")
@@ -207,10 +256,13 @@ class CaptionFile:
                     continue
                 try:
                     line = json.loads(raw)
-                    key = (os.path.normpath(line["path"]), line["sha256"])
+                    key = (line.get("realpath") or os.path.realpath(line["path"]), line["sha256"])
                     status = line["status"]
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, AttributeError):
                     recorded.unreadable_lines += 1
+                    continue
+                if settings is not None and line.get("settings", settings) != settings:
+                    recorded.other_settings += status == "ok"
                     continue
                 if status == "ok" and key[1]:
                     recorded.ok.add(key)
@@ -228,6 +280,7 @@ class CaptionFile:
                 os.makedirs(folder, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                _lock_for_this_run(fd, self.path)
                 if _ends_without_newline(self.path):
                     _write_all(fd, b"\n")
             except BaseException:
@@ -260,6 +313,25 @@ class CaptionFile:
         self.close()
 
 
+class FileInUse(OSError):
+    """Another run is appending to the same caption file."""
+
+
+def _lock_for_this_run(fd: int, path: str) -> None:
+    """One run at a time per file: two would both caption every video not yet done and
+    record each twice. The lock goes with the descriptor (and with the process, however it
+    ends). Where there is no ``fcntl`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FileInUse(f"{path} is being written by another run (pllava-caption --out or caption_many); "
+                        "wait for it to end, or write to another file") from None
+
+
 def _ends_without_newline(path: str) -> bool:
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
@@ -278,20 +350,40 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # ---- the calls -------------------------------------------------------------------------------
 
+class CollectionStopped(RuntimeError):
+    """A :func:`caption_many` run stopped before its end because the service, not the
+    videos, is in trouble: the decoder stayed unreachable or full for ``wait_down_s``, or
+    ``max_failures_in_a_row`` videos failed one after the other. The videos not yet
+    captioned got no result; a rerun (``pllava-caption --out``) takes them up."""
+
+
 def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: str | None = None, *,
                  concurrency: int, retries: int, skip: Callable[[str, str], bool] | None = None,
+                 wait_down_s: float = DEFAULT_WAIT_DOWN_S, max_failures_in_a_row: int | None = None,
                  **kwargs) -> Iterator[VideoResult]:
     """:meth:`Client.caption_many`: ``concurrency`` worker threads share one channel, each
     reading a file, hashing it, and captioning it with retries; results come out in the order
-    they finish. Closing the generator stops the workers and cancels their calls."""
+    they finish. Closing the generator stops the workers and cancels their calls.
+
+    A decoder that is down or full (UNAVAILABLE, RESOURCE_EXHAUSTED) is waited for, each
+    call tried again with backoff up to 10 s, for ``wait_down_s``; past it the run stops with
+    :class:`CollectionStopped`, as it does after ``max_failures_in_a_row`` videos failed in
+    a row for reasons not their own (None: twice ``concurrency``, at least 8; 0: never)."""
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
     if retries < 0:
         raise ValueError(f"retries cannot be negative, got {retries}")
+    if not wait_down_s >= 0:
+        raise ValueError(f"wait_down_s cannot be negative, got {wait_down_s}")
+    if max_failures_in_a_row is None:
+        max_failures_in_a_row = max(8, 2 * concurrency)
+    if max_failures_in_a_row < 0:
+        raise ValueError(f"max_failures_in_a_row cannot be negative, got {max_failures_in_a_row}")
     pending = iter(videos)
     take = threading.Lock()
     results: queue.Queue = queue.Queue()
-    calls = _Calls()
+    calls = _Calls(client.address, wait_down_s)
+    settings = request_settings(prompt, kwargs)
     done = object()
 
     def work(slot: int) -> None:
@@ -303,9 +395,10 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
                     return
                 path = os.fspath(path)
                 try:
-                    item = _caption_one(client, path, prompt, kwargs, retries, skip, calls, slot)
+                    item = _caption_one(client, path, prompt, kwargs, retries, skip, calls, slot, settings)
                 except Exception as exc:  # a bug here must not lose the video silently
-                    item = VideoResult(path, "error", code="CLIENT_ERROR", message=f"{type(exc).__name__}: {exc}")
+                    item = VideoResult(path, "error", code="CLIENT_ERROR", message=f"{type(exc).__name__}: {exc}",
+                                       settings=settings)
                 if item is not None:
                     results.put(item)
         finally:
@@ -316,6 +409,7 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
     for w in workers:
         w.start()
     running = len(workers)
+    failures_in_a_row = 0
     try:
         while running:
             try:
@@ -324,21 +418,34 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
                 continue
             if item is done:
                 running -= 1
-            else:
-                yield item
+                continue
+            if item.status == "ok":
+                failures_in_a_row = 0
+            elif item.status == "error" and item.code not in VIDEO_FAULTS:
+                failures_in_a_row += 1
+                if max_failures_in_a_row and failures_in_a_row >= max_failures_in_a_row:
+                    calls.abort(f"the last {failures_in_a_row} videos failed one after the other, the last with "
+                                f"{item.code}: {item.message}; that is the service's trouble, not the videos'")
+            yield item
+        if calls.reason is not None:
+            raise CollectionStopped(calls.reason)
     finally:
         calls.stop()
+        deadline = time.monotonic() + 10
         for w in workers:
-            w.join(timeout=10)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class _Calls:
     """The calls of a :func:`caption_many` run in progress, one per worker slot. Once
     :meth:`stop` has cancelled them, no call starts: a worker still reading its file then
-    makes none."""
+    makes none. :meth:`abort` stops the run for a reason the caller is told."""
 
-    def __init__(self):
+    def __init__(self, address: str = "", wait_down_s: float = DEFAULT_WAIT_DOWN_S):
+        self.address = address
+        self.wait_down_s = wait_down_s
         self.stopped = threading.Event()
+        self.reason: str | None = None
         self._streams: dict[int, CaptionStream] = {}
         self._lock = threading.Lock()
 
@@ -356,6 +463,12 @@ class _Calls:
         with self._lock:
             self._streams.pop(slot, None)
 
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None and not self.stopped.is_set():
+                self.reason = reason
+        self.stop()
+
     def stop(self) -> None:
         with self._lock:
             self.stopped.set()
@@ -364,25 +477,46 @@ class _Calls:
             stream.close()
 
 
+def _read_and_hash(path: str, limit: int) -> tuple[int, str, bytes | None]:
+    """(size, sha256, bytes) of the file; bytes None when it is larger than ``limit`` (it is
+    hashed piece by piece instead of being held: no request could carry it)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= limit:
+            data = f.read()
+            if len(data) <= limit:
+                return len(data), hashlib.sha256(data).hexdigest(), data
+            digest, size = hashlib.sha256(data), len(data)
+            del data
+        else:
+            digest, size = hashlib.sha256(), 0
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+            size += len(piece)
+        return size, digest.hexdigest(), None
+
+
 def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, retries: int,
-                 skip: Callable[[str, str], bool] | None, calls: _Calls, slot: int) -> VideoResult | None:
+                 skip: Callable[[str, str], bool] | None, calls: _Calls, slot: int,
+                 settings: dict | None = None) -> VideoResult | None:
     """Caption one file, retrying what is worth it; None if stopped from outside."""
     start = time.monotonic()
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        size, digest, data = _read_and_hash(path, client.max_video_bytes)
     except OSError as exc:
-        return VideoResult(path, "error", code=FILE_ERROR, prompt=prompt,
+        return VideoResult(path, "error", code=FILE_ERROR, prompt=prompt, settings=settings,
                            message=f"cannot read {path}: {exc.strerror or exc}")
-    size, digest = len(data), hashlib.sha256(data).hexdigest()
     if skip is not None and skip(path, digest):
-        return VideoResult(path, "skipped", size=size, sha256=digest, prompt=prompt)
+        return VideoResult(path, "skipped", size=size, sha256=digest, prompt=prompt, settings=settings)
 
     def failed(code: str, message: str) -> VideoResult:
         return VideoResult(path, "error", size=size, sha256=digest, code=code, message=message,
-                           attempts=attempt, prompt=prompt, elapsed_s=time.monotonic() - start)
+                           attempts=attempt, prompt=prompt, elapsed_s=time.monotonic() - start, settings=settings)
 
-    attempt = 0
+    attempt = counted = 0
+    if data is None:
+        return failed(FILE_ERROR, too_large_message("the video is", size, client.max_video_bytes))
+    down_since: float | None = None  # when the service's trouble began, for this video
     # a request carries UTF-8 text only: a name that is not UTF-8 travels with its odd bytes replaced
     name = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     while True:
@@ -399,15 +533,27 @@ def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, 
             for _ in stream:
                 pass
             return VideoResult(path, "ok", size=size, sha256=digest, result=stream.result, attempts=attempt,
-                               prompt=prompt, elapsed_s=time.monotonic() - start)
+                               prompt=prompt, elapsed_s=time.monotonic() - start, settings=settings)
         except CaptionError as err:
             if calls.stopped.is_set():
                 return None
-            if err.status not in RETRYABLE or attempt > retries:
-                return failed(err.status.name, err.message)
+            if err.status in SERVICE_DOWN:
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if now - down_since >= calls.wait_down_s:
+                    calls.abort(f"the decoder at {calls.address} answered {err.status.name} for "
+                                f"{now - down_since:.0f} s (wait_down_s {calls.wait_down_s:g}): {err.message}")
+                    return None
+                backoff_step = attempt - counted  # the service's trouble backs off on its own count
+            else:
+                down_since = None
+                counted += 1
+                if err.status not in RETRYABLE or counted > retries:
+                    return failed(err.status.name, err.message)
+                backoff_step = counted
         finally:
             calls.remove(slot)
             stream.close()
-        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (backoff_step - 1)) * random.uniform(0.5, 1.0)
         if calls.stopped.wait(backoff):
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -189,6 +190,44 @@ def test_a_failing_sequence_fails_its_own_stream_only(model):
     assert mixed[0] == clean[0] and mixed[2] == clean[2] and after == clean
     assert [r[2] for r in clean] == [FinishReason.LENGTH] * 3
     assert loop.engine.num_running == 0 and loop.num_waiting == 0
+
+
+def test_a_request_added_as_the_engine_fails_is_not_left_decoding(model):
+    """An engine-wide step failure cancels what the engine holds and fails every stream. A
+    request whose stream was registered but which reached the engine only after that
+    failure's cancel was applied got the error too, and then decoded on for nobody, holding
+    its KV slot, until its token limit. Now its stream's error cancels it as well."""
+    loop = model.loop(slots=2)
+    engine, add = loop.engine, loop.engine.add
+
+    def add_after_a_failure(request):
+        if request.request_id == "late":  # the engine thread fails a step here, and steps on
+            loop._fail_all(RuntimeError("injected step failure"))
+            until_steps_or_idle(0)  # the cancels applied: "other" gone, "late"'s spent on nothing
+        return add(request)
+
+    def until_steps_or_idle(steps: int) -> None:
+        seen, deadline = loop.steps, time.monotonic() + 60  # (the deadline only ends a hang)
+        while engine.has_work() and (not steps or loop.steps < seen + steps) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    engine.add = add_after_a_failure
+
+    async def run():
+        other = loop.submit(model.request("Describe it.", 1, 2000, "other"))
+        await other.__anext__()  # decoding: the engine keeps stepping
+        with pytest.raises(InternalError, match="injected step failure"):
+            await collect(loop, model.request("Describe it.", 2, 3000, "late"))
+        with pytest.raises(InternalError, match="injected step failure"):
+            async for _ in other:
+                pass
+
+    try:
+        asyncio.run(run())
+        until_steps_or_idle(10)  # the stream's cancel applies at the next step; an orphan would step on
+        assert engine.num_running == 0 and not engine.has_work()
+    finally:
+        loop.stop()
 
 
 def test_full_queue_is_refused_and_context_overflow_raises(model):

@@ -92,6 +92,9 @@ class RequestStream:
         self._admission.release()  # it holds a slot now (or has ended)
         if isinstance(item, BaseException):
             self._finish()
+            # An engine-wide failure cancels what the engine holds; a request added just after
+            # would decode on for nobody. Cancelling an id the engine no longer has is harmless.
+            self._owner.engine.cancel(self.request_id)
             raise item
         if item.finish_reason is not None:
             self._finish()
@@ -260,8 +263,9 @@ class EngineLoop:
         loop, queue = target
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (shutdown)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody will read on
             self._forget(request_id)
+            self.engine.cancel(request_id)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ draining, and binding. Real grpc.aio servers on 127.0.0.1 with stand-in servicer
 from __future__ import annotations
 
 import asyncio
+import re
 import gc
 import logging
 import socket
@@ -16,7 +17,7 @@ from pllava.generation import ContextOverflowError
 from pllava.video import VideoError
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from pllava_serving.errors import Overloaded, Unavailable, current_request_id
-from pllava_serving.server import Service, create_server, freeze_startup_heap
+from pllava_serving.server import Service, create_server, freeze_startup_heap, stop_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -237,6 +238,39 @@ def test_every_rpc_is_counted_by_its_final_status_streams_and_cancellations_incl
     assert started == 9
     assert registry.get_sample_value("pllava_grpc_server_handling_seconds_count", {
         "grpc_service": "pllava.v1.Encoder", "grpc_method": "Encode", "grpc_type": "server_stream"}) == 9
+
+
+def test_calls_cut_at_shutdown_are_the_servers_doing_in_logs_and_metrics(caplog):
+    """Past the grace period the server cuts what still runs: the client gets UNAVAILABLE,
+    and the log and the metrics say so (they said CANCELLED, "the client went away")."""
+    registry = CollectorRegistry()
+    caplog.set_level("INFO", logger="pllava_serving.errors")
+
+    async def main():
+        server, port, state = await create_server("127.0.0.1:0", [Service.pllava("Encoder", StandIn())],
+                                                  registry=registry)
+        await server.start()
+        await state.set_serving()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pllava_pb2_grpc.EncoderStub(channel).Encode(pllava_pb2.EncodeRequest(video_name="slow"))
+            await call.read()
+            await state.start_draining()
+            await stop_server(server, state, 0)  # what serve_forever does once grace_s has passed
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        for _ in range(100):  # the handler's end is seen a moment later
+            if handled(registry, "Encode", "UNAVAILABLE"):
+                break
+            await asyncio.sleep(0.05)
+        return err.value
+
+    refused = asyncio.run(main())
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert (handled(registry, "Encode", "UNAVAILABLE"), handled(registry, "Encode", "CANCELLED")) == (1, 0)
+    lines = [r.getMessage() for r in caplog.records if "Encode ->" in r.getMessage()]
+    assert len(lines) == 1 and re.fullmatch(r"/pllava\.v1\.Encoder/Encode -> UNAVAILABLE after [\d.]+ s: the server "
+                                            r"cut it, shutting down past grace_s", lines[0]), lines
 
 
 def test_port_zero_picks_a_free_port_and_a_taken_port_is_an_error():

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import time
@@ -163,13 +164,19 @@ async def _abort_with(exc: Exception, context, method: str) -> None:
 DEADLINE_SLACK_S = 1.0
 
 
-def ended_early(context) -> grpc.StatusCode:
-    """The status of an RPC whose handler did not finish: its deadline ran out, or the
-    client went away."""
+def ended_early(context, stopping: bool = False) -> grpc.StatusCode:
+    """The status of an RPC whose handler did not finish: its deadline ran out, the server
+    cut it at shutdown (``stopping``: the client was told UNAVAILABLE), or the client went
+    away."""
     left = context.time_remaining()
     if left is not None and left <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNAVAILABLE if stopping else grpc.StatusCode.CANCELLED
+
+
+_WHY_ENDED = {grpc.StatusCode.DEADLINE_EXCEEDED: "its deadline ran out",
+              grpc.StatusCode.UNAVAILABLE: "the server cut it, shutting down past grace_s",
+              grpc.StatusCode.CANCELLED: "the client went away"}
 
 
 def _passes_through(exc: BaseException) -> bool:
@@ -223,8 +230,12 @@ def request_id_of(request, context) -> str:
     return new_request_id()
 
 
+def _never() -> bool:
+    return False
+
+
 @contextlib.asynccontextmanager
-async def _map_errors(request, context, method: str):
+async def _map_errors(request, context, method: str, stopping: Callable[[], bool] = _never):
     try:
         _request_id.set(request_id_of(request, context))
     except ValueError as exc:  # refused under an id of its own
@@ -237,9 +248,8 @@ async def _map_errors(request, context, method: str):
         yield
     except (asyncio.CancelledError, GeneratorExit):  # one line under the request's id, whatever stage
         # it reached (a response stream grpc closes ends with GeneratorExit)
-        code = ended_early(context)
-        why = "its deadline ran out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "the client went away"
-        log.info("%s -> %s after %.1f s: %s", method, code.name, time.monotonic() - start, why)
+        code = ended_early(context, stopping())
+        log.info("%s -> %s after %.1f s: %s", method, code.name, time.monotonic() - start, _WHY_ENDED[code])
         raise
     except BaseException as exc:
         if _passes_through(exc):
@@ -248,10 +258,15 @@ async def _map_errors(request, context, method: str):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler so that exceptions become status codes (see the module docstring)."""
+    """Wraps every handler so that exceptions become status codes (see the module docstring).
+    ``stopping()`` True: the server is cutting the calls still running at shutdown."""
+
+    def __init__(self, stopping: Callable[[], bool] = _never):
+        self._stopping = stopping
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return wrap_handler(handler, _map_errors, handler_call_details.method)
+        around = functools.partial(_map_errors, stopping=self._stopping)
+        return wrap_handler(handler, around, handler_call_details.method)

@@ -120,7 +120,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     when the call is done.
     """
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, stopping: Callable[[], bool] = lambda: False):
+        self._stopping = stopping  # True while the server cuts the calls left at shutdown
         labels = ("grpc_service", "grpc_method", "grpc_type")
         self.started = Counter("pllava_grpc_server_started", "RPCs started, by method",
                                labels, registry=registry)
@@ -151,20 +152,21 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                     self.seconds.labels(*labels).observe(time.perf_counter() - start)
 
             # The fallback for a handler grpc abandons without closing it.
-            context.add_done_callback(lambda _: finish(context.code() or ended_early(context)))
+            context.add_done_callback(lambda _: finish(context.code() or ended_early(context, self._stopping())))
             try:
                 yield
             except grpc.aio.AbortError:
                 finish(context.code() or grpc.StatusCode.UNKNOWN)
                 raise
             except (asyncio.CancelledError, GeneratorExit):  # (a response stream grpc closed)
-                finish(ended_early(context))
+                finish(ended_early(context, self._stopping()))
                 raise
             except BaseException:
                 finish(grpc.StatusCode.UNKNOWN)
                 raise
             # a handler that returns after its call was cancelled did not succeed
-            finish(ended_early(context) if context.cancelled() else (context.code() or grpc.StatusCode.OK))
+            finish(ended_early(context, self._stopping()) if context.cancelled()
+                   else (context.code() or grpc.StatusCode.OK))
 
         return wrap_handler(handler, count, handler_call_details.method)
 

@@ -87,6 +87,7 @@ class ServingState:
         self.health = health.aio.HealthServicer()
         self.service_names = ("", *service_names)  # "" = the server as a whole
         self.draining = False
+        self.stopping = False  # cutting the RPCs still running after the grace period
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -106,6 +107,9 @@ class ServingState:
         """NOT_SERVING for good, and refuse new RPCs of our services from now on."""
         self.draining = True
         await self.health.enter_graceful_shutdown()  # every known service -> NOT_SERVING, for good
+
+    def is_stopping(self) -> bool:
+        return self.stopping
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no RPC of our services is running; False if ``timeout`` passes first."""
@@ -175,9 +179,9 @@ async def create_server(address: str, services: Sequence[Service], *,
     # status the mapping chose.
     # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
     options = server_options(max_message_bytes) + [("grpc.so_reuseport", 0)]
-    interceptors = [ErrorInterceptor(), _DrainInterceptor(state)]
+    interceptors = [ErrorInterceptor(stopping=state.is_stopping), _DrainInterceptor(state)]
     if registry is not None:
-        interceptors.insert(0, RpcMetricsInterceptor(registry))
+        interceptors.insert(0, RpcMetricsInterceptor(registry, stopping=state.is_stopping))
     # The token check is outermost: a refused call reaches nothing else, and an unknown method
     # name of a caller without a token never becomes a metrics label.
     server = grpc.aio.server(options=options, interceptors=[*security.interceptors(registry), *interceptors],
@@ -214,6 +218,14 @@ def freeze_startup_heap() -> tuple[int, float]:
     return frozen, seconds
 
 
+async def stop_server(server: grpc.aio.Server, state: ServingState, grace_s: float) -> None:
+    """Close the port and cut the RPCs still running after ``grace_s``: their clients get
+    UNAVAILABLE (and retry elsewhere), and that is what the logs and metrics say of them,
+    not that the clients went away."""
+    state.stopping = True
+    await server.stop(grace_s)
+
+
 async def serve_forever(server: grpc.aio.Server, state: ServingState, grace_s: float,
                         on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (see the module docstring).
@@ -248,7 +260,7 @@ async def serve_forever(server: grpc.aio.Server, state: ServingState, grace_s: f
         if state.in_flight:
             log.warning("stopping with %d RPC(s) still running; they are cancelled", state.in_flight)
         left = 0.0 if hurry.is_set() else max(0.0, grace_s - (time.monotonic() - started))
-        await server.stop(min(left, 1.0))
+        await stop_server(server, state, min(left, 1.0))
         log.info("stopped")
     finally:
         for sig in signals:

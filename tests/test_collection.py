@@ -154,6 +154,30 @@ def test_folders_are_searched_through_links_once_and_an_unreadable_one_is_an_err
         shutil.rmtree(root)
 
 
+def test_an_unreadable_file_is_recorded_once_and_a_failing_input_list_is_raised(tmp_path):
+    """No server needed. A file that cannot be read gets its FILE_ERROR line once with
+    --no-retry-failed (every rerun added one); an iterator of paths that fails midway stops
+    the run with its own exception (a worker died of it and the run ended as if complete)."""
+    out = CaptionFile(tmp_path / "captions.jsonl")
+    gone = str(tmp_path / "gone.mp4")
+    with Client("127.0.0.1:1") as client, out:
+        (first,) = client.caption_many([gone], concurrency=1)
+        assert first.status == "error" and first.code == "FILE_ERROR" and first.sha256 is None
+        out.append(first.to_json())
+        recorded = out.read(first.settings)
+        (again,) = client.caption_many([gone], concurrency=1,
+                                       skip=lambda p, d: recorded.skip(p, d, retry_failed=False))
+        assert again.status == "skipped"
+        (retried,) = client.caption_many([gone], concurrency=1, skip=recorded.skip)
+        assert retried.status == "error"
+
+        def listing():
+            yield gone
+            raise ConnectionError("the listing broke off")
+        with pytest.raises(ConnectionError, match="the listing broke off"):
+            list(client.caption_many(listing(), concurrency=2))
+
+
 def test_a_file_too_large_for_a_request_is_hashed_not_held(tmp_path):
     """No server needed: a 64 MB file against a channel that carries 1 MB is recorded as a
     FILE_ERROR from its size and hash, never read into memory whole."""

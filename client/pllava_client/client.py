@@ -421,7 +421,7 @@ class Client:
 
     def caption_many(self, videos: Iterable[Union[str, "os.PathLike[str]"]], prompt: str | None = None, *,
                      concurrency: int | None = None, retries: int = DEFAULT_RETRIES,
-                     skip: Callable[[str, str], bool] | None = None,
+                     skip: Callable[[str, str | None], bool] | None = None,
                      wait_down_s: float = 300.0, max_failures_in_a_row: int | None = None,
                      **kwargs) -> Iterator[VideoResult]:
         """Caption every video file in ``videos``, ``concurrency`` at a time, and yield a
@@ -439,7 +439,9 @@ class Client:
         run stops: the iterator raises
         :class:`~pllava_client.collection.CollectionStopped` once the results already
         finished are out. ``skip(path, sha256)`` True yields a result with
-        status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes).
+        status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes;
+        ``skip(path, None)`` asks about a file that cannot be read). An exception raised by
+        ``videos`` itself (a listing that fails midway) stops the run and is raised here.
         Other keyword arguments are :meth:`caption`'s; one a request cannot carry raises
         ValueError here, before any video is read. Closing the iterator cancels the calls in
         progress.
@@ -475,15 +477,22 @@ class Client:
         """:meth:`info` from the first decoder that answers: while the answer is UNAVAILABLE
         (a decoder still loading or restarting, or not listening yet; with several, the one
         asked may be such) it is asked again, 0.5 s apart at first, up to 2 s, until
-        ``timeout`` seconds have passed; then that error is raised."""
+        ``timeout`` seconds have passed; then that error is raised. A transport that does not
+        match the decoder's (plaintext against TLS, a client certificate it refuses: the
+        error names the likely cause) is no wait's matter: three such answers in a row raise."""
         end = time.monotonic() + timeout
         pause = 0.5
+        mismatches = 0
         while True:
             try:
                 return self.info(timeout=max(0.1, end - time.monotonic()))
             except CaptionError as err:
                 left = end - time.monotonic()
                 if err.status != grpc.StatusCode.UNAVAILABLE or left <= 0:
+                    raise
+                raw = err.message.split(" -- ", 1)[0]
+                mismatches = mismatches + 1 if self._explain(raw) != raw else 0
+                if mismatches >= 3:
                     raise
             time.sleep(min(pause, left))
             pause = min(2 * pause, 2.0)

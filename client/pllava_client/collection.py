@@ -222,9 +222,10 @@ class Recorded:
     #: ok lines made with other settings than those asked for (they do not count as done).
     other_settings: int = 0
 
-    def skip(self, path: str, sha256: str, retry_failed: bool = True) -> bool:
+    def skip(self, path: str, sha256: str | None, retry_failed: bool = True) -> bool:
         """True if the video needs no new line: it has an ok line, or (``retry_failed``
-        False) an error line."""
+        False) an error line (``sha256`` None: a file that cannot be read now, recorded so
+        before)."""
         key = (os.path.realpath(path), sha256)
         return key in self.ok or (not retry_failed and key in self.failed)
 
@@ -266,7 +267,7 @@ class CaptionFile:
                     continue
                 if status == "ok" and key[1]:
                     recorded.ok.add(key)
-                elif status == "error" and key[1]:
+                elif status == "error" and (key[1] or line.get("code") == FILE_ERROR):  # (None: unreadable)
                     recorded.failed.add(key)
         recorded.failed -= recorded.ok
         return recorded
@@ -358,7 +359,7 @@ class CollectionStopped(RuntimeError):
 
 
 def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: str | None = None, *,
-                 concurrency: int, retries: int, skip: Callable[[str, str], bool] | None = None,
+                 concurrency: int, retries: int, skip: Callable[[str, str | None], bool] | None = None,
                  wait_down_s: float = DEFAULT_WAIT_DOWN_S, max_failures_in_a_row: int | None = None,
                  **kwargs) -> Iterator[VideoResult]:
     """:meth:`Client.caption_many`: ``concurrency`` worker threads share one channel, each
@@ -390,7 +391,12 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
         try:
             while not calls.stopped.is_set():
                 with take:
-                    path = next(pending, None)
+                    try:
+                        path = next(pending, None)
+                    except Exception as exc:  # the caller's own iterator failed: the caller's to see
+                        results.put(_InputFailed(exc))
+                        calls.stop()
+                        return
                 if path is None:
                     return
                 path = os.fspath(path)
@@ -419,6 +425,8 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
             if item is done:
                 running -= 1
                 continue
+            if isinstance(item, _InputFailed):
+                raise item.error
             if item.status == "ok":
                 failures_in_a_row = 0
             elif item.status == "error" and item.code not in VIDEO_FAULTS:
@@ -434,6 +442,11 @@ def caption_many(client: "Client", videos: Iterable[str | os.PathLike], prompt: 
         deadline = time.monotonic() + 10
         for w in workers:
             w.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+@dataclass
+class _InputFailed:
+    error: Exception
 
 
 class _Calls:
@@ -497,13 +510,15 @@ def _read_and_hash(path: str, limit: int) -> tuple[int, str, bytes | None]:
 
 
 def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, retries: int,
-                 skip: Callable[[str, str], bool] | None, calls: _Calls, slot: int,
+                 skip: Callable[[str, str | None], bool] | None, calls: _Calls, slot: int,
                  settings: dict | None = None) -> VideoResult | None:
     """Caption one file, retrying what is worth it; None if stopped from outside."""
     start = time.monotonic()
     try:
         size, digest, data = _read_and_hash(path, client.max_video_bytes)
     except OSError as exc:
+        if skip is not None and skip(path, None):  # recorded unreadable before (--no-retry-failed)
+            return VideoResult(path, "skipped", prompt=prompt, settings=settings)
         return VideoResult(path, "error", code=FILE_ERROR, prompt=prompt, settings=settings,
                            message=f"cannot read {path}: {exc.strerror or exc}")
     if skip is not None and skip(path, digest):

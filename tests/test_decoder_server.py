@@ -33,6 +33,7 @@ from pllava_client.client import CaptionError, Client
 from pllava_proto.v1 import pllava_pb2
 from servers import free_ports, scrape, start_decoder, start_encoder, value
 
+import hostile_requests
 import odd_media
 
 CONTEXT = 1024
@@ -275,6 +276,36 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(decoder, med
         assert re.search(message, refused.value.message), refused.value.message
         after = client.caption_full(media["still0"], max_new_tokens=2)  # still serving
     assert len(after.token_ids) == 2
+
+
+def test_random_requests_are_answered_or_refused_and_never_break_the_server(decoder, media):
+    """Hostile input at random (a fixed, reproducible set of 120): every request is either
+    taken (its first event streams) or refused with INVALID_ARGUMENT and a message; never an
+    internal error, a hang or a dead server; afterwards a plain caption still works and the
+    log holds no traceback."""
+    from hypothesis import HealthCheck, given, settings
+
+    from pllava_proto.v1 import pllava_pb2_grpc
+
+    channel = grpc.insecure_channel(decoder.address, options=channel_options())
+    stub = pllava_pb2_grpc.DecoderStub(channel)
+    outcomes: dict[str, int] = {}
+
+    @settings(max_examples=120, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_requests.caption_requests())
+    def one(request):
+        outcome = hostile_requests.answer_or_refusal(stub.Caption(request, timeout=60))
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    try:
+        one()
+    finally:
+        channel.close()
+    assert outcomes.get("taken", 0) >= 5 and outcomes.get("refused", 0) >= 50, outcomes
+    with Client(decoder.address, timeout=60) as client:
+        assert len(client.caption_full(media["still0"], max_new_tokens=2).token_ids) == 2
+    assert decoder.alive() and "Traceback" not in decoder.log_text(), decoder.log_tail()
 
 
 #: long enough that the three steady captions outlast the refusals on a loaded machine (600

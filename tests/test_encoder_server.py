@@ -199,6 +199,32 @@ def test_negative_num_frames_from_a_raw_client_is_invalid_argument(encoder, vide
     assert "num_frames must be between 1 and 256" in err.value.details()
 
 
+def test_random_requests_are_encoded_or_refused_and_never_break_the_server(encoder, stub, videos_dir):
+    """Hostile input at random (a fixed, reproducible set of 120, tests/hostile_requests.py):
+    every Encode is either taken (its header streams) or refused with INVALID_ARGUMENT and a
+    message; afterwards a plain encode gives the same tokens as before and the log holds no
+    traceback."""
+    from hypothesis import HealthCheck, given, settings
+
+    import hostile_requests
+
+    short = (videos_dir / "short.mp4").read_bytes()
+    before = encode(stub, short)[1]
+    outcomes: dict[str, int] = {}
+
+    @settings(max_examples=120, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_requests.encode_requests())
+    def one(request):
+        outcome = hostile_requests.answer_or_refusal(stub.Encode(request, timeout=60))
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    one()
+    assert outcomes.get("taken", 0) >= 5 and outcomes.get("refused", 0) >= 50, outcomes
+    np.testing.assert_array_equal(encode(stub, short)[1], before)
+    assert encoder.alive() and "Traceback" not in encoder.log_text(), encoder.log_tail()
+
+
 def test_operator_limits_frame_pixels_decode_time_and_concurrent_rpcs(tiny_model_dir, videos_dir, tmp_path):
     """--max-frame-pixels 60000 refuses portrait.mp4 (190x338 = 64,220 pixels a frame) from
     its header; --decode-timeout-s 2 stops 256 frames of orbit.mp4 (322x182; 15 s of

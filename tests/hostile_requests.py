@@ -85,3 +85,45 @@ def answer_or_refusal(stream) -> str:
         return "refused"
     finally:
         stream.cancel()
+
+
+# ---- the OpenAI-compatible front end -----------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                    max_leaves=12)
+#: Fields a chat completion may carry, each to be given any JSON value.
+CHAT_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stream", "stream_options",
+               "stop", "n", "seed", "num_frames", "template", "repetition_penalty", "frequency_penalty",
+               "presence_penalty", "logprobs", "response_format", "tools", "logit_bias", "min_p", "user",
+               "media_io_kwargs", "ignore_eos", "best_of")
+
+
+def chat_bodies(model: str) -> st.SearchStrategy[bytes]:
+    """Request bodies for POST /v1/chat/completions: bytes that are not JSON, any JSON, chat
+    completions with any value in any field and any shape of message, and honest small ones."""
+    import base64
+    import json
+
+    video_url = "data:video/mp4;base64," + base64.b64encode(ORBIT).decode()
+    urls = st.one_of(TEXT, st.sampled_from([video_url, video_url[:200], "data:video/mp4;base64,!!!",
+                                            "file:///etc/passwd", "http://169.254.169.254/", "data:,"]))
+    part = st.one_of(
+        st.builds(lambda t: {"type": "text", "text": t}, st.one_of(TEXT, JSON)),
+        st.builds(lambda kind, url: {"type": kind, kind: {"url": url}},
+                  st.sampled_from(["video_url", "image_url", "input_video"]), urls),
+        st.dictionaries(TEXT, JSON, max_size=3))
+    message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant"]), TEXT),
+                                     "content": st.one_of(TEXT, st.lists(part, max_size=3), JSON)})
+    chat = st.fixed_dictionaries(
+        {"model": st.one_of(st.just(model), TEXT), "messages": st.one_of(st.lists(message, max_size=3), JSON)},
+        optional={name: JSON for name in CHAT_FIELDS})
+    honest = st.fixed_dictionaries(
+        {"model": st.just(model),
+         "messages": st.builds(lambda t: [{"role": "user", "content": [{"type": "text", "text": t},
+                                                                       {"type": "video_url",
+                                                                        "video_url": {"url": video_url}}]}], TEXT),
+         "max_tokens": st.integers(1, 3)},
+        optional={"stream": st.booleans(), "temperature": st.floats(0, 2), "seed": st.integers(0, 2**32)})
+    as_json = st.one_of(JSON, chat, honest).map(lambda body: json.dumps(body).encode())
+    return st.one_of(st.binary(max_size=200), as_json)

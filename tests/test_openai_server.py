@@ -795,6 +795,36 @@ def test_a_body_that_never_arrives_gives_its_place_back(decoder, logs, model_id)
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
 
 
+def test_random_bodies_are_answered_or_refused_and_never_break_the_front_end(api, decoder, model_id):
+    """Hostile input at random (a fixed, reproducible set of 120, tests/hostile_requests.py):
+    every body gets 200 or a 4xx with an OpenAI error object; never a 500, a hang or a dead
+    front end, and no traceback in its log."""
+    from hypothesis import HealthCheck, given, settings
+
+    import hostile_requests
+
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=120, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_requests.chat_bodies(model_id))
+    def one(body):
+        request = urllib.request.Request(f"http://{api.address}/v1/chat/completions", data=body, method="POST",
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                status, answer = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, answer = exc.code, exc.read()
+            error = json.loads(answer)["error"]
+            assert error["message"] and status in (400, 404, 413, 422), (status, error, body[:300])
+        statuses[status] = statuses.get(status, 0) + 1
+
+    one()
+    assert statuses.get(200, 0) >= 3 and statuses.get(400, 0) >= 50, statuses
+    assert api.alive() and decoder.alive() and "Traceback" not in api.log_text(), api.log_tail()
+
+
 def test_request_bodies_in_flight_are_bounded_in_bytes(decoder, logs, model_id):
     """--max-body-bytes-in-flight 1000: a caption whose body is far larger runs (it is alone);
     beside it a body of known length is refused with 429 before it is read (it is not even

@@ -69,6 +69,10 @@ def enable_compile_cache(root: str | Path, *key_parts) -> Path:
                + tuple(key_parts)).encode()
     folder = Path(root).expanduser() / hashlib.sha256(key).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
+    effective = os.access in os.supports_effective_ids
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=effective):  # e.g. written by root, run unprivileged
+        raise PermissionError(f"{folder} is not writable by this user (uid {os.geteuid()}; it belongs to uid "
+                              f"{folder.stat().st_uid})")
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     os.environ["MS_COMPILER_CACHE_PATH"] = str(folder)
     return folder

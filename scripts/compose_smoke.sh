@@ -190,7 +190,21 @@ if [[ ! -f $PLLAVA_MODEL_DIR/config.json ]]; then
     "${BIN}pllava" make-tiny "$PLLAVA_MODEL_DIR"
 fi
 
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Published ports come from below the kernel's ephemeral range (where port 0 binds land), so
+# the servers the tests start beside this run never get one of them between `down` and `up`.
+free_port() { "$PY" - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for port in random.sample(range(20000, low), 200):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print(port)
+        break
+PY
+}
 PLLAVA_PORT=${PLLAVA_PORT:-$(free_port)}
 PLLAVA_API_PORT=${PLLAVA_API_PORT:-$(free_port)}
 PLLAVA_METRICS_PORT=${PLLAVA_METRICS_PORT:-$(free_port)}

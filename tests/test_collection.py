@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import termios
@@ -23,6 +24,7 @@ import time
 from concurrent import futures
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import grpc
@@ -106,7 +108,12 @@ def test_a_file_is_one_video_however_it_is_named_and_settings_count(tmp_path, mo
     assert expand_inputs(["v/clip.mp4", str(video), "link/clip.mp4", "link"]) == ["v/clip.mp4"]
 
     settings = request_settings("What happens?", dict(max_new_tokens=8, stop=("x",), timeout=3))
-    assert settings == {"prompt": "What happens?", "max_new_tokens": 8, "stop": ["x"]}  # no timeout: no effect on text
+    assert settings == {"prompt": "What happens?", "max_new_tokens": 8, "num_frames": 0, "repetition_penalty": None,
+                        "seed": None, "stop": ["x"], "temperature": None, "template": None, "top_k": None,
+                        "top_p": None}  # every field, a default where none was given; no timeout: no effect on text
+    # what the CLI passes (every field, defaults included, numbers of any kind) records the same
+    assert request_settings("What happens?", dict(max_new_tokens=np.int64(8), stop=["x"], num_frames=0, seed=None,
+                                                  temperature=None, template=None)) == settings
     out = CaptionFile(tmp_path / "captions.jsonl")
     with out:
         out.append(VideoResult("v/clip.mp4", "ok", size=1, sha256="s", settings=settings,
@@ -146,6 +153,10 @@ def test_folders_are_searched_through_links_once_and_an_unreadable_one_is_an_err
         try:
             with pytest.raises(ValueError, match=f"cannot search the folder {locked}: Permission denied"):
                 expand_inputs([root / "coll"])
+            unsearchable = []  # what the CLI does: a warning, and the rest of the collection
+            assert sorted(expand_inputs([root / "coll"], unsearchable=unsearchable)) == sorted(
+                [str(root / "coll" / "linked" / "a.mp4"), str(root / "coll" / "own.mp4")])
+            assert unsearchable == [f"cannot search the folder {locked}: Permission denied"]
         finally:
             if as_root:
                 os.seteuid(0)
@@ -278,6 +289,18 @@ def both(decoders) -> str:
 def caption_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([console_script("pllava-caption"), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def ended(run: subprocess.Popen, timeout: float = 300) -> str:
+    """The stderr of a pllava-caption run once it has ended; past ``timeout``, a failure
+    showing where each of its threads was (it prints them on SIGUSR1)."""
+    try:
+        return run.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        run.kill()
+        pytest.fail(f"pllava-caption did not end within {timeout} s:\n{run.communicate()[1]}")
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -518,7 +541,7 @@ def test_a_decoder_gone_for_good_stops_the_run_and_a_rerun_resumes(tiny_model_di
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
             time.sleep(0.05)
         doomed.kill()
-        stderr = run.communicate(timeout=120)[1]
+        stderr = ended(run)
     finally:
         doomed.kill()
     assert run.returncode == 3, stderr
@@ -536,9 +559,7 @@ def test_a_decoder_gone_for_good_stops_the_run_and_a_rerun_resumes(tiny_model_di
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(decoders, videos_dir, tmp_path):
     """docker stop, a scheduler's end of job: the calls are cancelled, the summary printed,
-    exit status 130 (it was killed by the signal, with no summary)."""
-    import signal
-
+    exit status 143 (it was killed by the signal, with no summary)."""
     folder = tmp_path / "videos"
     for i in range(4):
         touch(folder / f"{i}.mp4", (videos_dir / "short.mp4").read_bytes())
@@ -552,32 +573,56 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(decoders, videos_dir, tmp_path):
         assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
-    stderr = run.communicate(timeout=60)[1]
-    assert run.returncode == 130 and "pllava-caption: interrupted: " in stderr, (run.returncode, stderr)
+    stderr = ended(run)
+    assert run.returncode == 143 and "pllava-caption: interrupted: " in stderr, (run.returncode, stderr)
     assert all(line["status"] == "ok" for line in read_lines(out))
 
 
-def test_failure_after_failure_stops_the_run(decoders, videos_dir, tmp_path):
-    """Every call runs past its deadline (a setting no video can meet): after
-    --stop-after-failures videos in a row the run stops (exit 3), the rest untouched; with
-    other settings the same file is captioned anew, the failed lines aside."""
+def test_failure_after_failure_stops_the_run(tiny_model_dir, decoders, logs, videos_dir, tmp_path):
+    """A decoder whose encoder wants a token it lacks fails every caption (INTERNAL, naming
+    the setting): after --stop-after-failures videos in a row the run stops (exit 3), the
+    rest untouched; against a working decoder the same command finishes, and with other
+    settings the same files are captioned anew."""
     folder = tmp_path / "videos"
     for i in range(5):
         touch(folder / f"{i}.mp4", (videos_dir / "short.mp4").read_bytes())
     out = tmp_path / "captions.jsonl"
-    run = caption_cli(folder, "--out", out, "--server", decoders[0].address, "--concurrency", 1, "--retries", 0,
-                      "--stop-after-failures", 2, "--max-new-tokens", 300, "--timeout", 0.2)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-the-decoder-lacks\n")
+    with start_encoder(tiny_model_dir, log_dir=logs, extra_args=["--auth-token-file", str(tokens)]) as guarded, \
+            start_decoder(tiny_model_dir, guarded.address, logs, "--visual-cache-bytes", "0") as broken:
+        run = caption_cli(folder, "--out", out, "--server", broken.address, "--concurrency", 1, "--retries", 0,
+                          "--stop-after-failures", 2, "--max-new-tokens", 3)
+        assert "set encoder_token_file" in broken.log_text()  # the operator's hint (clients get an id)
     assert run.returncode == 3, run.stderr
-    assert ("stopped: the last 2 videos failed one after the other, the last with DEADLINE_EXCEEDED" in run.stderr
+    assert ("stopped: the last 2 videos failed one after the other, the last with INTERNAL" in run.stderr
             and "that is the service's trouble, not the videos'" in run.stderr), run.stderr
-    assert [line["code"] for line in read_lines(out)] == ["DEADLINE_EXCEEDED"] * 2
+    assert [line["code"] for line in read_lines(out)] == ["INTERNAL"] * 2
     done = caption_cli(folder, "--out", out, "--server", decoders[0].address, "--max-new-tokens", 3)
     assert done.returncode == 0 and "5 captioned, 0 failed, 0 skipped of 5" in done.stderr, done.stderr
     # the same files with other settings: captioned again, the earlier captions named as not counting
     again = caption_cli(folder, "--out", out, "--server", decoders[0].address, "--max-new-tokens", 4)
     assert again.returncode == 0 and "5 captioned, 0 failed, 0 skipped of 5" in again.stderr, again.stderr
     assert "5 caption(s) made with other settings (prompt, template, limits, sampling) do not count" in again.stderr
-    assert [line["settings"]["max_new_tokens"] for line in read_lines(out)] == [300] * 2 + [3] * 5 + [4] * 5
+    assert [line["settings"]["max_new_tokens"] for line in read_lines(out)] == [3] * 7 + [4] * 5
+
+
+def test_a_call_stopped_between_two_pieces_gives_no_result(decoders, videos_dir, tmp_path):
+    """A run stopped (Ctrl-C, or the service's trouble) while a worker's stream is between
+    two pieces: the stream ends without its final event, and the worker must give nothing,
+    not an "ok" result without a caption (the CLI died on it with a traceback)."""
+    from pllava_client.collection import _caption_one, _Calls
+
+    video = touch(tmp_path / "v.mp4", (videos_dir / "short.mp4").read_bytes())
+    calls = _Calls(decoders[0].address)
+    with Client(decoders[0].address, timeout=120) as client, futures.ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(_caption_one, client, str(video), None, {"max_new_tokens": 400}, 0, None, calls, 0)
+        deadline = time.monotonic() + 120
+        while not (calls._streams.get(0) and calls._streams[0].token_ids):
+            assert time.monotonic() < deadline and not outcome.done(), outcome.result() if outcome.done() else "slow"
+            time.sleep(0.01)
+        calls.stop()
+        assert outcome.result(timeout=60) is None
 
 
 def test_closing_caption_many_starts_no_call_afterwards(decoders, videos_dir, tmp_path):

@@ -825,16 +825,19 @@ def test_random_bodies_are_answered_or_refused_and_never_break_the_front_end(api
     assert api.alive() and decoder.alive() and "Traceback" not in api.log_text(), api.log_tail()
 
 
-def test_request_bodies_in_flight_are_bounded_in_bytes(decoder, logs, model_id):
-    """--max-body-bytes-in-flight 1000: a caption whose body is far larger runs (it is alone);
-    beside it a body of known length is refused with 429 before it is read (it is not even
-    JSON), and a chunked one as soon as it passes the budget; once the caption ends, its
-    bytes are free again."""
+def test_request_bodies_in_flight_are_bounded_in_bytes(decoder, logs, model_id, media_root):
+    """--max-body-bytes-in-flight 1000: a caption whose media is far larger runs (it is
+    alone; its body is small, its video read from a file, which counts too); beside it a
+    body of known length is refused with 429 before it is read (it is not even JSON), and a
+    chunked one as soon as it passes the budget; once the caption ends, its bytes are free
+    again, and a lone chunked body far over the budget is let in."""
     import socket
 
-    with start_openai(decoder.address, logs, "--max-body-bytes-in-flight", "1000") as small:
+    with start_openai(decoder.address, logs, "--max-body-bytes-in-flight", "1000",
+                      "--allowed-media-root", str(media_root)) as small:
         oa = openai_client(small)
-        running = oa.chat.completions.create(model=model_id, messages=user(video_part()), max_tokens=3000,
+        from_file = {"type": "video_url", "video_url": {"url": (media_root / "orbit.mp4").as_uri()}}
+        running = oa.chat.completions.create(model=model_id, messages=user(from_file), max_tokens=3000,
                                              stream=True)
         try:
             next(iter(running))
@@ -862,6 +865,20 @@ def test_request_bodies_in_flight_are_bounded_in_bytes(decoder, logs, model_id):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         assert answer.usage.completion_tokens == 4
+        # Alone, a chunked body far over the budget is let in too (it was refused from its 2nd piece).
+        body = json.dumps(chat_body(model_id, video_part(), max_tokens=2)).encode()
+        host, port = small.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=120) as chunked:
+            chunked.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                            b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            for start in range(0, len(body), 700):
+                piece = body[start:start + 700]
+                chunked.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            chunked.sendall(b"0\r\n\r\n")
+            reply = b""
+            while piece := chunked.recv(65536):
+                reply += piece
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
 
 
 def test_the_front_ends_own_limit_answers_429(decoder, logs, model_id):

@@ -346,7 +346,13 @@ def test_missing_shard_is_named(tiny_model_dir, tmp_path):
 def test_make_tiny_writes_a_checkpoint_others_can_read(tmp_path):
     """Every file readable as the umask allows (safetensors alone writes shards 0600), so a
     container's unprivileged user reads a checkpoint made by another."""
-    tiny.make_tiny(tmp_path / "t")
+    import os
+
+    umask = os.umask(0o022)  # a shared checkpoint's usual umask, whatever this process's is
+    try:
+        tiny.make_tiny(tmp_path / "t")
+    finally:
+        os.umask(umask)
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "t").iterdir()}
     assert set(modes.values()) == {0o644}, modes
 

@@ -17,12 +17,13 @@ A collection (``--out``): folders (searched recursively for video and image file
 patterns, ``.txt`` lists of paths and single files are captioned ``--concurrency`` at a time
 (default: the decoder's batch size times the number of decoders). Each result is appended
 to the ``--out`` JSON-lines file as it finishes (see :mod:`pllava_client.collection`); a
-rerun skips the videos that already have an ``ok`` line and retries the failed ones, so a
-run that is killed is resumed by running the same command again. Progress goes to stderr:
+rerun skips the videos (the same file, however named, with the same content) that already
+have an ``ok`` line made with the same settings and retries the failed ones, so a run that
+is killed is resumed by running the same command again. Progress goes to stderr:
 a bar on a terminal, a line every ``--progress-every`` seconds otherwise, and a summary at
 the end. Exit status 0 when every input has a caption, 1 when some failed, 2 for bad
 arguments or an ``--out`` in use, 3 when the service stopped the run (a decoder unreachable
-or full for ``--wait-down-s``, failure after failure), 130 on Ctrl-C or SIGTERM.
+or full for ``--wait-down-s``, failure after failure), 130 on Ctrl-C, 143 on SIGTERM.
 
 The server address defaults to ``$PLLAVA_SERVER`` or ``localhost:50052``; it may name several
 decoders (``dns:///decoders:50052`` or ``host:50052,host:50053``), balanced round robin.
@@ -33,6 +34,7 @@ sent with every call.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import glob
 import json
 import os
@@ -41,6 +43,8 @@ import sys
 import threading
 import time
 from typing import TextIO
+
+import grpc
 
 from .client import DEFAULT_RETRIES, CaptionError, Client, caption_request
 from .collection import (DEFAULT_WAIT_DOWN_S, CaptionFile, CollectionStopped, VideoResult, expand_inputs,
@@ -221,23 +225,28 @@ def caption_collection(args: argparse.Namespace) -> int:
     """``--out``: exit 0 when every input has a caption, 1 when some videos failed, 2 for bad
     arguments or an output file that cannot be written (or that another run holds), 3 when
     the service stopped the run (the decoder unreachable or full for --wait-down-s, or
-    failure after failure), 130 on Ctrl-C or SIGTERM."""
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
-        else None
+    failure after failure), 130 on Ctrl-C and 143 on SIGTERM."""
+    terminated: list[int] = []
+
+    def interrupt(signum, frame) -> None:
+        """SIGTERM (docker stop, a scheduler's end of job) ends a run as Ctrl-C does: calls
+        cancelled, the summary printed."""
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = (signal.signal(signal.SIGTERM, interrupt)
+                if threading.current_thread() is threading.main_thread() else None)
+    if hasattr(signal, "SIGUSR1"):  # a run that seems stuck: kill -USR1 PID prints where every thread is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        return _caption_collection(args)
+        code = _caption_collection(args)
     except KeyboardInterrupt:  # before the run began (waiting for the decoder, searching folders)
         print("pllava-caption: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame) -> None:
-    """SIGTERM (docker stop, a scheduler's end of job) ends a run as Ctrl-C does: calls
-    cancelled, the summary printed, exit 130."""
-    raise KeyboardInterrupt
+    return 128 + signal.SIGTERM if code == 130 and terminated else code
 
 
 def _caption_collection(args: argparse.Namespace) -> int:
@@ -250,12 +259,15 @@ def _caption_collection(args: argparse.Namespace) -> int:
     if not args.wait_down_s >= 0 or args.stop_after_failures is not None and args.stop_after_failures < 0:
         print("error: --wait-down-s and --stop-after-failures cannot be negative", file=sys.stderr)
         return 2
+    unsearchable: list[str] = []
     try:
-        paths = expand_inputs(args.inputs, exclude=[args.out])
+        paths = expand_inputs(args.inputs, exclude=[args.out], unsearchable=unsearchable)
         client = make_client(args)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for message in unsearchable:  # (lost+found at a mount's root, a colleague's private folder)
+        print(f"warning: {message}; the videos in it are left out", file=sys.stderr)
     if not paths:
         print("error: no video files found in " + " ".join(args.inputs), file=sys.stderr)
         return 2
@@ -273,7 +285,8 @@ def _caption_collection(args: argparse.Namespace) -> int:
             concurrency = args.concurrency or client.default_concurrency(info)
         except CaptionError as err:
             print(f"error: cannot reach the decoder at {args.server}: {err}", file=sys.stderr)
-            return 3
+            refused = err.status in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+            return 2 if refused else 3  # a token to fix, or a service to wait for
         notes = [f"{recorded.unreadable_lines} unreadable line(s) ignored"] if recorded.unreadable_lines else []
         if recorded.other_settings:
             notes.append(f"{recorded.other_settings} caption(s) made with other settings (prompt, template, "

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pllava_client")
 
+#: What gRPC says of a TLS handshake that cannot succeed, however long one waits.
+TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "Hostname Verification")
+
 #: Extra attempts :meth:`Client.caption_many` makes for a video whose call failed in passing.
 DEFAULT_RETRIES = 3
 
@@ -477,9 +480,11 @@ class Client:
         """:meth:`info` from the first decoder that answers: while the answer is UNAVAILABLE
         (a decoder still loading or restarting, or not listening yet; with several, the one
         asked may be such) it is asked again, 0.5 s apart at first, up to 2 s, until
-        ``timeout`` seconds have passed; then that error is raised. A transport that does not
-        match the decoder's (plaintext against TLS, a client certificate it refuses: the
-        error names the likely cause) is no wait's matter: three such answers in a row raise."""
+        ``timeout`` seconds have passed; then that error is raised. A TLS handshake that
+        cannot succeed (a server certificate of another CA or for another name, a port that
+        does not speak TLS) is no wait's matter: three such answers in a row raise. (A closed
+        socket is waited out: docker-proxy and port-forwards close connections to a server
+        not yet listening the way a TLS server closes a plaintext client's.)"""
         end = time.monotonic() + timeout
         pause = 0.5
         mismatches = 0
@@ -490,8 +495,7 @@ class Client:
                 left = end - time.monotonic()
                 if err.status != grpc.StatusCode.UNAVAILABLE or left <= 0:
                     raise
-                raw = err.message.split(" -- ", 1)[0]
-                mismatches = mismatches + 1 if self._explain(raw) != raw else 0
+                mismatches = mismatches + 1 if any(sign in err.message for sign in TLS_FAILURES) else 0
                 if mismatches >= 3:
                     raise
             time.sleep(min(pause, left))

@@ -1,12 +1,12 @@
 """Caption a whole collection of videos: which files, the JSON-lines record, the calls.
 
     paths = expand_inputs(["videos/", "more/*.webm", "list.txt"])
-    out = CaptionFile("captions.jsonl")
-    done = out.read()                                      # what earlier runs recorded
-    with Client("dns:///decoders:50052") as client, out:
-        for item in client.caption_many(paths, skip=done.skip):
-            if item.status != "skipped":
-                out.append(item.to_json())                 # one line per video, as it finishes
+    with CaptionFile("captions.jsonl") as out:            # locked: one run per file
+        done = out.read(request_settings(None, {"max_new_tokens": 128}))  # earlier runs' captions
+        with Client("dns:///decoders:50052") as client:   # with the same settings
+            for item in client.caption_many(paths, max_new_tokens=128, skip=done.skip):
+                if item.status != "skipped":
+                    out.append(item.to_json())             # one line per video, as it finishes
 
 The record is one JSON object per line and per video: ``path``, ``size`` and ``sha256`` of
 the file, then ``status`` ``"ok"`` with the caption, token counts, finish reason and
@@ -29,6 +29,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
+import numbers
 import os
 import queue
 import random
@@ -68,9 +70,10 @@ RETRYABLE = frozenset({
 #: until the trouble has lasted ``wait_down_s``; then the whole run stops
 #: (:class:`CollectionStopped`) instead of recording an error for every video left.
 SERVICE_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-#: Error codes that are the video's own fault; any other ending a run of failed videos in a
-#: row (``max_failures_in_a_row``) says the deployment is broken, and the run stops.
-VIDEO_FAULTS = frozenset({FILE_ERROR, "INVALID_ARGUMENT", "OUT_OF_RANGE"})
+#: Error codes that may be the video's own fault (DEADLINE_EXCEEDED: a long video past the
+#: encoder's decode budget or --timeout); any other ending a run of failed videos in a row
+#: (``max_failures_in_a_row``) says the deployment is broken, and the run stops.
+VIDEO_FAULTS = frozenset({FILE_ERROR, "INVALID_ARGUMENT", "OUT_OF_RANGE", "DEADLINE_EXCEEDED"})
 #: How long a decoder may stay down (or full) before a collection run stops.
 DEFAULT_WAIT_DOWN_S = 300.0
 
@@ -81,7 +84,8 @@ MAX_BACKOFF_S = 10.0
 
 # ---- which files ---------------------------------------------------------------------------
 
-def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
+def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (),
+                  unsearchable: list[str] | None = None) -> list[str]:
     """The video paths that ``args`` name, in order, each once.
 
     An argument is a folder (searched recursively for :data:`VIDEO_SUFFIXES`, hidden entries
@@ -89,7 +93,9 @@ def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.
     folder; blank lines and ``#`` comments ignored; a folder in it is searched), a glob
     pattern (``**`` recursive), or a file. A path that does not exist is kept, so that its
     error is recorded like any other; a pattern that matches nothing is a ValueError. Files
-    in ``exclude`` (the output file) are left out.
+    in ``exclude`` (the output file) are left out. A folder that cannot be searched is a
+    ValueError, or, given an ``unsearchable`` list, a message appended to it (and the search
+    goes on).
     """
     skip = {os.path.realpath(p) for p in exclude}
     found: dict[str, str] = {}  # real path -> the first spelling met
@@ -102,12 +108,12 @@ def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.
 
     for arg in map(os.fspath, args):
         if os.path.isdir(arg):
-            for path in _walk(arg):
+            for path in _walk(arg, unsearchable):
                 add(path)
         elif os.path.isfile(arg) and arg.lower().endswith(".txt"):
             for entry in _read_list(arg):
                 if os.path.isdir(entry):
-                    for path in _walk(entry):
+                    for path in _walk(entry, unsearchable):
                         add(path)
                 else:
                     add(entry)
@@ -118,17 +124,20 @@ def expand_inputs(args: Iterable[str | os.PathLike], exclude: Iterable[str | os.
             if not matches:
                 raise ValueError(f"no file matches {arg!r}")
             for match in matches:
-                for path in (_walk(match) if os.path.isdir(match) else [match]):
+                for path in (_walk(match, unsearchable) if os.path.isdir(match) else [match]):
                     add(path)
     return list(found.values())
 
 
-def _walk(folder: str) -> Iterator[str]:
+def _walk(folder: str, unsearchable: list[str] | None = None) -> Iterator[str]:
     """The video files under ``folder``. Linked folders are searched too (each real folder
-    once: a link loop ends); a folder that cannot be read is a ValueError, so that a
-    collection never quietly loses part of itself."""
+    once: a link loop ends); a folder that cannot be read is a ValueError, or a message in
+    ``unsearchable``, so that a collection never quietly loses part of itself."""
     def refuse(err: OSError) -> None:
-        raise ValueError(f"cannot search the folder {err.filename}: {err.strerror or err}")
+        message = f"cannot search the folder {err.filename}: {err.strerror or err}"
+        if unsearchable is None:
+            raise ValueError(message)
+        unsearchable.append(message)
 
     visited: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
@@ -203,11 +212,27 @@ class VideoResult:
         return line
 
 
+#: The request fields :func:`request_settings` records, with the value that means "the
+#: server's default" (what a field left out is recorded as).
+SETTING_DEFAULTS = {"max_new_tokens": 0, "num_frames": 0, "repetition_penalty": None, "seed": None, "stop": [],
+                    "temperature": None, "template": None, "top_k": None, "top_p": None}
+
+
 def request_settings(prompt: str | None, kwargs: dict) -> dict:
-    """What shapes a caption besides the video: the prompt and the request's fields as given
-    (None or 0: the server's default), in the form a JSON line keeps them."""
-    fields = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items() if k != "timeout"}
-    return {"prompt": prompt, **dict(sorted(fields.items()))}
+    """What shapes a caption besides the video: the prompt and every request field (left
+    out: the server's default, :data:`SETTING_DEFAULTS`), in the form a JSON line keeps them,
+    so that a call that names a default and one that leaves it out record the same."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    given = {k: plain(v) for k, v in kwargs.items() if k != "timeout"}
+    return {"prompt": prompt or None, **dict(sorted({**SETTING_DEFAULTS, **given}.items()))}
 
 
 @dataclass
@@ -331,6 +356,9 @@ def _lock_for_this_run(fd: int, path: str) -> None:
     except BlockingIOError:
         raise FileInUse(f"{path} is being written by another run (pllava-caption --out or caption_many); "
                         "wait for it to end, or write to another file") from None
+    except OSError as exc:  # a filesystem without locks (some NFS and FUSE mounts): go on unlocked
+        logging.getLogger("pllava_client").warning("%s cannot be locked (%s): run one collection on it at a time",
+                                                   path, exc.strerror or exc)
 
 
 def _ends_without_newline(path: str) -> bool:
@@ -547,6 +575,8 @@ def _caption_one(client: "Client", path: str, prompt: str | None, kwargs: dict, 
         try:
             for _ in stream:
                 pass
+            if stream.result is None:  # closed between two pieces by stop(): it ended without its result
+                return None
             return VideoResult(path, "ok", size=size, sha256=digest, result=stream.result, attempts=attempt,
                                prompt=prompt, elapsed_s=time.monotonic() - start, settings=settings)
         except CaptionError as err:

@@ -64,7 +64,7 @@ class Slot:
 
     def take_body_bytes(self, count: int) -> None:
         """Count ``count`` more bytes of this request's body; ApiError 429 when they do not fit."""
-        self._front.take_body_bytes(count)
+        self._front.take_body_bytes(count, held_here=self.body_bytes)
         self.body_bytes += count
 
     def release(self) -> None:
@@ -136,15 +136,16 @@ class FrontEnd:
             self._in_flight += 1
         return Slot(self)
 
-    def take_body_bytes(self, count: int) -> None:
+    def take_body_bytes(self, count: int, held_here: int = 0) -> None:
         """Body bytes are held from the moment they are expected (Content-Length) until the
         caption ends: a body's copies (text, JSON, decoded media, the gRPC request) cost
-        several times its size. A lone request is let in whatever its size (up to the
-        413 limit), so the budget never refuses a body that could come alone."""
+        several times its size. A lone request (nothing held but its own ``held_here``) is
+        let in whatever its size (up to the 413 limit), so the budget never refuses a body
+        that could come alone."""
         with self._lock:
             held = self._body_bytes
             limit = self.settings.max_body_bytes_in_flight
-            if held and held + count > limit:
+            if held > held_here and held + count > limit:
                 raise ApiError(429, f"request bodies of {held} bytes are in flight here and this one needs {count} "
                                     f"more, past max_body_bytes_in_flight ({limit}); retry shortly",
                                code="resource_exhausted")
@@ -241,6 +242,8 @@ def create_app(settings: OpenAISettings) -> FastAPI:
             if chat.model != model:
                 raise _unknown_model(chat.model, model)
             media = await front.media.load(chat.media)
+            if not chat.media.url.strip().lower().startswith("data:"):  # read or downloaded: not in the body
+                slot.take_body_bytes(len(media.data))
             call = await asyncio.get_running_loop().run_in_executor(front.executor, front.start_caption, chat,
                                                                    media, request_id)
         except BaseException:

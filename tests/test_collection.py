@@ -291,7 +291,7 @@ def caption_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def ended(run: subprocess.Popen, timeout: float = 300) -> str:
+def ended(run: subprocess.Popen, timeout: float = 120) -> str:
     """The stderr of a pllava-caption run once it has ended; past ``timeout``, a failure
     showing where each of its threads was (it prints them on SIGUSR1)."""
     try:

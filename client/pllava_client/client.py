@@ -332,16 +332,24 @@ class Client:
     client certificate, another CA)
     raises UNAVAILABLE with the likely cause in the message. ValueError for files that cannot
     be read or options that do not go together.
+
+    ``grpc_retries=False`` leaves gRPC's own retry of UNAVAILABLE out (a caller that retries
+    itself, as :meth:`caption_many` does): with it, a call to a decoder killed at the wrong
+    moment, with no other decoder to go to, was seen waiting forever, with no connection.
     """
 
     def __init__(self, address: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, token: str | Callable[[], str] | None = None,
                  timeout: float | None = None,
-                 options: Sequence[tuple[str, object]] | None = None):
+                 options: Sequence[tuple[str, object]] | None = None, grpc_retries: bool = True):
         self.address = address
         self.timeout = timeout
-        self._options = (list(options) if options is not None
-                         else channel_options(round_robin=True, service_config=caption_service_config()))
+        if options is not None:
+            self._options = list(options)
+        elif grpc_retries:
+            self._options = channel_options(round_robin=True, service_config=caption_service_config())
+        else:
+            self._options = channel_options(round_robin=True) + [("grpc.enable_retries", 0)]
         self._max_message = dict(self._options).get("grpc.max_send_message_length",
                                                      MAX_MESSAGE_BYTES)
         self._tls = ClientTls.from_files(tls_ca, tls_cert, tls_key)
@@ -445,6 +453,7 @@ class Client:
         status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes;
         ``skip(path, None)`` asks about a file that cannot be read). An exception raised by
         ``videos`` itself (a listing that fails midway) stops the run and is raised here.
+        Make the client with ``grpc_retries=False`` for it (``pllava-caption --out`` does).
         Other keyword arguments are :meth:`caption`'s; one a request cannot carry raises
         ValueError here, before any video is read. Closing the iterator cancels the calls in
         progress.

@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pllava_client import CaptionFile, CaptionResult, Client, expand_inputs
 from pllava_client.channel import MAX_CONNECTION_AGE_MS, channel_options, grpc_target, server_count, server_options
+from other_user import as_another_user, open_folder
 from servers import console_script, start_decoder, start_encoder
 
 MAX_BATCH = 2
@@ -132,12 +133,7 @@ def test_a_file_is_one_video_however_it_is_named_and_settings_count(tmp_path, mo
 
 
 def test_folders_are_searched_through_links_once_and_an_unreadable_one_is_an_error():
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="pllava-walk-"))  # not under pytest's 0700 folder (see below)
-    try:
-        root.chmod(0o755)
+    with open_folder("pllava-walk-") as root:
         touch(root / "shared" / "a.mp4")
         touch(root / "coll" / "own.mp4")
         (root / "coll" / "linked").symlink_to(root / "shared")
@@ -147,22 +143,14 @@ def test_folders_are_searched_through_links_once_and_an_unreadable_one_is_an_err
         locked = root / "coll" / "locked"
         touch(locked / "b.mp4")
         locked.chmod(0o000)
-        as_root = os.geteuid() == 0
-        if as_root:
-            os.seteuid(65534)  # root reads every folder: nobody, for this search only
-        try:
+        with as_another_user():
             with pytest.raises(ValueError, match=f"cannot search the folder {locked}: Permission denied"):
                 expand_inputs([root / "coll"])
             unsearchable = []  # what the CLI does: a warning, and the rest of the collection
             assert sorted(expand_inputs([root / "coll"], unsearchable=unsearchable)) == sorted(
                 [str(root / "coll" / "linked" / "a.mp4"), str(root / "coll" / "own.mp4")])
             assert unsearchable == [f"cannot search the folder {locked}: Permission denied"]
-        finally:
-            if as_root:
-                os.seteuid(0)
         locked.chmod(0o755)
-    finally:
-        shutil.rmtree(root)
 
 
 def test_an_unreadable_file_is_recorded_once_and_a_failing_input_list_is_raised(tmp_path):

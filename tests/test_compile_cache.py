@@ -2,6 +2,9 @@
 source included, so a changed engine never loads graphs compiled from an older one."""
 from __future__ import annotations
 
+import pytest
+
+from other_user import as_another_user, open_folder
 from pllava import runtime
 
 
@@ -26,28 +29,10 @@ def test_a_cache_folder_this_user_cannot_write_is_refused_not_used(monkeypatch):
     """A compose volume written by root, the decoder now unprivileged: the folder is there
     but not writable. It used to be taken, and the first lock file in it crashed the decoder
     at every start; now it is refused (the server logs "no compile cache" and compiles)."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    import pytest
-
     for name in ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"):
         monkeypatch.setenv(name, "")
-    root = Path(tempfile.mkdtemp(prefix="pllava-cache-"))  # not under pytest's 0700 folder
-    try:
-        root.chmod(0o755)
+    with open_folder("pllava-cache-") as root:
         folder = runtime.enable_compile_cache(root, "config", 8, 4096)
         folder.chmod(0o555)
-        as_root = os.geteuid() == 0
-        if as_root:
-            os.seteuid(65534)  # root writes anywhere: nobody, for this call only
-        try:
-            with pytest.raises(PermissionError, match=f"{folder} is not writable by this user"):
-                runtime.enable_compile_cache(root, "config", 8, 4096)
-        finally:
-            if as_root:
-                os.seteuid(0)
-    finally:
-        shutil.rmtree(root)
+        with as_another_user(), pytest.raises(PermissionError, match=f"{folder} is not writable by this user"):
+            runtime.enable_compile_cache(root, "config", 8, 4096)

@@ -45,6 +45,7 @@ from pllava_serving.security import (ServerSecurity, ServerTls, TokenChecker, To
                                      load_tls_files, read_tokens)
 from pllava_serving.server import create_server
 from pllava_serving.settings import load_settings
+from other_user import AS_ROOT, as_another_user, open_folder
 from servers import console_script, start_decoder
 from test_launcher import READY, pllava_up, read_lines
 
@@ -507,43 +508,30 @@ def test_a_key_this_user_cannot_read_names_both_users(foreign):
     """What a container running as another user than the owner of make-certs' keys (mode
     0600, in a folder of mode 0700) is told: its uid, the file's where it can see it, and
     the fix."""
-    import tempfile
-
-    as_root = os.geteuid() == 0
-    folder = Path(tempfile.mkdtemp(prefix="pllava-unreadable-"))  # not under pytest's 0700 folder
-    try:
+    with open_folder("pllava-unreadable-") as folder:
         cert, key, tokens = folder / "server.pem", folder / "server-key.pem", folder / "token"
         shutil.copy(foreign.server_cert, cert)
         cert.chmod(0o644)
         shutil.copy(foreign.server_key, key)
         tokens.write_text("a-token\n")
         for path in (key, tokens):
-            path.chmod(0o600 if as_root else 0o000)  # not root: the owner itself, kept out by the mode
+            path.chmod(0o600 if AS_ROOT else 0o000)  # not root: the owner itself, kept out by the mode
         owner = key.stat().st_uid
-        me = 65534 if as_root else owner  # root reads as nobody, for these reads only
         folder_modes = {0o711: f"uid {owner}", 0o700: "a user whose folder this process cannot enter"}
-        for mode, belongs in folder_modes.items() if as_root else list(folder_modes.items())[:1]:
+        for mode, belongs in folder_modes.items() if AS_ROOT else list(folder_modes.items())[:1]:
             folder.chmod(mode)
             errors = []
-            if as_root:
-                os.seteuid(me)
-            try:
+            with as_another_user() as me:
                 for read in (lambda: load_tls_files(str(cert), str(key), None),
                              lambda: read_tokens(str(tokens))):
                     with pytest.raises(ValueError) as err:
                         read()
                     errors.append(str(err.value))
-            finally:
-                if as_root:
-                    os.seteuid(0)
             first = "tls_key" if mode == 0o711 else "tls_cert"  # behind 0700 the certificate is out of reach too
             for message, what in zip(errors, (first, "auth_token_file")):
                 assert message.startswith(f"{what} {folder}/"), message
                 assert (f"this process runs as uid {me} and the file belongs to {belongs}: run as the owner "
                         "(in docker compose, PLLAVA_USER=UID:GID)") in message, message
-    finally:
-        folder.chmod(0o700)
-        shutil.rmtree(folder)
 
 
 def test_token_checker_accepts_exactly_the_listed_tokens(tmp_path):

@@ -20,6 +20,7 @@ from pllava.layers import checkpoint_tensors
 from pllava.model import PllavaLanguage, PllavaVision
 from pllava import tiny
 from pllava.tiny import save_sharded
+from other_user import AS_ROOT, as_another_user, open_folder
 
 RANK = 8
 
@@ -359,28 +360,13 @@ def test_make_tiny_writes_a_checkpoint_others_can_read(tmp_path):
 
 def test_a_shard_this_user_cannot_read_says_so(tiny_model_dir):
     """Not safetensors' 'No such file or directory': who this process is and whose the file is."""
-    import os
-    import tempfile
-
-    as_root = os.geteuid() == 0
-    d = Path(tempfile.mkdtemp(prefix="pllava-locked-"))  # not under pytest's 0700 folder
-    try:
-        d.chmod(0o755)
+    with open_folder("pllava-locked-") as d:
         for f in tiny_model_dir.iterdir():
             shutil.copy(f, d / f.name)
         shard = sorted(d.glob("*.safetensors"))[0]
-        shard.chmod(0o600 if as_root else 0o000)  # not root: the owner itself, kept out by the mode
-        me = 65534 if as_root else os.geteuid()  # root reads as nobody, for this read only
-        if as_root:
-            os.seteuid(me)
-        try:
-            with pytest.raises(W.WeightsError) as err:
-                list(W.iter_safetensors(d))
-        finally:
-            if as_root:
-                os.seteuid(0)
+        shard.chmod(0o600 if AS_ROOT else 0o000)  # not root: the owner itself, kept out by the mode
+        with as_another_user() as me, pytest.raises(W.WeightsError) as err:
+            list(W.iter_safetensors(d))
         assert str(err.value) == (f"{shard} cannot be read (Permission denied): this process runs as uid {me} and "
                                   f"the file belongs to uid {shard.stat().st_uid}; make the checkpoint readable to "
                                   "this user (chmod -R a+rX), or run as its owner")
-    finally:
-        shutil.rmtree(d)

@@ -242,7 +242,7 @@ def create_app(settings: OpenAISettings) -> FastAPI:
             if chat.model != model:
                 raise _unknown_model(chat.model, model)
             media = await front.media.load(chat.media)
-            if not chat.media.url.strip().lower().startswith("data:"):  # read or downloaded: not in the body
+            if not media.in_body:  # read or downloaded: bytes the body's count does not hold
                 slot.take_body_bytes(len(media.data))
             call = await asyncio.get_running_loop().run_in_executor(front.executor, front.start_caption, chat,
                                                                    media, request_id)

@@ -46,10 +46,13 @@ _PARAM = "messages[0].content"
 
 @dataclass(frozen=True)
 class Media:
-    """What the decoder is sent: the file's bytes, and a name that only labels it in logs."""
+    """What the decoder is sent: the file's bytes, and a name that only labels it in logs.
+    ``in_body``: the bytes came in the request body (a data URL), not from a file or a
+    download."""
 
     data: bytes
     name: str
+    in_body: bool = False
 
 
 class MediaLoader:
@@ -105,7 +108,7 @@ class MediaLoader:
         if not data:
             raise bad_request("the data URL holds no data", _PARAM)
         self._check_size(len(data), "the data URL's media")
-        return Media(data, f"data URL ({media_type})")
+        return Media(data, f"data URL ({media_type})", in_body=True)
 
     # ---- files ---------------------------------------------------------------------------------
     def _local_file(self, url: str, scheme: str) -> Media:

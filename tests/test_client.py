@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ import pytest
 from pllava_client import CaptionError, CaptionResult, Client, RequestTooLarge
 from pllava_client.channel import server_options, stays_on_this_machine
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
-from servers import console_script, start_encoder, start_server
+from servers import console_script, free_ports, start_decoder, start_encoder, start_server
 
 PROMPT = "What is happening in this video?"
 MAX_NEW_TOKENS = 24
@@ -49,9 +51,17 @@ class ScriptedDecoder(pllava_pb2_grpc.DecoderServicer):
         self.endless = False
         self.requests: list[pllava_pb2.CaptionRequest] = []
         self.client_gone = threading.Event()
+        #: the first this many calls are refused with UNAVAILABLE (a decoder still loading) ...
+        self.unavailable_first = 0
+        #: ... carrying this ``grpc-retry-pushback-ms`` if set
+        self.pushback_ms: str | None = None
 
     def Caption(self, request, context):
         self.requests.append(request)
+        if len(self.requests) <= self.unavailable_first:
+            if self.pushback_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", self.pushback_ms),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the decoder is still loading")
         if self.endless:
             context.add_callback(self.client_gone.set)
             i = 0
@@ -288,6 +298,59 @@ def test_breaking_out_of_a_for_loop_cancels_the_call(scripted):
     assert servicer.client_gone.wait(30)
 
 
+@pytest.mark.parametrize("pushback_ms", [None, "50"])
+def test_a_caption_refused_before_its_first_token_is_made_again(scripted, pushback_ms):
+    servicer, client = scripted
+    servicer.unavailable_first, servicer.pushback_ms = 2, pushback_ms
+    servicer.events = [token("a", 1), final(caption="a", token_ids=[1])]
+    assert client.caption_full(b"v").token_ids == [1]
+    assert len(servicer.requests) == 3
+
+
+@pytest.mark.parametrize("pushback_ms, attempts", [(None, 5), ("-1", 1), ("soon", 1)])
+def test_retries_end_after_five_attempts_or_when_the_decoder_says_so(scripted, pushback_ms, attempts):
+    servicer, client = scripted
+    servicer.unavailable_first, servicer.pushback_ms = 100, pushback_ms
+    with pytest.raises(CaptionError) as info:
+        client.caption_full(b"v")
+    assert info.value.status is grpc.StatusCode.UNAVAILABLE
+    assert "still loading" in info.value.message
+    assert len(servicer.requests) == attempts
+
+
+def test_no_retry_after_a_token_nor_when_the_client_says_so(scripted):
+    servicer, client = scripted
+    servicer.events = [token("a", 1)]
+    servicer.abort = (grpc.StatusCode.UNAVAILABLE, "the decoder is shutting down")
+    with pytest.raises(CaptionError, match="shutting down"):
+        client.caption_full(b"v")
+    assert len(servicer.requests) == 1
+    servicer.abort, servicer.unavailable_first = None, 2
+    with Client(client.address, retry_unavailable=False) as once, pytest.raises(CaptionError, match="still loading"):
+        once.caption_full(b"v")
+    assert len(servicer.requests) == 2
+
+
+def test_no_retry_past_the_deadline_nor_after_close(scripted):
+    """A pause that would end past the call's deadline is not waited out; closing the stream
+    during a pause ends it without another call."""
+    servicer, client = scripted
+    servicer.unavailable_first, servicer.pushback_ms = 100, "60000"
+    with pytest.raises(CaptionError, match="still loading"):
+        client.caption_full(b"v", timeout=30)
+    assert len(servicer.requests) == 1
+    stream = client.caption(b"v")
+    reader = threading.Thread(target=lambda: pytest.raises(CaptionError, list, stream), daemon=True)
+    reader.start()
+    while len(servicer.requests) < 2:
+        reader.join(0.05)
+    reader.join(0.5)  # the refusal has reached the client, which now pauses for 60 s
+    stream.close()
+    reader.join(30)
+    assert not reader.is_alive(), "close() did not end the pause"
+    assert len(servicer.requests) == 2
+
+
 @pytest.mark.parametrize("address, local", [
     ("127.0.0.1:50052", True), ("localhost:50052", True), ("[::1]:50052", True), ("127.0.0.2:1,127.0.0.3:2", True),
     ("dns:///localhost:50052", True), ("ipv4:127.0.0.1:1,127.0.0.1:2", True), ("unix:/run/pllava.sock", True),
@@ -439,3 +502,31 @@ def test_client_module_imports_neither_mindspore_nor_pllava():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_decoder_killed_before_the_first_token_fails_the_caption_within_seconds(tiny_model_dir, tmp_path, videos_dir):
+    """kill -9 of the only decoder while a caption waits there for an encoder (its address has
+    none): the client tries the call again, finds no decoder and raises UNAVAILABLE within
+    seconds. With gRPC's own retry policy the stream was seen waiting forever here, its
+    deadline ignored."""
+    nobody = f"127.0.0.1:{free_ports(1)}"
+    outcome: list[BaseException] = []
+
+    def read(stream):
+        try:
+            list(stream)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test
+            outcome.append(exc)
+
+    with start_decoder(tiny_model_dir, nobody, tmp_path, "--encoder-ready-timeout-s", "300") as decoder, \
+            Client(decoder.address, timeout=120) as client:
+        stream = client.caption(videos_dir / "still.jpg", max_new_tokens=4, request_id="doomed")
+        reader = threading.Thread(target=read, args=(stream,), daemon=True)  # a hung one must not hold pytest
+        reader.start()
+        decoder.wait_for_log(r"\[doomed\] waiting up to \d+ s for an encoder replica")
+        os.kill(decoder.pid, signal.SIGKILL)
+        reader.join(30)
+        assert not reader.is_alive(), "the caption hung after its decoder was killed"
+    assert len(outcome) == 1 and isinstance(outcome[0], CaptionError), outcome
+    assert outcome[0].status is grpc.StatusCode.UNAVAILABLE, outcome[0]
+    assert stream.token_ids == [] and stream.result is None

@@ -61,13 +61,15 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
     ``round_robin=True`` spreads calls over every address the target resolves to (for
     example ``dns:///encoder:50051`` with scaled encoder replicas) instead of gRPC's default
     pick-first, which sends every call to one of them. ``service_config`` is a gRPC service
-    config (retry policies, health checking), e.g. :func:`caption_service_config`.
+    config (health checking, e.g. :func:`health_checked`).
     """
     options = _shared_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms)
     options += [
         ("grpc.enable_retries", 1),
-        # A retried call resends its request, which carries a whole video: keep all of it
-        # (gRPC keeps 256 KiB by default and never retries a call whose request was larger).
+        # gRPC's transparent retry (a call no server has seen) resends the request, which
+        # carries a whole video: keep all of it (gRPC keeps 256 KiB by default and never
+        # retries a call whose request was larger). No retry policy: the client retries
+        # captions itself (pllava_client.retry says why).
         ("grpc.per_rpc_retry_buffer_size", int(max_message_bytes)),
         ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -77,32 +79,6 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, *,
     if service_config is not None:
         options.append(("grpc.service_config", json.dumps(service_config)))
     return options
-
-
-#: Attempts of a ``Caption`` call in all (gRPC's upper limit is 5) ...
-CAPTION_MAX_ATTEMPTS = 5
-#: ... the pause before a retry is random, below 0.2 s, then below 0.4, 0.8 and 1.6 s: at most
-#: 3 s in all, so an unreachable decoder is still reported as UNAVAILABLE within seconds.
-CAPTION_RETRY_BACKOFF = ("0.2s", "1.6s", 2)
-
-
-def caption_service_config() -> dict:
-    """The client's service config: a ``Caption`` call that fails with UNAVAILABLE (the
-    decoder is loading, shutting down, restarting, unreachable) is retried, on another
-    decoder when the address names several. ``GetInfo`` is not: health checks and probes
-    want the answer of the moment.
-
-    gRPC retries a call only until the first response arrives, so a ``Caption`` is retried
-    before its first token, never after tokens were streamed (the decoder sends nothing
-    earlier): no caption is ever started twice as far as the caller can see.
-    """
-    initial, maximum, multiplier = CAPTION_RETRY_BACKOFF
-    return {"methodConfig": [{
-        "name": [{"service": "pllava.v1.Decoder", "method": "Caption"}],
-        "retryPolicy": {"maxAttempts": CAPTION_MAX_ATTEMPTS, "initialBackoff": initial,
-                        "maxBackoff": maximum, "backoffMultiplier": multiplier,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
-    }]}
 
 
 def health_checked(service: str) -> dict:

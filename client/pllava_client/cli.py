@@ -178,7 +178,7 @@ def connect_and_caption(args: argparse.Namespace, video, frames=None) -> int:
         return caption_one(client, video, args, frames=frames)
 
 
-def make_client(args: argparse.Namespace, grpc_retries: bool = True) -> Client:
+def make_client(args: argparse.Namespace, retry_unavailable: bool = True) -> Client:
     """The client the flags describe; ValueError naming the flag that is wrong."""
     # Checked first with the flags' names, so a message says which flag to fix.
     ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, names=("--tls-ca", "--tls-cert", "--tls-key"))
@@ -186,7 +186,7 @@ def make_client(args: argparse.Namespace, grpc_retries: bool = True) -> Client:
         check_token(args.token, "--token (or $PLLAVA_TOKEN)")
     try:
         return Client(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                      token=args.token, timeout=args.timeout, grpc_retries=grpc_retries)
+                      token=args.token, timeout=args.timeout, retry_unavailable=retry_unavailable)
     except ValueError as exc:  # what is left is the address
         raise ValueError(f"--server: {exc}") from None
 
@@ -262,7 +262,7 @@ def _caption_collection(args: argparse.Namespace) -> int:
     unsearchable: list[str] = []
     try:
         paths = expand_inputs(args.inputs, exclude=[args.out], unsearchable=unsearchable)
-        client = make_client(args, grpc_retries=False)  # caption_many retries itself
+        client = make_client(args, retry_unavailable=False)  # caption_many retries itself
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
@@ -39,9 +40,10 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 
-from .channel import (MAX_MESSAGE_BYTES, caption_service_config, channel_options, grpc_target, server_count,
+from .channel import (MAX_MESSAGE_BYTES, channel_options, grpc_target, server_count,
                       stays_on_this_machine, tls_server_name)
 from .frames import Frame, read_frames
+from .retry import CaptionRetry
 from .security import BearerToken, ClientTls, check_token, explain_unavailable, secure_or_insecure_channel
 
 if TYPE_CHECKING:
@@ -167,11 +169,25 @@ class CaptionStream:
     ids still count). Once the iterator is exhausted, :attr:`result` holds the final event.
     :attr:`token_ids` and :attr:`text` grow as the stream goes. :meth:`close` (also on leaving
     a ``with`` block or on garbage collection) cancels the call if it is still running.
+
+    ``again(timeout)``, when given, makes the call once more with that deadline (None: none)
+    and ``retry`` says when: a call that fails before anything was received is made again
+    (see :class:`~pllava_client.retry.CaptionRetry`); ``deadline`` (``time.monotonic()``) is
+    the end of all attempts together.
     """
 
-    def __init__(self, call, explain: Callable[[str], str] | None = None):
+    def __init__(self, call, explain: Callable[[str], str] | None = None, *,
+                 again: Callable[[float | None], object] | None = None,
+                 retry: CaptionRetry | None = None, deadline: float | None = None):
         self._call = call  # grpc's response iterator, which is also the call object
         self._explain = explain
+        self._again = again
+        self._retry = retry if again is not None else None
+        self._ends_at = deadline
+        self._attempts = 1
+        self._received = False
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         self.token_ids: list[int] = []
         self.text = ""
         self.result: CaptionResult | None = None
@@ -192,11 +208,13 @@ class CaptionStream:
                                        ) from None
                 break
             except grpc.RpcError as err:
+                if self._try_again(err):
+                    continue
                 self._done = True
                 # Once the server has answered, the transport works: a break later on (the
                 # decoder went away mid-stream) is no TLS question.
-                answered = self.token_ids or self.result is not None
-                raise CaptionError.from_rpc_error(err, None if answered else self._explain) from None
+                raise CaptionError.from_rpc_error(err, None if self._received else self._explain) from None
+            self._received = True
             kind = event.WhichOneof("event")
             if kind == "token":
                 self.token_ids.extend(event.token.token_ids)
@@ -207,11 +225,35 @@ class CaptionStream:
                 self.result = CaptionResult.from_proto(event.final)
         raise StopIteration
 
+    def _try_again(self, err: grpc.RpcError) -> bool:
+        """Make the call again if ``err`` is worth it and time is left; True if made."""
+        if self._retry is None or self._received or self._closed.is_set():
+            return False
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        trailing = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
+        pause = self._retry.pause_s(self._attempts, code, trailing)
+        if pause is None:
+            return False
+        if self._ends_at is not None and self._ends_at - time.monotonic() - pause <= 0:
+            return False  # the caller hears why the last attempt failed, not that time ran out
+        if self._closed.wait(pause):
+            return False
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._attempts += 1
+            self._call = self._again(None if self._ends_at is None else self._ends_at - time.monotonic())
+        return True
+
     def close(self) -> None:
         """Cancel the call if it has not finished; harmless otherwise."""
-        if not self._done:
+        with self._lock:
+            self._closed.set()
+            if self._done:
+                return
             self._done = True
-            self._call.cancel()
+            call = self._call
+        call.cancel()
 
     cancel = close
 
@@ -311,12 +353,15 @@ class Client:
 
     ``timeout`` is the default deadline in seconds of every call (``None``: no deadline);
     each method takes its own ``timeout`` too. ``options`` replaces the gRPC channel options
-    (default: :func:`pllava_client.channel.channel_options` with round robin, 64 MiB messages
-    and the retry policy of :func:`~pllava_client.channel.caption_service_config`).
+    (default: :func:`pllava_client.channel.channel_options` with round robin and 64 MiB
+    messages).
 
     A caption that fails with UNAVAILABLE before its first token (the decoder is loading, shutting
-    down or restarting, or was not reachable) is retried by gRPC itself, up to 5 attempts within
-    3 s; once tokens have streamed, a failure is the caller's to see. The channel
+    down or restarting, was killed or was not reachable) is made again by the client, up to 5
+    attempts within 3 s and within the call's deadline (:class:`~pllava_client.retry.CaptionRetry`),
+    unless the decoder's answer says another try cannot help; once tokens have streamed, a
+    failure is the caller's to see. ``retry_unavailable=False`` leaves that out (a caller that
+    retries itself, as :meth:`caption_many` does). The channel
     reconnects within 2 s of losing its decoder, so a client made before a decoder restart
     works after it.
 
@@ -332,24 +377,16 @@ class Client:
     client certificate, another CA)
     raises UNAVAILABLE with the likely cause in the message. ValueError for files that cannot
     be read or options that do not go together.
-
-    ``grpc_retries=False`` leaves gRPC's own retry of UNAVAILABLE out (a caller that retries
-    itself, as :meth:`caption_many` does): with it, a call to a decoder killed at the wrong
-    moment, with no other decoder to go to, was seen waiting forever, with no connection.
     """
 
     def __init__(self, address: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, token: str | Callable[[], str] | None = None,
                  timeout: float | None = None,
-                 options: Sequence[tuple[str, object]] | None = None, grpc_retries: bool = True):
+                 options: Sequence[tuple[str, object]] | None = None, retry_unavailable: bool = True):
         self.address = address
         self.timeout = timeout
-        if options is not None:
-            self._options = list(options)
-        elif grpc_retries:
-            self._options = channel_options(round_robin=True, service_config=caption_service_config())
-        else:
-            self._options = channel_options(round_robin=True) + [("grpc.enable_retries", 0)]
+        self._options = list(options) if options is not None else channel_options(round_robin=True)
+        self._retry = CaptionRetry() if retry_unavailable else None
         self._max_message = dict(self._options).get("grpc.max_send_message_length",
                                                      MAX_MESSAGE_BYTES)
         self._tls = ClientTls.from_files(tls_ca, tls_cert, tls_key)
@@ -419,8 +456,13 @@ class Client:
         if request.ByteSize() > self._max_message:  # a long prompt or stop strings beside the video
             raise RequestTooLarge(f"the request is {request.ByteSize()} bytes with its prompt and other fields "
                                   f"({what} {size}); one request carries at most {self._max_message}")
-        call = self._stub.Caption(request, timeout=self._deadline(timeout))
-        return CaptionStream(call, self._explain)
+        timeout = self._deadline(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def again(left: float | None):
+            return self._stub.Caption(request, timeout=left)
+
+        return CaptionStream(again(timeout), self._explain, again=again, retry=self._retry, deadline=deadline)
 
     def caption_full(self, video: Video | None = None, prompt: str | None = None, **kwargs) -> CaptionResult:
         """Caption ``video`` (or ``frames=[...]``) and return the whole result (same arguments
@@ -453,7 +495,7 @@ class Client:
         status ``"skipped"`` without calling the server (how ``pllava-caption --out`` resumes;
         ``skip(path, None)`` asks about a file that cannot be read). An exception raised by
         ``videos`` itself (a listing that fails midway) stops the run and is raised here.
-        Make the client with ``grpc_retries=False`` for it (``pllava-caption --out`` does).
+        Make the client with ``retry_unavailable=False`` for it (``pllava-caption --out`` does).
         Other keyword arguments are :meth:`caption`'s; one a request cannot carry raises
         ValueError here, before any video is read. Closing the iterator cancels the calls in
         progress.

@@ -4,7 +4,8 @@ the subset of kustomize that ``deploy/kubernetes`` uses, so CI needs no kubectl.
     objects = build(Path("deploy/kubernetes/overlays/cpu"))   # a list of dicts
 
 Supported: ``resources`` (YAML files, several documents each, and folders holding a
-kustomization), ``patches`` with a ``target`` (kind, name) and JSON 6902 operations (add,
+kustomization), ``components`` (folders holding a Component: its resources and patches apply
+to what the kustomization has), ``patches`` with a ``target`` (kind, name) and JSON 6902 operations (add,
 replace, remove) given inline (``patch``) or in a file (``path``), and ``images`` (name ->
 newName, newTag). Anything else in a kustomization is an error rather than silently ignored,
 so the renderer never hands the validator less than kustomize would apply.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-KNOWN_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}
+KNOWN_KEYS = {"apiVersion", "kind", "resources", "components", "patches", "images"}
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
 
@@ -24,14 +25,17 @@ class KustomizeError(ValueError):
     pass
 
 
-def build(folder: Path) -> list[dict]:
-    """The objects the kustomization in ``folder`` renders to, in resource order."""
+def build(folder: Path, objects: list[dict] | None = None, kind: str = "Kustomization") -> list[dict]:
+    """The objects the kustomization in ``folder`` renders to, in resource order. A
+    component (``kind`` Component) adds to and patches ``objects``, what its user has so far."""
     folder = Path(folder)
     spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
     unknown = set(spec) - KNOWN_KEYS
     if unknown:
         raise KustomizeError(f"{folder}: kustomization fields this renderer does not know: {sorted(unknown)}")
-    objects: list[dict] = []
+    if spec.get("kind", "Kustomization") != kind:
+        raise KustomizeError(f"{folder}: a {spec.get('kind')} where a {kind} belongs")
+    objects = [] if objects is None else objects
     for entry in spec.get("resources", []):
         path = folder / entry
         if path.is_dir():
@@ -40,6 +44,8 @@ def build(folder: Path) -> list[dict]:
             # A deep copy of each document: YAML anchors would otherwise share objects that
             # a patch must change in one place only.
             objects += [copy.deepcopy(doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for entry in spec.get("components", []):  # after the resources, before this one's own patches
+        build(folder / entry, objects, kind="Component")
     for patch in spec.get("patches", []):
         apply_patch(objects, patch, folder)
     for image in spec.get("images", []):

@@ -8,6 +8,10 @@ needed; where kubectl is installed, its own ``kubectl kustomize`` must give the 
 """
 from __future__ import annotations
 
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -17,13 +21,18 @@ import yaml
 from kustomize import KustomizeError, build, json_patch
 from pllava_decoder.settings import ENV_PREFIX as DECODER_ENV, DecoderSettings
 from pllava_encoder.settings import ENV_PREFIX as ENCODER_ENV, EncoderSettings
+from pllava_client import Client
+from pllava_client.security import ClientTls
+from pllava_serving.certs import DEFAULT_HOSTS, FILES, make_certs
 from pllava_serving.settings import load_settings
+from servers import start_decoder, start_encoder
 
 #: The Kubernetes version the manifests are checked against (gRPC probes are GA since 1.27,
 #: autoscaling/v2 since 1.23, policy/v1 budgets since 1.21).
 KUBERNETES_VERSION = "1.31.0"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
-OVERLAYS = ("cpu", "ascend")
+OVERLAYS = ("cpu", "ascend", "cpu-secure")
+SECURE = DEPLOY / "components" / "secure"
 NPU = "huawei.com/Ascend910"
 
 
@@ -136,7 +145,10 @@ def test_the_pieces_fit_together(overlay, tmp_path):
         assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port),
                                "prometheus.io/path": "/metrics"}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": settings.port}, probe  # the health service
+            if name.endswith("-secure"):  # the health service, over TLS (test_the_secure_overlay_...)
+                assert container[probe]["exec"]["command"][3] == f"127.0.0.1:{settings.port}", probe
+            else:
+                assert container[probe]["grpc"] == {"port": settings.port}, probe  # the health service
         # SIGTERM drains for grace_s; Kubernetes must wait longer before it kills the pod.
         assert spec["terminationGracePeriodSeconds"] > settings.grace_s
         mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -231,3 +243,83 @@ def test_the_renderer_refuses_what_it_does_not_know(tmp_path):
     (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n")
     with pytest.raises(KustomizeError, match="matches no object"):
         build(tmp_path)
+
+
+def secure_pods() -> dict[str, dict]:
+    """The encoder's and decoder's containers in the cpu-secure overlay."""
+    objects = by_kind_and_name(build(DEPLOY / "overlays" / "cpu-secure"))
+    return {stage: pod_spec(objects, stage) for stage in ("encoder", "decoder")}
+
+
+def test_the_secure_overlay_turns_on_tls_and_tokens_on_both_hops(tmp_path):
+    """Every file the pods name comes from the Secret at /certs and is one `pllava make-certs`
+    writes (never the CA's key); the settings the servers load from the pods' variables turn on
+    TLS, client certificates and tokens on both hops; the probes speak TLS with the client
+    certificate; and the certificate the documented command makes names every Service."""
+    cert_files = set(FILES) - {"ca-key.pem"}
+    for stage, spec in secure_pods().items():
+        (container,) = spec["containers"]
+        volume = {v["name"]: v for v in spec["volumes"]}["certs"]
+        assert volume["secret"] == {"secretName": "pllava-certs", "defaultMode": 0o440}
+        assert spec["securityContext"]["fsGroup"] == image_user()[1]  # the group that may read them
+        mount = {m["name"]: m for m in container["volumeMounts"]}["certs"]
+        assert mount == {"name": "certs", "mountPath": "/certs", "readOnly": True}
+        env = {e["name"]: e["value"] for e in container["env"]}
+        probes = [container[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+        named = [*env.values(), *(arg for command in probes for arg in command if arg.startswith("/"))]
+        for path in named:
+            assert Path(path).parent == Path("/certs") and Path(path).name in cert_files, path
+        cls, prefix = (EncoderSettings, ENCODER_ENV) if stage == "encoder" else (DecoderSettings, DECODER_ENV)
+        settings = load_settings(cls, env_prefix=prefix, environ={**env, prefix + "MODEL": "/model"})
+        assert settings.tls_cert and settings.tls_key and settings.tls_client_ca
+        assert settings.auth_token_file == "/certs/token"
+        if stage == "decoder":
+            assert settings.encoder_tls_ca and settings.encoder_tls_cert and settings.encoder_token_file
+        for command in probes:
+            assert command == ["python", "-m", "pllava_client.health", f"127.0.0.1:{settings.port}",
+                               "--tls-ca", "/certs/ca.pem", "--tls-cert", "/certs/client.pem",
+                               "--tls-key", "/certs/client-key.pem"]
+
+    # The Secret is made from what this command writes: its certificate names every Service.
+    comment = (SECURE / "kustomization.yaml").read_text()
+    (command,) = re.findall(r"^#\s+(pllava make-certs .*)$", comment, re.MULTILINE)
+    words = shlex.split(command)
+    hosts = words[4::2]
+    assert words[:3] == ["pllava", "make-certs", "certs"] and set(words[3::2]) == {"--host"}, command
+    certs = make_certs(tmp_path / "certs", [*DEFAULT_HOSTS, *hosts])  # as the command does
+    from cryptography import x509
+    names = x509.load_pem_x509_certificate(certs.server_cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    services = {name for kind, name in by_kind_and_name(build(DEPLOY / "overlays" / "cpu-secure")) if kind == "Service"}
+    assert services <= set(names), (services, names)
+    listed = re.findall(r"--from-file=certs/(\S+)", comment)
+    assert sorted(listed) == sorted(cert_files), "the Secret must hold every file the pods name, and no CA key"
+
+
+def test_servers_started_as_the_secure_pods_say_serve_over_tls_and_pass_their_probes(tiny_model_dir, tmp_path,
+                                                                                      videos_dir):
+    """The encoder and decoder started with the secure pods' variables (the Secret's folder
+    made by `pllava make-certs`) serve captions over mutual TLS with the token, and each pod's
+    probe command passes; without the client certificate the probe fails."""
+    certs = make_certs(tmp_path / "certs")
+
+    def here(value: str) -> str:
+        return str(certs.folder / Path(value).name) if value.startswith("/certs/") else value
+
+    pods = secure_pods()
+    env = {stage: {e["name"]: here(e["value"]) for e in spec["containers"][0]["env"]} for stage, spec in pods.items()}
+    tls = ClientTls.from_files(str(certs.ca), str(certs.client_cert), str(certs.client_key))
+    with start_encoder(tiny_model_dir, env=env["encoder"], tls=tls, log_dir=tmp_path) as encoder, \
+            start_decoder(tiny_model_dir, encoder.address, tmp_path, "--max-context", "1024",
+                          env=env["decoder"], tls=tls) as decoder:
+        for stage, server in (("encoder", encoder), ("decoder", decoder)):
+            probe = [sys.executable if arg == "python" else here(arg)
+                     for arg in pods[stage]["containers"][0]["readinessProbe"]["exec"]["command"]]
+            probe[3] = server.address
+            run = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and "SERVING" in run.stdout, (stage, run.stdout, run.stderr)
+            without_certificate = subprocess.run(probe[:-4], capture_output=True, text=True, timeout=60)
+            assert without_certificate.returncode != 0, (stage, without_certificate.stdout)
+        with Client(decoder.address, tls_ca=str(certs.ca), tls_cert=str(certs.client_cert),
+                    tls_key=str(certs.client_key), token=certs.token.read_text().strip(), timeout=120) as client:
+            assert len(client.caption_full(videos_dir / "still.jpg", max_new_tokens=3).token_ids) == 3

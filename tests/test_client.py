@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -22,6 +23,7 @@ import pytest
 
 from pllava_client import CaptionError, CaptionResult, Client, RequestTooLarge
 from pllava_client.channel import server_options, stays_on_this_machine
+from pllava_client.retry import CaptionRetry
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
 from servers import console_script, free_ports, start_decoder, start_encoder, start_server
 
@@ -331,24 +333,65 @@ def test_no_retry_after_a_token_nor_when_the_client_says_so(scripted):
     assert len(servicer.requests) == 2
 
 
-def test_no_retry_past_the_deadline_nor_after_close(scripted):
-    """A pause that would end past the call's deadline is not waited out; closing the stream
-    during a pause ends it without another call."""
+def read_in_background(stream) -> tuple[threading.Thread, list]:
+    """A daemon thread reading ``stream`` to its end (a hung one must not hold pytest); the
+    list gets the exception it ended with, or None."""
+    ended: list = []
+
+    def read():
+        try:
+            list(stream)
+            ended.append(None)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test
+            ended.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, ended
+
+
+def wait_for_requests(servicer: ScriptedDecoder, count: int, timeout: float = 30.0) -> None:
+    """Until the servicer has taken ``count`` calls, then half a second more, so that the
+    last refusal has reached the client."""
+    deadline = time.monotonic() + timeout
+    while len(servicer.requests) < count:
+        assert time.monotonic() < deadline, f"the decoder got {len(servicer.requests)} calls, not {count}"
+        time.sleep(0.02)
+    time.sleep(0.5)
+
+
+@pytest.mark.parametrize("closing", ["stream", "client"])
+def test_no_retry_past_the_deadline_nor_after_close(scripted, closing):
+    """A pause that would end past the call's deadline is not waited out; closing the stream,
+    or its client, during a pause ends the stream with CANCELLED and no other call."""
     servicer, client = scripted
     servicer.unavailable_first, servicer.pushback_ms = 100, "60000"
     with pytest.raises(CaptionError, match="still loading"):
         client.caption_full(b"v", timeout=30)
     assert len(servicer.requests) == 1
     stream = client.caption(b"v")
-    reader = threading.Thread(target=lambda: pytest.raises(CaptionError, list, stream), daemon=True)
-    reader.start()
-    while len(servicer.requests) < 2:
-        reader.join(0.05)
-    reader.join(0.5)  # the refusal has reached the client, which now pauses for 60 s
-    stream.close()
+    reader, ended = read_in_background(stream)
+    wait_for_requests(servicer, 2)  # the client now pauses for a minute
+    (stream if closing == "stream" else client).close()
     reader.join(30)
     assert not reader.is_alive(), "close() did not end the pause"
+    assert isinstance(ended[0], CaptionError) and ended[0].status is grpc.StatusCode.CANCELLED, ended
+    assert "waited to try the decoder again" in ended[0].message
     assert len(servicer.requests) == 2
+
+
+def test_retry_pauses():
+    retry = CaptionRetry()
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    for failed in range(1, 5):
+        pauses = [retry.pause_s(failed, unavailable, None) for _ in range(200)]
+        assert 0 <= min(pauses) and max(pauses) <= min(1.6, 0.2 * 2 ** (failed - 1))
+        assert max(pauses) > 0.5 * min(1.6, 0.2 * 2 ** (failed - 1))  # random below the cap, not fixed
+    assert retry.pause_s(5, unavailable, None) is None  # five attempts made
+    assert retry.pause_s(1, grpc.StatusCode.INTERNAL, None) is None
+    assert retry.pause_s(1, unavailable, [("request-id", "r"), ("grpc-retry-pushback-ms", "2500")]) == 2.5
+    assert retry.pause_s(1, unavailable, [("grpc-retry-pushback-ms", "-1")]) is None
+    assert retry.pause_s(1, unavailable, [("grpc-retry-pushback-ms", "soon")]) is None
 
 
 @pytest.mark.parametrize("address, local", [
@@ -510,19 +553,10 @@ def test_a_decoder_killed_before_the_first_token_fails_the_caption_within_second
     seconds. With gRPC's own retry policy the stream was seen waiting forever here, its
     deadline ignored."""
     nobody = f"127.0.0.1:{free_ports(1)}"
-    outcome: list[BaseException] = []
-
-    def read(stream):
-        try:
-            list(stream)
-        except BaseException as exc:  # noqa: BLE001 -- handed to the test
-            outcome.append(exc)
-
     with start_decoder(tiny_model_dir, nobody, tmp_path, "--encoder-ready-timeout-s", "300") as decoder, \
             Client(decoder.address, timeout=120) as client:
         stream = client.caption(videos_dir / "still.jpg", max_new_tokens=4, request_id="doomed")
-        reader = threading.Thread(target=read, args=(stream,), daemon=True)  # a hung one must not hold pytest
-        reader.start()
+        reader, outcome = read_in_background(stream)
         decoder.wait_for_log(r"\[doomed\] waiting up to \d+ s for an encoder replica")
         os.kill(decoder.pid, signal.SIGKILL)
         reader.join(30)

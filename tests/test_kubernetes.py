@@ -1,4 +1,4 @@
-"""The Kubernetes manifests (deploy/kubernetes): both overlays render, every object is valid
+"""The Kubernetes manifests (deploy/kubernetes): every overlay renders, every object is valid
 against the schema of the pinned Kubernetes version, and the pieces fit together (probes on
 the ports the servers listen on, Services and budgets selecting the pods, autoscalers aiming
 at the Deployments, settings the servers accept, one NPU per pod on Ascend).

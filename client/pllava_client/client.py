@@ -32,6 +32,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
@@ -73,6 +74,9 @@ class RequestTooLarge(ValueError):
     """The request would not fit in one gRPC message (the video, the frames or all its fields
     together): sending it again cannot help."""
 
+
+#: A caption is not tried again with less of its deadline left than this, in seconds.
+MIN_ATTEMPT_S = 1.0
 
 #: What gRPC itself answers (RESOURCE_EXHAUSTED) to a call beyond a server's
 #: ``maximum_concurrent_rpcs``.
@@ -214,7 +218,8 @@ class CaptionStream:
                 # Once the server has answered, the transport works: a break later on (the
                 # decoder went away mid-stream) is no TLS question.
                 raise CaptionError.from_rpc_error(err, None if self._received else self._explain) from None
-            self._received = True
+            if not self._received:
+                self._answered()
             kind = event.WhichOneof("event")
             if kind == "token":
                 self.token_ids.extend(event.token.token_ids)
@@ -226,7 +231,8 @@ class CaptionStream:
         raise StopIteration
 
     def _try_again(self, err: grpc.RpcError) -> bool:
-        """Make the call again if ``err`` is worth it and time is left; True if made."""
+        """Make the call again if ``err`` is worth it and time is left; True if made. A
+        stream closed while it waits to try again raises CANCELLED."""
         if self._retry is None or self._received or self._closed.is_set():
             return False
         code = err.code() if callable(getattr(err, "code", None)) else None
@@ -234,16 +240,30 @@ class CaptionStream:
         pause = self._retry.pause_s(self._attempts, code, trailing)
         if pause is None:
             return False
-        if self._ends_at is not None and self._ends_at - time.monotonic() - pause <= 0:
+        if self._ends_at is not None and self._ends_at - time.monotonic() - pause < MIN_ATTEMPT_S:
             return False  # the caller hears why the last attempt failed, not that time ran out
         if self._closed.wait(pause):
-            return False
+            raise CaptionError(grpc.StatusCode.CANCELLED, "the caption was closed while it waited to try the "
+                               "decoder again") from None
         with self._lock:
             if self._closed.is_set():
-                return False
+                raise CaptionError(grpc.StatusCode.CANCELLED, "the caption was closed while it waited to try "
+                                   "the decoder again") from None
+            try:
+                self._call = self._again(None if self._ends_at is None else self._ends_at - time.monotonic())
+            except Exception as exc:  # noqa: BLE001 -- the client closed meanwhile, a token function failing
+                self._done = True
+                closed = isinstance(exc, ValueError) and "closed" in str(exc).lower()
+                raise CaptionError(grpc.StatusCode.CANCELLED if closed else grpc.StatusCode.UNKNOWN,
+                                   f"trying the decoder again failed: {exc}") from None
             self._attempts += 1
-            self._call = self._again(None if self._ends_at is None else self._ends_at - time.monotonic())
         return True
+
+    def _answered(self) -> None:
+        """The decoder answered: the call is never made again, so what it takes to make it
+        (the request, which holds the video) is let go."""
+        self._received = True
+        self._again = self._retry = None
 
     def close(self) -> None:
         """Cancel the call if it has not finished; harmless otherwise."""
@@ -359,7 +379,8 @@ class Client:
     A caption that fails with UNAVAILABLE before its first token (the decoder is loading, shutting
     down or restarting, was killed or was not reachable) is made again by the client, up to 5
     attempts within 3 s and within the call's deadline (:class:`~pllava_client.retry.CaptionRetry`),
-    unless the decoder's answer says another try cannot help; once tokens have streamed, a
+    unless the decoder's answer says another try cannot help or when to try
+    (``grpc-retry-pushback-ms``); once tokens have streamed, a
     failure is the caller's to see. ``retry_unavailable=False`` leaves that out (a caller that
     retries itself, as :meth:`caption_many` does). The channel
     reconnects within 2 s of losing its decoder, so a client made before a decoder restart
@@ -385,8 +406,14 @@ class Client:
                  options: Sequence[tuple[str, object]] | None = None, retry_unavailable: bool = True):
         self.address = address
         self.timeout = timeout
-        self._options = list(options) if options is not None else channel_options(round_robin=True)
+        if options is not None:
+            self._options = list(options)
+        else:  # without the client's retry, none of gRPC's either (as before it had its own)
+            self._options = channel_options(round_robin=True) + ([] if retry_unavailable else
+                                                                 [("grpc.enable_retries", 0)])
         self._retry = CaptionRetry() if retry_unavailable else None
+        self._streams: weakref.WeakSet[CaptionStream] = weakref.WeakSet()  # closed with the client
+        self._streams_lock = threading.Lock()
         self._max_message = dict(self._options).get("grpc.max_send_message_length",
                                                      MAX_MESSAGE_BYTES)
         self._tls = ClientTls.from_files(tls_ca, tls_cert, tls_key)
@@ -462,7 +489,10 @@ class Client:
         def again(left: float | None):
             return self._stub.Caption(request, timeout=left)
 
-        return CaptionStream(again(timeout), self._explain, again=again, retry=self._retry, deadline=deadline)
+        stream = CaptionStream(again(timeout), self._explain, again=again, retry=self._retry, deadline=deadline)
+        with self._streams_lock:
+            self._streams.add(stream)
+        return stream
 
     def caption_full(self, video: Video | None = None, prompt: str | None = None, **kwargs) -> CaptionResult:
         """Caption ``video`` (or ``frames=[...]``) and return the whole result (same arguments
@@ -553,7 +583,12 @@ class Client:
             pause = min(2 * pause, 2.0)
 
     def close(self) -> None:
-        """Close the channel (cancels calls still running)."""
+        """Close the channel: calls still running are cancelled, and so are captions waiting to
+        try the decoder again."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":

@@ -553,7 +553,8 @@ def test_a_decoder_killed_before_the_first_token_fails_the_caption_within_second
     seconds. With gRPC's own retry policy the stream was seen waiting forever here, its
     deadline ignored."""
     nobody = f"127.0.0.1:{free_ports(1)}"
-    with start_decoder(tiny_model_dir, nobody, tmp_path, "--encoder-ready-timeout-s", "300") as decoder, \
+    with start_decoder(tiny_model_dir, nobody, tmp_path, "--encoder-ready-timeout-s", "300",
+                       "--max-context", "1024") as decoder, \
             Client(decoder.address, timeout=120) as client:
         stream = client.caption(videos_dir / "still.jpg", max_new_tokens=4, request_id="doomed")
         reader, outcome = read_in_background(stream)

@@ -5,9 +5,9 @@ the subset of kustomize that ``deploy/kubernetes`` uses, so CI needs no kubectl.
 
 Supported: ``resources`` (YAML files, several documents each, and folders holding a
 kustomization), ``components`` (folders holding a Component: its resources and patches apply
-to what the kustomization has), ``patches`` with a ``target`` (kind, name) and JSON 6902 operations (add,
-replace, remove) given inline (``patch``) or in a file (``path``), and ``images`` (name ->
-newName, newTag). Anything else in a kustomization is an error rather than silently ignored,
+to what the kustomization has), ``patches`` with a ``target`` (kind, name) and JSON 6902
+operations (add, replace, remove) given inline (``patch``) or in a file (``path``), and
+``images`` (name -> newName, newTag). Anything else in a kustomization is an error rather than silently ignored,
 so the renderer never hands the validator less than kustomize would apply.
 """
 from __future__ import annotations

@@ -107,6 +107,14 @@ class ServerProcess:
         self.stop()
 
 
+def wait_until(condition, timeout: float = 60.0, what: str = "timed out") -> None:
+    """Poll ``condition()`` until it is true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def _wait_for_log(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float) -> re.Match:
     deadline = time.monotonic() + timeout
     while True:

@@ -25,7 +25,7 @@ from pllava_client import CaptionError, CaptionResult, Client, RequestTooLarge
 from pllava_client.channel import server_options, stays_on_this_machine
 from pllava_client.retry import CaptionRetry
 from pllava_proto.v1 import pllava_pb2, pllava_pb2_grpc
-from servers import console_script, free_ports, start_decoder, start_encoder, start_server
+from servers import console_script, free_ports, start_decoder, start_encoder, start_server, wait_until
 
 PROMPT = "What is happening in this video?"
 MAX_NEW_TOKENS = 24
@@ -350,16 +350,6 @@ def read_in_background(stream) -> tuple[threading.Thread, list]:
     return reader, ended
 
 
-def wait_for_requests(servicer: ScriptedDecoder, count: int, timeout: float = 30.0) -> None:
-    """Until the servicer has taken ``count`` calls, then half a second more, so that the
-    last refusal has reached the client."""
-    deadline = time.monotonic() + timeout
-    while len(servicer.requests) < count:
-        assert time.monotonic() < deadline, f"the decoder got {len(servicer.requests)} calls, not {count}"
-        time.sleep(0.02)
-    time.sleep(0.5)
-
-
 @pytest.mark.parametrize("closing", ["stream", "client"])
 def test_no_retry_past_the_deadline_nor_after_close(scripted, closing):
     """A pause that would end past the call's deadline is not waited out; closing the stream,
@@ -371,7 +361,8 @@ def test_no_retry_past_the_deadline_nor_after_close(scripted, closing):
     assert len(servicer.requests) == 1
     stream = client.caption(b"v")
     reader, ended = read_in_background(stream)
-    wait_for_requests(servicer, 2)  # the client now pauses for a minute
+    wait_until(lambda: len(servicer.requests) >= 2, 30, "the decoder never got the second call")
+    time.sleep(0.5)  # the refusal has reached the client, which now pauses for a minute
     (stream if closing == "stream" else client).close()
     reader.join(30)
     assert not reader.is_alive(), "close() did not end the pause"

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from pllava_encoder.video_workers import DecodeTimeout, VideoWorkerPool
 from pllava_serving.errors import Overloaded
 
 import odd_media
+from servers import wait_until
 
 
 class LoopThread:
@@ -330,13 +330,6 @@ def is_dead(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_video_over_the_decode_budget_fails_alone_and_its_worker_is_replaced(loop, tiny_model_dir, videos_dir,

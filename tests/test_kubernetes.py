@@ -245,9 +245,9 @@ def test_the_renderer_refuses_what_it_does_not_know(tmp_path):
         build(tmp_path)
 
 
-def secure_pods() -> dict[str, dict]:
-    """The encoder's and decoder's containers in the cpu-secure overlay."""
-    objects = by_kind_and_name(build(DEPLOY / "overlays" / "cpu-secure"))
+def secure_pods(objects: dict | None = None) -> dict[str, dict]:
+    """The encoder's and decoder's pod specs in the cpu-secure overlay (``objects``: as built)."""
+    objects = by_kind_and_name(build(DEPLOY / "overlays" / "cpu-secure")) if objects is None else objects
     return {stage: pod_spec(objects, stage) for stage in ("encoder", "decoder")}
 
 
@@ -257,7 +257,8 @@ def test_the_secure_overlay_turns_on_tls_and_tokens_on_both_hops(tmp_path):
     TLS, client certificates and tokens on both hops; the probes speak TLS with the client
     certificate; and the certificate the documented command makes names every Service."""
     cert_files = set(FILES) - {"ca-key.pem"}
-    for stage, spec in secure_pods().items():
+    objects = by_kind_and_name(build(DEPLOY / "overlays" / "cpu-secure"))
+    for stage, spec in secure_pods(objects).items():
         (container,) = spec["containers"]
         volume = {v["name"]: v for v in spec["volumes"]}["certs"]
         assert volume["secret"] == {"secretName": "pllava-certs", "defaultMode": 0o440}
@@ -290,7 +291,7 @@ def test_the_secure_overlay_turns_on_tls_and_tokens_on_both_hops(tmp_path):
     from cryptography import x509
     names = x509.load_pem_x509_certificate(certs.server_cert.read_bytes()).extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-    services = {name for kind, name in by_kind_and_name(build(DEPLOY / "overlays" / "cpu-secure")) if kind == "Service"}
+    services = {name for kind, name in objects if kind == "Service"}
     assert services <= set(names), (services, names)
     listed = re.findall(r"--from-file=certs/(\S+)", comment)
     assert sorted(listed) == sorted(cert_files), "the Secret must hold every file the pods name, and no CA key"

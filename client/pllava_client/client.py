@@ -242,9 +242,7 @@ class CaptionStream:
             return False
         if self._ends_at is not None and self._ends_at - time.monotonic() - pause < MIN_ATTEMPT_S:
             return False  # the caller hears why the last attempt failed, not that time ran out
-        if self._closed.wait(pause):
-            raise CaptionError(grpc.StatusCode.CANCELLED, "the caption was closed while it waited to try the "
-                               "decoder again") from None
+        self._closed.wait(pause)  # ends early on close()
         with self._lock:
             if self._closed.is_set():
                 raise CaptionError(grpc.StatusCode.CANCELLED, "the caption was closed while it waited to try "

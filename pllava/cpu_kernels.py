@@ -196,7 +196,7 @@ def half_linear_vectorized() -> bool:
 
 @lru_cache(maxsize=None)
 def half_linear_tiles() -> bool:
-    """Whether the built ``HalfLinear`` runs calls of 32 rows or more (prefill chunks, frames)
+    """Whether the built ``HalfLinear`` runs calls of 64 rows or more (prefill chunks, frames)
     on the CPU's AMX tiles: built where the compiler targets them (``-march=native`` on a CPU
     with AMX-BF16) and allowed by the OS for this process."""
     library = build_library()

@@ -55,8 +55,8 @@ def test_the_kernel_is_built_on_this_machine():
 
 
 def test_the_half_linear_kernel_runs_on_amx_tiles_where_the_cpu_has_them():
-    """Calls of 32 rows or more take the tiles exactly where the CPU (and so -march=native)
-    has AMX-BF16; the kernel's tests below then run them at 32 rows and more."""
+    """Calls of 64 rows or more take the tiles exactly where the CPU (and so -march=native)
+    has AMX-BF16; the kernel's tests below then run them at 64 rows and more."""
     from pathlib import Path
 
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
@@ -75,7 +75,7 @@ def test_the_vector_loop_runs_many_rows_too_when_the_tiles_are_ruled_out(tmp_pat
         "from pllava.layers import pack_panels\n"
         "assert not cpu_kernels.half_linear_tiles()\n"
         "rng = np.random.default_rng(3)\n"
-        "x = rng.standard_normal((45, 96)).astype(np.float32)\n"
+        "x = rng.standard_normal((77, 96)).astype(np.float32)\n"
         "w = rng.standard_normal((70, 96)).astype(np.float16)\n"
         "out = cpu_kernels.half_linear_op()(Tensor(x), Tensor(pack_panels(w).astype(np.float32), ms.float16)).asnumpy()\n"
         "np.testing.assert_allclose(out[:, :70], x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-5, atol=1e-5)\n"
@@ -321,9 +321,10 @@ def test_prefill_and_decode_through_the_kernels_equal_mindspores_ops(hf_tiny_dir
     (14, 32, 16),   # one full group of rows
     (45, 40, 24),   # four groups of 11-12 rows
     (17, 33, 32),   # two groups of 9 and 8 rows, not 14 and 3
-    (31, 40, 24),   # the most rows the vector loop takes where there are AMX tiles
-    (32, 40, 64),   # AMX tiles where there are any: one block of 32 rows
-    (45, 70, 96),   # ... a full block and a partial one, three panels
+    (40, 40, 32),   # a 32-position chunk beside 8 decode rows: the vector loop everywhere
+    (63, 40, 24),   # the most rows the vector loop takes where there are AMX tiles
+    (64, 40, 64),   # AMX tiles where there are any: two blocks of 32 rows
+    (77, 70, 96),   # ... full blocks and a partial one, three panels
     (96, 64, 128),  # ... full blocks only
 ])
 def test_half_linear_equals_an_fp32_matmul_over_the_stored_weights(half, rows, outs, width):

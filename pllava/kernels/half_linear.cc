@@ -21,7 +21,7 @@
 // matmul: 1 row 23 vs ~40 ms, 8 rows 27 vs 58-76 ms, 32 rows 58 vs 78 ms, 256 rows 308 vs
 // ~300 ms.
 //
-// Where the CPU has AMX (Intel's tile units: bf16 products summed in float32), a call of 32
+// Where the CPU has AMX (Intel's tile units: bf16 products summed in float32), a call of 64
 // rows or more runs on the tiles instead, to the same float32 precision: each float32 x is
 // cut exactly into three bfloat16 parts (x = hi + mid + lo, 8 + 8 + 8 significant bits) and
 // each float16 weight into two (w = hi + lo, 8 + 3 bits; a bfloat16 weight is one part), and
@@ -34,7 +34,14 @@
 // tiles against the vector loop: 16 rows 31-35 vs 23 ms, 24 rows 33-35 vs 30, 32 rows 36-39
 // vs 39, 64 rows 52-60 vs 70-73; in the decoder, a 16-position prompt chunk alone at position
 // ~2000 57-58 vs 49-50 ms and with the 8 decode rows of the streams beside it (24 rows)
-// 61.5-64.5 vs 57-60, a 32-position chunk alone 68-72 vs 75-78.
+// 61.5-64.5 vs 57-60, a 32-position chunk alone 68-72 vs 75-78. Later, on an Emerald Rapids
+// host under load, a 32-position chunk beside 7 streams' decode rows (40 rows) ran 1.2-1.4x
+// slower on the tiles, and scattered more (at position 2000, median 175 vs 135 ms, one
+// process, thresholds alternating; alone 32 rows were equal, 117 vs 118): the streams wait
+// on that call, and a late, slow one is a long gap between their tokens (six admissions'
+// longest waits 2.8-3.6x the step, median 3.3; since, 2.6-3.3x, median 2.9), so only calls
+// of 64 rows or more take the tiles: prompt chunks of 64 or more, alone or beside
+// decode rows, and the vision tower's frames.
 
 #include <immintrin.h>
 
@@ -57,7 +64,7 @@ namespace {
 enum class Half { f16, bf16 };
 constexpr int64_t kPanel = 32;  // output columns per panel
 constexpr int kRows = 14;       // rows of x per group: 2 x 14 sums + 2 weights + 1 x in 32 registers
-constexpr int64_t kAmxRows = 32;  // calls of at least this many rows run on the tiles, where there are any
+constexpr int64_t kAmxRows = 64;  // calls of at least this many rows run on the tiles, where there are any
 // How far ahead of its reads a group asks for the panel (in steps of k, 64 bytes each): 8 KB,
 // ~1000 cycles of a 14-row group's products, past the memory's latency. A group that reads
 // a panel once (up to 14 rows) streams it from memory; 1 KB ahead it waited on it: 8 KB ahead,

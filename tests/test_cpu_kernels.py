@@ -347,6 +347,30 @@ def test_half_linear_equals_an_fp32_matmul_over_the_stored_weights(half, rows, o
     np.testing.assert_array_equal(out[:, outs:], 0)  # the padding columns
 
 
+def test_calls_under_64_rows_stay_on_the_vector_loop():
+    """A prompt chunk beside the streams' decode rows (here 40 rows) runs on the vector loop
+    even where there are AMX tiles (on the tiles it ran 1.2-1.4x slower, and the streams wait
+    on it): each row then comes out bit for bit as it does alone (the loop sums every row in
+    the same order). At 64 rows, where the CPU has tiles, they take the call: their sums
+    round differently."""
+    import mindspore as ms
+
+    from pllava.layers import pack_panels
+
+    rng = np.random.default_rng(40)
+    weight = Tensor(pack_panels(rng.standard_normal((96, 1024)).astype(np.float16)).astype(np.float32), ms.float16)
+    op = cpu_kernels.half_linear_op()
+    for rows in (40, 63, 64):
+        x = rng.standard_normal((rows, 1024)).astype(np.float32)
+        together = op(Tensor(x), weight).asnumpy()
+        alone = np.concatenate([op(Tensor(x[i:i + 1]), weight).asnumpy() for i in range(rows)])
+        if rows < 64 or not cpu_kernels.half_linear_tiles():
+            np.testing.assert_array_equal(together, alone)
+        else:
+            assert not np.array_equal(together, alone)
+            np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 48), (1, 300, 256)])  # decode, odd rows, threaded
 def test_rms_norm_and_silu_mul_kernels_match_float64(shape):
     rng = np.random.default_rng(shape[1])

@@ -7,8 +7,9 @@ Supported: ``resources`` (YAML files, several documents each, and folders holdin
 kustomization), ``components`` (folders holding a Component: its resources and patches apply
 to what the kustomization has), ``patches`` with a ``target`` (kind, name) and JSON 6902
 operations (add, replace, remove) given inline (``patch``) or in a file (``path``), and
-``images`` (name -> newName, newTag). Anything else in a kustomization is an error rather than silently ignored,
-so the renderer never hands the validator less than kustomize would apply.
+``images`` (name -> newName, newTag). Anything else in a kustomization is an error rather
+than silently ignored, so the renderer never hands the validator less than kustomize would
+apply.
 """
 from __future__ import annotations
 

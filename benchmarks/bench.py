@@ -361,6 +361,7 @@ def drive(engine, requests, until=None) -> dict:
 
 def section_engine(b: Bench) -> dict:
     import hf_pllava as H
+    from pllava import cpu_kernels
     from pllava.generation import Engine
 
     p = b.plan
@@ -422,16 +423,20 @@ def section_engine(b: Bench) -> dict:
     # on a contended day, ours read 0.90x where within one process it swung 0.39-0.69 s
     # from one stretch of seconds to the next)
     ttft = {name: [] for name in caches}
-    side_by_side = []
+    side_by_side, tile_ns = [], []
     for _ in range(p.ttft_repeats):
+        tile_ns.append(cpu_kernels.tile_product_ns())  # the host's share of the tiles, which our prefill follows
         for name, engine in engines.items():
             req = b.request(ids, ours_visual, 1)
             st = drive(engine, [req])
             ttft[name].append(st["times"][req.request_id][0] - st["added"])
         side_by_side.append(hf_ttft())
     out["transformers"].update(ttft_s=statistics.median(side_by_side), ttft_all_s=side_by_side)
+    if None not in tile_ns:
+        out["tile_product_ns"] = tile_ns
     log(f"engine: TTFT side by side, median of {p.ttft_repeats}: transformers {out['transformers']['ttft_s']:.3f} s, "
-        + ", ".join(f"{name} {statistics.median(t):.3f} s" for name, t in ttft.items()))
+        + ", ".join(f"{name} {statistics.median(t):.3f} s" for name, t in ttft.items())
+        + (f"; AMX tile product {min(tile_ns):.1f}-{max(tile_ns):.1f} ns" if "tile_product_ns" in out else ""))
     # One stream goes as often as 8 do, alternating, the fastest kept (one run each read the
     # default at 0.90x the sized cache where the 8-stream runs read 1.00x).
     single = {name: [] for name in caches}
@@ -1113,7 +1118,17 @@ def notes(results: dict, plan: Plan, model_dir: Path) -> list[str]:
         "at once: a video's TTFT includes the videos before it.",
         f"Total wall time of this run: {results.get('total_s', 0):.0f} s; load average (1 min) at its start "
         f"{results.get('load_average_at_start', [float('nan')])[0]:.2f} (other work on the machine slows transformers' threads most).",
-    ]
+    ] + tile_note(results.get("engine", {}))
+
+
+def tile_note(engine: dict) -> list[str]:
+    """Where our prefill ran on AMX tiles: how long a tile product took beside the TTFT runs."""
+    ns = engine.get("tile_product_ns")
+    if not ns:
+        return []
+    return [f"AMX tile product beside the TTFT runs: {min(ns):.1f}-{max(ns):.1f} ns (median "
+            f"{statistics.median(ns):.1f}); our prompt's projections, most of its TTFT, run on the tiles and "
+            "slow as this grows: the Xeon hosts here read ~7 ns, and ~17 while the host's other work shared the core."]
 
 
 # ----------------------------------------------------------------------------- main

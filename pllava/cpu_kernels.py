@@ -207,6 +207,20 @@ def half_linear_tiles() -> bool:
     return bool(ctypes.CDLL(str(library)).HalfLinearTiles())
 
 
+def tile_product_ns(count: int = 2_000_000) -> float | None:
+    """Nanoseconds per AMX tile product over ``count`` of them on this thread now (None where
+    :func:`half_linear_tiles` is False): the share of its core's tile unit this process gets,
+    which prompt projections follow (the benchmark samples it beside its TTFT runs)."""
+    if not half_linear_tiles():
+        return None
+    import ctypes
+
+    probe = ctypes.CDLL(str(build_library())).TileProductNs
+    probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_int64]
+    ns = probe(count)
+    return ns if ns > 0 else None
+
+
 def half_linear_op():
     """A ``mindspore.ops.Custom`` running ``HalfLinear`` (``kernels/half_linear.cc``): x (M, K)
     float32 and a weight kept in float16 or bfloat16, packed in panels of 32 output columns

@@ -57,6 +57,10 @@ def test_json_has_every_section_without_errors(quick):
         assert name in data, f"section {name} missing from the JSON"
         assert "error" not in data[name], f"section {name} failed: {data[name].get('traceback', data[name])}"
     assert data["machine"]["cores"] >= 1 and data["total_s"] > 0
+    from pllava import cpu_kernels  # a tile probe beside each TTFT trio, where the prefill runs on AMX tiles
+    probes = data["engine"].get("tile_product_ns", [])
+    assert len(probes) == (data["plan"]["ttft_repeats"] if cpu_kernels.half_linear_tiles() else 0)
+    assert all(ns > 0 for ns in probes)
     slowest = data["admission"]["slowest_steps"]  # what the longest waits of the admission were made of
     assert slowest and all(s["decode_rows"] > 0 for s in slowest)
     assert [s["seconds"] for s in slowest] == sorted((s["seconds"] for s in slowest), reverse=True)

@@ -62,6 +62,8 @@ def test_the_half_linear_kernel_runs_on_amx_tiles_where_the_cpu_has_them():
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     wanted = {"amx_tile", "amx_bf16"} <= set(flags) and os.environ.get("PLLAVA_AMX") != "0"
     assert cpu_kernels.half_linear_tiles() == wanted
+    ns = cpu_kernels.tile_product_ns(4000)  # the benchmark's probe of the tiles: there exactly with them
+    assert (ns is not None and ns > 0) == wanted
 
 
 def test_the_vector_loop_runs_many_rows_too_when_the_tiles_are_ruled_out(tmp_path):
@@ -73,7 +75,7 @@ def test_the_vector_loop_runs_many_rows_too_when_the_tiles_are_ruled_out(tmp_pat
         "from mindspore import Tensor\n"
         "from pllava import cpu_kernels\n"
         "from pllava.layers import pack_panels\n"
-        "assert not cpu_kernels.half_linear_tiles()\n"
+        "assert not cpu_kernels.half_linear_tiles() and cpu_kernels.tile_product_ns() is None\n"
         "rng = np.random.default_rng(3)\n"
         "x = rng.standard_normal((77, 96)).astype(np.float32)\n"
         "w = rng.standard_normal((70, 96)).astype(np.float16)\n"

@@ -1128,7 +1128,7 @@ def tile_note(engine: dict) -> list[str]:
         return []
     return [f"AMX tile product beside the TTFT runs: {min(ns):.1f}-{max(ns):.1f} ns (median "
             f"{statistics.median(ns):.1f}); our prompt's projections, most of its TTFT, run on the tiles and "
-            "slow as this grows: the Xeon hosts here read ~7 ns, and ~17 while the host's other work shared the core."]
+            "slow as this grows (the Xeon hosts here: ~7 ns in calm stretches, 15-17 in others)."]
 
 
 # ----------------------------------------------------------------------------- main

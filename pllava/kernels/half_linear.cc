@@ -350,9 +350,9 @@ extern "C" int HalfLinearTiles() {
 // Nanoseconds per tile product (a 16x32 by 32x16 bfloat16 product summed into float32) over
 // `count` of them on the calling thread, operands in the tile registers: how much of its
 // core's tile unit this process gets right now; -1 where calls never take the tiles. On the
-// 2-core Xeon hosts here it read ~7 ns and, from one second to the next with this process
-// otherwise idle, ~17 (the host's other work on the core): the projections of a prompt
-// follow it, and the benchmark samples it beside its TTFT runs.
+// 2-core Xeon hosts here it read ~7 ns in calm stretches and 15-17 in others, switching from
+// one second to the next with the machine otherwise idle (the host's other work): a prompt's
+// projections follow it, and the benchmark samples it beside its TTFT runs.
 extern "C" double TileProductNs(int64_t count) {
 #if defined(PLLAVA_AMX)
   if (!amx::permitted() || count <= 0) return -1;

@@ -326,3 +326,34 @@ def test_prompts_sharing_leading_text_match_transformers(hf, chunked, vision, pi
     assert [stats[r.request_id].reused_tokens for r in requests] == [0, 90, 90]
     for r in requests:
         assert tokens[r.request_id] == R.greedy(hf, R.merged_embeddings(hf, r.prompt_ids, r.visual), 20)
+
+
+def test_a_checkpoint_with_tied_word_embeddings_matches_transformers(tmp_path, pixels):
+    """tie_word_embeddings: transformers saves no lm_head and takes the logits from the
+    embedding table; ours reads the flag from config.json and does the same."""
+    import torch
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, projection_dim=16)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       pad_token_id=0, tie_word_embeddings=True)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=300,
+                                              vision_feature_layer=-2, projector_hidden_act="gelu",
+                                              tie_word_embeddings=True)).eval().save_pretrained(tmp_path)
+    saved = [k for f in tmp_path.glob("*.safetensors") for k in safe_open(f, "np").keys()]
+    assert saved and not any("lm_head" in k for k in saved)
+    hf = R.load_hf(tmp_path)
+    cfg = PllavaConfig.from_pretrained(tmp_path).with_frames(4, (4, 2, 2))
+    assert cfg.text.tie_word_embeddings
+    language = PllavaLanguage.from_pretrained(tmp_path, cfg, num_slots=1, max_len=256)
+    assert language.lm.lm_head is None
+    visual = PllavaVision.from_pretrained(tmp_path, cfg).encode_videos([pixels])[0]
+    embeds = language.merge_embeddings(PROMPT, visual)
+    ours = language.prefill(0, embeds, logit_index=range(embeds.shape[1]))
+    ref = R.logits(hf, R.merged_embeddings(hf, PROMPT, visual))
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert greedy_with_cache(language, 0, embeds, 20) == R.greedy(hf, R.merged_embeddings(hf, PROMPT, visual), 20)

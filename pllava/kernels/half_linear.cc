@@ -28,7 +28,8 @@
 // the sum of the part products, all but lo x lo (below float32's rounding), is accumulated in
 // float32 by the tiles: five tile products per float32 product, each ~16x an AVX-512 FMA's
 // work. Measured one core against the loop above (benchmark shapes, 256 rows): 1.3-1.6x;
-// the weights are widened and cut per call (a tenth of the time at 256 rows). Rows go
+// the weights are widened and cut per call (a tenth of the time at 256 rows on the host
+// first measured, about a quarter on a later one: README, "Numerics and choices"). Rows go
 // through the tiles in blocks of 32, and below 32 rows the vector loop was faster: on a
 // 2-core Xeon with AMX, the benchmark model's four projections (float16 weights, x 12 layers),
 // tiles against the vector loop: 16 rows 31-35 vs 23 ms, 24 rows 33-35 vs 30, 32 rows 36-39

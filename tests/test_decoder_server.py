@@ -580,7 +580,7 @@ def test_sigterm_lets_a_running_caption_finish(tiny_model_dir, encoder, logs, me
             # asked without the client's retries: retried, the refusal can outlast the drain
             # (1500 tokens in ~3 s) and meet a closed port instead of "shutting down"
             with pytest.raises(CaptionError) as refused, \
-                    Client(dec.address, timeout=60, options=channel_options()) as once:
+                    Client(dec.address, timeout=60, retry_unavailable=False) as once:
                 once.caption_full(media["portrait"], max_new_tokens=4)
             assert refused.value.status == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.message
             for _ in stream:

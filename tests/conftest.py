@@ -37,21 +37,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def hf_tiny_dir(tmp_path_factory) -> Path:
     """A random LLaVA saved by transformers itself (the reference's own layout and config),
     with grouped-query attention and a 4x4 patch grid."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from reference import save_tiny_llava
 
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=56, patch_size=14, projection_dim=16)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, rms_norm_eps=1e-5,
-                       pad_token_id=0, rope_theta=10000.0)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=300, vision_feature_layer=-2,
-                      projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(cfg).eval()
-    out = tmp_path_factory.mktemp("hf-llava")
-    model.save_pretrained(out)
-    return out
+    return save_tiny_llava(tmp_path_factory.mktemp("hf-llava"), seed=0)
 
 
 class ComposeSmoke:

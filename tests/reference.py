@@ -7,6 +7,23 @@ import numpy as np
 import torch
 
 
+def save_tiny_llava(folder, seed: int = 0, tie_word_embeddings: bool = False):
+    """A random LLaVA saved by transformers itself (its own layout and config) into
+    ``folder``: grouped-query attention, a 4x4 patch grid. -> folder"""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, projection_dim=16)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       pad_token_id=0, rope_theta=10000.0, tie_word_embeddings=tie_word_embeddings)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=300, vision_feature_layer=-2,
+                      projector_hidden_act="gelu", tie_word_embeddings=tie_word_embeddings)
+    LlavaForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    return folder
+
+
 def load_hf(model_dir):
     from transformers import LlavaForConditionalGeneration
 

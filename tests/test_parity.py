@@ -331,19 +331,9 @@ def test_prompts_sharing_leading_text_match_transformers(hf, chunked, vision, pi
 def test_a_checkpoint_with_tied_word_embeddings_matches_transformers(tmp_path, pixels):
     """tie_word_embeddings: transformers saves no lm_head and takes the logits from the
     embedding table; ours reads the flag from config.json and does the same."""
-    import torch
     from safetensors import safe_open
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    torch.manual_seed(1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=56, patch_size=14, projection_dim=16)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, rms_norm_eps=1e-5,
-                       pad_token_id=0, tie_word_embeddings=True)
-    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=300,
-                                              vision_feature_layer=-2, projector_hidden_act="gelu",
-                                              tie_word_embeddings=True)).eval().save_pretrained(tmp_path)
+    R.save_tiny_llava(tmp_path, seed=1, tie_word_embeddings=True)
     saved = [k for f in tmp_path.glob("*.safetensors") for k in safe_open(f, "np").keys()]
     assert saved and not any("lm_head" in k for k in saved)
     hf = R.load_hf(tmp_path)
